@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh machine: `make test` and `make demo`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The stamp is rebuilt whenever pyproject.toml changes, so new dependencies are picked up.
+STAMP  := $(VENV)/.installed-dev
+
+.PHONY: help venv mosquitto test demo lint clean
+
+help:
+	@echo "make test   - create .venv, install deps (and mosquitto), run the test suite"
+	@echo "make demo   - create .venv, install deps (and mosquitto), run the live demo"
+	@echo "make lint   - ruff over the code"
+	@echo "make clean  - remove .venv and caches"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "error: Python >= 3.10 is required, found " + sys.version.split()[0])'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+mosquitto:
+	@bash scripts/ensure_mosquitto.sh
+
+test: venv mosquitto
+	$(PY) -m pytest -q
+
+demo: venv mosquitto
+	$(VENV)/bin/spar-bench skeleton --duration 10
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache *.egg-info
