@@ -242,3 +242,22 @@ def _read_ids(data: bytes, lengths: tuple[int, int, int]) -> tuple[str, str, str
             raise WireError("bad_id", f"{name} id is not ASCII") from None
         out.append(check_id(text, name))
     return out[0], out[1], out[2]
+
+
+@dataclass(frozen=True)
+class RoundTrip:
+    codec: str  # CodecSpec label, e.g. "jpeg-q85"
+    frame_bytes: int  # whole framed message (MQTT payload)
+    payload_bytes: int  # codec output only
+    max_abs_error: float  # same unit as the image (dB)
+    rmse: float
+
+
+def measure_roundtrip(image: np.ndarray, cfg: FeatureConfig, codec: CodecSpec) -> RoundTrip:
+    """Encode, frame, decode and compare one token image [H, W] with one codec."""
+    msg = make_message(image, cfg, codec, site="roundtrip", node="n", modality="m",
+                       window_start_ns=0, seq=0)
+    frame = encode_message(msg)
+    error = decode_message(frame).image() - image
+    return RoundTrip(codec.label, len(frame), len(msg.payload), float(np.abs(error).max()),
+                     float(np.sqrt(np.mean(error.astype(np.float64) ** 2))))

@@ -1,0 +1,1 @@
+"""Benchmarks, field-trial orchestration and the local-broker launcher."""

@@ -1,0 +1,172 @@
+"""Start a private Mosquitto on a free loopback port with a generated config.
+
+Tests, the demo and trials use this; none of them relies on a system broker service. The broker
+listens on 127.0.0.1 only, keeps its config, log and persistence files in its own directory, and
+can be killed (SIGKILL) and restarted on the same port for fault tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.errors import BenchError
+
+_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
+_INSTALL_HINT = "install it with `sudo apt-get install mosquitto` (or run `make test`, which does)"
+
+
+def find_mosquitto() -> str | None:
+    """Path of a mosquitto binary: $SPAR_MOSQUITTO, then PATH, then the usual sbin folders."""
+    env = os.environ.get("SPAR_MOSQUITTO")
+    if env and os.access(env, os.X_OK):
+        return env
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return next((c for c in _CANDIDATES if os.access(c, os.X_OK)), None)
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class BrokerSettings:
+    persistence: bool = True  # keep sessions and queued QoS 1 messages across restarts
+    autosave_interval_s: int = 1  # how often in-memory state is written; 0 = only on exit
+    max_queued_messages: int = 100_000  # per client while offline (Mosquitto's default is 1000)
+    message_size_limit: int = 0  # bytes, 0 = Mosquitto's default (no limit below 256 MB)
+    extra_lines: tuple[str, ...] = ()  # appended verbatim (ACL, password_file, TLS listener...)
+
+
+class LocalBroker:
+    """A Mosquitto child process on ``127.0.0.1:port``. Use as a context manager."""
+
+    def __init__(self, settings: BrokerSettings | None = None, workdir: str | Path | None = None,
+                 port: int | None = None, start_timeout_s: float = 10.0):
+        self.settings = settings or BrokerSettings()
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="spar-mosquitto-"))
+        self.port = port
+        self.host = "127.0.0.1"
+        self.start_timeout_s = start_timeout_s
+        self._proc: subprocess.Popen | None = None
+        self.binary = find_mosquitto()
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> LocalBroker:
+        """Start the broker and wait until it accepts TCP connections."""
+        if self.binary is None:
+            raise BenchError(f"mosquitto not found: {_INSTALL_HINT}")
+        attempts = 1 if self.port else 3  # a chosen free port can be taken before we bind it
+        for attempt in range(attempts):
+            port = self.port or free_loopback_port()
+            if self._try_start(port):
+                self.port = port
+                return self
+        raise BenchError(f"mosquitto failed to start after {attempts} attempt(s); log:\n{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Graceful stop (SIGTERM): Mosquitto saves its persistence file on the way out."""
+        if self._proc and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout_s)
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: no save on exit, as when power is cut."""
+        if self._proc and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(5.0)
+        self._proc = None
+
+    def restart(self) -> None:
+        """Start again on the same port with the same persistence directory."""
+        self.stop()
+        if not self._try_start(self.port):
+            raise BenchError(f"mosquitto did not restart on port {self.port}; log:\n{self.log_tail()}")
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "mosquitto.log"
+
+    def log_tail(self, lines: int = 20) -> str:
+        """Last lines of the broker log and of its stderr (where config errors go)."""
+        text = []
+        for path in (self.workdir / "stderr.log", self.log_path):
+            try:
+                text += path.read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+        return "\n".join(text[-lines:]) or "(no log)"
+
+    # ---------------------------------------------------------------- internals
+    def config_text(self, port: int) -> str:
+        s = self.settings
+        lines = [
+            f"listener {port} 127.0.0.1",
+            "allow_anonymous true",
+            f"persistence {'true' if s.persistence else 'false'}",
+            f"persistence_location {self.workdir}/",
+            f"autosave_interval {s.autosave_interval_s}",
+            f"max_queued_messages {s.max_queued_messages}",
+            f"log_dest file {self.log_path}",
+            "log_type error", "log_type warning", "log_type notice",
+            "connection_messages true",
+        ]
+        if s.message_size_limit:
+            lines.append(f"message_size_limit {s.message_size_limit}")
+        if os.geteuid() == 0:
+            # Mosquitto run as root switches to user "mosquitto", who cannot write our temp dir.
+            lines.append("user root")
+        return "\n".join([*lines, *s.extra_lines]) + "\n"
+
+    def _try_start(self, port: int) -> bool:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(self.config_text(port))
+        with open(self.workdir / "stderr.log", "ab") as err:  # config errors land here
+            self._proc = subprocess.Popen(
+                [self.binary, "-c", str(conf)], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=err,
+            )
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                self._proc = None
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return True
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        return False

@@ -1,0 +1,1 @@
+"""Distillation, ONNX export, INT8 quantization, TensorRT engines, parity reports, manifests."""

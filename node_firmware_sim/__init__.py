@@ -1,0 +1,1 @@
+"""Sensor-node firmware (sample -> features -> encode -> publish) and its simulated sources."""

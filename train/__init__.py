@@ -1,0 +1,1 @@
+"""Self-supervised pretraining (SPAR and alternatives), heads and fine-tuning. Imports torch."""
