@@ -73,12 +73,12 @@ class CodecSpec:
         name, _, option = text.strip().lower().partition(":")
         if option == "lossless":
             return cls(name=name, lossless=True)
-        if option:
-            try:
-                return cls(name=name, quality=int(option))
-            except ValueError:
-                raise WireError("bad_codec", f"bad codec option {option!r} in {text!r}") from None
-        return cls(name=name)
+        if not option:
+            return cls(name=name)
+        if not option.isdigit():
+            raise WireError("bad_codec", f"bad codec option {option!r} in {text!r}: expected a "
+                            "quality 1..100 or 'lossless'")
+        return cls(name=name, quality=int(option))
 
 
 def codec_info(name: str) -> CodecInfo:

@@ -131,10 +131,12 @@ class FeatureConfig:
                 "bad_feature_config",
                 f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
             )
-        try:
-            return cls(**data)
-        except TypeError as exc:  # a missing required field
-            raise WireError("bad_feature_config", f"{where}: {exc}") from None
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise WireError("bad_feature_config", f"{where}: missing field(s) {', '.join(missing)}")
+        return cls(**data)
 
     @property
     def hash(self) -> str:
@@ -172,6 +174,8 @@ def _validate(cfg: FeatureConfig) -> None:
         raise _fail("sample_rate_hz", f"must be > 0, got {cfg.sample_rate_hz}")
     if cfg.window_s <= 0:
         raise _fail("window_s", f"must be > 0, got {cfg.window_s}")
+    if cfg.window_s * cfg.sample_rate_hz > 1e8:
+        raise _fail("window_s", "more than 1e8 samples per window")
     if abs(cfg.window_s * cfg.sample_rate_hz - cfg.window_samples) > 1e-6:
         raise _fail("window_s", "window_s * sample_rate_hz must be a whole number of samples")
     if cfg.transform not in TRANSFORMS:
@@ -199,7 +203,7 @@ def _validate_frequencies(cfg: FeatureConfig) -> None:
             raise _fail("fmax_hz", f"must lie in (fmin_hz, Nyquist={cfg.nyquist_hz}], got {cfg.fmax_hz}")
     if cfg.bandpass_hz is not None:
         band = cfg.bandpass_hz
-        if len(band) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in band):
+        if not isinstance(band, tuple) or len(band) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in band):
             raise _fail("bandpass_hz", f"must be [low, high] in Hz, got {band!r}")
         if not (0 < band[0] < band[1] < cfg.nyquist_hz):
             raise _fail("bandpass_hz", f"need 0 < low < high < Nyquist={cfg.nyquist_hz}, got {band!r}")
@@ -215,7 +219,7 @@ def _validate_quantization(cfg: FeatureConfig) -> None:
     if cfg.dynamic_range_db <= 0:
         raise _fail("dynamic_range_db", f"must be > 0, got {cfg.dynamic_range_db}")
     lo_hi = cfg.quant_range_db
-    if len(lo_hi) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lo_hi):
+    if not isinstance(lo_hi, tuple) or len(lo_hi) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lo_hi):
         raise _fail("quant_range_db", f"must be [low_db, high_db], got {lo_hi!r}")
     if lo_hi[0] >= lo_hi[1]:
         raise _fail("quant_range_db", f"low must be < high, got {lo_hi!r}")
@@ -252,7 +256,7 @@ def feature_preset(name: str) -> FeatureConfig:
     """The named preset; ``WireError`` listing the known names when it does not exist."""
     try:
         return PRESETS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise WireError(
             "bad_feature_config", f"unknown feature preset {name!r}; known: {', '.join(PRESETS)}"
         ) from None
