@@ -69,7 +69,7 @@ class LocalBroker:
         if self.binary is None:
             raise BenchError(f"mosquitto not found: {_INSTALL_HINT}")
         attempts = 1 if self.port else 3  # a chosen free port can be taken before we bind it
-        for attempt in range(attempts):
+        for _ in range(attempts):
             port = self.port or free_loopback_port()
             if self._try_start(port):
                 self.port = port

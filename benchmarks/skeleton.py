@@ -7,9 +7,9 @@ topic parsing -> decoding, with the counts on both sides compared at the end.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 
@@ -71,5 +71,6 @@ def run_skeleton(layout: SiteLayout, node_id: str, windows: int, codec: CodecSpe
 def _describe(message: TokenMessage, tokens: np.ndarray) -> str:
     start = datetime.fromtimestamp(message.window_start_ns / 1e9, tz=timezone.utc)
     clock = start.strftime("%H:%M:%S.%f")[:-3]
-    return (f"  <- {message.node}/{message.modality:<11} window {clock} UTC seq {message.seq:3d}  {message.codec:<5} {len(message.payload):6d} B  tokens "
+    return (f"  <- {message.node}/{message.modality:<11} window {clock} UTC seq {message.seq:3d}  "
+            f"{message.codec:<5} {len(message.payload):6d} B  tokens "
             f"{tokens.shape[0]}x{tokens.shape[1]}  mean {tokens.mean():7.1f} dB")

@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sk = sub.add_parser("skeleton", help="decode and print every message of a site (walking skeleton)",
                         description="Subscribe to spar/v1/{site}/#, decode every message and print it; "
-                        "malformed input is counted by reason. Stops on Ctrl-C / SIGTERM or after --duration.")
+                        "malformed input is counted by reason. Stops on Ctrl-C / SIGTERM or after "
+                        "--duration.")
     sk.add_argument("--site", type=Path, required=True, help="site layout TOML")
     sk.add_argument("--host", default="127.0.0.1", help="broker host (default: %(default)s)")
     sk.add_argument("--port", type=int, default=1883, help="broker port (default: %(default)s)")

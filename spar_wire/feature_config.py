@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spar_wire.errors import WireError
+from spar_wire.numbers import is_finite_vector
 
 TRANSFORMS = ("stft", "logmel")
 QUANT_MODES = ("window", "fixed")
@@ -203,7 +204,7 @@ def _validate_frequencies(cfg: FeatureConfig) -> None:
             raise _fail("fmax_hz", f"must lie in (fmin_hz, Nyquist={cfg.nyquist_hz}], got {cfg.fmax_hz}")
     if cfg.bandpass_hz is not None:
         band = cfg.bandpass_hz
-        if not isinstance(band, tuple) or len(band) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in band):
+        if not isinstance(band, tuple) or not is_finite_vector(band, (2,)):
             raise _fail("bandpass_hz", f"must be [low, high] in Hz, got {band!r}")
         if not (0 < band[0] < band[1] < cfg.nyquist_hz):
             raise _fail("bandpass_hz", f"need 0 < low < high < Nyquist={cfg.nyquist_hz}, got {band!r}")
@@ -219,7 +220,7 @@ def _validate_quantization(cfg: FeatureConfig) -> None:
     if cfg.dynamic_range_db <= 0:
         raise _fail("dynamic_range_db", f"must be > 0, got {cfg.dynamic_range_db}")
     lo_hi = cfg.quant_range_db
-    if not isinstance(lo_hi, tuple) or len(lo_hi) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lo_hi):
+    if not isinstance(lo_hi, tuple) or not is_finite_vector(lo_hi, (2,)):
         raise _fail("quant_range_db", f"must be [low_db, high_db], got {lo_hi!r}")
     if lo_hi[0] >= lo_hi[1]:
         raise _fail("quant_range_db", f"low must be < high, got {lo_hi!r}")

@@ -8,11 +8,11 @@ connection counter, so a receiver can ignore a late will left over from an older
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from spar_wire.errors import WireError
+from spar_wire.numbers import is_finite_vector
 from spar_wire.topics import check_id
 
 MAX_LIFECYCLE_BYTES = 16 * 1024
@@ -117,9 +117,7 @@ def _str(value: Any, name: str) -> str:
 
 
 def _position(value: Any) -> tuple[float, ...]:
-    if (not isinstance(value, list) or len(value) not in (2, 3)
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                       for v in value)):
+    if not isinstance(value, list) or not is_finite_vector(value, (2, 3)):
         raise ValueError(f"position: expected 2 or 3 finite numbers, got {value!r}")
     return tuple(float(v) for v in value)
 

@@ -233,7 +233,7 @@ def _check_header_fields(info: CodecInfo, quality: int, flags: int, reserved: in
 def _read_ids(data: bytes, lengths: tuple[int, int, int]) -> tuple[str, str, str]:
     out = []
     pos = HEADER_SIZE
-    for name, length in zip(("site", "node", "modality"), lengths):
+    for name, length in zip(("site", "node", "modality"), lengths, strict=True):
         raw = data[pos:pos + length]
         pos += length
         try:

@@ -24,7 +24,6 @@ produce the same tokens for one model to read them all.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 
 from spar_wire.errors import WireError
 from spar_wire.feature_config import FeatureConfig, feature_preset
+from spar_wire.numbers import is_finite_vector
 from spar_wire.topics import AGGREGATOR, check_id
 
 if sys.version_info >= (3, 11):
@@ -221,9 +221,7 @@ def _parse_node(ctx: _Context, index: int, entry: Any, modalities: dict[str, Mod
     where = f"node '{node_id}' (nodes[{index}])"
     ctx.reject_unknown(entry, _NODE_KEYS, where)
     position = entry.get("position")
-    if (not isinstance(position, list) or len(position) not in (2, 3)
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                       for v in position)):
+    if not isinstance(position, list) or not is_finite_vector(position, (2, 3)):
         raise ctx.error(where, "position", f"expected 2 or 3 finite numbers (metres), got {position!r}")
     mods = entry.get("modalities")
     if not isinstance(mods, list) or not mods or not all(isinstance(m, str) for m in mods):

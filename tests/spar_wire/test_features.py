@@ -56,11 +56,13 @@ def test_bandpass_suppresses_out_of_band_energy():
     no_filter = cfg.replace(bandpass_hz=None)
     row = int(round(45.0 / (cfg.sample_rate_hz / cfg.n_fft))) - cfg.stft_bin_range[0]
     out_of_band = tone(cfg, 45.0, noise=0.0)
-    drop = compute_token_image(out_of_band, no_filter)[row].mean() - compute_token_image(out_of_band, cfg)[row].mean()
+    drop = (compute_token_image(out_of_band, no_filter)[row].mean()
+            - compute_token_image(out_of_band, cfg)[row].mean())
     assert drop > 20.0
     in_band = tone(cfg, 10.0, noise=0.0)
     row10 = int(round(10.0 / (cfg.sample_rate_hz / cfg.n_fft))) - cfg.stft_bin_range[0]
-    kept = compute_token_image(in_band, no_filter)[row10].mean() - compute_token_image(in_band, cfg)[row10].mean()
+    kept = (compute_token_image(in_band, no_filter)[row10].mean()
+            - compute_token_image(in_band, cfg)[row10].mean())
     assert abs(kept) < 1.0
 
 

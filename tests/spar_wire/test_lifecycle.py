@@ -57,7 +57,8 @@ def test_random_payloads_raise_only_wire_error(data):
 
 
 JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-                       lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                       lambda inner: (st.lists(inner, max_size=4)
+                                      | st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                        max_leaves=20)
 
 

@@ -143,7 +143,8 @@ def test_unknown_node_lookup():
 
 
 VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                      lambda inner: (st.lists(inner, max_size=3)
+                                     | st.dictionaries(st.text(max_size=6), inner, max_size=3)),
                       max_leaves=10)
 
 
@@ -156,7 +157,8 @@ def test_any_mutation_gives_a_layout_or_wire_error(data):
         layout[data.draw(st.text(max_size=6))] = data.draw(VALUES)
     elif section == "nodes":
         node = layout["nodes"][data.draw(st.integers(0, 7))]
-        node[data.draw(st.sampled_from(["id", "position", "modalities", "description", "x"]))] = data.draw(VALUES)
+        key = data.draw(st.sampled_from(["id", "position", "modalities", "description", "x"]))
+        node[key] = data.draw(VALUES)
     elif section == "modalities":
         table = layout["modalities"]["microphone"]
         table[data.draw(st.sampled_from(["preset", "hop", "n_fft", "bandpass_hz", "transform",
