@@ -26,6 +26,7 @@ mosquitto:
 	@bash scripts/ensure_mosquitto.sh
 
 test: venv mosquitto
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 demo: venv mosquitto
