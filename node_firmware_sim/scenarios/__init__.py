@@ -1,0 +1,1 @@
+"""Physics scenarios and recording replays that feed the node firmware (see base.py)."""
