@@ -57,6 +57,11 @@ class NodePublisher:
                             f"{self.settings.host}:{self.settings.port}: {why}")
         return self
 
+    @property
+    def connected(self) -> bool:
+        """True between CONNACK and the next disconnect."""
+        return self._connected.is_set() and not self._refused
+
     def publish_token(self, modality: str, frame: bytes) -> Any:
         """Publish one framed TokenMessage at QoS 1. Returns paho's MQTTMessageInfo."""
         return self._client.publish(data_topic(self.layout.site_id, self.node.id, modality),

@@ -79,18 +79,25 @@ class TokenMessage:
     scale: float
     offset: float
     payload: bytes = field(repr=False)
+    # Decoded payload kept by decode_message, so validating it is not paid for twice.
+    decoded: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def key(self) -> tuple[str, str, int, int]:
         """De-duplication key: (node, modality, window start, seq)."""
         return self.node, self.modality, self.window_start_ns, self.seq
 
+    def values(self, limits: WireLimits = WireLimits()) -> np.ndarray:
+        """Decompress only: [H, W] uint8 codes (image codecs) or float32 dB (float codecs)."""
+        if self.decoded is not None:
+            return self.decoded.copy()
+        _check_pixels(self.shape, limits)
+        return decode_payload(self.payload, codec_info(self.codec), self.shape)
+
     def image(self, limits: WireLimits = WireLimits()) -> np.ndarray:
         """Decompress and dequantize. Returns the token image [H, W] float32 (dB)."""
-        info = codec_info(self.codec)
-        _check_pixels(self.shape, limits)
-        values = decode_payload(self.payload, info, self.shape)
-        return dequantize(values, self.scale, self.offset) if info.quantized else values
+        values = self.values(limits)
+        return dequantize(values, self.scale, self.offset) if values.dtype == np.uint8 else values
 
 
 def make_message(
@@ -188,15 +195,14 @@ def decode_message(data: bytes, limits: WireLimits = WireLimits(), *, decode_ima
     _check_header_fields(info, quality, flags, reserved, start_ns, (height, width), scale, offset, limits)
     site, node, modality = _read_ids(data, (site_len, node_len, mod_len))
     payload_start = HEADER_SIZE + site_len + node_len + mod_len
-    msg = TokenMessage(
+    payload = data[payload_start:payload_start + payload_len]
+    decoded = decode_payload(payload, info, (height, width)) if decode_image else None
+    return TokenMessage(
         site=site, node=node, modality=modality, window_start_ns=start_ns, seq=seq,
         feature_hash=hash_bytes.hex(), codec=info.name, quality=quality,
         lossless=bool(flags & _FLAG_LOSSLESS), shape=(height, width), scale=scale, offset=offset,
-        payload=data[payload_start:payload_start + payload_len],
+        payload=payload, decoded=decoded,
     )
-    if decode_image:
-        msg.image(limits)  # validates the payload; callers that need pixels call image() again
-    return msg
 
 
 # --------------------------------------------------------------------------- internals

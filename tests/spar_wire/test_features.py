@@ -119,3 +119,12 @@ def test_digital_silence_is_finite():
     cfg = PRESETS["parking_lot_microphone"]
     image = compute_token_image(np.zeros((1, cfg.window_samples)), cfg)
     assert np.all(np.isfinite(image))
+
+
+def test_detrend_matches_scipy():
+    from scipy import signal
+
+    from spar_wire.features import _detrend_linear
+
+    x = np.random.default_rng(3).standard_normal((3, 500)) + np.linspace(0, 7, 500)
+    np.testing.assert_allclose(_detrend_linear(x), signal.detrend(x, axis=-1), atol=1e-10)

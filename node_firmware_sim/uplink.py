@@ -1,0 +1,80 @@
+"""A node's path to the broker: outage buffer -> lossy link -> timed MQTT publish.
+
+While the link is down (a node outage) or the MQTT session is not connected, frames wait in a
+bounded buffer, oldest dropped first when it is full (a node has little memory); once the uplink is
+back, the buffer is re-sent, oldest first, before any new frame.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from node_firmware_sim.delivery_scheduler import DeliveryScheduler
+from node_firmware_sim.firmware import EncodedFrame
+from node_firmware_sim.link_model import LinkModel
+
+
+@dataclass
+class UplinkCounters:
+    buffered: int = 0  # frames that waited in the outage buffer
+    buffer_dropped: int = 0  # frames pushed out of a full buffer (lost for good)
+    published: int = 0  # copies handed to MQTT (duplicates included)
+    infos: list[tuple[EncodedFrame, Any]] = field(default_factory=list)  # (frame, MQTTMessageInfo)
+
+
+class NodeUplink:
+    def __init__(self, node_id: str, link: LinkModel, scheduler: DeliveryScheduler,
+                 publish: Callable[[EncodedFrame], Any] | None, *, buffer_size: int,
+                 connected: Callable[[], bool] = lambda: True):
+        self.node_id = node_id
+        self.link = link
+        self.scheduler = scheduler
+        self._publish_fn = publish
+        self._connected = connected
+        self.buffer: collections.deque[EncodedFrame] = collections.deque()
+        self.buffer_size = buffer_size
+        self.counters = UplinkCounters()
+
+    def is_up(self, t_s: float) -> bool:
+        return self.link.is_up(self.node_id, t_s) and self._connected()
+
+    def send(self, frame: EncodedFrame, t_s: float) -> None:
+        """Send at trial time ``t_s``, or keep the frame for later when the uplink is down."""
+        if not self.is_up(t_s):
+            self._keep(frame)
+            return
+        self.flush(t_s)
+        self._transmit(frame, t_s)
+
+    def flush(self, t_s: float) -> int:
+        """Re-send buffered frames if the uplink is up at ``t_s``. Returns how many."""
+        if not self.buffer or not self.is_up(t_s):
+            return 0
+        sent = 0
+        while self.buffer:
+            self._transmit(self.buffer.popleft(), t_s)
+            sent += 1
+        return sent
+
+    def _keep(self, frame: EncodedFrame) -> None:
+        if self.buffer_size == 0:
+            self.counters.buffer_dropped += 1
+            return
+        if len(self.buffer) >= self.buffer_size:
+            self.buffer.popleft()
+            self.counters.buffer_dropped += 1
+        self.buffer.append(frame)
+        self.counters.buffered += 1
+
+    def _transmit(self, frame: EncodedFrame, t_s: float) -> None:
+        event = self.link.transmit(self.node_id, frame.modality, frame.seq, len(frame.frame), t_s)
+        for t_delivery in event.deliveries_s:
+            self.scheduler.schedule(t_delivery, lambda frame=frame: self._publish(frame))
+
+    def _publish(self, frame: EncodedFrame) -> None:
+        self.counters.published += 1
+        if self._publish_fn is not None:
+            self.counters.infos.append((frame, self._publish_fn(frame)))
