@@ -223,7 +223,8 @@ class _RunningNode:
                  publisher: Any | None):
         offset = 0.0
         if config.clock_offset_std_s > 0:
-            offset = float(episode_rng(config.source.seed, f"clock:{node_id}").normal(0, config.clock_offset_std_s))
+            rng = episode_rng(config.source.seed, f"clock:{node_id}")
+            offset = float(rng.normal(0, config.clock_offset_std_s))
         self.firmware = NodeFirmware(config.layout, node_id, replace(config.firmware, clock_offset_s=offset))
         self.publisher = publisher
         publish = (lambda f: publisher.publish_token(f.modality, f.frame)) if publisher else None

@@ -9,10 +9,9 @@ continuity (a vehicle driving through the lot) group windows into episodes seede
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-import zlib
 
 import numpy as np
 

@@ -1,0 +1,198 @@
+"""Replay field recordings (WAV, miniSEED) through the node firmware instead of a scenario.
+
+A recordings file maps (node, modality) to a file::
+
+    # configs/recordings/example.toml
+    [[recordings]]
+    node = "n01"
+    modality = "microphone"
+    path = "n01_mic.wav"            # relative paths are relative to this file
+    channels = [0]                  # optional: which file channels, in order (default: all)
+
+    [[recordings]]
+    node = "CLC"
+    modality = "seismometer"
+    path = "CI.CLC..HH.mseed"       # miniSEED through obspy; traces ordered E, N, Z
+    components = "ENZ"              # optional, the default; "12Z" for unoriented stations
+
+Every recording is resampled (polyphase, scipy) to the modality's sample rate and cut into the
+site's windows from its first sample; miniSEED traces of one file are aligned on their common
+start time. Window k exists while every recording still has a full window; a node with no
+recording for a modality sends nothing for it (a missing trace).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import signal as sp_signal
+from scipy.io import wavfile
+
+from node_firmware_sim.errors import NodeError
+from node_firmware_sim.scenarios.base import GroundTruth, SourceWindow, site_window_s
+from spar_wire.site_layout import SiteLayout
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class Recording:
+    node: str
+    modality: str
+    path: Path
+    channels: tuple[int, ...] | None = None  # WAV: channel indices to keep
+    components: str = "ENZ"  # miniSEED: trace order by the last letter of the channel code
+
+
+class RecordingReplay:
+    """A ``Source`` backed by recordings; ground truth is unknown (label -1)."""
+
+    name = "replay"
+    class_names = ("unknown",)
+
+    def __init__(self, layout: SiteLayout, recordings: list[Recording]):
+        if not recordings:
+            raise NodeError("replay: no recordings given")
+        self.layout = layout
+        self.window_s = site_window_s(layout)
+        self.recordings = recordings
+        self._signals: dict[tuple[str, str], np.ndarray] = {}
+        for rec in recordings:
+            self._signals[(rec.node, rec.modality)] = self._load(rec)
+        self.windows = min(sig.shape[1] // self._samples(mod) for (_, mod), sig in self._signals.items())
+        if self.windows == 0:
+            raise NodeError(f"replay: the shortest recording is shorter than one {self.window_s:g} s window")
+
+    def window(self, index: int, node_ids: tuple[str, ...] | None = None) -> SourceWindow:
+        if not 0 <= index < self.windows:
+            raise NodeError(f"replay: window {index} is past the end of the recordings "
+                            f"({self.windows} windows)")
+        wanted = set(node_ids) if node_ids else set(self.layout.node_ids)
+        signals = {}
+        for (node, modality), samples in self._signals.items():
+            if node in wanted:
+                n = self._samples(modality)
+                signals[(node, modality)] = samples[:, index * n:(index + 1) * n]
+        return SourceWindow(index, index * self.window_s, signals, GroundTruth(label=-1))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "windows": self.windows,
+                "recordings": [{"node": r.node, "modality": r.modality, "path": str(r.path)}
+                               for r in self.recordings]}
+
+    def _samples(self, modality: str) -> int:
+        return self.layout.modalities[modality].features.window_samples
+
+    def _load(self, rec: Recording) -> np.ndarray:
+        """[C, S] float64 at the modality's rate."""
+        if rec.node not in self.layout.node_ids:
+            raise NodeError(f"replay: node {rec.node!r} is not in site {self.layout.site_id}")
+        if rec.modality not in self.layout.node(rec.node).modalities:
+            raise NodeError(f"replay: node {rec.node} has no modality {rec.modality!r}")
+        cfg = self.layout.modalities[rec.modality].features
+        if not rec.path.exists():
+            raise NodeError(f"replay: {rec.path} does not exist")
+        suffix = rec.path.suffix.lower()
+        if suffix == ".wav":
+            rate, data = _read_wav(rec)
+        elif suffix in (".mseed", ".miniseed", ".msd"):
+            rate, data = _read_mseed(rec)
+        else:
+            raise NodeError(f"replay: {rec.path}: unknown format {suffix!r} (use .wav or .mseed)")
+        if data.shape[0] != cfg.channels:
+            raise NodeError(f"replay: {rec.path} gives {data.shape[0]} channel(s), modality "
+                            f"{rec.modality} needs {cfg.channels}")
+        return resample(data, rate, cfg.sample_rate_hz)
+
+
+def resample(data: np.ndarray, rate_in: float, rate_out: float) -> np.ndarray:
+    """[C, S] at rate_in -> [C, S'] at rate_out (polyphase filter, exact rational ratio)."""
+    if math.isclose(rate_in, rate_out):
+        return data.astype(np.float64)
+    ratio = Fraction(rate_out / rate_in).limit_denominator(1000)
+    out = sp_signal.resample_poly(data.astype(np.float64), ratio.numerator, ratio.denominator, axis=-1)
+    return out
+
+
+def load_recordings(path: str | Path, layout: SiteLayout) -> RecordingReplay:
+    """Read a recordings TOML file (see the module docstring) and build the replay source."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise NodeError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise NodeError(f"{path}: invalid TOML: {exc}") from None
+    entries = data.get("recordings")
+    if not isinstance(entries, list) or not entries:
+        raise NodeError(f"{path}: needs at least one [[recordings]] entry")
+    recordings = []
+    for i, entry in enumerate(entries):
+        where = f"{path}: recordings[{i}]"
+        required = ("node", "modality", "path")
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in required):
+            raise NodeError(f"{where}: node, modality and path are required strings")
+        unknown = set(entry) - {"node", "modality", "path", "channels", "components"}
+        if unknown:
+            raise NodeError(f"{where}: unknown field(s) {sorted(unknown)}")
+        channels = entry.get("channels")
+        if channels is not None and (not isinstance(channels, list)
+                                     or not all(isinstance(c, int) and c >= 0 for c in channels)):
+            raise NodeError(f"{where}: channels must be a list of channel indices")
+        recordings.append(Recording(entry["node"], entry["modality"], path.parent / entry["path"],
+                                    tuple(channels) if channels else None,
+                                    str(entry.get("components", "ENZ"))))
+    return RecordingReplay(layout, recordings)
+
+
+def _read_wav(rec: Recording) -> tuple[float, np.ndarray]:
+    try:
+        rate, data = wavfile.read(rec.path)
+    except (ValueError, OSError) as exc:
+        raise NodeError(f"replay: {rec.path}: not a readable WAV file: {exc}") from None
+    data = np.atleast_2d(data.T if data.ndim == 2 else data)  # -> [C, S]
+    if np.issubdtype(data.dtype, np.integer):  # full scale -> 1.0
+        data = data.astype(np.float64) / float(np.iinfo(data.dtype).max)
+    if rec.channels is not None:
+        if max(rec.channels) >= data.shape[0]:
+            raise NodeError(f"replay: {rec.path} has {data.shape[0]} channel(s), asked for {rec.channels}")
+        data = data[list(rec.channels)]
+    return float(rate), data.astype(np.float64)
+
+
+def _read_mseed(rec: Recording) -> tuple[float, np.ndarray]:
+    try:
+        import obspy
+    except ImportError:
+        raise NodeError("replay: miniSEED needs obspy: pip install 'spar-edge[replay]'") from None
+    try:
+        stream = obspy.read(str(rec.path), format="MSEED")
+    except Exception as exc:  # noqa: BLE001 - obspy raises many types on a corrupt file
+        raise NodeError(f"replay: {rec.path}: not readable miniSEED: {exc}") from None
+    stream.merge(fill_value=0)
+    traces = []
+    for component in rec.components:
+        matches = [tr for tr in stream if tr.stats.channel.endswith(component)]
+        if not matches:
+            raise NodeError(f"replay: {rec.path}: no trace for component {component!r} "
+                            f"(has {[tr.stats.channel for tr in stream]})")
+        traces.append(matches[0])
+    rates = {float(tr.stats.sampling_rate) for tr in traces}
+    if len(rates) != 1:
+        raise NodeError(f"replay: {rec.path}: components have different rates {sorted(rates)}")
+    start = max(tr.stats.starttime for tr in traces)
+    end = min(tr.stats.endtime for tr in traces)
+    if end <= start:
+        raise NodeError(f"replay: {rec.path}: the components do not overlap in time")
+    aligned = [tr.slice(start, end).data.astype(np.float64) for tr in traces]
+    n = min(len(a) for a in aligned)
+    return rates.pop(), np.stack([a[:n] for a in aligned])
