@@ -7,6 +7,7 @@ success while nothing reached the broker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -72,7 +73,8 @@ class NodePublisher:
         if self._connected.is_set():
             info = self._client.publish(state_topic(self.layout.site_id, self.node.id),
                                         StateMessage("offline", self.bd_seq).to_json(), qos=1, retain=True)
-            info.wait_for_publish(timeout=5.0)
+            with contextlib.suppress(RuntimeError, ValueError):  # lost the connection meanwhile
+                info.wait_for_publish(timeout=5.0)
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -100,6 +102,11 @@ class NodePublisher:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         try:
             self._connected.clear()
+            # Sparkplug-style bdSeq: the next connection carries a new number in both its will
+            # and its birth, so a late will from this connection can be told apart and ignored.
+            self.bd_seq += 1
+            client.will_set(state_topic(self.layout.site_id, self.node.id),
+                            StateMessage("offline", self.bd_seq).to_json(), qos=1, retain=True)
             log.info("node %s: disconnected (%s)", self.node.id, reason_code)
         except Exception:  # noqa: BLE001
             log.exception("node %s: on_disconnect failed", self.node.id)

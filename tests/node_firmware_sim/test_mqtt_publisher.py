@@ -1,0 +1,60 @@
+"""The node's MQTT session against a real Mosquitto: birth, will, reconnect, bdSeq."""
+
+import time
+
+import paho.mqtt.client as mqtt
+
+from node_firmware_sim.mqtt_publisher import NodePublisher
+from spar_wire.lifecycle import parse_birth, parse_state
+from spar_wire.mqtt_settings import MqttSettings
+
+
+def retained(port, topic, timeout_s=5.0):
+    got = {}
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+    client.on_message = lambda c, u, m: got.setdefault(m.topic, m.payload)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    deadline = time.monotonic() + timeout_s
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.02)
+    client.disconnect()
+    client.loop_stop()
+    return got.get(topic)
+
+
+def wait_for(predicate, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_birth_state_and_reconnect_with_a_new_bdseq(mosquitto, parking_lot):
+    settings = MqttSettings(host=mosquitto.host, port=mosquitto.port, reconnect_min_s=1, reconnect_max_s=2)
+    node = NodePublisher(parking_lot, "n06", settings).start()
+    try:
+        birth = parse_birth(retained(mosquitto.port, "spar/v1/parking_lot/n06/birth"))
+        assert birth.bd_seq == 0 and birth.position == (26.0, 30.0)
+        assert set(birth.modalities) == {"microphone", "geophone"} and birth.firmware
+        assert parse_state(retained(mosquitto.port, "spar/v1/parking_lot/n06/state")).state == "online"
+        mosquitto.restart()  # graceful: retained messages persist, the node is disconnected
+        assert wait_for(lambda: not node.connected, 5)
+        assert wait_for(lambda: node.connected, 15), "node did not reconnect"
+        assert wait_for(lambda: parse_birth(retained(mosquitto.port,
+                                                     "spar/v1/parking_lot/n06/birth")).bd_seq == 1, 5)
+    finally:
+        node.stop()
+    state = parse_state(retained(mosquitto.port, "spar/v1/parking_lot/n06/state"))
+    assert state.state == "offline" and state.bd_seq == 1
+
+
+def test_last_will_announces_a_vanished_node(mosquitto, parking_lot):
+    settings = MqttSettings(host=mosquitto.host, port=mosquitto.port, keepalive_s=1)
+    node = NodePublisher(parking_lot, "n07", settings).start()
+    # Vanish without a DISCONNECT: stop the network loop and close the socket under paho.
+    node._client.loop_stop()
+    node._client.socket().close()
+    assert wait_for(lambda: (retained(mosquitto.port, "spar/v1/parking_lot/n07/state", 1.0) or b"")
+                    .find(b"offline") >= 0, 10)
