@@ -22,9 +22,11 @@ Generation is deterministic for a seed: window i is source.window(i), whichever 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,7 +97,8 @@ def export_dataset(spec: DatasetSpec, out: str | Path, *, workers: int = 2, over
         results = map(_write_shard_job, jobs)
         pool = None
     else:
-        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
+        with _single_threaded_children():
+            pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
         results = pool.imap(_write_shard_job, jobs)
     try:
         for info in results:
@@ -209,6 +212,26 @@ def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- internals
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _single_threaded_children():
+    """One BLAS/OpenMP thread per worker: N workers x N threads each on N cores ran slower than
+    one worker (measured: 10.5 vs 18.1 windows/s on 2 cores). Spawned children read these at start."""
+    saved = {name: os.environ.get(name) for name in _THREAD_VARS}
+    for name in _THREAD_VARS:
+        os.environ.setdefault(name, "1")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _write_shard_job(job: tuple[DatasetSpec, str, int, int, int]) -> dict[str, Any]:
     spec, out, number, first, stop = job
     layout = load_site_layout(spec.site)

@@ -37,6 +37,9 @@ class FeatureConfig:
     bandpass_hz: tuple[float, float] | None = None  # zero-phase Butterworth band-pass first
     bandpass_order: int = 4
     detrend: bool = True  # remove the linear trend of each channel before filtering
+    # Power below this is clipped before the log: keeps digital silence finite. Low enough for
+    # any sensor unit (a geophone's ground noise in m/s sits near -170 dB re 1 (m/s)^2).
+    power_floor_db: float = -200.0
     patch_freq: int = 8  # patch height in frequency rows
     patch_time: int = 8  # patch width in frames
     quant_mode: str = "window"  # "window": range from each window; "fixed": quant_range_db
@@ -162,7 +165,7 @@ def _check_type(cfg: FeatureConfig, name: str, kinds: tuple[type, ...]) -> None:
 
 
 def _validate(cfg: FeatureConfig) -> None:
-    for name in ("sample_rate_hz", "window_s", "fmin_hz", "dynamic_range_db"):
+    for name in ("sample_rate_hz", "window_s", "fmin_hz", "dynamic_range_db", "power_floor_db"):
         _check_type(cfg, name, (int, float))
         if not math.isfinite(getattr(cfg, name)):
             raise _fail(name, "must be finite")

@@ -19,8 +19,6 @@ from scipy import signal as sp_signal
 from spar_wire.errors import WireError
 from spar_wire.feature_config import FeatureConfig
 
-_POWER_FLOOR = 1e-12  # keeps log10 finite on digital silence; -120 dB re 1 unit^2
-
 
 def compute_token_image(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     """Log-power time-frequency image of one window.
@@ -38,12 +36,12 @@ def compute_token_image(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
         x = sp_signal.sosfiltfilt(_bandpass_sos(cfg), x, axis=-1)
     power = _power_spectrogram(x, cfg)  # [C, n_fft//2+1, n_frames]
     if cfg.transform == "logmel":
-        rows = np.einsum("mf,cft->cmt", _mel_filterbank(cfg), power)
+        rows = _mel_filterbank(cfg) @ power  # [M, F] @ [C, F, T] -> [C, M, T]
     else:
         lo, hi = cfg.stft_bin_range
         rows = power[:, lo:hi, :]
     rows = rows[:, : cfg.freq_rows, : cfg.time_cols]
-    image = 10.0 * np.log10(np.maximum(rows, _POWER_FLOOR))
+    image = 10.0 * np.log10(np.maximum(rows, 10.0 ** (cfg.power_floor_db / 10.0)))
     return image.reshape(cfg.image_shape).astype(np.float32)
 
 

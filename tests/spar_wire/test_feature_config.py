@@ -10,10 +10,10 @@ from spar_wire.feature_config import PRESETS, FeatureConfig, feature_preset
 # Pinned so that an accidental change to a preset or to the hashing breaks loudly: every
 # deployed model's manifest refers to these.
 PINNED_HASHES = {
-    "parking_lot_microphone": "29eb72123534049a",
-    "parking_lot_geophone": "336adeac8ed4cc94",
-    "ridgecrest_seismic": "4930cbeac858410d",
-    "har_imu": "d58c9ce03cfd70df",
+    "parking_lot_microphone": "dace08dddfa4ecdf",
+    "parking_lot_geophone": "b1614c8eca678997",
+    "ridgecrest_seismic": "a372d492084a2c0f",
+    "har_imu": "971fab294e997d3d",
 }
 
 EXPECTED_SHAPES = {  # (image H, image W, m tokens, D)
@@ -47,6 +47,7 @@ def test_paper_defaults():
 def test_hash_changes_with_every_field():
     base = PRESETS["parking_lot_geophone"]
     changes = {"hop": 20, "n_fft": 80, "patch_time": 2, "window_s": 4.0, "fmax_hz": 90.0,
+               "power_floor_db": -150.0,
                "quant_mode": "fixed", "dynamic_range_db": 60.0, "detrend": False,
                "bandpass_hz": (1.0, 90.0), "quant_range_db": (-100.0, 0.0), "channels": 2}
     for name, value in changes.items():

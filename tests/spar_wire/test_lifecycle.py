@@ -14,7 +14,7 @@ from spar_wire.lifecycle import (
 )
 
 BIRTH = BirthMessage(site="lot", node="n1", bd_seq=3, position=(1.0, 2.5),
-                     modalities={"microphone": ModalityInfo("29eb72123534049a", 16000.0, 1)},
+                     modalities={"microphone": ModalityInfo("dace08dddfa4ecdf", 16000.0, 1)},
                      description="on a lamp post", firmware="0.1.0")
 
 
