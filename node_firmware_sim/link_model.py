@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -25,11 +24,7 @@ import numpy as np
 
 from node_firmware_sim.errors import NodeError
 from node_firmware_sim.scenarios.base import episode_rng
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from node_firmware_sim.toml_file import read_toml
 
 # Outcomes of one transmit call.
 DELIVERED = "delivered"
@@ -114,14 +109,7 @@ class LinkConfig:
 
 def load_link_config(path: str | Path) -> LinkConfig:
     """Read a link config TOML (see configs/links/). Unknown keys are errors, named."""
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise NodeError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise NodeError(f"{path}: invalid TOML: {exc}") from None
-    return parse_link_config(data.get("link", {}), source=str(path))
+    return parse_link_config(read_toml(path).get("link", {}), source=str(path))
 
 
 def parse_link_config(table: dict[str, Any], source: str = "<link>") -> LinkConfig:

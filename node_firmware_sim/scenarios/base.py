@@ -78,3 +78,15 @@ def site_window_s(layout: SiteLayout) -> float:
 def episode_rng(seed: int, stream: str, *indices: int) -> np.random.Generator:
     """An independent, reproducible random stream for (seed, stream name, indices...)."""
     return np.random.default_rng([seed & 0xFFFFFFFF, zlib.crc32(stream.encode()), *indices])
+
+
+def check_window_index(index: int) -> int:
+    """``index`` as an int; NodeError unless it is an integer >= 0."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        raise NodeError(f"window index must be an integer >= 0, got {index!r}")
+    return int(index)
+
+
+def node_key(node_id: str) -> int:
+    """A stable integer for seeding per-node streams (independent of the node's place in the layout)."""
+    return zlib.crc32(node_id.encode())

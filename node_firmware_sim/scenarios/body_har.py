@@ -26,7 +26,6 @@ y to the left. Units: acc m/s^2, gyro rad/s, mag uT.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -34,7 +33,14 @@ import numpy as np
 from scipy.signal import lfilter
 
 from node_firmware_sim.errors import NodeError
-from node_firmware_sim.scenarios.base import GroundTruth, SourceWindow, episode_rng, site_window_s
+from node_firmware_sim.scenarios.base import (
+    GroundTruth,
+    SourceWindow,
+    check_window_index,
+    episode_rng,
+    node_key,
+    site_window_s,
+)
 from spar_wire.site_layout import NodeSpec, SiteLayout
 
 _IMPACT_HZ = 15.0  # ringing frequency of soft tissue after a heel strike
@@ -209,7 +215,7 @@ class BodyHarScenario:
     # ------------------------------------------------------------------ public API
     def episode_of(self, index: int) -> tuple[int, int]:
         """(episode, window within the episode) of window ``index``."""
-        return divmod(_check_index(index), self.params.episode_windows)
+        return divmod(check_window_index(index), self.params.episode_windows)
 
     def window(self, index: int, node_ids: tuple[str, ...] | None = None) -> SourceWindow:
         """Window ``index`` for ``node_ids`` (default: all nodes). Deterministic."""
@@ -268,7 +274,7 @@ class BodyHarScenario:
 
     def _mounting(self, subject_id: int, node_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Mounting rotation [3, 3] (sensor -> segment) and gyro bias [3] of a subject's sensor."""
-        rng = episode_rng(self.seed, "subject", subject_id, _key(node_id))
+        rng = episode_rng(self.seed, "subject", subject_id, node_key(node_id))
         axis = rng.standard_normal(3)
         angle = np.deg2rad(self.params.mount_jitter_deg) * rng.standard_normal()
         bias = self.params.gyro_bias_rad_s * rng.standard_normal(3)
@@ -279,7 +285,7 @@ class BodyHarScenario:
         p = self.params
         mount, bias = self._mounting(episode.subject.subject_id, node.id)
         segment = self.segments[node.id]
-        noise = episode_rng(self.seed, "body_har.sensor", index, _key(node.id))
+        noise = episode_rng(self.seed, "body_har.sensor", index, node_key(node.id))
         cache: dict[tuple[float, int], _Kinematics] = {}
         out = {}
         for modality in node.modalities:
@@ -525,13 +531,3 @@ def _sensor_kind(modality: str, channels: int) -> str:
         raise NodeError(f"body_har: modality {modality!r} has {channels} channels; IMU axes need 3")
     return kind
 
-
-def _check_index(index: int) -> int:
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
-        raise NodeError(f"window index must be an integer >= 0, got {index!r}")
-    return int(index)
-
-
-def _key(node_id: str) -> int:
-    """A stable integer for seeding per-node streams."""
-    return zlib.crc32(node_id.encode())

@@ -22,14 +22,21 @@ the textbook minimum that gives a localisation model the cues it needs, one func
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 
 from node_firmware_sim.errors import NodeError
-from node_firmware_sim.scenarios.base import GroundTruth, SourceWindow, Target, episode_rng, site_window_s
+from node_firmware_sim.scenarios.base import (
+    GroundTruth,
+    SourceWindow,
+    Target,
+    check_window_index,
+    episode_rng,
+    node_key,
+    site_window_s,
+)
 from spar_wire.site_layout import SiteLayout
 
 _NM_PER_M = 1e9
@@ -163,7 +170,7 @@ class EarthquakeScenario:
     # ------------------------------------------------------------------ public API
     def event(self, index: int) -> QuakeEvent:
         """The earthquake of window ``index``."""
-        return self._draw(_check_index(index))[0]
+        return self._draw(check_window_index(index))[0]
 
     def window(self, index: int, node_ids: tuple[str, ...] | None = None, *,
                event: QuakeEvent | None = None) -> SourceWindow:
@@ -172,7 +179,7 @@ class EarthquakeScenario:
         ``event`` replaces the drawn hypocentre, magnitude and origin time (for controlled
         experiments); polarities, missing traces and noise still come from ``index``.
         """
-        index = _check_index(index)
+        index = check_window_index(index)
         drawn, draws = self._draw(index)
         event = drawn if event is None else event
         rows = self._requested_rows(node_ids)
@@ -243,7 +250,7 @@ class EarthquakeScenario:
         pulse_p, pulse_s = sampled_pulse(phase_p, t, fs), sampled_pulse(phase_s, t, fs)
         amp_p, amp_s = np.abs(pulse_p).max(axis=1), np.abs(pulse_s).max(axis=1)
 
-        streams = [episode_rng(self.seed, "earthquakes.trace", index, _key(self.station_ids[r]))
+        streams = [episode_rng(self.seed, "earthquakes.trace", index, node_key(self.station_ids[r]))
                    for r in rows]
         drift = np.array([g.standard_normal(2) for g in streams])  # [n, 2] noise level drift
         n_freq = n_samples // 2 + 1
@@ -425,7 +432,7 @@ def _site_terms(seed: int, station_ids: tuple[str, ...], p: QuakeParams) -> dict
     """Fixed per-station noise levels (nm/s) and site amplification, [N] each, keyed by station id."""
     out = {"microseism": [], "broadband": [], "amplification": []}
     for node_id in station_ids:
-        rng = episode_rng(seed, "earthquakes.site", _key(node_id))
+        rng = episode_rng(seed, "earthquakes.site", node_key(node_id))
         out["microseism"].append(np.exp(rng.uniform(*np.log(p.microseism_nm_s))))
         out["broadband"].append(np.exp(rng.uniform(*np.log(p.broadband_noise_nm_s))))
         out["amplification"].append(np.exp(p.site_amplification_sigma * rng.standard_normal()))
@@ -449,13 +456,3 @@ def _positions_3d(layout: SiteLayout, node_ids: tuple[str, ...]) -> np.ndarray:
         out[i, :len(position)] = position
     return out
 
-
-def _check_index(index: int) -> int:
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
-        raise NodeError(f"window index must be an integer >= 0, got {index!r}")
-    return int(index)
-
-
-def _key(node_id: str) -> int:
-    """A stable integer for seeding per-node streams (independent of the node's place in the layout)."""
-    return zlib.crc32(node_id.encode())

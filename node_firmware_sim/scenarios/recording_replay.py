@@ -24,7 +24,6 @@ recording for a modality sends nothing for it (a missing trace).
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -36,12 +35,8 @@ from scipy.io import wavfile
 
 from node_firmware_sim.errors import NodeError
 from node_firmware_sim.scenarios.base import GroundTruth, SourceWindow, site_window_s
+from node_firmware_sim.toml_file import read_toml
 from spar_wire.site_layout import SiteLayout
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 @dataclass(frozen=True)
@@ -126,12 +121,7 @@ def resample(data: np.ndarray, rate_in: float, rate_out: float) -> np.ndarray:
 def load_recordings(path: str | Path, layout: SiteLayout) -> RecordingReplay:
     """Read a recordings TOML file (see the module docstring) and build the replay source."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise NodeError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise NodeError(f"{path}: invalid TOML: {exc}") from None
+    data = read_toml(path)
     entries = data.get("recordings")
     if not isinstance(entries, list) or not entries:
         raise NodeError(f"{path}: needs at least one [[recordings]] entry")
