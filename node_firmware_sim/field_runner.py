@@ -136,8 +136,6 @@ def run_field(config: FieldConfig, progress: Callable[[int, int], None] | None =
     layout = config.layout
     source = config.source.build(layout)
     windows = max(1, math.ceil(config.duration_s / source.window_s - 1e-9))
-    start_ns = config.start_epoch_ns if config.start_epoch_ns is not None else time.time_ns() // 10**9 * 10**9
-    started = time.monotonic()
     with contextlib.ExitStack() as stack:
         link_log = stack.enter_context(open(config.link_log, "w")) if config.link_log else None
         truth_log = stack.enter_context(open(config.truth_log, "w")) if config.truth_log else None
@@ -145,6 +143,10 @@ def run_field(config: FieldConfig, progress: Callable[[int, int], None] | None =
         scheduler = DeliveryScheduler(realtime=config.realtime)
         stack.callback(scheduler.close)
         nodes = _start_nodes(config, link, scheduler, stack)
+        # Trial time 0 is now, once every node is connected: window k is sampled over
+        # [k W, (k+1) W) and sent at (k+1) W, on the wall clock in real time.
+        started = scheduler.epoch = time.monotonic()
+        start_ns = config.start_epoch_ns if config.start_epoch_ns is not None else time.time_ns()
         for k in range(windows):
             t_s = (k + 1) * source.window_s  # the window is complete: the node sends it now
             if config.realtime:
@@ -236,6 +238,7 @@ class _RunningNode:
     def send_window(self, window: SourceWindow, true_start_ns: int, t_s: float) -> None:
         node = self.firmware.node
         self.summary.windows += 1
+        self.uplink.collect_acks()
         self.uplink.flush(t_s)
         for modality in node.modalities:
             samples = window.signals.get((node.id, modality))
@@ -250,11 +253,8 @@ class _RunningNode:
     def finish(self, link: LinkModel, ack_timeout_s: float) -> NodeSummary:
         s = self.summary
         counters = self.uplink.counters
-        deadline = time.monotonic() + ack_timeout_s
-        for _, info in counters.infos:
-            with contextlib.suppress(RuntimeError, ValueError):
-                info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
-            s.acked += bool(info.is_published())
+        self.uplink.collect_acks(wait_s=ack_timeout_s)
+        s.acked = counters.acked
         if self.publisher is not None:
             self.publisher.stop()
         s.buffered, s.buffer_dropped = counters.buffered, counters.buffer_dropped

@@ -8,6 +8,8 @@ back, the buffer is re-sent, oldest first, before any new frame.
 from __future__ import annotations
 
 import collections
+import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +24,8 @@ class UplinkCounters:
     buffered: int = 0  # frames that waited in the outage buffer
     buffer_dropped: int = 0  # frames pushed out of a full buffer (lost for good)
     published: int = 0  # copies handed to MQTT (duplicates included)
-    infos: list[tuple[EncodedFrame, Any]] = field(default_factory=list)  # (frame, MQTTMessageInfo)
+    acked: int = 0  # of those, acknowledged by the broker (counted by collect_acks)
+    pending: list[Any] = field(default_factory=list)  # MQTTMessageInfo not yet acknowledged
 
 
 class NodeUplink:
@@ -74,7 +77,28 @@ class NodeUplink:
         for t_delivery in event.deliveries_s:
             self.scheduler.schedule(t_delivery, lambda frame=frame: self._publish(frame))
 
+    def collect_acks(self, wait_s: float = 0.0) -> int:
+        """Count acknowledged publishes and forget them (keeps memory flat on long trials).
+
+        ``wait_s`` > 0 waits up to that long in total for the outstanding ones. Returns how many
+        are still unacknowledged.
+        """
+        deadline = time.monotonic() + wait_s
+        # The scheduler thread only appends; look at a prefix and replace just that prefix.
+        snapshot = list(self.counters.pending)
+        still = []
+        for info in snapshot:
+            if not info.is_published() and wait_s > 0:
+                with contextlib.suppress(RuntimeError, ValueError):  # publish failed or never queued
+                    info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
+            if info.is_published():
+                self.counters.acked += 1
+            else:
+                still.append(info)
+        self.counters.pending[: len(snapshot)] = still
+        return len(still)
+
     def _publish(self, frame: EncodedFrame) -> None:
         self.counters.published += 1
         if self._publish_fn is not None:
-            self.counters.infos.append((frame, self._publish_fn(frame)))
+            self.counters.pending.append(self._publish_fn(frame))

@@ -124,3 +124,29 @@ def test_realtime_scheduler_waits_for_the_wall_clock():
     assert len(stamps) == 2 and stamps[0] < stamps[1]
     assert stamps[0] >= 0.04 and stamps[1] >= 0.19
     assert scheduler.failures == 1
+
+
+class FakeInfo:
+    """Stands in for paho's MQTTMessageInfo: acknowledged or not."""
+
+    def __init__(self, acked):
+        self.acked = acked
+
+    def is_published(self):
+        return self.acked
+
+    def wait_for_publish(self, timeout=None):
+        pass
+
+
+def test_acknowledged_publishes_are_counted_and_forgotten(parking_lot):
+    infos = iter([FakeInfo(True), FakeInfo(False), FakeInfo(True)])
+    scheduler = DeliveryScheduler(realtime=False)
+    uplink = NodeUplink("n01", LinkModel(LinkConfig(), 0), scheduler, lambda frame: next(infos), buffer_size=4)
+    firmware = NodeFirmware(parking_lot, "n01")
+    for t in range(3):
+        uplink.send(firmware.encode("geophone", geophone_samples(parking_lot), 0), float(t))
+    scheduler.run_due(10.0)
+    assert uplink.collect_acks() == 1
+    assert uplink.counters.acked == 2 and len(uplink.counters.pending) == 1
+    assert uplink.counters.published == 3
