@@ -1,13 +1,19 @@
-"""``spar-aggregator``: the edge aggregator service."""
+"""``spar-aggregator``: the edge aggregator service and its tools."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import signal
 import sys
 import threading
+import time
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+from edge_runtime.errors import AggregatorError
 from spar_wire.errors import WireError
 from spar_wire.mqtt_settings import MqttSettings
 from spar_wire.site_layout import load_site_layout
@@ -16,21 +22,136 @@ from spar_wire.site_layout import load_site_layout
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spar-aggregator", description="spar-edge aggregator service.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sk = sub.add_parser("skeleton", help="decode and print every message of a site (walking skeleton)",
-                        description="Subscribe to spar/v1/{site}/#, decode every message and print it; "
-                        "malformed input is counted by reason. Stops on Ctrl-C / SIGTERM or after "
-                        "--duration.")
-    sk.add_argument("--site", type=Path, required=True, help="site layout TOML")
-    sk.add_argument("--host", default="127.0.0.1", help="broker host (default: %(default)s)")
-    sk.add_argument("--port", type=int, default=1883, help="broker port (default: %(default)s)")
-    sk.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
-    sk.set_defaults(func=_cmd_skeleton)
+    _add_run(sub)
+    _add_query(sub)
+    _add_skeleton(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (WireError, ConnectionError) as exc:
+    except (WireError, AggregatorError, ConnectionError) as exc:
         print(f"spar-aggregator {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+# --------------------------------------------------------------------------- run
+def _add_run(sub: Any) -> None:
+    p = sub.add_parser(
+        "run", help="run the aggregator for one site",
+        description="Subscribe to the site's node traffic, assemble a placement tensor per window, run the "
+        "model (TensorRT or ONNX Runtime), store results in SQLite and publish them to "
+        "spar/v1/{site}/aggregator/results. Prometheus metrics on http://HOST:PORT/metrics. "
+        "SIGTERM or Ctrl-C drains: every received message ends in a stored, published result.")
+    p.add_argument("--config", type=Path, required=True, help="aggregator TOML, e.g. configs/aggregator.toml")
+    p.add_argument("--host", default=None, help="override [mqtt] host")
+    p.add_argument("--port", type=int, default=None, help="override [mqtt] port")
+    p.add_argument("--database", type=Path, default=None, help="override the SQLite path")
+    p.add_argument("--metrics-port", type=int, default=None, help="override the metrics port (0: any free)")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default=None,
+                   help="override the inference backend")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default: INFO)")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edge_runtime.config import load_config
+    from edge_runtime.service import Aggregator
+
+    _setup_logging(args.log_format, args.log_level)
+    config = load_config(args.config)
+    overrides: dict[str, Any] = {}
+    if args.database is not None:
+        overrides["database"] = args.database
+    if args.metrics_port is not None:
+        overrides["metrics_port"] = args.metrics_port
+    if args.backend is not None:
+        overrides["backend"] = args.backend
+    if args.host is not None or args.port is not None:
+        mqtt = config.mqtt
+        overrides["mqtt"] = MqttSettings(**{**mqtt.__dict__, "host": args.host or mqtt.host,
+                                            "port": args.port or mqtt.port})
+    config = config.replace(**overrides)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    aggregator = Aggregator(config).start()
+    print(f"aggregator running: site {aggregator.site}, model {aggregator.manifest.name}@"
+          f"{aggregator.manifest.version}, broker {config.mqtt.host}:{config.mqtt.port}, metrics port "
+          f"{aggregator.metrics.port}", file=sys.stderr, flush=True)
+    stop.wait(args.duration)
+    aggregator.stop()
+    counts = aggregator.worker.snapshot_counts()
+    print(f"stopped: {counts.get('results', 0)} results stored and published; "
+          f"messages {aggregator.processor.snapshot_counts()}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- query
+def _add_query(sub: Any) -> None:
+    p = sub.add_parser("query", help="read stored results back from the SQLite database",
+                       description="Print stored results, newest first, as a table or JSON lines.")
+    p.add_argument("--database", type=Path, required=True, help="the aggregator's SQLite file")
+    p.add_argument("--site", default=None, help="only this site")
+    p.add_argument("--since", default=None, help="window start at or after: ISO time or ns since epoch")
+    p.add_argument("--until", default=None, help="window start before: ISO time or ns since epoch")
+    p.add_argument("--limit", type=int, default=20, help="at most this many results (default: %(default)s)")
+    p.add_argument("--oldest-first", action="store_true", help="oldest first")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.set_defaults(func=_cmd_query)
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from edge_runtime.result_store import ResultStore
+
+    if not args.database.exists():
+        raise AggregatorError(f"{args.database}: no such database")
+    with ResultStore(args.database, retention_rows=None, retention_days=None) as store:
+        rows = store.query(site=args.site, since_ns=_time_ns(args.since), until_ns=_time_ns(args.until),
+                           limit=args.limit, newest_first=not args.oldest_first)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, separators=(",", ":")))
+        return 0
+    print(f"{'window start (UTC)':<24}{'site':<16}{'nodes':>6}  {'complete':<9}{'result':<24}{'e2e ms':>9}")
+    for row in rows:
+        start = datetime.fromtimestamp(row["window_start_ns"] / 1e9, tz=timezone.utc)
+        label = row.get("class") or next(iter(row.get("outputs", {})), "-")
+        if "class_probabilities" in row:
+            label = f"{label} ({max(row['class_probabilities'].values()):.2f})"
+        e2e = (row.get("latency_ms") or {}).get("end_to_end")
+        print(f"{start:%Y-%m-%d %H:%M:%S}.{start.microsecond // 1000:03d} {row['site']:<16}"
+              f"{row['nodes_present']:>6}  {str(row.get('complete', '')):<9}{label:<24}"
+              f"{'-' if e2e is None else f'{e2e:.1f}':>9}")
+    print(f"{len(rows)} result(s)")
+    return 0
+
+
+def _time_ns(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise AggregatorError(f"bad time {text!r}: use ISO 8601 (2026-11-27T10:00:00) or ns") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1e9)
+
+
+# --------------------------------------------------------------------------- skeleton
+def _add_skeleton(sub: Any) -> None:
+    p = sub.add_parser("skeleton", help="decode and print every message of a site (walking skeleton)",
+                       description="Subscribe to spar/v1/{site}/#, decode every message and print it; "
+                       "malformed input is counted by reason. Stops on Ctrl-C / SIGTERM or after "
+                       "--duration.")
+    p.add_argument("--site", type=Path, required=True, help="site layout TOML")
+    p.add_argument("--host", default="127.0.0.1", help="broker host (default: %(default)s)")
+    p.add_argument("--port", type=int, default=1883, help="broker port (default: %(default)s)")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.set_defaults(func=_cmd_skeleton)
 
 
 def _cmd_skeleton(args: argparse.Namespace) -> int:
@@ -53,6 +174,28 @@ def _cmd_skeleton(args: argparse.Namespace) -> int:
             pass
         print(f"counts: {stub.snapshot()}")
     return 0
+
+
+# --------------------------------------------------------------------------- logging
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        body = {"time": round(time.time(), 3), "level": record.levelname, "logger": record.name,
+                "message": record.getMessage()}
+        if record.exc_info:
+            body["exception"] = self.formatException(record.exc_info)
+        return json.dumps(body)
+
+
+def _setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    try:
+        root.setLevel(level.upper())
+    except ValueError:
+        raise AggregatorError(f"unknown log level {level!r}") from None
 
 
 if __name__ == "__main__":

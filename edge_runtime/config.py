@@ -1,0 +1,99 @@
+"""Aggregator configuration (``configs/aggregator.toml``), validated on load.
+
+Relative paths in the file are relative to the file itself, so a config can travel with its site
+layout and model folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.errors import AggregatorError
+from spar_wire.errors import WireError
+from spar_wire.mqtt_settings import MqttSettings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    site: Path  # site layout TOML
+    model: Path  # manifest.json of the model to run
+    database: Path = Path("results.sqlite3")  # SQLite results (WAL)
+    backend: str = "auto"  # auto | onnxruntime | tensorrt
+    device: str = "auto"  # auto | cpu | cuda
+    deadline_fraction: float = 0.5  # a window closes this x window length after its first message
+    max_open_windows: int = 16  # more open windows force-close the oldest
+    queue_size: int = 64  # closed windows waiting for inference; overflow drops the oldest
+    max_batch: int = 8  # windows per inference call when a backlog has formed
+    retention_rows: int | None = 1_000_000
+    retention_days: float | None = 90.0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = 9108  # None: no HTTP endpoint
+    client_id: str = "aggregator"  # MQTT client id is "{site}.{client_id}"
+    log_interval_s: float = 10.0  # rate limit of repeated warnings per reason
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.deadline_fraction, (int, float)) and math.isfinite(self.deadline_fraction)
+                and 0 < self.deadline_fraction <= 10):
+            raise AggregatorError(f"deadline_fraction must be in (0, 10], got {self.deadline_fraction!r}")
+        for name in ("max_open_windows", "queue_size", "max_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AggregatorError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.backend not in ("auto", "onnxruntime", "tensorrt"):
+            raise AggregatorError(f"backend must be auto, onnxruntime or tensorrt, got {self.backend!r}")
+
+    def replace(self, **changes: Any) -> AggregatorConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_PATH_KEYS = ("site", "model", "database")
+_MQTT_KEYS = {f.name for f in dataclasses.fields(MqttSettings)} | {"password_env"}
+
+
+def load_config(path: str | Path) -> AggregatorConfig:
+    """Read ``[aggregator]`` and ``[mqtt]`` from a TOML file; AggregatorError naming the field."""
+    import os
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise AggregatorError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise AggregatorError(f"{path}: invalid TOML: {exc}") from None
+    section = dict(data.get("aggregator", {}))
+    known = {f.name for f in dataclasses.fields(AggregatorConfig)} - {"mqtt"}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise AggregatorError(f"{path}: [aggregator]: unknown field '{unknown[0]}'; known: {', '.join(sorted(known))}")
+    for key in ("site", "model"):
+        if key not in section:
+            raise AggregatorError(f"{path}: [aggregator]: '{key}' is required")
+    for key in _PATH_KEYS:
+        if key in section:
+            section[key] = (path.parent / section[key]).resolve()
+    mqtt = dict(data.get("mqtt", {}))
+    unknown = sorted(set(mqtt) - _MQTT_KEYS)
+    if unknown:
+        raise AggregatorError(f"{path}: [mqtt]: unknown field '{unknown[0]}'; known: {', '.join(sorted(_MQTT_KEYS))}")
+    password_env = mqtt.pop("password_env", None)
+    if password_env:
+        mqtt["password"] = os.environ.get(password_env)
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        if mqtt.get(key):
+            mqtt[key] = str((path.parent / mqtt[key]).resolve())
+    try:
+        return AggregatorConfig(**section, mqtt=MqttSettings(**mqtt))
+    except (TypeError, WireError) as exc:
+        raise AggregatorError(f"{path}: {exc}") from None

@@ -1,0 +1,116 @@
+"""Inference stage: closed windows -> batches -> backend -> results stored, then published.
+
+A single worker thread takes the oldest closed window; if more are already waiting (a backlog),
+it takes up to ``max_batch`` windows with the same node count into one backend call. Each result
+is committed to SQLite before it is published, so what subscribers see is always on disk.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.ingest import BoundedQueue
+from edge_runtime.results import Timing, build_result
+from edge_runtime.window_assembler import AssembledWindow
+from spar_wire.model_manifest import ModelManifest
+
+log = logging.getLogger(__name__)
+
+
+class InferenceWorker:
+    def __init__(self, backend: Any, manifest: ModelManifest, site: str, windows: BoundedQueue,
+                 store: Any, publish: Callable[[dict[str, Any]], Any], *, max_batch: int, window_ns: int,
+                 observe: Callable[[str, float], None] = lambda name, value: None):
+        self.backend = backend
+        self.manifest = manifest
+        self.site = site
+        self.windows = windows
+        self.store = store
+        self.publish = publish
+        self.max_batch = max_batch
+        self.window_ns = window_ns
+        self.observe = observe
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.lock = threading.Lock()
+        self.last_result: dict[str, Any] | None = None
+        self._carry: AssembledWindow | None = None  # a window of another node count, taken next
+
+    def run(self, stop: threading.Event, drained: threading.Event | None = None) -> None:
+        """Process until ``stop`` is set and nothing is left (``drained`` set when the queue empties)."""
+        while True:
+            window = self._carry or self.windows.get(timeout=0.05)
+            self._carry = None
+            if window is None:
+                if stop.is_set():
+                    return
+                if drained is not None:
+                    drained.set()
+                continue
+            if drained is not None:
+                drained.clear()
+            batch = self._fill_batch(window)
+            try:
+                self.process(batch)
+            except Exception:  # noqa: BLE001 - a failed batch is counted; the service goes on
+                log.exception("inference of %d window(s) failed", len(batch))
+                self._count("windows_failed", len(batch))
+
+    def process(self, batch: list[AssembledWindow]) -> list[dict[str, Any]]:
+        """Run one batch (same node count) through the backend, store and publish its results."""
+        started = time.monotonic()
+        inputs = {name: np.stack([w.inputs[name] for w in batch]) for name in batch[0].inputs}
+        outputs = self.backend.run(inputs)
+        inference_s = time.monotonic() - started
+        self.observe("inference_seconds", inference_s)
+        now_ns = time.time_ns()
+        results = []
+        for row, window in enumerate(batch):
+            end_to_end = (now_ns - (window.window_start_ns + self.window_ns)) / 1e9
+            timing = Timing(assembly_s=window.closed_s - window.first_arrival_s,
+                            queue_s=started - window.closed_s, inference_s=inference_s,
+                            end_to_end_s=end_to_end)
+            results.append(build_result(self.site, window, {k: v[row] for k, v in outputs.items()},
+                                        self.manifest, timing, len(batch)))
+        new = self.store.store(results)
+        for result, window in zip(results, batch, strict=True):
+            self.publish(result)
+            # Added latency: what the aggregator itself adds once the window is complete.
+            self.observe("added_latency_seconds", time.monotonic() - window.closed_s)
+            self.observe("end_to_end_seconds", result["latency_ms"]["end_to_end"] / 1e3)
+        self._count("results", len(results))
+        self._count("results_duplicate_window", len(results) - new)
+        self._count("batches")
+        self.last_result = results[-1]
+        return results
+
+    def snapshot_counts(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.counts)
+
+    def _fill_batch(self, first: AssembledWindow) -> list[AssembledWindow]:
+        batch = [first]
+        while len(batch) < self.max_batch:
+            more = self.windows.get_nowait()
+            if more is None:
+                break
+            if more.n_nodes != first.n_nodes:  # another shape: it starts the next batch
+                self._carry = more
+                break
+            batch.append(more)
+        return batch
+
+    def _count(self, key: str, amount: int = 1) -> None:
+        with self.lock:
+            self.counts[key] += amount
+
+
+def result_payload(result: dict[str, Any]) -> bytes:
+    return json.dumps(result, separators=(",", ":")).encode("utf-8")

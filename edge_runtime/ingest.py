@@ -1,0 +1,216 @@
+"""MQTT ingest: from the broker to closed windows, through bounded queues.
+
+    paho network thread --on_message--> [raw queue] --assembler thread--> decode, validate,
+    registry, WindowAssembler --> [window queue] --> inference worker
+
+``on_message`` only timestamps and enqueues, so the network thread never waits on decoding; when
+the raw queue is full the oldest message is dropped and counted (overload sheds the oldest work).
+The assembler thread decodes and validates every message; anything wrong is counted under its
+reason and dropped, never raised. Subscriptions are made inside ``on_connect`` so they come back
+after every reconnect; the MQTT 5 session is persistent (clean_start False + session expiry).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edge_runtime.node_registry import NodeRegistry
+from edge_runtime.window_assembler import AssembledWindow, WindowAssembler
+from spar_wire.errors import WireError
+from spar_wire.features import patchify
+from spar_wire.feature_config import FeatureConfig
+from spar_wire.lifecycle import parse_birth, parse_state
+from spar_wire.message import WireLimits, decode_message
+from spar_wire.topics import parse_topic, site_filter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    topic: str
+    payload: bytes
+    arrival_s: float  # monotonic
+    arrival_ns: int  # wall clock, for end-to-end latency against node timestamps
+
+
+class BoundedQueue:
+    """A FIFO that drops (and counts) its oldest item instead of blocking the producer."""
+
+    def __init__(self, maxsize: int, on_drop: Callable[[Any], None]):
+        self._queue: queue.Queue = queue.Queue(maxsize)
+        self._on_drop = on_drop
+
+    def put(self, item: Any) -> None:
+        while True:
+            try:
+                self._queue.put_nowait(item)
+                return
+            except queue.Full:
+                try:
+                    self._on_drop(self._queue.get_nowait())
+                except queue.Empty:
+                    continue
+
+    def get(self, timeout: float | None) -> Any:
+        """The next item, or None after ``timeout`` seconds."""
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def get_nowait(self) -> Any:
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
+
+
+class MessageProcessor:
+    """Turns raw MQTT messages into registry updates and closed windows (one thread)."""
+
+    def __init__(self, site_id: str, registry: NodeRegistry, assembler: WindowAssembler,
+                 features: dict[str, FeatureConfig], emit: Callable[[AssembledWindow], None], *,
+                 limits: WireLimits = WireLimits(), warn: Callable[[str, str], None] | None = None):
+        self.site_id = site_id
+        self.registry = registry
+        self.assembler = assembler
+        self.features = features
+        self.emit = emit
+        self.limits = limits
+        self.warn = warn or (lambda reason, message: log.warning("%s: %s", reason, message))
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.lock = threading.Lock()  # guards counts for readers in other threads
+
+    def handle(self, raw: RawMessage) -> None:
+        """Process one message; never raises."""
+        try:
+            self._handle(raw)
+        except WireError as exc:
+            self._reject(exc.reason, exc.detail)
+        except Exception as exc:  # noqa: BLE001 - a bug must not stop ingest: count and log it
+            log.exception("internal error handling %r", raw.topic[:200])
+            self._reject("internal_error", repr(exc))
+
+    def tick(self, now_s: float) -> None:
+        """Close windows whose deadline has passed."""
+        for window in self.assembler.expire(self.registry.snapshot(), now_s):
+            self.emit(window)
+
+    def flush(self, now_s: float) -> None:
+        for window in self.assembler.flush(self.registry.snapshot(), now_s):
+            self.emit(window)
+
+    def snapshot_counts(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.counts)
+
+    def _handle(self, raw: RawMessage) -> None:
+        topic = parse_topic(raw.topic)
+        if topic.site != self.site_id:
+            raise WireError("wrong_site", f"topic of site {topic.site}")
+        if topic.is_aggregator:
+            self._count("ignored.aggregator")
+            return
+        if topic.kind == "birth":
+            birth = parse_birth(raw.payload)
+            if birth.node != topic.node:
+                raise WireError("topic_mismatch", f"birth of {birth.node} on the topic of {topic.node}")
+            decision = self.registry.on_birth(birth)
+            if not decision.accepted:
+                self.warn(f"refused.{decision.reason}", f"node refused: {decision.detail}")
+            self._count("birth" if decision.accepted else f"refused.{decision.reason}")
+            return
+        if topic.kind == "state":
+            decision = self.registry.on_state(topic.node, parse_state(raw.payload))
+            self._count("state" if decision.accepted else f"ignored.{decision.reason}")
+            return
+        self._handle_data(topic.node, topic.modality or "", raw)
+
+    def _handle_data(self, node: str, modality: str, raw: RawMessage) -> None:
+        # Cheap checks first: header only, then the registry, then the payload decode.
+        message = decode_message(raw.payload, self.limits, decode_image=False)
+        if (message.site, message.node, message.modality) != (self.site_id, node, modality):
+            raise WireError("topic_mismatch", f"message of {message.node}/{message.modality} on the "
+                            f"topic of {node}/{modality}")
+        decision = self.registry.check_data(node, modality, message.feature_hash)
+        if not decision.accepted:
+            raise WireError(decision.reason, decision.detail)
+        cfg = self.features[modality]
+        if message.shape != cfg.image_shape:
+            raise WireError("shape_mismatch", f"{node}/{modality}: image {message.shape} != {cfg.image_shape}")
+        tokens = patchify(message.image(self.limits), cfg)
+        self._count("accepted")
+        for window in self.assembler.add(node, modality, message.window_start_ns, tokens,
+                                         self.registry.snapshot(), raw.arrival_s):
+            self.emit(window)
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self._count(f"rejected.{reason}")
+        self.warn(f"rejected.{reason}", detail)
+
+    def _count(self, key: str) -> None:
+        with self.lock:
+            self.counts[key] += 1
+
+
+class MqttIngest:
+    """The aggregator's MQTT session: subscribe, receive into a bounded queue, publish results."""
+
+    def __init__(self, client: Any, site_id: str, on_connect_publish: Callable[[Any], None],
+                 raw_queue: BoundedQueue):
+        self.client = client
+        self.site_id = site_id
+        self.raw_queue = raw_queue
+        self._on_connect_publish = on_connect_publish
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        self.connects = 0
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_disconnect = self._on_disconnect
+
+    # paho callbacks: never raise (an exception kills the network thread)
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            if reason_code.is_failure:
+                log.error("broker refused the connection: %s", reason_code)
+                return
+            self.connects += 1
+            client.subscribe(site_filter(self.site_id), qos=1)
+            self._on_connect_publish(client)
+            self.connected.set()
+            log.info("connected to the broker (connection %d)", self.connects)
+        except Exception:  # noqa: BLE001
+            log.exception("on_connect failed")
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self.subscribed.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            self.connected.clear()
+            log.warning("disconnected from the broker: %s", reason_code)
+        except Exception:  # noqa: BLE001
+            log.exception("on_disconnect failed")
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            try:
+                topic = msg.topic
+            except UnicodeDecodeError:  # paho decodes the topic lazily; let the parser reject it
+                topic = "<topic is not UTF-8>"
+            self.raw_queue.put(RawMessage(topic, msg.payload, time.monotonic(), time.time_ns()))
+        except Exception:  # noqa: BLE001
+            log.exception("on_message failed")

@@ -1,0 +1,226 @@
+"""The aggregator service: wires ingest, assembly, inference, storage, publishing and metrics.
+
+Two MQTT sessions: a persistent subscriber for the site's node traffic, and a publisher for results
+and the retained health state (with an ``offline`` will). On stop (SIGTERM), the subscriber
+disconnects first; every message it already received is processed, every open window is closed
+(partial windows still give results), every result is committed to SQLite and published, and only
+then is ``offline`` announced and the publisher disconnected: nothing received is left unflushed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from edge_runtime.config import AggregatorConfig
+from edge_runtime.errors import AggregatorError
+from edge_runtime.inference_worker import InferenceWorker, result_payload
+from edge_runtime.ingest import BoundedQueue, MessageProcessor, MqttIngest, RawMessage
+from edge_runtime.node_registry import NodeRegistry
+from edge_runtime.service_metrics import ServiceMetrics
+from edge_runtime.window_assembler import WindowAssembler
+from spar_wire.errors import WireError
+from spar_wire.model_manifest import ModelManifest, load_manifest
+from spar_wire.mqtt_settings import connect_async, make_client
+from spar_wire.site_layout import SiteLayout, load_site_layout
+from spar_wire.topics import aggregator_topic
+
+log = logging.getLogger(__name__)
+RAW_QUEUE_MESSAGES = 20_000  # token messages waiting for the assembler thread
+
+
+def check_compatibility(layout: SiteLayout, manifest: ModelManifest) -> None:
+    """AggregatorError unless the model can read this site's windows."""
+    problems = []
+    for name, requirement in manifest.modalities.items():
+        spec = layout.modalities.get(name)
+        if spec is None:
+            problems.append(f"the model needs modality {name!r}, the site has {sorted(layout.modalities)}")
+        elif spec.features.hash != requirement.feature_hash:
+            problems.append(f"{name}: site feature hash {spec.features.hash} != model's {requirement.feature_hash}")
+    if layout.position_dim != manifest.position_dim:
+        problems.append(f"site positions are {layout.position_dim}-D, the model takes {manifest.position_dim}-D")
+    low, high = manifest.node_range
+    if not low <= len(layout.nodes) <= high:
+        problems.append(f"the site has {len(layout.nodes)} nodes, the model takes {low}..{high}")
+    if problems:
+        raise AggregatorError(f"model {manifest.source} does not fit site {layout.source}: " + "; ".join(problems))
+
+
+class Aggregator:
+    def __init__(self, config: AggregatorConfig, *, backend: Any | None = None, store: Any | None = None):
+        self.config = config
+        try:
+            self.layout = load_site_layout(config.site)
+            self.manifest = load_manifest(config.model)
+        except WireError as exc:
+            raise AggregatorError(str(exc)) from None
+        check_compatibility(self.layout, self.manifest)
+        self.site = self.layout.site_id
+        window_s = _site_window_s(self.layout, self.manifest)
+        features = {m: self.layout.modalities[m].features for m in self.manifest.modalities}
+        self.metrics = ServiceMetrics()
+        self.registry = NodeRegistry(self.layout, self.manifest)
+        self.assembler = WindowAssembler(features, window_s, deadline_s=config.deadline_fraction * window_s,
+                                         max_open=config.max_open_windows)
+        self.raw_queue = BoundedQueue(RAW_QUEUE_MESSAGES, lambda _: self.metrics.dropped("message"))
+        self.window_queue = BoundedQueue(config.queue_size, lambda _: self.metrics.dropped("window"))
+        self.processor = MessageProcessor(self.site, self.registry, self.assembler, features,
+                                          self.window_queue.put, warn=self.metrics.warn)
+        self.backend = backend if backend is not None else self._load_backend()
+        self.store = store if store is not None else self._open_store()
+        self._publisher = make_client(config.mqtt, f"{self.site}.{config.client_id}-results", persistent=False,
+                                      will=(aggregator_topic(self.site, "state"), self._health("offline")))
+        self._publisher.on_connect = self._on_publisher_connect
+        self._publisher_ready = threading.Event()
+        subscriber = make_client(config.mqtt, f"{self.site}.{config.client_id}", persistent=True)
+        self.ingest = MqttIngest(subscriber, self.site, lambda client: None, self.raw_queue)
+        self.worker = InferenceWorker(self.backend, self.manifest, self.site, self.window_queue, self.store,
+                                      self._publish_result, max_batch=config.max_batch,
+                                      window_ns=int(round(window_s * 1e9)), observe=self.metrics.observe)
+        self._pending: list[Any] = []
+        self._pending_lock = threading.Lock()
+        self._stop_ingest = threading.Event()
+        self._stop_worker = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.started_ns = time.time_ns()
+        self.metrics.bind(self)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, timeout_s: float = 15.0) -> Aggregator:
+        """Connect both sessions, start the threads and the metrics endpoint."""
+        self.metrics.start_server(self.config.metrics_host, self.config.metrics_port)
+        self._threads = [threading.Thread(target=self._assemble_loop, name="assembler", daemon=True),
+                         threading.Thread(target=self.worker.run, args=(self._stop_worker,), name="inference",
+                                          daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        connect_async(self._publisher, self.config.mqtt, persistent=False)
+        self._publisher.loop_start()
+        connect_async(self.ingest.client, self.config.mqtt, persistent=True)
+        self.ingest.client.loop_start()
+        if not (self._publisher_ready.wait(timeout_s) and self.ingest.subscribed.wait(timeout_s)):
+            self.stop()
+            raise AggregatorError(f"could not connect to the broker at {self.config.mqtt.host}:"
+                                  f"{self.config.mqtt.port} within {timeout_s:.0f} s")
+        log.info("aggregator for site %s running model %s@%s on %s", self.site, self.manifest.name,
+                 self.manifest.version, getattr(self.backend, "name", type(self.backend).__name__))
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Drain and flush (see the module docstring). Safe to call twice."""
+        self.ingest.client.disconnect()
+        self.ingest.client.loop_stop()
+        self._stop_ingest.set()
+        deadline = time.monotonic() + timeout_s
+        self._join("assembler", deadline)
+        self._stop_worker.set()
+        self._join("inference", deadline)
+        self._wait_for_acks(deadline)
+        if self._publisher_ready.is_set():
+            info = self._publisher.publish(aggregator_topic(self.site, "state"), self._health("offline"),
+                                           qos=1, retain=True)
+            self._wait(info, deadline)
+        self._publisher.disconnect()
+        self._publisher.loop_stop()
+        self.metrics.stop_server()
+        self.store.close()
+        close = getattr(self.backend, "close", None)
+        if close:
+            close()
+
+    def __enter__(self) -> Aggregator:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ threads
+    def _assemble_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            next_deadline = self.assembler.next_deadline_s()
+            wait = 0.05 if next_deadline is None else min(0.05, max(0.0, next_deadline - now))
+            raw: RawMessage | None = self.raw_queue.get(timeout=wait)
+            if raw is not None:
+                self.processor.handle(raw)
+            self.processor.tick(time.monotonic())
+            if raw is None and self._stop_ingest.is_set():
+                self.processor.flush(time.monotonic())
+                return
+
+    def _join(self, name: str, deadline: float) -> None:
+        for thread in self._threads:
+            if thread.name == name and thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    log.error("%s thread did not finish in time", name)
+
+    # ------------------------------------------------------------------ publishing
+    def _publish_result(self, result: dict[str, Any]) -> None:
+        info = self._publisher.publish(aggregator_topic(self.site, "results"), result_payload(result), qos=1)
+        with self._pending_lock:
+            self._pending = [p for p in self._pending if not p.is_published()]
+            self._pending.append(info)
+
+    def _wait_for_acks(self, deadline: float) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        for info in pending:
+            self._wait(info, deadline)
+
+    @staticmethod
+    def _wait(info: Any, deadline: float) -> None:
+        try:
+            info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
+        except (RuntimeError, ValueError):  # not connected: paho keeps it queued; nothing to wait on
+            pass
+
+    def _on_publisher_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            if reason_code.is_failure:
+                log.error("broker refused the results session: %s", reason_code)
+                return
+            client.publish(aggregator_topic(self.site, "state"), self._health("online"), qos=1, retain=True)
+            self._publisher_ready.set()
+        except Exception:  # noqa: BLE001 - never raise in a paho callback
+            log.exception("results on_connect failed")
+
+    def _health(self, state: str) -> bytes:
+        return json.dumps({"state": state, "site": self.site, "model": f"{self.manifest.name}@"
+                           f"{self.manifest.version}", "pid": os.getpid(), "started_ns": self.started_ns,
+                           "time_ns": time.time_ns()}).encode()
+
+    def health(self) -> dict[str, Any]:
+        """What /healthz reports."""
+        return {"status": "ok" if self.ingest.connected.is_set() else "disconnected", "site": self.site,
+                "model": f"{self.manifest.name}@{self.manifest.version}",
+                "open_windows": self.assembler.open_windows, "queued_windows": self.window_queue.qsize(),
+                "nodes": {n.id: ("online" if n.online else "offline") for n in self.registry.nodes()},
+                "refused_nodes": self.registry.refused()}
+
+    # ------------------------------------------------------------------ construction helpers
+    def _load_backend(self) -> Any:
+        from edge_runtime.inference import load_backend
+
+        backend = load_backend(self.manifest, self.config.backend, device=self.config.device)
+        backend.warmup(n_nodes=len(self.layout.nodes), batch=1)
+        return backend
+
+    def _open_store(self) -> Any:
+        from edge_runtime.result_store import ResultStore
+
+        self.config.database.parent.mkdir(parents=True, exist_ok=True)
+        return ResultStore(self.config.database, retention_rows=self.config.retention_rows,
+                           retention_days=self.config.retention_days)
+
+
+def _site_window_s(layout: SiteLayout, manifest: ModelManifest) -> float:
+    lengths = {layout.modalities[m].features.window_s for m in manifest.modalities}
+    if len(lengths) != 1:
+        raise AggregatorError(f"the model's modalities have different window lengths {sorted(lengths)}")
+    return lengths.pop()

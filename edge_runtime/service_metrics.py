@@ -1,0 +1,143 @@
+"""The aggregator's Prometheus metrics, fed from the components' own counters.
+
+Components count in plain ``collections.Counter``s (cheap on the hot path, easy to assert in tests);
+at every scrape the deltas since the previous scrape are added to the Prometheus counters, and the
+gauges are read fresh. Latency histograms are observed directly by the inference worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from edge_runtime.metrics import MetricsServer, RateLimitedLogger, Registry
+
+if TYPE_CHECKING:
+    from edge_runtime.service import Aggregator
+
+log = logging.getLogger("edge_runtime")
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+E2E_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
+
+
+class _SyncingRegistry(Registry):
+    """A registry that brings the counters up to date before it renders."""
+
+    def __init__(self, before_render: Callable[[], None]):
+        super().__init__()
+        self._before_render = before_render
+
+    def render(self) -> str:
+        self._before_render()
+        return super().render()
+
+
+class ServiceMetrics:
+    def __init__(self, log_interval_s: float = 10.0):
+        self.registry = _SyncingRegistry(self.sync)
+        r = self.registry
+        self.messages = r.counter("spar_messages_total", "Messages handled, by outcome", ["outcome"])
+        self.rejected = r.counter("spar_messages_rejected_total", "Messages rejected, by reason", ["reason"])
+        self.windows = r.counter("spar_windows_total", "Windows closed, by outcome", ["outcome"])
+        self.window_messages = r.counter("spar_window_messages_total",
+                                         "Token messages the assembler set aside, by kind", ["kind"])
+        self.overload = r.counter("spar_overload_dropped_total",
+                                  "Oldest work dropped because a queue was full", ["item"])
+        self.results = r.counter("spar_results_total", "Results stored and published")
+        self.queue_depth = r.gauge("spar_queue_depth", "Items waiting in a queue", ["queue"])
+        self.open_windows = r.gauge("spar_open_windows", "Windows being assembled")
+        self.nodes = r.gauge("spar_nodes", "Nodes by state", ["state"])
+        self.histograms = {
+            "inference_seconds": r.histogram("spar_inference_seconds", "Backend call duration",
+                                             LATENCY_BUCKETS),
+            "added_latency_seconds": r.histogram("spar_added_latency_seconds",
+                                                 "Window complete -> result published", LATENCY_BUCKETS),
+            "end_to_end_seconds": r.histogram("spar_end_to_end_latency_seconds",
+                                              "Window end (node clock) -> result published", E2E_BUCKETS),
+        }
+        self.rate_log = RateLimitedLogger(log, log_interval_s)
+        self._aggregator: Aggregator | None = None
+        self._seen: dict[tuple[str, str], float] = {}
+        self._sync_lock = threading.Lock()
+        self._server: MetricsServer | None = None
+
+    def bind(self, aggregator: Aggregator) -> None:
+        self._aggregator = aggregator
+
+    # ------------------------------------------------------------------ hot-path hooks
+    def dropped(self, item: str) -> None:
+        self.overload.inc(item=item)
+        self.rate_log.warning(f"overload.{item}", "queue full: dropped the oldest %s", item)
+
+    def observe(self, name: str, value: float) -> None:
+        histogram = self.histograms.get(name)
+        if histogram is not None and value is not None:
+            histogram.observe(value)
+
+    def warn(self, key: str, message: str) -> None:
+        self.rate_log.warning(key, "%s", message)
+
+    # ------------------------------------------------------------------ scrape
+    def sync(self) -> None:
+        """Add the component counters' growth since the last scrape; refresh the gauges."""
+        agg = self._aggregator
+        if agg is None:
+            return
+        with self._sync_lock:
+            for key, value in agg.processor.snapshot_counts().items():
+                kind, _, reason = key.partition(".")
+                if kind == "rejected":
+                    self._advance(self.rejected, "reject", key, value, reason=reason)
+                else:
+                    self._advance(self.messages, "msg", key, value, outcome=key)
+            assembler = _copy(agg.assembler.counts)
+            for outcome in ("complete", "partial"):
+                self._advance(self.windows, "win", outcome, assembler.get(f"windows_{outcome}", 0), outcome=outcome)
+            for kind in ("late", "duplicate", "out_of_order"):
+                self._advance(self.window_messages, "wm", kind, assembler.get(kind, 0), kind=kind)
+            worker = agg.worker.snapshot_counts()
+            self._advance(self.windows, "win", "failed", worker.get("windows_failed", 0), outcome="failed")
+            self._advance(self.results, "res", "results", worker.get("results", 0))
+            self.queue_depth.set(agg.raw_queue.qsize(), queue="messages")
+            self.queue_depth.set(agg.window_queue.qsize(), queue="windows")
+            self.open_windows.set(agg.assembler.open_windows)
+            nodes = agg.registry.nodes()
+            self.nodes.set(sum(n.online for n in nodes), state="online")
+            self.nodes.set(sum(not n.online for n in nodes), state="offline")
+            self.nodes.set(len(agg.registry.refused()), state="refused")
+
+    def _advance(self, counter: Any, family: str, key: str, value: float, **labels: Any) -> None:
+        previous = self._seen.get((family, key), 0)
+        if value > previous:
+            counter.inc(value - previous, **labels)
+            self._seen[(family, key)] = value
+
+    # ------------------------------------------------------------------ HTTP endpoint
+    def start_server(self, host: str, port: int | None) -> int | None:
+        if port is None:
+            return None
+        health = (lambda: self._aggregator.health()) if self._aggregator else None
+        self._server = MetricsServer(self.registry, host, port, health=health).start()
+        log.info("metrics on %s", self._server.url)
+        return self._server.port
+
+    @property
+    def port(self) -> int | None:
+        return self._server.port if self._server else None
+
+    def stop_server(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
+def _copy(counter: Mapping[str, int]) -> dict[str, int]:
+    """A copy of a Counter another thread may be growing (retry on a concurrent resize)."""
+    for _ in range(5):
+        try:
+            return dict(counter)
+        except RuntimeError:
+            continue
+    return {}

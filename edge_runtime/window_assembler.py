@@ -1,0 +1,166 @@
+"""Group token messages of all nodes into one placement tensor per time window.
+
+Messages are keyed by window index = round(window_start_ns / window length): node clocks may be
+off by a fraction of a window, and rounding still puts their messages together. A window closes
+when every expected (node, modality) pair has arrived, or ``deadline_s`` after its first message
+arrived (measured on this box's monotonic clock, so node clock offsets do not matter). Absent nodes
+are zero-padded with their presence flag cleared. A message for a window that already closed is
+late (counted, dropped); a second message for the same (node, modality) is a duplicate (counted,
+ignored). At most ``max_open`` windows are open: a new one beyond that force-closes the oldest.
+
+Pure logic with an injected clock: the ingest thread calls ``add`` and ``expire``; tests call them
+with any clock they like.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_runtime.node_registry import RegistrySnapshot
+from spar_wire.feature_config import FeatureConfig
+from spar_wire.model_manifest import NODE_INDEX_INPUT, POSITIONS_INPUT, present_input, tokens_input
+
+
+@dataclass
+class AssembledWindow:
+    """A closed window: the model inputs (no batch axis) and its bookkeeping."""
+
+    window_index: int
+    window_start_ns: int  # window_index x window length
+    node_ids: tuple[str, ...]
+    inputs: dict[str, np.ndarray]  # tokens_{m} [N, m, D], present_{m} [N], positions [N, d], node_index [N]
+    present: dict[str, tuple[str, ...]]  # modality -> nodes that sent it
+    expected: int  # (node, modality) pairs a complete window holds
+    received: int  # pairs that arrived
+    complete: bool
+    reason: str  # "complete" | "deadline" | "forced" | "shutdown"
+    first_arrival_s: float  # monotonic
+    closed_s: float  # monotonic
+    message_count: int = 0
+
+    @property
+    def nodes_present(self) -> int:
+        return len({n for nodes in self.present.values() for n in nodes})
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.node_ids)
+
+
+@dataclass
+class _OpenWindow:
+    index: int
+    first_arrival_s: float
+    tokens: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (node, modality) -> [m, D]
+
+
+class WindowAssembler:
+    def __init__(self, modalities: dict[str, FeatureConfig], window_s: float, *, deadline_s: float,
+                 max_open: int = 16):
+        """``modalities``: the model's modalities with the feature config of each."""
+        self.modalities = modalities
+        self.window_ns = int(round(window_s * 1e9))
+        self.deadline_s = deadline_s
+        self.max_open = max_open
+        self._open: dict[int, _OpenWindow] = {}
+        self._closed: collections.deque[int] = collections.deque(maxlen=4 * max_open + 16)
+        self._closed_set: set[int] = set()
+        self._newest_closed = -(2**62)
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def window_index(self, window_start_ns: int) -> int:
+        return int(round(window_start_ns / self.window_ns))
+
+    def add(self, node_id: str, modality: str, window_start_ns: int, tokens: np.ndarray,
+            snapshot: RegistrySnapshot, now_s: float) -> list[AssembledWindow]:
+        """Add one message's tokens [m, D]. Returns windows this closed (complete or forced)."""
+        index = self.window_index(window_start_ns)
+        if index in self._closed_set or index <= self._newest_closed - 2 * self.max_open:
+            self.counts["late"] += 1
+            return []
+        closed: list[AssembledWindow] = []
+        window = self._open.get(index)
+        if window is None:
+            if self._open and index < max(self._open):
+                self.counts["out_of_order"] += 1
+            if len(self._open) >= self.max_open:
+                oldest = min(self._open)
+                closed.append(self._close(oldest, snapshot, now_s, "forced"))
+            window = self._open[index] = _OpenWindow(index, now_s)
+        key = (node_id, modality)
+        if key in window.tokens:
+            self.counts["duplicate"] += 1
+            return closed
+        window.tokens[key] = tokens
+        self.counts["assembled_messages"] += 1
+        if snapshot.expected and snapshot.expected <= window.tokens.keys():
+            closed.append(self._close(index, snapshot, now_s, "complete"))
+        return closed
+
+    def expire(self, snapshot: RegistrySnapshot, now_s: float) -> list[AssembledWindow]:
+        """Close every window whose deadline has passed, oldest first."""
+        due = sorted(i for i, w in self._open.items() if now_s - w.first_arrival_s >= self.deadline_s)
+        return [self._close(i, snapshot, now_s, "deadline") for i in due]
+
+    def flush(self, snapshot: RegistrySnapshot, now_s: float) -> list[AssembledWindow]:
+        """Close everything (shutdown): partial windows still produce results."""
+        return [self._close(i, snapshot, now_s, "shutdown") for i in sorted(self._open)]
+
+    def next_deadline_s(self) -> float | None:
+        """Monotonic time at which the oldest open window expires (None when none is open)."""
+        if not self._open:
+            return None
+        return min(w.first_arrival_s for w in self._open.values()) + self.deadline_s
+
+    @property
+    def open_windows(self) -> int:
+        return len(self._open)
+
+    # ------------------------------------------------------------------ internals
+    def _close(self, index: int, snapshot: RegistrySnapshot, now_s: float, reason: str) -> AssembledWindow:
+        window = self._open.pop(index)
+        self._remember_closed(index)
+        inputs, present = self._tensors(window, snapshot)
+        expected = len(snapshot.expected)
+        received = sum(1 for key in window.tokens if key in snapshot.expected)
+        complete = bool(expected) and received == expected
+        self.counts[f"windows_{'complete' if complete else 'partial'}"] += 1
+        self.counts[f"closed_{reason}"] += 1
+        return AssembledWindow(
+            window_index=index, window_start_ns=index * self.window_ns, node_ids=snapshot.node_ids,
+            inputs=inputs, present=present, expected=expected, received=received, complete=complete,
+            reason=reason, first_arrival_s=window.first_arrival_s, closed_s=now_s,
+            message_count=len(window.tokens),
+        )
+
+    def _tensors(self, window: _OpenWindow, snapshot: RegistrySnapshot
+                 ) -> tuple[dict[str, np.ndarray], dict[str, tuple[str, ...]]]:
+        n = len(snapshot.node_ids)
+        inputs: dict[str, np.ndarray] = {
+            POSITIONS_INPUT: snapshot.positions.copy(),
+            NODE_INDEX_INPUT: snapshot.node_index.copy(),
+        }
+        present: dict[str, tuple[str, ...]] = {}
+        for name, cfg in self.modalities.items():
+            tokens = np.zeros((n, cfg.n_tokens, cfg.token_dim), dtype=np.float32)
+            mask = np.zeros(n, dtype=bool)
+            for slot, node_id in enumerate(snapshot.node_ids):
+                got = window.tokens.get((node_id, name))
+                if got is not None:
+                    tokens[slot] = got
+                    mask[slot] = True
+            inputs[tokens_input(name)] = tokens
+            inputs[present_input(name)] = mask
+            present[name] = tuple(node_id for node_id, flag in zip(snapshot.node_ids, mask, strict=True)
+                                  if flag)
+        return inputs, present
+
+    def _remember_closed(self, index: int) -> None:
+        if len(self._closed) == self._closed.maxlen:
+            self._closed_set.discard(self._closed[0])
+        self._closed.append(index)
+        self._closed_set.add(index)
+        self._newest_closed = max(self._newest_closed, index)

@@ -1,0 +1,152 @@
+"""Node registry and window assembler: pure logic, driven with a hand-made clock."""
+
+import numpy as np
+import pytest
+
+from edge_runtime.node_registry import NodeRegistry
+from edge_runtime.window_assembler import WindowAssembler
+from spar_wire.lifecycle import BirthMessage, ModalityInfo, StateMessage
+from spar_wire.model_manifest import ModalityRequirement, ModelManifest, TensorSpec
+
+W_NS = 2 * 10**9
+
+
+def manifest_for(layout):
+    mods = {name: ModalityRequirement(spec.features.hash, spec.features.n_tokens, spec.features.token_dim)
+            for name, spec in layout.modalities.items()}
+    return ModelManifest(name="t", version="1", task="classification", artifact_file="m.onnx",
+                         artifact_format="onnx", precision="fp32", sha256="0" * 64, position_dim=2,
+                         node_range=(1, 64), modalities=mods, inputs=(),
+                         outputs=(TensorSpec("logits", "float32", ("batch", 5), "class_logits"),))
+
+
+@pytest.fixture
+def parts(parking_lot):
+    manifest = manifest_for(parking_lot)
+    registry = NodeRegistry(parking_lot, manifest)
+    features = {m: s.features for m, s in parking_lot.modalities.items()}
+    assembler = WindowAssembler(features, 2.0, deadline_s=1.0, max_open=3)
+    return parking_lot, manifest, registry, assembler
+
+
+def tokens_for(layout, modality, value):
+    cfg = layout.modalities[modality].features
+    return np.full((cfg.n_tokens, cfg.token_dim), value, np.float32)
+
+
+def birth(layout, node, position=None, bd_seq=0, feature_hash=None, site=None):
+    mods = {m: ModalityInfo(feature_hash or layout.modalities[m].features.hash, 1.0, 1)
+            for m in layout.node(node).modalities} if node in layout.node_ids else {
+        m: ModalityInfo(feature_hash or layout.modalities[m].features.hash, 1.0, 1) for m in layout.modalities}
+    return BirthMessage(site=site or layout.site_id, node=node, bd_seq=bd_seq,
+                        position=position or layout.node(node).position, modalities=mods)
+
+
+def feed(layout, registry, assembler, window, nodes, now, start_ns=None, value=1.0):
+    closed = []
+    for node in nodes:
+        for modality in layout.node(node).modalities if node in layout.node_ids else layout.modalities:
+            closed += assembler.add(node, modality, start_ns if start_ns is not None else window * W_NS,
+                                    tokens_for(layout, modality, value), registry.snapshot(), now)
+    return closed
+
+
+def test_complete_window_closes_at_once_with_everything_present(parts):
+    layout, _, registry, assembler = parts
+    closed = feed(layout, registry, assembler, 10, layout.node_ids, now=5.0)
+    assert len(closed) == 1
+    window = closed[0]
+    assert window.complete and window.reason == "complete" and window.window_start_ns == 10 * W_NS
+    assert window.inputs["tokens_microphone"].shape == (8, 32, 128)
+    assert window.inputs["present_geophone"].all()
+    np.testing.assert_array_equal(window.inputs["positions"], layout.positions().astype(np.float32))
+    assert window.inputs["node_index"].tolist() == list(range(8))
+
+
+def test_missing_nodes_are_zero_padded_at_the_deadline(parts):
+    layout, _, registry, assembler = parts
+    assert feed(layout, registry, assembler, 3, ["n01", "n02", "n04"], now=1.0) == []
+    assert assembler.expire(registry.snapshot(), now_s=1.9) == []
+    (window,) = assembler.expire(registry.snapshot(), now_s=2.0)
+    assert not window.complete and window.reason == "deadline"
+    assert window.inputs["present_microphone"].tolist() == [True, True, False, True] + [False] * 4
+    assert not window.inputs["tokens_microphone"][2].any()
+    assert window.nodes_present == 3 and window.received == 6 and window.expected == 16
+
+
+def test_late_duplicate_and_out_of_order(parts):
+    layout, _, registry, assembler = parts
+    feed(layout, registry, assembler, 5, ["n01"], now=0.0)
+    feed(layout, registry, assembler, 4, ["n01"], now=0.1)  # an older window opens after a newer one
+    assert assembler.counts["out_of_order"] == 1
+    feed(layout, registry, assembler, 5, ["n01"], now=0.2)  # the same messages again
+    assert assembler.counts["duplicate"] == 2
+    closed = assembler.expire(registry.snapshot(), now_s=5.0)
+    assert [w.window_index for w in closed] == [4, 5]
+    feed(layout, registry, assembler, 5, ["n02"], now=5.1)  # window 5 is closed: late
+    assert assembler.counts["late"] == 2 and assembler.open_windows == 0
+
+
+def test_clock_offsets_round_to_the_same_window(parts):
+    layout, _, registry, assembler = parts
+    closed = []
+    for i, node in enumerate(layout.node_ids):
+        offset_ns = (-1) ** i * 300_000_000  # +-0.3 s of a 2 s window
+        closed += feed(layout, registry, assembler, 0, [node], now=0.0, start_ns=7 * W_NS + offset_ns)
+    assert len(closed) == 1 and closed[0].complete and closed[0].window_index == 7
+
+
+def test_open_windows_are_bounded(parts):
+    layout, _, registry, assembler = parts
+    closed = []
+    for window in range(6):
+        closed += feed(layout, registry, assembler, window, ["n01"], now=float(window) / 10)
+    assert assembler.open_windows == 3
+    assert [w.reason for w in closed] == ["forced"] * 3 and [w.window_index for w in closed] == [0, 1, 2]
+
+
+def test_births_admit_refuse_move_and_join(parts):
+    layout, _, registry, _ = parts
+    assert registry.on_birth(birth(layout, "n01")).accepted
+    # Once births arrive, only announced nodes are awaited.
+    assert {n for n, _ in registry.snapshot().expected} == {"n01"}
+    refused = registry.on_birth(birth(layout, "n02", feature_hash="0123456789abcdef"))
+    assert not refused.accepted and refused.reason == "feature_hash_mismatch"
+    assert registry.check_data("n02", "microphone", layout.modalities["microphone"].features.hash).reason \
+        == "refused_node"
+    assert registry.on_birth(birth(layout, "n03", position=(20.0, 20.0))).accepted  # moved
+    snap = registry.snapshot()
+    assert snap.positions[snap.slot("n03")].tolist() == [20.0, 20.0] and registry.counts["moved"] == 1
+    assert registry.on_birth(birth(layout, "n99", position=(39.5, 28.0))).accepted  # joined
+    snap = registry.snapshot()
+    assert snap.node_ids[-1] == "n99" and snap.node_index[-1] == layout.node_ids.index("n05")
+    assert not registry.on_birth(birth(layout, "n04", site="other")).accepted
+
+
+def test_stale_will_is_ignored(parts):
+    layout, _, registry, _ = parts
+    registry.on_birth(birth(layout, "n01", bd_seq=3))
+    assert not registry.on_state("n01", StateMessage("offline", 2)).accepted
+    assert registry.nodes()[0].online
+    assert registry.on_state("n01", StateMessage("offline", 3)).accepted
+    assert not registry.nodes()[0].online
+
+
+def test_data_checks(parts):
+    layout, _, registry, _ = parts
+    mic = layout.modalities["microphone"].features.hash
+    assert registry.check_data("n01", "microphone", mic).accepted
+    assert registry.check_data("zz", "microphone", mic).reason == "unknown_node"
+    assert registry.check_data("n01", "lidar", mic).reason == "unknown_modality"
+    assert registry.check_data("n01", "microphone", "f" * 16).reason == "feature_hash_mismatch"
+
+
+def test_joined_node_is_in_the_next_window(parts):
+    layout, _, registry, assembler = parts
+    for node in layout.node_ids:
+        registry.on_birth(birth(layout, node))
+    assert len(feed(layout, registry, assembler, 1, layout.node_ids, now=0.0)) == 1
+    registry.on_birth(birth(layout, "n09", position=(5.0, 5.0)))
+    assert feed(layout, registry, assembler, 2, layout.node_ids, now=2.0) == []  # waits for n09
+    (window,) = feed(layout, registry, assembler, 2, ["n09"], now=2.1)
+    assert window.complete and window.n_nodes == 9 and window.inputs["present_microphone"][-1]
