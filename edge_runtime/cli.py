@@ -106,7 +106,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
     if not args.database.exists():
         raise AggregatorError(f"{args.database}: no such database")
-    with ResultStore(args.database, retention_rows=None, retention_days=None) as store:
+    with ResultStore(args.database, retention_rows=None, retention_days=None, readonly=True) as store:
         rows = store.query(site=args.site, since_ns=_time_ns(args.since), until_ns=_time_ns(args.until),
                            limit=args.limit, newest_first=not args.oldest_first)
     if args.json:

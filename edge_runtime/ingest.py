@@ -24,8 +24,8 @@ from typing import Any
 from edge_runtime.node_registry import NodeRegistry
 from edge_runtime.window_assembler import AssembledWindow, WindowAssembler
 from spar_wire.errors import WireError
-from spar_wire.features import patchify
 from spar_wire.feature_config import FeatureConfig
+from spar_wire.features import patchify
 from spar_wire.lifecycle import parse_birth, parse_state
 from spar_wire.message import WireLimits, decode_message
 from spar_wire.topics import parse_topic, site_filter

@@ -54,6 +54,7 @@ def check_compatibility(layout: SiteLayout, manifest: ModelManifest) -> None:
 class Aggregator:
     def __init__(self, config: AggregatorConfig, *, backend: Any | None = None, store: Any | None = None):
         self.config = config
+        self.started_ns = time.time_ns()
         try:
             self.layout = load_site_layout(config.site)
             self.manifest = load_manifest(config.model)
@@ -87,7 +88,6 @@ class Aggregator:
         self._stop_ingest = threading.Event()
         self._stop_worker = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.started_ns = time.time_ns()
         self.metrics.bind(self)
 
     # ------------------------------------------------------------------ lifecycle

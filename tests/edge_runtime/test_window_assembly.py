@@ -35,9 +35,8 @@ def tokens_for(layout, modality, value):
 
 
 def birth(layout, node, position=None, bd_seq=0, feature_hash=None, site=None):
-    mods = {m: ModalityInfo(feature_hash or layout.modalities[m].features.hash, 1.0, 1)
-            for m in layout.node(node).modalities} if node in layout.node_ids else {
-        m: ModalityInfo(feature_hash or layout.modalities[m].features.hash, 1.0, 1) for m in layout.modalities}
+    names = layout.node(node).modalities if node in layout.node_ids else tuple(layout.modalities)
+    mods = {m: ModalityInfo(feature_hash or layout.modalities[m].features.hash, 1.0, 1) for m in names}
     return BirthMessage(site=site or layout.site_id, node=node, bd_seq=bd_seq,
                         position=position or layout.node(node).position, modalities=mods)
 
