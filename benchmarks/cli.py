@@ -41,6 +41,20 @@ def main(argv: list[str] | None = None) -> int:
                     "jpeg:95,jpeg:85,jpeg:75,jpeg:50", help="comma-separated codec list")
     cd.set_defaults(func=_cmd_codecs)
 
+    rt = sub.add_parser("runtime", help="aggregator vs bare-model throughput, added latency, ingest capacity",
+                        description="Build a tiny ONNX model for the site, measure the bare backend's windows/s, "
+                        "then run the full aggregator fed by simulated nodes through a loopback Mosquitto: "
+                        "throughput, added latency p50/p99 (window complete -> result published), ingest "
+                        "messages/s and a per-step cost breakdown. Writes a markdown report.")
+    rt.add_argument("--site", type=Path, default=DEFAULT_SITE, help="site layout TOML (default: %(default)s)")
+    rt.add_argument("--windows", type=int, default=300, help="windows to push through (default: %(default)s)")
+    rt.add_argument("--codec", default="png", help="codec of the token messages (default: %(default)s)")
+    rt.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt (default: auto)")
+    rt.add_argument("--hidden", type=int, default=16, help="width of the tiny model (default: %(default)s)")
+    rt.add_argument("--out", type=Path, default=Path("benchmarks/results/runtime.md"),
+                    help="markdown report (default: %(default)s)")
+    rt.set_defaults(func=_cmd_runtime)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)
@@ -72,6 +86,25 @@ def _cmd_skeleton(args: argparse.Namespace) -> int:
         print("error: sent and received messages differ", file=sys.stderr)
         return 1
     print("ok: every acknowledged message arrived and decoded")
+    return 0
+
+
+def _cmd_runtime(args: argparse.Namespace) -> int:
+    from benchmarks.runtime_bench import run_runtime_benchmark, summary_line
+    from edge_runtime.errors import AggregatorError
+
+    if args.windows < 10:
+        raise BenchError("--windows must be >= 10")
+    try:
+        report = run_runtime_benchmark(args.site, windows=args.windows, codec=args.codec, backend=args.backend,
+                                       hidden=args.hidden, progress=lambda text: print(f"... {text}", file=sys.stderr))
+    except AggregatorError as exc:
+        raise BenchError(str(exc)) from None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report.to_markdown())
+    print(report.to_markdown())
+    print(summary_line(report))
+    print(f"report: {args.out}")
     return 0
 
 

@@ -1,0 +1,246 @@
+"""``spar-bench runtime``: is the aggregator close to the bare model, and where does time go?
+
+In one run, with one backend:
+1. bare-model throughput: windows/s calling the backend directly (batch 1) on real window tensors;
+2. aggregator throughput: the full service fed by simulated nodes over a loopback Mosquitto, from
+   the first message published to the last result stored and published;
+3. added latency (window complete -> result published), p50 / p99;
+4. ingest capacity: token messages/s the aggregator's ingest path accepts;
+5. a cost breakdown per message and per window (header parse, image decode, patchify, assembly,
+   inference), timed in-process on the same frames.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.local_broker import BrokerSettings, LocalBroker
+from benchmarks.tiny_onnx_model import build_tiny_model
+from edge_runtime.config import AggregatorConfig
+from edge_runtime.node_registry import NodeRegistry
+from edge_runtime.service import Aggregator
+from edge_runtime.window_assembler import WindowAssembler
+from node_firmware_sim.firmware import EncodedFrame, FirmwareConfig, NodeFirmware
+from node_firmware_sim.scenarios import make_scenario
+from spar_wire.codecs import CodecSpec
+from spar_wire.features import patchify
+from spar_wire.message import decode_message
+from spar_wire.mqtt_settings import MqttSettings, connect_async, make_client
+from spar_wire.site_layout import SiteLayout, load_site_layout
+from spar_wire.topics import data_topic
+
+
+@dataclass
+class RuntimeReport:
+    backend: str
+    windows: int
+    messages: int
+    bare_windows_per_s: float
+    aggregator_windows_per_s: float
+    added_latency_ms: list[float] = field(default_factory=list)
+    ingest_messages_per_s: float = 0.0
+    costs_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.aggregator_windows_per_s / self.bare_windows_per_s
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.added_latency_ms, q)) if self.added_latency_ms else float("nan")
+
+    def to_markdown(self) -> str:
+        lines = [
+            "# spar-bench runtime", "",
+            f"backend: {self.backend}; {self.windows} windows, {self.messages} token messages", "",
+            "| measure | value | target |", "|---|---|---|",
+            f"| bare-model throughput (batch 1) | {self.bare_windows_per_s:,.0f} windows/s | |",
+            f"| aggregator throughput | {self.aggregator_windows_per_s:,.0f} windows/s | |",
+            f"| aggregator / bare model | {100 * self.ratio:.1f} % | >= 90 % |",
+            f"| added latency p50 | {self.percentile(50):.2f} ms | |",
+            f"| added latency p99 | {self.percentile(99):.2f} ms | <= 5 ms |",
+            f"| ingest capacity | {self.ingest_messages_per_s:,.0f} messages/s | >= 5,000 |",
+            "", "## Where the time goes (in-process, same frames)", "",
+            "| step | ms |", "|---|---|",
+        ]
+        lines += [f"| {name} | {value:.4f} |" for name, value in self.costs_ms.items()]
+        return "\n".join(lines) + "\n"
+
+
+def run_runtime_benchmark(site: str | Path, *, windows: int = 200, codec: str = "png", backend: str = "auto",
+                          hidden: int = 16, seed: int = 0,
+                          progress: Callable[[str], None] = lambda text: None) -> RuntimeReport:
+    layout = load_site_layout(site)
+    with tempfile.TemporaryDirectory(prefix="spar-runtime-") as tmp:
+        tmp_path = Path(tmp)
+        build_tiny_model(layout, tmp_path / "model", hidden=hidden, seed=seed)
+        progress("encoding frames")
+        frames = _encode_frames(layout, windows, CodecSpec.parse(codec), seed)
+        settings = BrokerSettings(persistence=False, extra_lines=("max_inflight_messages 0",))
+        with LocalBroker(settings, workdir=tmp_path / "broker") as broker:
+            config = AggregatorConfig(site=Path(site), model=tmp_path / "model" / "manifest.json",
+                                      database=tmp_path / "results.sqlite3", backend=backend, metrics_port=None,
+                                      deadline_fraction=0.5, max_open_windows=64, queue_size=4096,
+                                      mqtt=MqttSettings(host=broker.host, port=broker.port, max_inflight=1000))
+            aggregator = Aggregator(config)
+            progress("bare model")
+            window_inputs = _window_inputs(aggregator, frames, layout)
+            bare = _bare_throughput(aggregator.backend, window_inputs)
+            costs = _cost_breakdown(aggregator, frames, layout, window_inputs)
+            latencies: list[float] = []
+            original = aggregator.worker.observe
+
+            def record(name: str, value: float) -> None:
+                if name == "added_latency_seconds":
+                    latencies.append(value * 1e3)
+                original(name, value)
+
+            aggregator.worker.observe = record
+            with aggregator:
+                progress("aggregator through Mosquitto")
+                agg_rate, ingest_rate = _aggregator_throughput(aggregator, layout, broker, frames, windows)
+    return RuntimeReport(getattr(aggregator.backend, "name", "?"), windows, sum(len(f) for f in frames.values()),
+                         bare, agg_rate, latencies, ingest_rate, costs)
+
+
+# --------------------------------------------------------------------------- pieces
+def _encode_frames(layout: SiteLayout, windows: int, codec: CodecSpec, seed: int) -> dict[str, list[EncodedFrame]]:
+    """Per node, the frames of ``windows`` windows of the sine source (the nodes' work, done beforehand)."""
+    source = make_scenario("sine", layout, seed)
+    firmwares = {n.id: NodeFirmware(layout, n.id, FirmwareConfig(codec=codec)) for n in layout.nodes}
+    frames: dict[str, list[EncodedFrame]] = {n.id: [] for n in layout.nodes}
+    base_ns = time.time_ns() // 10**9 * 10**9
+    window_ns = int(round(source.window_s * 1e9))
+    for k in range(windows):
+        window = source.window(k % 4)  # four distinct windows, repeated: encoding is not under test
+        for node in layout.nodes:
+            for modality in node.modalities:
+                frames[node.id].append(firmwares[node.id].encode(
+                    modality, window.signals[(node.id, modality)], base_ns + k * window_ns))
+    return frames
+
+
+def _window_inputs(aggregator: Aggregator, frames: dict[str, list[EncodedFrame]], layout: SiteLayout
+                   ) -> list[dict[str, np.ndarray]]:
+    """The placement tensors of the first windows, assembled by the aggregator's own assembler."""
+    assembler = _fresh_assembler(aggregator)
+    registry = NodeRegistry(layout, aggregator.manifest)
+    closed = []
+    for node_frames in zip(*frames.values(), strict=True):
+        for frame in node_frames:
+            msg = decode_message(frame.frame)
+            tokens = patchify(msg.image(), aggregator.processor.features[msg.modality])
+            closed += assembler.add(msg.node, msg.modality, msg.window_start_ns, tokens, registry.snapshot(), 0.0)
+        if len(closed) >= 50:
+            break
+    return [{k: v[None] for k, v in w.inputs.items()} for w in closed]
+
+
+def _fresh_assembler(aggregator: Aggregator) -> WindowAssembler:
+    a = aggregator.assembler
+    return WindowAssembler(a.modalities, a.window_ns / 1e9, deadline_s=a.deadline_s, max_open=a.max_open)
+
+
+def _bare_throughput(backend: Any, inputs: list[dict[str, np.ndarray]], seconds: float = 2.0) -> float:
+    backend.run(inputs[0])
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        backend.run(inputs[done % len(inputs)])
+        done += 1
+    return done / (time.perf_counter() - started)
+
+
+def _cost_breakdown(aggregator: Aggregator, frames: dict[str, list[EncodedFrame]], layout: SiteLayout,
+                    inputs: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    sample = [f for node_frames in frames.values() for f in node_frames[:8]]
+    features = aggregator.processor.features
+
+    def per_call(fn: Callable[[Any], Any], items: list[Any], repeat: int = 5) -> float:
+        started = time.perf_counter()
+        for _ in range(repeat):
+            for item in items:
+                fn(item)
+        return (time.perf_counter() - started) / (repeat * len(items)) * 1e3
+
+    headers = [decode_message(f.frame, decode_image=False) for f in sample]
+    images = [h.image() for h in headers]
+    return {
+        "message: header parse + CRC": per_call(lambda f: decode_message(f.frame, decode_image=False), sample),
+        "message: payload decode + dequantize": per_call(lambda h: h.image(), headers),
+        "message: patchify": per_call(lambda pair: patchify(pair[1], features[pair[0].modality]),
+                                      list(zip(headers, images, strict=True))),
+        "window: inference (batch 1)": per_call(aggregator.backend.run, inputs[:10], repeat=3),
+        "window: SQLite store": _store_cost(aggregator),
+    }
+
+
+def _store_cost(aggregator: Aggregator, n: int = 50) -> float:
+    from edge_runtime.result_store import ResultStore
+
+    with tempfile.TemporaryDirectory() as tmp, ResultStore(Path(tmp) / "s.sqlite3") as store:
+        started = time.perf_counter()
+        for i in range(n):
+            store.store([{"site": "bench", "window_start_ns": i, "nodes_present": 8, "outputs": {"x": [0.0] * 5}}])
+        return (time.perf_counter() - started) / n * 1e3
+
+
+def _aggregator_throughput(aggregator: Aggregator, layout: SiteLayout, broker: LocalBroker,
+                           frames: dict[str, list[EncodedFrame]], windows: int) -> tuple[float, float]:
+    """Publish every frame from one MQTT client per node as fast as possible; time until all results."""
+    clients = []
+    settings = MqttSettings(host=broker.host, port=broker.port, max_inflight=1000)
+    for node in layout.nodes:
+        client = make_client(settings, f"bench.{node.id}", persistent=False)
+        ready = threading.Event()
+        client.on_connect = lambda c, u, f, rc, p, ready=ready: ready.set()
+        connect_async(client, settings, persistent=False)
+        client.loop_start()
+        ready.wait(10)
+        clients.append((node.id, client))
+    accepted_before = aggregator.processor.snapshot_counts().get("accepted", 0)
+    results_before = aggregator.worker.snapshot_counts().get("results", 0)
+    started = time.perf_counter()
+    threads = [threading.Thread(target=_publish_all, args=(client, layout.site_id, frames[node_id]))
+               for node_id, client in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    total_messages = sum(len(f) for f in frames.values())
+    ingest_done = _wait_until(lambda: aggregator.processor.snapshot_counts().get("accepted", 0) - accepted_before
+                              >= total_messages, 120)
+    ingest_s = ingest_done - started
+    results_done = _wait_until(lambda: aggregator.worker.snapshot_counts().get("results", 0) - results_before
+                               >= windows, 120)
+    for _, client in clients:
+        client.disconnect()
+        client.loop_stop()
+    return windows / (results_done - started), total_messages / ingest_s
+
+
+def _publish_all(client: Any, site: str, frames: list[EncodedFrame]) -> None:
+    infos = [client.publish(data_topic(site, f.node, f.modality), f.frame, qos=1) for f in frames]
+    for info in infos:
+        info.wait_for_publish(timeout=60)
+
+
+def _wait_until(predicate: Callable[[], bool], timeout_s: float) -> float:
+    deadline = time.perf_counter() + timeout_s
+    while not predicate():
+        if time.perf_counter() > deadline:
+            raise TimeoutError("the aggregator did not finish in time")
+        time.sleep(0.002)
+    return time.perf_counter()
+
+
+def summary_line(report: RuntimeReport) -> str:
+    return (f"aggregator {report.aggregator_windows_per_s:,.0f} windows/s = {100 * report.ratio:.1f} % of the bare "
+            f"model ({report.bare_windows_per_s:,.0f}/s); added latency p50 {report.percentile(50):.2f} ms, "
+            f"p99 {report.percentile(99):.2f} ms; ingest {report.ingest_messages_per_s:,.0f} messages/s")

@@ -1,0 +1,207 @@
+"""The aggregator end to end: simulated nodes -> real Mosquitto -> aggregator -> SQLite + MQTT."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from benchmarks.tiny_onnx_model import build_tiny_model
+from edge_runtime.config import AggregatorConfig
+from edge_runtime.errors import AggregatorError
+from edge_runtime.inference import load_backend
+from edge_runtime.result_store import ResultStore
+from edge_runtime.service import Aggregator
+from node_firmware_sim.field_runner import FieldConfig, SourceSpec, run_field
+from node_firmware_sim.firmware import FirmwareConfig, NodeFirmware
+from node_firmware_sim.link_model import LinkConfig, Outage
+from node_firmware_sim.mqtt_publisher import NodePublisher
+from node_firmware_sim.scenarios import make_scenario
+from spar_wire.codecs import CodecSpec
+from spar_wire.features import patchify
+from spar_wire.message import decode_message
+from spar_wire.model_manifest import tokens_input
+from spar_wire.mqtt_settings import MqttSettings
+
+REPO = Path(__file__).resolve().parents[2]
+SITE = REPO / "configs/sites/parking_lot.toml"
+EPOCH = 1_800_000_000 * 10**9  # window k starts at EPOCH + 2 s * k
+pytestmark = pytest.mark.mosquitto
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, parking_lot):
+    out = tmp_path_factory.mktemp("model")
+    build_tiny_model(parking_lot, out)
+    return out
+
+
+def config_for(broker, model_dir, tmp_path, **kw):
+    settings = MqttSettings(host=broker.host, port=broker.port)
+    defaults = dict(site=SITE, model=model_dir / "manifest.json", database=tmp_path / "results.sqlite3",
+                    metrics_port=0, deadline_fraction=0.5, mqtt=settings)
+    defaults.update(kw)
+    return AggregatorConfig(**defaults)
+
+
+class ResultListener:
+    def __init__(self, port, site="parking_lot"):
+        self.results = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"spar/v1/{site}/aggregator/results", qos=1)
+        self.client.on_message = lambda c, u, m: self.results.append(json.loads(m.payload))
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        time.sleep(0.3)
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def run_nodes(layout, broker, windows, link=LinkConfig(), seed=1, codec="png"):
+    config = FieldConfig(layout=layout, source=SourceSpec("sine", seed), duration_s=2.0 * windows, link=link,
+                         firmware=FirmwareConfig(codec=CodecSpec.parse(codec)),
+                         mqtt=MqttSettings(host=broker.host, port=broker.port), start_epoch_ns=EPOCH)
+    return run_field(config)
+
+
+def wait_for(predicate, timeout_s=15.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return predicate()
+
+
+def direct_inputs(layout, window_index, seed=1, codec="png", absent=()):
+    """The placement tensor of one window, built here without the aggregator."""
+    window = make_scenario("sine", layout, seed).window(window_index)
+    inputs = {"positions": layout.positions().astype(np.float32)[None],
+              "node_index": np.arange(len(layout.nodes), dtype=np.int64)[None]}
+    for modality, spec in layout.modalities.items():
+        tokens = np.zeros((1, 8, spec.features.n_tokens, spec.features.token_dim), np.float32)
+        present = np.zeros((1, 8), bool)
+        for slot, node in enumerate(layout.node_ids):
+            if node in absent:
+                continue
+            frame = NodeFirmware(layout, node, FirmwareConfig(codec=CodecSpec.parse(codec))).encode(
+                modality, window.signals[(node, modality)], 0)
+            tokens[0, slot] = patchify(decode_message(frame.frame).image(), spec.features)
+            present[0, slot] = True
+        inputs[tokens_input(modality)] = tokens
+        inputs[f"present_{modality}"] = present
+    return inputs
+
+
+def test_complete_windows_match_direct_inference(mosquitto, parking_lot, model_dir, tmp_path):
+    listener = ResultListener(mosquitto.port)
+    with Aggregator(config_for(mosquitto, model_dir, tmp_path)) as agg:
+        run_nodes(parking_lot, mosquitto, windows=3)
+        assert wait_for(lambda: len(listener.results) == 3)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{agg.metrics.port}/metrics", timeout=5).read().decode()
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{agg.metrics.port}/healthz", timeout=5).read())
+    listener.close()
+    stored = ResultStore(tmp_path / "results.sqlite3", readonly=True).query(newest_first=False)
+    assert [r["window_start_ns"] for r in stored] == [EPOCH + k * 2 * 10**9 for k in range(3)]
+    assert all(r["complete"] and r["nodes_present"] == 8 and r["closed_by"] == "complete" for r in stored)
+    assert sorted(r["window_index"] for r in listener.results) == [r["window_index"] for r in stored]
+    backend = load_backend(agg.manifest, "onnxruntime")
+    for k, result in enumerate(stored):
+        expected = backend.run(direct_inputs(parking_lot, k))
+        np.testing.assert_allclose(result["outputs"]["logits"], expected["logits"][0], rtol=1e-5, atol=1e-6)
+        assert result["class"] in agg.manifest.class_names
+    assert 'spar_results_total 3' in metrics
+    assert 'spar_windows_total{outcome="complete"} 3' in metrics
+    assert 'spar_messages_total{outcome="accepted"} 48' in metrics
+    assert health["site"] == "parking_lot"
+
+
+def test_missing_node_gives_a_partial_result_at_the_deadline(mosquitto, parking_lot, model_dir, tmp_path):
+    link = LinkConfig(outages=(Outage("n03", 0.0, 1000.0),))  # n03 never gets through (buffer 0 below)
+    with Aggregator(config_for(mosquitto, model_dir, tmp_path)) as agg:
+        config = FieldConfig(layout=parking_lot, source=SourceSpec("sine", 1), duration_s=4.0, link=link,
+                             firmware=FirmwareConfig(codec=CodecSpec("png"), outage_buffer_messages=0),
+                             mqtt=MqttSettings(host=mosquitto.host, port=mosquitto.port), start_epoch_ns=EPOCH)
+        run_field(config)
+        assert wait_for(lambda: agg.worker.snapshot_counts().get("results", 0) == 2)
+    stored = ResultStore(tmp_path / "results.sqlite3", readonly=True).query(newest_first=False)
+    assert all(not r["complete"] and r["closed_by"] == "deadline" and r["nodes_present"] == 7 for r in stored)
+    assert all("n03" not in r["present"]["microphone"] for r in stored)
+    backend = load_backend(agg.manifest, "onnxruntime")
+    expected = backend.run(direct_inputs(parking_lot, 0, absent=("n03",)))
+    np.testing.assert_allclose(stored[0]["outputs"]["logits"], expected["logits"][0], rtol=1e-5, atol=1e-6)
+
+
+def test_duplicates_and_reordering_give_one_result_per_window(mosquitto, parking_lot, model_dir, tmp_path):
+    link = LinkConfig(duplicate=0.5, reorder=0.3, reorder_ms=300, jitter_ms=50, delay_ms=50)
+    with Aggregator(config_for(mosquitto, model_dir, tmp_path)) as agg:
+        summary = run_nodes(parking_lot, mosquitto, windows=3, link=link)
+        assert wait_for(lambda: agg.worker.snapshot_counts().get("results", 0) >= 3)
+        time.sleep(0.5)
+        duplicates = agg.assembler.counts["duplicate"] + agg.assembler.counts["late"]
+    assert summary.total().link.duplicated == duplicates > 0
+    stored = ResultStore(tmp_path / "results.sqlite3", readonly=True).query(newest_first=False)
+    assert [r["window_index"] for r in stored] == [EPOCH // (2 * 10**9) + k for k in range(3)]
+    assert all(r["complete"] for r in stored)
+
+
+def test_wrong_feature_hash_is_refused(mosquitto, parking_lot, model_dir, tmp_path):
+    bad_site = tmp_path / "site.toml"
+    bad_site.write_text(SITE.read_text().replace('preset = "parking_lot_geophone"',
+                                                 'preset = "parking_lot_geophone"\nhop = 20'))
+    from spar_wire.site_layout import load_site_layout
+
+    bad_layout = load_site_layout(bad_site)
+    with Aggregator(config_for(mosquitto, model_dir, tmp_path)) as agg:
+        with NodePublisher(bad_layout, "n02", MqttSettings(host=mosquitto.host, port=mosquitto.port)):
+            assert wait_for(lambda: "n02" in agg.registry.refused())
+        counts = agg.processor.snapshot_counts()
+    assert counts["refused.feature_hash_mismatch"] == 1
+    assert "feature hash" in agg.registry.refused()["n02"]
+
+
+def test_a_model_that_does_not_fit_the_site_is_refused(mosquitto, model_dir, tmp_path):
+    with pytest.raises(AggregatorError, match="does not fit site"):
+        Aggregator(config_for(mosquitto, model_dir, tmp_path, site=REPO / "configs/sites/body_har.toml"))
+
+
+@pytest.mark.slow
+def test_sigterm_flushes_every_result(mosquitto, parking_lot, model_dir, tmp_path):
+    config = tmp_path / "aggregator.toml"
+    config.write_text(f'[aggregator]\nsite = "{SITE}"\nmodel = "{model_dir / "manifest.json"}"\n'
+                      f'database = "{tmp_path / "r.sqlite3"}"\nmetrics_port = 0\ndeadline_fraction = 5.0\n'
+                      f'[mqtt]\nport = {mosquitto.port}\n')
+    process = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(config)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        line = ""
+        while "aggregator running" not in line and time.monotonic() < deadline:
+            line = process.stderr.readline()
+        # Window 0 complete; window 1 only half there (n05-n08 stay online but silent): its
+        # 10 s deadline is far away when SIGTERM arrives.
+        run_nodes(parking_lot, mosquitto, windows=1)
+        settings = MqttSettings(port=mosquitto.port)
+        silent = [NodePublisher(parking_lot, n, settings).start() for n in ("n05", "n06", "n07", "n08")]
+        half = FieldConfig(layout=parking_lot, source=SourceSpec("sine", 1), duration_s=2.0,
+                           node_ids=("n01", "n02", "n03", "n04"), mqtt=settings, start_epoch_ns=EPOCH + 2 * 10**9)
+        run_field(half)
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        for node in silent:
+            node.stop()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0
+    stored = ResultStore(tmp_path / "r.sqlite3", readonly=True).query(newest_first=False)
+    assert [(r["window_index"] - EPOCH // (2 * 10**9), r["complete"], r["closed_by"]) for r in stored] == [
+        (0, True, "complete"), (1, False, "shutdown")]
+    assert stored[1]["nodes_present"] == 4
