@@ -57,6 +57,7 @@ class LocalBroker:
         self.settings = settings or BrokerSettings()
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="spar-mosquitto-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port
         self.host = "127.0.0.1"
         self.start_timeout_s = start_timeout_s

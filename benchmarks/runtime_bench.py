@@ -217,8 +217,12 @@ def _aggregator_throughput(aggregator: Aggregator, layout: SiteLayout, broker: L
     ingest_done = _wait_until(lambda: aggregator.processor.snapshot_counts().get("accepted", 0) - accepted_before
                               >= total_messages, 120)
     ingest_s = ingest_done - started
-    results_done = _wait_until(lambda: aggregator.worker.snapshot_counts().get("results", 0) - results_before
-                               >= windows, 120)
+    try:
+        results_done = _wait_until(lambda: aggregator.worker.snapshot_counts().get("results", 0) - results_before
+                                   >= windows, 60)
+    except TimeoutError:
+        raise TimeoutError(f"results did not arrive: worker {aggregator.worker.snapshot_counts()}, assembler "
+                           f"{dict(aggregator.assembler.counts)}") from None
     for _, client in clients:
         client.disconnect()
         client.loop_stop()

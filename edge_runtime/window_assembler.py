@@ -1,7 +1,9 @@
 """Group token messages of all nodes into one placement tensor per time window.
 
-Messages are keyed by window index = round(window_start_ns / window length): node clocks may be
-off by a fraction of a window, and rounding still puts their messages together. A window closes
+Messages are keyed by window index = nearest multiple of the window length from the grid set by the
+first message seen (nodes sample back-to-back windows, but the site's grid need not start at a
+multiple of the window length since the epoch): node clocks may be off by a fraction of a window,
+and rounding to the nearest grid point still puts their messages together. A window closes
 when every expected (node, modality) pair has arrived, or ``deadline_s`` after its first message
 arrived (measured on this box's monotonic clock, so node clock offsets do not matter). Absent nodes
 are zero-padded with their presence flag cleared. A message for a window that already closed is
@@ -29,7 +31,7 @@ class AssembledWindow:
     """A closed window: the model inputs (no batch axis) and its bookkeeping."""
 
     window_index: int
-    window_start_ns: int  # window_index x window length
+    window_start_ns: int  # median of the node-stamped starts of its messages
     node_ids: tuple[str, ...]
     inputs: dict[str, np.ndarray]  # tokens_{m} [N, m, D], present_{m} [N], positions [N, d], node_index [N]
     present: dict[str, tuple[str, ...]]  # modality -> nodes that sent it
@@ -55,6 +57,7 @@ class _OpenWindow:
     index: int
     first_arrival_s: float
     tokens: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (node, modality) -> [m, D]
+    starts: list[int] = field(default_factory=list)  # window starts as the nodes stamped them
 
 
 class WindowAssembler:
@@ -69,10 +72,15 @@ class WindowAssembler:
         self._closed: collections.deque[int] = collections.deque(maxlen=4 * max_open + 16)
         self._closed_set: set[int] = set()
         self._newest_closed = -(2**62)
+        self._phase_ns: int | None = None  # the window grid's offset, from the first message
         self.counts: collections.Counter[str] = collections.Counter()
 
     def window_index(self, window_start_ns: int) -> int:
-        return int(round(window_start_ns / self.window_ns))
+        """Grid index of a window start (half a window either side rounds to it)."""
+        if self._phase_ns is None:
+            self._phase_ns = window_start_ns % self.window_ns
+        return (window_start_ns - self._phase_ns + self.window_ns // 2) // self.window_ns
+
 
     def add(self, node_id: str, modality: str, window_start_ns: int, tokens: np.ndarray,
             snapshot: RegistrySnapshot, now_s: float) -> list[AssembledWindow]:
@@ -95,6 +103,7 @@ class WindowAssembler:
             self.counts["duplicate"] += 1
             return closed
         window.tokens[key] = tokens
+        window.starts.append(window_start_ns)
         self.counts["assembled_messages"] += 1
         if snapshot.expected and snapshot.expected <= window.tokens.keys():
             closed.append(self._close(index, snapshot, now_s, "complete"))
@@ -130,7 +139,7 @@ class WindowAssembler:
         self.counts[f"windows_{'complete' if complete else 'partial'}"] += 1
         self.counts[f"closed_{reason}"] += 1
         return AssembledWindow(
-            window_index=index, window_start_ns=index * self.window_ns, node_ids=snapshot.node_ids,
+            window_index=index, window_start_ns=_median_ns(window.starts), node_ids=snapshot.node_ids,
             inputs=inputs, present=present, expected=expected, received=received, complete=complete,
             reason=reason, first_arrival_s=window.first_arrival_s, closed_s=now_s,
             message_count=len(window.tokens),
@@ -164,3 +173,10 @@ class WindowAssembler:
         self._closed.append(index)
         self._closed_set.add(index)
         self._newest_closed = max(self._newest_closed, index)
+
+
+def _median_ns(values: list[int]) -> int:
+    """Exact integer median (float64 would lose nanoseconds at epoch scale)."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) // 2

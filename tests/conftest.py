@@ -20,7 +20,6 @@ def mosquitto(tmp_path) -> LocalBroker:
         pytest.fail("mosquitto is not installed: run `make test` (it installs it) or "
                     "`sudo apt-get install mosquitto`")
     broker = LocalBroker(workdir=tmp_path / "broker")
-    (tmp_path / "broker").mkdir()
     with broker:
         yield broker
 

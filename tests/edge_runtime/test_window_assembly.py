@@ -149,3 +149,17 @@ def test_joined_node_is_in_the_next_window(parts):
     assert feed(layout, registry, assembler, 2, layout.node_ids, now=2.0) == []  # waits for n09
     (window,) = feed(layout, registry, assembler, 2, ["n09"], now=2.1)
     assert window.complete and window.n_nodes == 9 and window.inputs["present_microphone"][-1]
+
+
+def test_a_grid_that_is_not_aligned_to_the_epoch(parts):
+    """Nodes started at an odd second: windows k and k+1 must never share an index."""
+    layout, _, registry, assembler = parts
+    base = 10**18 + 1_000_000_001  # half a window off the epoch grid, plus a nanosecond
+    closed = []
+    for k in range(4):
+        for i, node in enumerate(layout.node_ids):
+            jitter = (-1) ** i * 400_000_000
+            closed += feed(layout, registry, assembler, 0, [node], now=float(k), start_ns=base + k * W_NS + jitter)
+    assert [w.complete for w in closed] == [True] * 4
+    assert [w.window_start_ns for w in closed] == [base + k * W_NS for k in range(4)]
+    assert assembler.counts["duplicate"] == 0
