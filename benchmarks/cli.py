@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     rt.add_argument("--codec", default="png", help="codec of the token messages (default: %(default)s)")
     rt.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt (default: auto)")
     rt.add_argument("--hidden", type=int, default=16, help="width of the tiny model (default: %(default)s)")
+    rt.add_argument("--paced-rate", type=float, default=20.0,
+                    help="windows/s for the latency phase, below saturation (default: %(default)s; a site of 8 "
+                    "nodes with 2 s windows sends 0.5)")
     rt.add_argument("--out", type=Path, default=Path("benchmarks/results/runtime.md"),
                     help="markdown report (default: %(default)s)")
     rt.set_defaults(func=_cmd_runtime)
@@ -97,7 +100,8 @@ def _cmd_runtime(args: argparse.Namespace) -> int:
         raise BenchError("--windows must be >= 10")
     try:
         report = run_runtime_benchmark(args.site, windows=args.windows, codec=args.codec, backend=args.backend,
-                                       hidden=args.hidden, progress=lambda text: print(f"... {text}", file=sys.stderr))
+                                       hidden=args.hidden, paced_rate=args.paced_rate,
+                                       progress=lambda text: print(f"... {text}", file=sys.stderr))
     except AggregatorError as exc:
         raise BenchError(str(exc)) from None
     args.out.parent.mkdir(parents=True, exist_ok=True)
