@@ -1,0 +1,94 @@
+"""spar-aggregator run / query as a user runs them, with the shipped config and test model."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from edge_runtime.config import load_config
+from edge_runtime.result_store import ResultStore
+from edge_runtime.service import Aggregator
+from node_firmware_sim.field_runner import FieldConfig, SourceSpec, run_field
+from spar_wire.mqtt_settings import MqttSettings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def aggregator_cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "edge_runtime.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout)
+
+
+def retained_state(port):
+    got = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe("spar/v1/parking_lot/aggregator/state", qos=1)
+    client.on_message = lambda c, u, m: got.append(json.loads(m.payload))
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.02)
+    client.disconnect()
+    client.loop_stop()
+    return got[0] if got else None
+
+
+def test_shipped_config_runs_and_query_reads_back(mosquitto, parking_lot, tmp_path):
+    config = load_config(REPO / "configs/aggregator.toml").replace(
+        database=tmp_path / "r.sqlite3", metrics_port=0, mqtt=MqttSettings(port=mosquitto.port))
+    with Aggregator(config) as agg:
+        assert retained_state(mosquitto.port)["state"] == "online"
+        run_field(FieldConfig(layout=parking_lot, source=SourceSpec("parking_lot", 2), duration_s=4.0,
+                              mqtt=MqttSettings(port=mosquitto.port)))
+        deadline = time.monotonic() + 15
+        while agg.worker.snapshot_counts().get("results", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert retained_state(mosquitto.port)["state"] == "offline"
+    table = aggregator_cli("query", "--database", str(tmp_path / "r.sqlite3"))
+    assert table.returncode == 0, table.stderr
+    assert "2 result(s)" in table.stdout and "parking_lot" in table.stdout
+    lines = aggregator_cli("query", "--database", str(tmp_path / "r.sqlite3"), "--json", "--oldest-first",
+                           "--limit", "1").stdout.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["nodes_present"] == 8
+
+
+def test_hostile_input_is_counted_and_results_keep_coming(mosquitto, parking_lot, tmp_path):
+    config = load_config(REPO / "configs/aggregator.toml").replace(
+        database=tmp_path / "r.sqlite3", metrics_port=0, mqtt=MqttSettings(port=mosquitto.port))
+    attacker = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    attacker.connect("127.0.0.1", mosquitto.port)
+    attacker.loop_start()
+    junk = [("spar/v1/parking_lot/n01/data/microphone", b"\x00" * 10),
+            ("spar/v1/parking_lot/n01/data/microphone", b"SPAR" + b"\xff" * 100),
+            ("spar/v1/parking_lot/n01/birth", b"not json"),
+            ("spar/v1/parking_lot/zz9/data/microphone", b"x"),
+            ("spar/v1/parking_lot/n01/nonsense", b"x"),
+            ("spar/v1/parking_lot/n01/data/lidar", b"x")]
+    with Aggregator(config) as agg:
+        for topic, payload in junk:
+            attacker.publish(topic, payload, qos=1).wait_for_publish(5)
+        run_field(FieldConfig(layout=parking_lot, source=SourceSpec("sine", 2), duration_s=2.0,
+                              mqtt=MqttSettings(port=mosquitto.port)))
+        deadline = time.monotonic() + 15
+        while agg.worker.snapshot_counts().get("results", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        counts = agg.processor.snapshot_counts()
+    attacker.disconnect()
+    attacker.loop_stop()
+    rejected = {k: v for k, v in counts.items() if k.startswith("rejected.")}
+    assert sum(rejected.values()) == len(junk), rejected
+    assert "rejected.internal_error" not in rejected
+    assert ResultStore(tmp_path / "r.sqlite3", readonly=True).count() == 1
+
+
+def test_run_command_reports_a_missing_model(tmp_path):
+    bad = tmp_path / "a.toml"
+    bad.write_text(f'[aggregator]\nsite = "{REPO / "configs/sites/parking_lot.toml"}"\nmodel = "nope.json"\n')
+    result = aggregator_cli("run", "--config", str(bad), "--duration", "1")
+    assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+    result = aggregator_cli("query", "--database", str(tmp_path / "none.sqlite3"))
+    assert result.returncode == 2 and "no such database" in result.stderr
