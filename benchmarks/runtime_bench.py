@@ -125,11 +125,13 @@ def run_runtime_benchmark(site: str | Path, *, windows: int = 200, codec: str = 
             flat_out, paced = _split(frames, windows)
             with aggregator:
                 progress("aggregator through Mosquitto, flat out")
-                agg_rate, ingest_rate = _aggregator_throughput(aggregator, layout, broker, flat_out, windows)
+                agg_rate, ingest_rate, cpu_per_message = _aggregator_throughput(aggregator, layout, broker,
+                                                                                flat_out, windows)
                 saturated = list(latencies)
                 latencies.clear()
                 progress(f"aggregator through Mosquitto, paced at {paced_rate:g} windows/s")
                 _aggregator_throughput(aggregator, layout, broker, paced, paced_windows, paced_rate)
+    costs = {"aggregator process CPU per message (all threads, MQTT included)": cpu_per_message * 1e3, **costs}
     return RuntimeReport(getattr(aggregator.backend, "name", "?"), windows, sum(len(f) for f in flat_out.values()),
                          bare, agg_rate, latencies, ingest_rate, costs, paced_rate, saturated)
 
@@ -217,7 +219,7 @@ def _store_cost(aggregator: Aggregator, n: int = 50) -> float:
 
 def _aggregator_throughput(aggregator: Aggregator, layout: SiteLayout, broker: LocalBroker,
                            frames: dict[str, list[EncodedFrame]], windows: int,
-                           windows_per_s: float | None = None) -> tuple[float, float]:
+                           windows_per_s: float | None = None) -> tuple[float, float, float]:
     """Publish every frame from a separate process (one MQTT client per node, as fast as possible), so
     the publishers do not share the aggregator's interpreter; time until every result is out."""
     ctx = multiprocessing.get_context("spawn")
@@ -231,6 +233,7 @@ def _aggregator_throughput(aggregator: Aggregator, layout: SiteLayout, broker: L
     results_before = aggregator.worker.snapshot_counts().get("results", 0)
     total_messages = sum(len(f) for f in frames.values())
     started = time.perf_counter()
+    cpu_started = time.process_time()  # this process = the aggregator (the publishers run elsewhere)
     go.set()
     ingest_done = _wait_until(lambda: aggregator.processor.snapshot_counts().get("accepted", 0) - accepted_before
                               >= total_messages, 120)
@@ -240,8 +243,9 @@ def _aggregator_throughput(aggregator: Aggregator, layout: SiteLayout, broker: L
     except TimeoutError:
         raise TimeoutError(f"results did not arrive: worker {aggregator.worker.snapshot_counts()}, assembler "
                            f"{dict(aggregator.assembler.counts)}") from None
+    cpu_s = time.process_time() - cpu_started
     publisher.join(30)
-    return windows / (results_done - started), total_messages / (ingest_done - started)
+    return windows / (results_done - started), total_messages / (ingest_done - started), cpu_s / total_messages
 
 
 def _publisher_process(host: str, port: int, site: str, frames: dict[str, list[EncodedFrame]],
