@@ -24,6 +24,9 @@ from spar_wire.model_manifest import ModelManifest
 from spar_wire.site_layout import SiteLayout
 
 
+MAX_REFUSED = 1024  # refused node ids remembered (oldest forgotten first)
+
+
 @dataclass(frozen=True)
 class RegisteredNode:
     id: str
@@ -86,6 +89,8 @@ class NodeRegistry:
         with self._lock:
             if problem:
                 self._state.refused[birth.node] = problem.detail
+                while len(self._state.refused) > MAX_REFUSED:  # hostile births cannot grow this forever
+                    del self._state.refused[next(iter(self._state.refused))]
                 known = self._state.nodes.get(birth.node)
                 if known is not None and known.from_layout:
                     self._state.nodes[birth.node] = replace(known, online=False)
@@ -97,6 +102,11 @@ class NodeRegistry:
             self._state.refused.pop(birth.node, None)
             mods = tuple(m for m in birth.modalities if m in self.manifest.modalities)
             known = self._state.nodes.get(birth.node)
+            if known is None and len(self._state.nodes) >= self.manifest.node_range[1]:
+                # The model takes at most this many nodes; also bounds what spoofed births can add.
+                self.counts["refused.too_many_nodes"] += 1
+                return Decision(False, "too_many_nodes", f"{birth.node}: the model takes at most "
+                                f"{self.manifest.node_range[1]} nodes")
             if known is None:
                 node = RegisteredNode(birth.node, birth.position, mods, self._nearest_slot(birth.position),
                                       online=True, bd_seq=birth.bd_seq, from_layout=False)

@@ -1,5 +1,7 @@
 """Node registry and window assembler: pure logic, driven with a hand-made clock."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -163,3 +165,15 @@ def test_a_grid_that_is_not_aligned_to_the_epoch(parts):
     assert [w.complete for w in closed] == [True] * 4
     assert [w.window_start_ns for w in closed] == [base + k * W_NS for k in range(4)]
     assert assembler.counts["duplicate"] == 0
+
+
+def test_registry_growth_is_bounded(parking_lot):
+    manifest = manifest_for(parking_lot)
+    small = NodeRegistry(parking_lot, dataclasses.replace(manifest, node_range=(1, 9)))
+    assert small.on_birth(birth(parking_lot, "x1", position=(1.0, 1.0))).accepted
+    refused = small.on_birth(birth(parking_lot, "x2", position=(2.0, 2.0)))
+    assert not refused.accepted and refused.reason == "too_many_nodes"
+    registry = NodeRegistry(parking_lot, manifest)
+    for i in range(1100):
+        registry.on_birth(birth(parking_lot, f"spoof{i}", position=(0.0, 0.0), feature_hash="0" * 16))
+    assert len(registry.refused()) == 1024 and "spoof1099" in registry.refused()
