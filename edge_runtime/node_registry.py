@@ -23,7 +23,6 @@ from spar_wire.lifecycle import BirthMessage, StateMessage
 from spar_wire.model_manifest import ModelManifest
 from spar_wire.site_layout import SiteLayout
 
-
 MAX_REFUSED = 1024  # refused node ids remembered (oldest forgotten first)
 
 
