@@ -14,6 +14,7 @@ Stdlib only: this module runs on the edge box.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import operator
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -222,8 +223,7 @@ class ResultStore:
             conn = self._require()
             created_ns = int(self._clock_ns())
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _immediate_transaction(conn):
                     before = conn.total_changes
                     conn.executemany(
                         "INSERT OR IGNORE INTO results (site, window_start_ns, created_ns, nodes_present,"
@@ -231,11 +231,6 @@ class ResultStore:
                         [(site, start, created_ns, present, payload)
                          for site, start, present, payload in rows])
                     new = conn.total_changes - before
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
             except sqlite3.Error as exc:
                 raise AggregatorError(f"result store {self.path}: storing {len(rows)} results failed: "
                                       f"{exc}") from exc
@@ -289,8 +284,7 @@ class ResultStore:
         with self._lock:
             conn = self._require()
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _immediate_transaction(conn):
                     before = conn.total_changes
                     if self.retention_days is not None:
                         cutoff = int(self._clock_ns()) - int(self.retention_days * _NS_PER_DAY)
@@ -303,11 +297,6 @@ class ResultStore:
                             "(SELECT id FROM results ORDER BY id DESC LIMIT 1 OFFSET ?)",
                             (self.retention_rows,))
                     deleted = conn.total_changes - before
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
             except sqlite3.Error as exc:
                 raise AggregatorError(f"result store {self.path}: retention failed: {exc}") from exc
             self._deleted += deleted
@@ -420,3 +409,16 @@ def _json_default(obj: Any) -> Any:
     if callable(tolist):
         return tolist()
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+@contextlib.contextmanager
+def _immediate_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (the write lock is taken up front)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
