@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.ingest import BoundedQueue
+from edge_runtime.bounded_queue import BoundedQueue
 from edge_runtime.results import Timing, build_result
 from edge_runtime.window_assembler import AssembledWindow
 from spar_wire.model_manifest import ModelManifest

@@ -1,20 +1,21 @@
-"""MQTT ingest: from the broker to closed windows, through bounded queues.
+"""MQTT ingest: from the broker to closed windows.
 
-    paho network thread --on_message--> [raw queue] --assembler thread--> decode, validate,
-    registry, WindowAssembler --> [window queue] --> inference worker
+    paho network thread --on_message--> decode, validate, registry, WindowAssembler
+        --> [bounded window queue] --> inference worker
 
-``on_message`` only timestamps and enqueues, so the network thread never waits on decoding; when
-the raw queue is full the oldest message is dropped and counted (overload sheds the oldest work).
-The assembler thread decodes and validates every message; anything wrong is counted under its
-reason and dropped, never raised. Subscriptions are made inside ``on_connect`` so they come back
-after every reconnect; the MQTT 5 session is persistent (clean_start False + session expiry).
+Messages are processed in paho's network thread itself: a slow ingest then holds back the socket
+and the broker queues for us (bounded by its ``max_queued_messages``) instead of this process
+growing a queue; and one thread hop less per message measured 25 % less CPU per message (0.46 vs
+0.61 ms) and, flat out, 3 ms instead of ~200 ms added latency (``spar-bench runtime``). A deadline thread closes
+windows whose deadline passed; both take the processor's lock. Anything wrong with a message is
+counted under its reason and dropped, never raised. Subscriptions are made inside ``on_connect``
+so they come back after every reconnect; the MQTT 5 session is persistent.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -41,41 +42,6 @@ class RawMessage:
     arrival_ns: int  # wall clock, for end-to-end latency against node timestamps
 
 
-class BoundedQueue:
-    """A FIFO that drops (and counts) its oldest item instead of blocking the producer."""
-
-    def __init__(self, maxsize: int, on_drop: Callable[[Any], None]):
-        self._queue: queue.Queue = queue.Queue(maxsize)
-        self._on_drop = on_drop
-
-    def put(self, item: Any) -> None:
-        while True:
-            try:
-                self._queue.put_nowait(item)
-                return
-            except queue.Full:
-                try:
-                    self._on_drop(self._queue.get_nowait())
-                except queue.Empty:
-                    continue
-
-    def get(self, timeout: float | None) -> Any:
-        """The next item, or None after ``timeout`` seconds."""
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def get_nowait(self) -> Any:
-        try:
-            return self._queue.get_nowait()
-        except queue.Empty:
-            return None
-
-    def qsize(self) -> int:
-        return self._queue.qsize()
-
-
 class MessageProcessor:
     """Turns raw MQTT messages into registry updates and closed windows (one thread)."""
 
@@ -91,25 +57,34 @@ class MessageProcessor:
         self.warn = warn or (lambda reason, message: log.warning("%s: %s", reason, message))
         self.counts: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()  # guards counts for readers in other threads
+        self._processing = threading.Lock()  # one message or deadline sweep at a time
 
     def handle(self, raw: RawMessage) -> None:
-        """Process one message; never raises."""
-        try:
-            self._handle(raw)
-        except WireError as exc:
-            self._reject(exc.reason, exc.detail)
-        except Exception as exc:  # noqa: BLE001 - a bug must not stop ingest: count and log it
-            log.exception("internal error handling %r", raw.topic[:200])
-            self._reject("internal_error", repr(exc))
+        """Process one message (any thread); never raises."""
+        with self._processing:
+            try:
+                self._handle(raw)
+            except WireError as exc:
+                self._reject(exc.reason, exc.detail)
+            except Exception as exc:  # noqa: BLE001 - a bug must not stop ingest: count and log it
+                log.exception("internal error handling %r", raw.topic[:200])
+                self._reject("internal_error", repr(exc))
 
     def tick(self, now_s: float) -> None:
         """Close windows whose deadline has passed."""
-        for window in self.assembler.expire(self.registry.snapshot(), now_s):
-            self.emit(window)
+        with self._processing:
+            for window in self.assembler.expire(self.registry.snapshot(), now_s):
+                self.emit(window)
 
     def flush(self, now_s: float) -> None:
-        for window in self.assembler.flush(self.registry.snapshot(), now_s):
-            self.emit(window)
+        """Close every open window (shutdown)."""
+        with self._processing:
+            for window in self.assembler.flush(self.registry.snapshot(), now_s):
+                self.emit(window)
+
+    def next_deadline_s(self) -> float | None:
+        with self._processing:
+            return self.assembler.next_deadline_s()
 
     def snapshot_counts(self) -> dict[str, int]:
         with self.lock:
@@ -165,14 +140,12 @@ class MessageProcessor:
 
 
 class MqttIngest:
-    """The aggregator's MQTT session: subscribe, receive into a bounded queue, publish results."""
+    """The aggregator's subscriber session: every message goes to ``deliver`` in paho's thread."""
 
-    def __init__(self, client: Any, site_id: str, on_connect_publish: Callable[[Any], None],
-                 raw_queue: BoundedQueue):
+    def __init__(self, client: Any, site_id: str, deliver: Callable[[RawMessage], None]):
         self.client = client
         self.site_id = site_id
-        self.raw_queue = raw_queue
-        self._on_connect_publish = on_connect_publish
+        self.deliver = deliver
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.connects = 0
@@ -189,7 +162,6 @@ class MqttIngest:
                 return
             self.connects += 1
             client.subscribe(site_filter(self.site_id), qos=1)
-            self._on_connect_publish(client)
             self.connected.set()
             log.info("connected to the broker (connection %d)", self.connects)
         except Exception:  # noqa: BLE001
@@ -211,6 +183,6 @@ class MqttIngest:
                 topic = msg.topic
             except UnicodeDecodeError:  # paho decodes the topic lazily; let the parser reject it
                 topic = "<topic is not UTF-8>"
-            self.raw_queue.put(RawMessage(topic, msg.payload, time.monotonic(), time.time_ns()))
+            self.deliver(RawMessage(topic, msg.payload, time.monotonic(), time.time_ns()))
         except Exception:  # noqa: BLE001
             log.exception("on_message failed")

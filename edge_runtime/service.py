@@ -16,10 +16,11 @@ import threading
 import time
 from typing import Any
 
+from edge_runtime.bounded_queue import BoundedQueue
 from edge_runtime.config import AggregatorConfig
 from edge_runtime.errors import AggregatorError
 from edge_runtime.inference_worker import InferenceWorker, result_payload
-from edge_runtime.ingest import BoundedQueue, MessageProcessor, MqttIngest, RawMessage
+from edge_runtime.ingest import MessageProcessor, MqttIngest
 from edge_runtime.node_registry import NodeRegistry
 from edge_runtime.service_metrics import ServiceMetrics
 from edge_runtime.window_assembler import WindowAssembler
@@ -30,7 +31,6 @@ from spar_wire.site_layout import SiteLayout, load_site_layout
 from spar_wire.topics import aggregator_topic
 
 log = logging.getLogger(__name__)
-RAW_QUEUE_MESSAGES = 20_000  # token messages waiting for the assembler thread
 
 
 def check_compatibility(layout: SiteLayout, manifest: ModelManifest) -> None:
@@ -68,7 +68,6 @@ class Aggregator:
         self.registry = NodeRegistry(self.layout, self.manifest)
         self.assembler = WindowAssembler(features, window_s, deadline_s=config.deadline_fraction * window_s,
                                          max_open=config.max_open_windows)
-        self.raw_queue = BoundedQueue(RAW_QUEUE_MESSAGES, lambda _: self.metrics.dropped("message"))
         self.window_queue = BoundedQueue(config.queue_size, lambda _: self.metrics.dropped("window"))
         self.processor = MessageProcessor(self.site, self.registry, self.assembler, features,
                                           self.window_queue.put, warn=self.metrics.warn)
@@ -79,7 +78,7 @@ class Aggregator:
         self._publisher.on_connect = self._on_publisher_connect
         self._publisher_ready = threading.Event()
         subscriber = make_client(config.mqtt, f"{self.site}.{config.client_id}", persistent=True)
-        self.ingest = MqttIngest(subscriber, self.site, lambda client: None, self.raw_queue)
+        self.ingest = MqttIngest(subscriber, self.site, self.processor.handle)
         self.worker = InferenceWorker(self.backend, self.manifest, self.site, self.window_queue, self.store,
                                       self._publish_result, max_batch=config.max_batch,
                                       window_ns=int(round(window_s * 1e9)), observe=self.metrics.observe)
@@ -94,7 +93,7 @@ class Aggregator:
     def start(self, timeout_s: float = 15.0) -> Aggregator:
         """Connect both sessions, start the threads and the metrics endpoint."""
         self.metrics.start_server(self.config.metrics_host, self.config.metrics_port)
-        self._threads = [threading.Thread(target=self._assemble_loop, name="assembler", daemon=True),
+        self._threads = [threading.Thread(target=self._deadline_loop, name="deadlines", daemon=True),
                          threading.Thread(target=self.worker.run, args=(self._stop_worker,), name="inference",
                                           daemon=True)]
         for thread in self._threads:
@@ -117,7 +116,7 @@ class Aggregator:
         self.ingest.client.loop_stop()
         self._stop_ingest.set()
         deadline = time.monotonic() + timeout_s
-        self._join("assembler", deadline)
+        self._join("deadlines", deadline)
         self._stop_worker.set()
         self._join("inference", deadline)
         self._wait_for_acks(deadline)
@@ -140,18 +139,14 @@ class Aggregator:
         self.stop()
 
     # ------------------------------------------------------------------ threads
-    def _assemble_loop(self) -> None:
-        while True:
-            now = time.monotonic()
-            next_deadline = self.assembler.next_deadline_s()
-            wait = 0.05 if next_deadline is None else min(0.05, max(0.0, next_deadline - now))
-            raw: RawMessage | None = self.raw_queue.get(timeout=wait)
-            if raw is not None:
-                self.processor.handle(raw)
+    def _deadline_loop(self) -> None:
+        """Close windows at their deadline; after the subscriber stopped, close the rest and end."""
+        while not self._stop_ingest.is_set():
+            next_deadline = self.processor.next_deadline_s()
+            wait = 0.05 if next_deadline is None else min(0.05, max(0.0, next_deadline - time.monotonic()))
+            self._stop_ingest.wait(wait)
             self.processor.tick(time.monotonic())
-            if raw is None and self._stop_ingest.is_set():
-                self.processor.flush(time.monotonic())
-                return
+        self.processor.flush(time.monotonic())
 
     def _join(self, name: str, deadline: float) -> None:
         for thread in self._threads:

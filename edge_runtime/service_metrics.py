@@ -100,7 +100,6 @@ class ServiceMetrics:
             worker = agg.worker.snapshot_counts()
             self._advance(self.windows, "win", "failed", worker.get("windows_failed", 0), outcome="failed")
             self._advance(self.results, "res", "results", worker.get("results", 0))
-            self.queue_depth.set(agg.raw_queue.qsize(), queue="messages")
             self.queue_depth.set(agg.window_queue.qsize(), queue="windows")
             self.open_windows.set(agg.assembler.open_windows)
             nodes = agg.registry.nodes()
