@@ -205,3 +205,20 @@ def test_sigterm_flushes_every_result(mosquitto, parking_lot, model_dir, tmp_pat
     assert [(r["window_index"] - EPOCH // (2 * 10**9), r["complete"], r["closed_by"]) for r in stored] == [
         (0, True, "complete"), (1, False, "shutdown")]
     assert stored[1]["nodes_present"] == 4
+
+
+def test_resumes_after_a_broker_restart(mosquitto, parking_lot, model_dir, tmp_path):
+    settings = MqttSettings(host=mosquitto.host, port=mosquitto.port, reconnect_min_s=1, reconnect_max_s=2)
+    with Aggregator(config_for(mosquitto, model_dir, tmp_path, mqtt=settings)) as agg:
+        run_nodes(parking_lot, mosquitto, windows=1)
+        assert wait_for(lambda: agg.worker.snapshot_counts().get("results", 0) == 1)
+        mosquitto.restart()
+        assert wait_for(lambda: agg.ingest.connects >= 2, 20), "the subscriber did not reconnect"
+        # Nodes come back too; the next window still becomes a result.
+        config = FieldConfig(layout=parking_lot, source=SourceSpec("sine", 1), duration_s=2.0,
+                             mqtt=MqttSettings(host=mosquitto.host, port=mosquitto.port),
+                             start_epoch_ns=EPOCH + 2 * 10**9)
+        run_field(config)
+        assert wait_for(lambda: agg.worker.snapshot_counts().get("results", 0) == 2)
+    stored = ResultStore(tmp_path / "results.sqlite3", readonly=True).query(newest_first=False)
+    assert [r["complete"] for r in stored] == [True, True]
