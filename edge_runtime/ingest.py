@@ -161,7 +161,8 @@ class MqttIngest:
                 log.error("broker refused the connection: %s", reason_code)
                 return
             self.connects += 1
-            client.subscribe(site_filter(self.site_id), qos=1)
+            # Node topics only: not "#", which would also bring back our own results and state.
+            client.subscribe([(site_filter(self.site_id, kind), 1) for kind in ("birth", "state", "data")])
             self.connected.set()
             log.info("connected to the broker (connection %d)", self.connects)
         except Exception:  # noqa: BLE001

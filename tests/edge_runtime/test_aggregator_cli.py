@@ -66,7 +66,7 @@ def test_hostile_input_is_counted_and_results_keep_coming(mosquitto, parking_lot
             ("spar/v1/parking_lot/n01/data/microphone", b"SPAR" + b"\xff" * 100),
             ("spar/v1/parking_lot/n01/birth", b"not json"),
             ("spar/v1/parking_lot/zz9/data/microphone", b"x"),
-            ("spar/v1/parking_lot/n01/nonsense", b"x"),
+            ("spar/v1/parking_lot/n 1/data/microphone", b"x"),
             ("spar/v1/parking_lot/n01/data/lidar", b"x")]
     with Aggregator(config) as agg:
         for topic, payload in junk:
