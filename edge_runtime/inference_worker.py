@@ -43,19 +43,15 @@ class InferenceWorker:
         self.last_result: dict[str, Any] | None = None
         self._carry: AssembledWindow | None = None  # a window of another node count, taken next
 
-    def run(self, stop: threading.Event, drained: threading.Event | None = None) -> None:
-        """Process until ``stop`` is set and nothing is left (``drained`` set when the queue empties)."""
+    def run(self, stop: threading.Event) -> None:
+        """Process windows until ``stop`` is set and none is left."""
         while True:
             window = self._carry or self.windows.get(timeout=0.05)
             self._carry = None
             if window is None:
                 if stop.is_set():
                     return
-                if drained is not None:
-                    drained.set()
                 continue
-            if drained is not None:
-                drained.clear()
             batch = self._fill_batch(window)
             try:
                 self.process(batch)
