@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,11 +16,7 @@ from typing import Any
 from edge_runtime.errors import AggregatorError
 from spar_wire.errors import WireError
 from spar_wire.mqtt_settings import MqttSettings
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from spar_wire.toml_file import read_toml
 
 
 @dataclass(frozen=True)
@@ -63,15 +59,11 @@ _MQTT_KEYS = {f.name for f in dataclasses.fields(MqttSettings)} | {"password_env
 
 def load_config(path: str | Path) -> AggregatorConfig:
     """Read ``[aggregator]`` and ``[mqtt]`` from a TOML file; AggregatorError naming the field."""
-    import os
-
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise AggregatorError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise AggregatorError(f"{path}: invalid TOML: {exc}") from None
+        data = read_toml(path)
+    except WireError as exc:
+        raise AggregatorError(exc.detail) from None
     section = dict(data.get("aggregator", {}))
     known = {f.name for f in dataclasses.fields(AggregatorConfig)} - {"mqtt"}
     unknown = sorted(set(section) - known)

@@ -24,7 +24,6 @@ produce the same tokens for one model to read them all.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,8 @@ import numpy as np
 from spar_wire.errors import WireError
 from spar_wire.feature_config import FeatureConfig, feature_preset
 from spar_wire.numbers import is_finite_vector
+from spar_wire.toml_file import read_toml
 from spar_wire.topics import AGGREGATOR, check_id
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
 
 _SITE_KEYS = {"id", "frame", "description"}
 _NODE_KEYS = {"id", "position", "modalities", "description"}
@@ -106,16 +101,7 @@ def load_site_layout(path: str | Path) -> SiteLayout:
     Raises:
         WireError("bad_layout"): with the file, the node and the field in the message.
     """
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise WireError("bad_layout", f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise WireError("bad_layout", f"{path}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise WireError("bad_layout", f"{path}: invalid TOML: {exc}") from None
-    return parse_site_layout(data, source=str(path))
+    return parse_site_layout(read_toml(path, "bad_layout"), source=str(path))
 
 
 def parse_site_layout(data: dict[str, Any], source: str = "<memory>") -> SiteLayout:
