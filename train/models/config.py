@@ -1,0 +1,106 @@
+"""Model configuration: one dataclass, saved inside every checkpoint so it rebuilds its model alone."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from train.models.masking import STRATEGIES
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """Token layout of one modality, as the site's feature config produces it."""
+
+    name: str
+    n_tokens: int  # m: patches per node per window
+    token_dim: int  # D: values per patch
+
+
+@dataclass(frozen=True)
+class SparConfig:
+    modalities: tuple[ModalitySpec, ...]
+    max_nodes: int = 16  # rows of the structural-position table (node_index must stay below)
+    position_dims: int = 2  # d_S: 2 for lots, 3 for seismic stations
+    dim: int = 64  # d: transformer width
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    modality_depth: int = 2  # blocks of each per-modality encoder
+    joint_depth: int = 1  # blocks of the joint (cross-modal) encoder
+    decoder_dim: int = 48
+    decoder_depth: int = 1
+    structural_dims: int = 8  # d_R << d (the paper keeps it small)
+    # --- SPAR components, each switchable for the ablations of the paper's Table 8
+    spatial_embedding: bool = True  # add a projection of the normalised node position
+    structural_embedding: bool = True  # add a learnable per-node vector projected to d
+    spatial_reconstruction: bool = True  # second decoder reconstructs masked tokens' positions
+    geometric_augmentation: bool = True  # random rotation + translation of the layout (pretraining)
+    masking: str = "random"  # random | node_balanced | node_drop
+    mask_ratio: float = 0.75
+    min_visible: int = 2  # node_balanced: visible tokens guaranteed per present node
+    spatial_loss_weight: float = 1.0
+    max_translation: float = 0.5  # geometric augmentation, normalised units
+    objective: str = "spar"  # label only: spar | mae | supervised (what trained it)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.modalities:
+            raise ValueError("a model needs at least one modality")
+        if self.masking not in STRATEGIES:
+            raise ValueError(f"masking must be one of {', '.join(STRATEGIES)}, got {self.masking!r}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        for name in ("dim", "heads", "decoder_dim", "max_nodes", "position_dims", "structural_dims"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.heads or self.decoder_dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) and decoder_dim ({self.decoder_dim}) must be divisible by "
+                             f"heads ({self.heads})")
+
+    def modality(self, name: str) -> ModalitySpec:
+        for spec in self.modalities:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SparConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        data = dict(data)
+        data["modalities"] = tuple(ModalitySpec(**m) for m in data["modalities"])
+        return cls(**data)
+
+
+# Pretraining objectives as switches over the one backbone. MAE is the paper's baseline: signal
+# reconstruction only, with no spatial or structural embedding (so nothing tells nodes apart).
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "spar": {},
+    "mae": {"spatial_embedding": False, "structural_embedding": False, "spatial_reconstruction": False,
+            "geometric_augmentation": False},
+}
+
+# Table 8 of the paper, as switches on top of SPAR.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "no_geometric_augmentation": {"geometric_augmentation": False},
+    "no_spatial_reconstruction": {"spatial_reconstruction": False},
+    "no_spatial_embedding": {"spatial_embedding": False},
+    "no_structural_embedding": {"structural_embedding": False},
+    "node_balanced_masking": {"masking": "node_balanced"},
+    "node_drop_masking": {"masking": "node_drop"},
+    "mask_ratio_0.5": {"mask_ratio": 0.5},
+    "mask_ratio_0.85": {"mask_ratio": 0.85},
+}
+
+
+def objective_config(base: SparConfig, objective: str) -> SparConfig:
+    """``base`` with the switches of a named objective (or ablation) applied."""
+    table = {**OBJECTIVES, **ABLATIONS}
+    if objective not in table:
+        raise ValueError(f"unknown objective {objective!r}; known: {', '.join(table)}")
+    return replace(base, objective=objective, **table[objective])
