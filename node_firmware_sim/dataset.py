@@ -18,6 +18,8 @@ Arrays in a shard (W windows, N nodes in site order, per modality ``m``):
     extra/<key>         [W] float64              GroundTruth.extras, NaN when absent
 
 Generation is deterministic for a seed: window i is source.window(i), whichever worker makes it.
+The reader (``Shard``, ``load_shard``, ``read_manifest``, format constants) is the wire contract's
+``spar_wire.dataset_format``, re-exported here; ``load_shard`` / ``read_manifest`` here raise NodeError.
 """
 
 from __future__ import annotations
@@ -39,14 +41,15 @@ from node_firmware_sim.errors import NodeError
 from node_firmware_sim.firmware import FirmwareConfig, NodeFirmware
 from node_firmware_sim.scenarios import make_scenario
 from node_firmware_sim.scenarios.base import SourceWindow
+from spar_wire import dataset_format
 from spar_wire.codecs import CodecSpec
-from spar_wire.features import patchify
+from spar_wire.dataset_format import FORMAT, FORMAT_VERSION, MANIFEST, Shard
+from spar_wire.errors import WireError
 from spar_wire.message import decode_message
 from spar_wire.site_layout import SiteLayout, load_site_layout
 
-FORMAT = "spar-dataset"
-FORMAT_VERSION = 1
-MANIFEST = "dataset.json"
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "DatasetSpec", "ExportReport", "Shard", "encode_windows",
+           "export_dataset", "load_shard", "read_manifest"]
 
 
 @dataclass(frozen=True)
@@ -148,67 +151,20 @@ def encode_windows(layout: SiteLayout, windows: list[SourceWindow], codec: Codec
     return arrays
 
 
-@dataclass
-class Shard:
-    """One loaded shard, with helpers that give the model's view of it."""
-
-    arrays: dict[str, np.ndarray]
-    layout_modalities: dict[str, Any]
-
-    def __len__(self) -> int:
-        return len(self.arrays["window_index"])
-
-    def images(self, modality: str) -> np.ndarray:
-        """[W, N, H, T] float32 dB token images (zeros where absent)."""
-        stored = self.arrays[f"image/{modality}"]
-        images = stored.astype(np.float32)
-        if stored.dtype == np.uint8:  # codes: dequantize as the aggregator does
-            images = images * self.arrays[f"scale/{modality}"][:, :, None, None] \
-                + self.arrays[f"offset/{modality}"][:, :, None, None]
-        present = self.arrays[f"present/{modality}"][:, :, None, None]
-        return np.where(present, images, 0.0).astype(np.float32)
-
-    def tokens(self, modality: str) -> np.ndarray:
-        """[W, N, m, D] float32 tokens, exactly what the aggregator would assemble."""
-        cfg = self.layout_modalities[modality]
-        images = self.images(modality)
-        w, n = images.shape[:2]
-        flat = [patchify(img, cfg) for img in images.reshape(w * n, *cfg.image_shape)]
-        return np.stack(flat).reshape(w, n, cfg.n_tokens, cfg.token_dim)
-
-
 def load_shard(dataset_dir: str | Path, index: int) -> Shard:
-    """Load shard ``index`` of a dataset, checking its sha256 against the manifest."""
-    dataset_dir = Path(dataset_dir)
-    manifest = read_manifest(dataset_dir)
+    """:func:`spar_wire.dataset_format.load_shard`, raising NodeError like the rest of the firmware."""
     try:
-        entry = manifest["shards"][index]
-    except IndexError:
-        raise NodeError(f"{dataset_dir}: no shard {index} (it has {len(manifest['shards'])})") from None
-    path = dataset_dir / entry["file"]
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise NodeError(f"{path}: sha256 does not match {MANIFEST}; the shard is damaged")
-    with np.load(path) as npz:
-        arrays = {key: npz[key] for key in npz.files}
-    from spar_wire.feature_config import FeatureConfig
-
-    modalities = {name: FeatureConfig.from_dict(info["feature_config"])
-                  for name, info in manifest["modalities"].items()}
-    return Shard(arrays, modalities)
+        return dataset_format.load_shard(dataset_dir, index)
+    except WireError as exc:
+        raise NodeError(str(exc)) from exc
 
 
 def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
-    path = Path(dataset_dir) / MANIFEST
+    """:func:`spar_wire.dataset_format.read_manifest`, raising NodeError like the rest of the firmware."""
     try:
-        manifest = json.loads(path.read_text())
-    except OSError as exc:
-        raise NodeError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise NodeError(f"{path}: not JSON: {exc}") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise NodeError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
-    return manifest
+        return dataset_format.read_manifest(dataset_dir)
+    except WireError as exc:
+        raise NodeError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------- internals

@@ -14,6 +14,8 @@ FORBIDDEN = {
     "spar_wire": OURS - {"spar_wire"} | {"torch", "onnxruntime", "tensorrt"},
     "node_firmware_sim": {"torch", "train", "export", "edge_runtime", "benchmarks", "onnxruntime"},
     "edge_runtime": {"torch", "train", "export", "node_firmware_sim", "benchmarks"},
+    # train reads datasets through spar_wire.dataset_format, never through the node exporter
+    "train": {"node_firmware_sim", "edge_runtime", "export", "benchmarks", "onnxruntime", "paho"},
 }
 
 

@@ -155,7 +155,8 @@ def test_switches_remove_their_components():
     # MAE cannot tell nodes apart: moving signals to other nodes' places just permutes its latents
     batch = make_batch()
     perm = torch.tensor([3, 0, 4, 1, 2])
-    permuted = Batch({k: v[:, perm] for k, v in batch.tokens.items()}, {k: v[:, perm] for k, v in batch.present.items()},
+    permuted = Batch({k: v[:, perm] for k, v in batch.tokens.items()},
+                     {k: v[:, perm] for k, v in batch.present.items()},
                      batch.positions, batch.node_index, batch.label, batch.target_class, batch.target_position)
     a = mae.encoder.forward_features(batch).latents[:, :40].reshape(4, 5, 8, 16)
     b = mae.encoder.forward_features(permuted).latents[:, :40].reshape(4, 5, 8, 16)

@@ -3,7 +3,7 @@
 Padding and missing-node tokens are excluded as attention *keys* with a boolean mask. The mask
 fills scores with the dtype's most negative finite value rather than -inf: a row whose keys are
 all invalid (every node of a window missing) then softmaxes to a uniform average instead of NaN,
-and its output is ignored downstream anyway.
+and the attention output of such a row is then zeroed, so only the output bias remains.
 """
 
 from __future__ import annotations
@@ -24,18 +24,21 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, Lq, d], context [B, Lk, d], key_valid [B, Lk] bool (None: all valid) -> [B, Lq, d]."""
         b, lq, d = x.shape
         lk = context.shape[1]
         h = self.heads
         q = self.q(x).reshape(b, lq, h, d // h).transpose(1, 2)  # [B, h, Lq, dh]
-        k, v = self.kv(context).reshape(b, lk, 2, h, d // h).permute(2, 0, 3, 1, 4)  # 2 x [B, h, Lk, dh]
+        kv = self.kv(context).reshape(b, lk, 2, h, d // h).permute(2, 0, 3, 1, 4)  # [2, B, h, Lk, dh]
+        k, v = kv[0], kv[1]
         mask = None
         if key_valid is not None:  # additive, finite: see the module docstring
             mask = torch.zeros(key_valid.shape, dtype=q.dtype, device=q.device)
             mask = mask.masked_fill(~key_valid, torch.finfo(q.dtype).min)[:, None, None, :]
         out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, h, Lq, dh]
+        if key_valid is not None:
+            out = out * key_valid.any(dim=-1).to(out.dtype)[:, None, None, None]
         return self.out(out.transpose(1, 2).reshape(b, lq, d))
 
 

@@ -1,0 +1,38 @@
+"""Linear classification head (SPAR appendix E.2/E.4: "a simple linear classifier")."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from train.heads.blocks import Head, masked_mean
+
+
+class LinearClassifier(Head):
+    """Masked mean-pool of the latents, then one ``nn.Linear`` to class logits.
+
+    No normalisation or hidden layer: the paper evaluates the frozen encoder with a linear probe,
+    so anything more would credit the head with what the encoder should provide.
+    """
+
+    task = "classify"
+
+    def __init__(self, d: int, n_classes: int):
+        super().__init__()
+        self.n_classes = n_classes
+        self.linear = nn.Linear(d, n_classes)
+
+    def forward(self, latents: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """latents [B, L, d], valid [B, L] bool -> logits [B, C]."""
+        return self.linear(masked_mean(latents, valid))
+
+    def loss(self, outputs: torch.Tensor, batch, frame=None) -> torch.Tensor:
+        """Cross entropy of logits [B, C] against batch.label [B] (class ids; 0 = background)."""
+        return F.cross_entropy(outputs, batch.label.to(outputs.device))
+
+    @torch.no_grad()
+    def predict(self, outputs: torch.Tensor, frame=None) -> dict:
+        """logits [B, C] -> {"label": [B] int64, "probs": [B, C] float32} (numpy)."""
+        probs = torch.softmax(outputs.float(), dim=-1)
+        return {"label": probs.argmax(dim=-1).cpu().numpy(), "probs": probs.cpu().numpy()}
