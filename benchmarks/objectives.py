@@ -1,0 +1,264 @@
+"""``spar-bench objectives``: SPAR vs MAE vs supervised on simulated parking-lot data (the analogue
+of the paper's Table 1) and SPAR's ablations (its Table 8).
+
+One dataset is generated with the node exporter (single vehicles, so localization has one answer),
+each objective is pretrained on its training windows, heads are fine-tuned on the frozen encoders
+with label ratios 1.0 and 0.2, and everything is scored on the held-out last quarter of windows
+(temporal split). Finished jobs are remembered in ``<workdir>/jobs.jsonl``, so an interrupted run
+picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.errors import BenchError
+from benchmarks.machine import describe_machine
+
+REPO = Path(__file__).resolve().parents[1]
+SITE = REPO / "configs" / "sites" / "parking_lot.toml"
+ABLATIONS = ("no_geometric_augmentation", "no_spatial_reconstruction", "no_spatial_embedding",
+             "no_structural_embedding", "node_balanced_masking", "node_drop_masking")
+METHODS = ("supervised", "mae", "spar")
+
+
+@dataclass(frozen=True)
+class ObjectivesConfig:
+    workdir: Path = Path("benchmarks/.work/objectives")  # dataset, checkpoints, finished jobs
+    windows: int = 1600  # generated windows (the last quarter is the validation set)
+    pretrain_epochs: int = 10
+    head_epochs: int = 40  # frozen-encoder heads (features are cached, epochs are cheap)
+    supervised_epochs: int = 10  # encoder + head from scratch
+    batch_size: int = 32
+    lr: float = 1e-3
+    label_ratios: tuple[float, ...] = (1.0, 0.2)
+    ablations: tuple[str, ...] = ABLATIONS
+    ablation_ratio: float = 0.2
+    seeds: tuple[int, ...] = (0,)
+    model: dict[str, Any] = field(default_factory=dict)  # SparConfig overrides for every encoder
+    scenario_params: dict[str, Any] = field(default_factory=lambda: {"max_vehicles": 1, "empty_fraction": 0.1})
+
+    @classmethod
+    def full(cls, **changes: Any) -> ObjectivesConfig:
+        """The longer budget of ``--full``: more data, longer training, three seeds."""
+        return replace(cls(windows=4000, pretrain_epochs=40, head_epochs=60, supervised_epochs=30,
+                           seeds=(0, 1, 2)), **changes)
+
+    def budget(self) -> str:
+        return (f"{self.windows} windows (75 % train / 25 % validation, temporal split); pretraining "
+                f"{self.pretrain_epochs} epochs; frozen-encoder heads {self.head_epochs} epochs; supervised "
+                f"{self.supervised_epochs} epochs; batch {self.batch_size}; seeds {list(self.seeds)}")
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: str  # pretrain | finetune
+    method: str  # spar | mae | supervised | an ablation
+    seed: int
+    task: str = ""
+    ratio: float = 0.0
+
+    @property
+    def key(self) -> str:
+        if self.kind == "pretrain":
+            return f"pretrain/{self.method}/seed{self.seed}"
+        return f"finetune/{self.method}/{self.task}/{self.ratio:g}/seed{self.seed}"
+
+
+def plan(cfg: ObjectivesConfig) -> list[Job]:
+    """Every job, pretraining before the fine-tuning that needs it."""
+    jobs = []
+    for seed in cfg.seeds:
+        for method in ("spar", "mae", *cfg.ablations):
+            jobs.append(Job("pretrain", method, seed))
+        for method in METHODS:
+            for task in ("localize", "classify"):
+                jobs += [Job("finetune", method, seed, task, ratio) for ratio in cfg.label_ratios]
+        for method in cfg.ablations:
+            jobs.append(Job("finetune", method, seed, "localize", cfg.ablation_ratio))
+    return jobs
+
+
+def ensure_dataset(cfg: ObjectivesConfig, progress: Callable[[str], None]) -> Path:
+    from node_firmware_sim.dataset import DatasetSpec, export_dataset
+
+    out = cfg.workdir / f"parking_lot-{cfg.windows}"
+    if (out / "dataset.json").exists():
+        return out
+    progress(f"generating {cfg.windows} parking-lot windows -> {out}")
+    spec = DatasetSpec(site=str(SITE), scenario="parking_lot", windows=cfg.windows, seed=1234,
+                       shard_size=500, params=dict(cfg.scenario_params))
+    export_dataset(spec, out, workers=2, overwrite=True)
+    return out
+
+
+def run_job(job: Job, cfg: ObjectivesConfig, data: Path) -> dict[str, Any]:
+    from train.finetune import run_finetune
+    from train.pretrain import run_pretrain
+    from train.run_config import FinetuneConfig, PretrainConfig
+
+    run_dir = cfg.workdir / "runs" / job.key
+    started = time.monotonic()
+    if job.kind == "pretrain":
+        result = run_pretrain(PretrainConfig(
+            data=str(data), out=str(run_dir), objective=job.method, epochs=cfg.pretrain_epochs,
+            batch_size=cfg.batch_size, lr=cfg.lr, seed=job.seed, progress=False, model=dict(cfg.model)))
+        return {"train_loss": result.train_loss, "val_loss": result.val_loss, "seconds": time.monotonic() - started}
+    supervised = job.method == "supervised"
+    encoder = None if supervised else str(cfg.workdir / "runs" / Job("pretrain", job.method, job.seed).key)
+    result = run_finetune(FinetuneConfig(
+        data=str(data), out=str(run_dir), task=job.task, encoder=encoder, label_ratio=job.ratio,
+        epochs=cfg.supervised_epochs if supervised else cfg.head_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        seed=job.seed, progress=False, model=dict(cfg.model) if supervised else {}))
+    return {**result.metrics, "train_windows": result.train_windows, "seconds": time.monotonic() - started}
+
+
+def run_objectives(cfg: ObjectivesConfig, progress: Callable[[str], None] = print) -> ObjectivesReport:
+    """Run (or resume) every job of ``plan(cfg)`` and return the report."""
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    data = ensure_dataset(cfg, progress)
+    ledger = cfg.workdir / "jobs.jsonl"
+    settings = json.dumps({k: v for k, v in asdict(cfg).items() if k != "workdir"}, sort_keys=True, default=str)
+    done = _finished_jobs(ledger, settings)
+    jobs = plan(cfg)
+    started = time.monotonic()
+    for n, job in enumerate(jobs, 1):
+        if job.key in done:
+            continue
+        progress(f"[{n}/{len(jobs)}] {job.key} ({(time.monotonic() - started) / 60:.1f} min so far)")
+        done[job.key] = run_job(job, cfg, data)
+        with open(ledger, "a") as f:
+            f.write(json.dumps({"settings": settings, "key": job.key, "result": done[job.key]}) + "\n")
+    return ObjectivesReport(cfg, {job.key: done[job.key] for job in jobs}, describe_machine(_versions()))
+
+
+def _finished_jobs(ledger: Path, settings: str) -> dict[str, dict[str, Any]]:
+    """Results of jobs already run with exactly these settings (others are ignored, not deleted)."""
+    done = {}
+    if ledger.exists():
+        for line in ledger.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash mid-write: that job simply runs again
+            if record.get("settings") == settings:
+                done[record["key"]] = record["result"]
+    return done
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    return {"torch": torch.__version__.split("+")[0]}
+
+
+@dataclass
+class ObjectivesReport:
+    cfg: ObjectivesConfig
+    results: dict[str, dict[str, Any]]  # job key -> metrics
+    machine: str
+
+    def metric(self, method: str, task: str, ratio: float, name: str) -> tuple[float, float]:
+        """Mean and standard deviation over seeds."""
+        values = [self.results[Job("finetune", method, s, task, ratio).key][name] for s in self.cfg.seeds]
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    def gap(self) -> float:
+        """Relative localization MSE reduction of SPAR over MAE at the lowest label ratio."""
+        ratio = min(self.cfg.label_ratios)
+        spar = self.metric("spar", "localize", ratio, "mse")[0]
+        mae = self.metric("mae", "localize", ratio, "mse")[0]
+        return 1.0 - spar / mae
+
+    def to_markdown(self) -> str:
+        ratios = self.cfg.label_ratios
+        lines = ["# spar-bench objectives", "", f"machine: {self.machine}", "",
+                 f"training budget: {self.cfg.budget()}; total "
+                 f"{sum(r.get('seconds', 0) for r in self.results.values()) / 60:.1f} min of training", "",
+                 "Simulated parking lot (8 nodes, microphone + geophone, one vehicle or none per episode). "
+                 "Heads on frozen encoders (supervised: encoder + head trained together). Validation windows "
+                 "only. MSE is the mean squared Euclidean error in m².", "",
+                 "## Objectives (the paper's Table 1 and classification of its Table 3)", ""]
+        head = ["method"] + [f"loc. MSE @{r:g}" for r in ratios] + [f"dist. err. m @{r:g}" for r in ratios] + \
+               [f"accuracy @{r:g}" for r in ratios] + [f"macro-F1 @{r:g}" for r in ratios]
+        lines += [_row(head), _row(["---"] * len(head))]
+        names = {"supervised": "Supervised (from scratch)", "mae": "MAE", "spar": "SPAR"}
+        for method in METHODS:
+            cells = [names[method]]
+            cells += [self._cell(method, "localize", r, "mse", "{:.1f}") for r in ratios]
+            cells += [self._cell(method, "localize", r, "mean_distance", "{:.2f}") for r in ratios]
+            cells += [self._cell(method, "classify", r, "accuracy", "{:.3f}") for r in ratios]
+            cells += [self._cell(method, "classify", r, "macro_f1", "{:.3f}") for r in ratios]
+            lines.append(_row(cells))
+        target = "target >= 30 %"
+        lines += ["", f"SPAR vs MAE, localization MSE at label ratio {min(ratios):g}: "
+                  f"{self.gap() * 100:+.1f} % lower for SPAR ({target}; the paper reports about 50 %).", ""]
+        if self.cfg.ablations:
+            r = self.cfg.ablation_ratio
+            lines += [f"## Ablations (the paper's Table 8), localization at label ratio {r:g}", "",
+                      _row(["variant", "MSE m²", "dist. err. m", "median m", "p90 m"]), _row(["---"] * 5)]
+            for method in ("spar", *self.cfg.ablations):
+                lines.append(_row([method.replace("_", " ")] + [
+                    self._cell(method, "localize", r, name, fmt) for name, fmt in
+                    (("mse", "{:.1f}"), ("mean_distance", "{:.2f}"), ("median_distance", "{:.2f}"),
+                     ("p90_distance", "{:.2f}"))]))
+        lines += ["", "Reproduce: `spar-bench objectives` (add `--full` for the longer budget).", ""]
+        return "\n".join(lines)
+
+    def _cell(self, method: str, task: str, ratio: float, name: str, fmt: str) -> str:
+        mean, std = self.metric(method, task, ratio, name)
+        return fmt.format(mean) + (f" ± {fmt.format(std)}" if len(self.cfg.seeds) > 1 else "")
+
+    def plot(self, path: Path) -> None:
+        """Localization MSE per method and label ratio, and per ablation."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = 2 if self.cfg.ablations else 1
+        fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+        ax = axes[0][0]
+        width = 0.8 / len(self.cfg.label_ratios)
+        for i, ratio in enumerate(self.cfg.label_ratios):
+            means = [self.metric(m, "localize", ratio, "mse") for m in METHODS]
+            ax.bar([x + i * width for x in range(len(METHODS))], [m for m, _ in means], width,
+                   yerr=[s for _, s in means], label=f"label ratio {ratio:g}")
+        ax.set_xticks([x + width * (len(self.cfg.label_ratios) - 1) / 2 for x in range(len(METHODS))], METHODS)
+        ax.set_ylabel("localization MSE (m², lower is better)")
+        ax.set_title("Objectives, frozen encoder + 1-layer head")
+        ax.legend()
+        if self.cfg.ablations:
+            ax = axes[0][1]
+            variants = ("spar", *self.cfg.ablations)
+            means = [self.metric(v, "localize", self.cfg.ablation_ratio, "mse")[0] for v in variants]
+            ax.barh([v.replace("_", " ") for v in variants], means, color=["C2"] + ["C7"] * (len(variants) - 1))
+            ax.invert_yaxis()
+            ax.set_xlabel("localization MSE (m²)")
+            ax.set_title(f"Ablations, label ratio {self.cfg.ablation_ratio:g}")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def check_config(cfg: ObjectivesConfig) -> None:
+    from train.models.config import ABLATIONS as KNOWN
+
+    unknown = [a for a in cfg.ablations if a not in KNOWN]
+    if unknown:
+        raise BenchError(f"unknown ablation(s) {', '.join(unknown)}; known: {', '.join(KNOWN)}")
+    if cfg.windows < 40:
+        raise BenchError("--windows must be >= 40")
+    if any(not 0 < r <= 1 for r in (*cfg.label_ratios, cfg.ablation_ratio)):
+        raise BenchError("label ratios must be in (0, 1]")
