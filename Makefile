@@ -2,6 +2,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# torch is pinned before the extras: an open range would let pip pick the newest release, which on
+# Linux x86_64 is a multi-GB CUDA build. 2.13.0 is the CPU build these machines carry (/opt/wheels);
+# elsewhere set TORCH_SPEC, e.g. TORCH_SPEC='torch' on a CUDA workstation.
+TORCH_SPEC ?= torch==2.13.0
 # The stamp is rebuilt whenever pyproject.toml changes, so new dependencies are picked up.
 STAMP  := $(VENV)/.installed-dev
 
@@ -19,6 +23,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "error: Python >= 3.10 is required, found " + sys.version.split()[0])'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q '$(TORCH_SPEC)'
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 

@@ -23,10 +23,16 @@ def test_help(script, module):
     assert f"usage: {script}" in result.stdout
 
 
-@pytest.mark.parametrize("module", ["train.cli", "export.cli"])
+@pytest.mark.parametrize("module", ["export.cli"])
 def test_future_tools_say_they_have_no_subcommands_yet(module):
     result = run(module)
     assert result.returncode == 2 and "no subcommands" in result.stderr
+
+
+def test_train_without_a_command_says_which_exist():
+    result = run("train.cli")
+    assert result.returncode == 2
+    assert "pretrain" in result.stderr and "finetune" in result.stderr
 
 
 def test_codec_report():
