@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ob.add_argument("--full", action="store_true", help="longer budget: 4000 windows, 40 pretraining epochs, 3 seeds")
     ob.add_argument("--windows", type=int, help="generated windows (default 1600; --full 4000)")
     ob.add_argument("--pretrain-epochs", type=int, help="default 10 (--full 40)")
-    ob.add_argument("--head-epochs", type=int, help="frozen-encoder head epochs (default 40; --full 60)")
-    ob.add_argument("--supervised-epochs", type=int, help="default 10 (--full 30)")
+    ob.add_argument("--head-steps", type=int, help="frozen-encoder head steps (default 700; --full 1500)")
+    ob.add_argument("--supervised-steps", type=int, help="from-scratch steps (default 500; --full 2000)")
     ob.add_argument("--seeds", type=int, help="number of seeds (default 1; --full 3)")
     ob.add_argument("--ablations", help="comma-separated ablations, 'none' to skip (default: the six of Table 8)")
     ob.add_argument("--workdir", type=Path, default=Path("benchmarks/.work/objectives"),
@@ -139,7 +139,7 @@ def _cmd_objectives(args: argparse.Namespace) -> int:
 
     changes = {name: value for name, value in (
         ("workdir", args.workdir), ("windows", args.windows), ("pretrain_epochs", args.pretrain_epochs),
-        ("head_epochs", args.head_epochs), ("supervised_epochs", args.supervised_epochs),
+        ("head_steps", args.head_steps), ("supervised_steps", args.supervised_steps),
         ("seeds", tuple(range(args.seeds)) if args.seeds else None),
         ("ablations", () if args.ablations == "none" else
          tuple(a.strip() for a in args.ablations.split(",")) if args.ablations else None)) if value is not None}

@@ -33,8 +33,8 @@ class ObjectivesConfig:
     workdir: Path = Path("benchmarks/.work/objectives")  # dataset, checkpoints, finished jobs
     windows: int = 1600  # generated windows (the last quarter is the validation set)
     pretrain_epochs: int = 10
-    head_epochs: int = 40  # frozen-encoder heads (features are cached, epochs are cheap)
-    supervised_epochs: int = 10  # encoder + head from scratch
+    head_steps: int = 700  # frozen-encoder heads, lr 3e-3: the same updates at every label ratio
+    supervised_steps: int = 500  # encoder + head from scratch, lr 1e-3
     batch_size: int = 32
     lr: float = 1e-3
     label_ratios: tuple[float, ...] = (1.0, 0.2)
@@ -47,13 +47,14 @@ class ObjectivesConfig:
     @classmethod
     def full(cls, **changes: Any) -> ObjectivesConfig:
         """The longer budget of ``--full``: more data, longer training, three seeds."""
-        return replace(cls(windows=4000, pretrain_epochs=40, head_epochs=60, supervised_epochs=30,
+        return replace(cls(windows=4000, pretrain_epochs=40, head_steps=1500, supervised_steps=2000,
                            seeds=(0, 1, 2)), **changes)
 
     def budget(self) -> str:
         return (f"{self.windows} windows (75 % train / 25 % validation, temporal split); pretraining "
-                f"{self.pretrain_epochs} epochs; frozen-encoder heads {self.head_epochs} epochs; supervised "
-                f"{self.supervised_epochs} epochs; batch {self.batch_size}; seeds {list(self.seeds)}")
+                f"{self.pretrain_epochs} epochs (lr {self.lr:g}); frozen-encoder heads {self.head_steps} steps "
+                f"(lr 3e-3); supervised from scratch {self.supervised_steps} steps (lr 1e-3); batch "
+                f"{self.batch_size}; seeds {list(self.seeds)}")
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,8 @@ def run_job(job: Job, cfg: ObjectivesConfig, data: Path) -> dict[str, Any]:
     encoder = None if supervised else str(cfg.workdir / "runs" / Job("pretrain", job.method, job.seed).key)
     result = run_finetune(FinetuneConfig(
         data=str(data), out=str(run_dir), task=job.task, encoder=encoder, label_ratio=job.ratio,
-        epochs=cfg.supervised_epochs if supervised else cfg.head_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-        seed=job.seed, progress=False, model=dict(cfg.model) if supervised else {}))
+        steps=cfg.supervised_steps if supervised else cfg.head_steps, batch_size=cfg.batch_size,
+        lr=1e-3 if supervised else 3e-3, seed=job.seed, progress=False, model=dict(cfg.model) if supervised else {}))
     return {**result.metrics, "train_windows": result.train_windows, "seconds": time.monotonic() - started}
 
 

@@ -5,17 +5,7 @@ framing) and back through the aggregator's decoder, so training sees what the ag
 see. A shard ``shard-00000.npz`` holds ``shard_size`` consecutive windows; ``dataset.json``
 describes the lot (feature hashes, seed, scenario, shapes, class names, sha256 per shard).
 
-Arrays in a shard (W windows, N nodes in site order, per modality ``m``):
-
-    window_index        [W] int64
-    positions           [W, N, d_S] float32       node positions in metres (site frame)
-    image/m             [W, N, H, T] uint8 codes (image codecs) or float32 dB (raw codecs)
-    scale/m, offset/m   [W, N] float32           value = code * scale + offset
-    present/m           [W, N] bool              False: the node sent nothing (missing trace)
-    label               [W] int64                GroundTruth.label
-    target_class        [W, K] int64             -1 where there is no target
-    target_position     [W, K, d_T] float32      NaN where there is no target
-    extra/<key>         [W] float64              GroundTruth.extras, NaN when absent
+The arrays of a shard are listed in ``spar_wire.dataset_format`` (the format is part of the contract).
 
 Generation is deterministic for a seed: window i is source.window(i), whichever worker makes it.
 The reader (``Shard``, ``load_shard``, ``read_manifest``, format constants) is the wire contract's

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", help="pretrain run directory or checkpoint")
     p.add_argument("--label-ratio", type=float, help="share of training labels used (default 1.0)")
     p.add_argument("--unfreeze", action="store_true", help="train the pretrained encoder too")
+    p.add_argument("--steps", type=int, help="train for at least this many steps instead of --epochs "
+                                            "(same updates whatever the label ratio)")
     p = sub.add_parser("eval", help="metrics of a fine-tuned checkpoint on a dataset",
                        description="Evaluate a fine-tuned checkpoint on the validation windows of a dataset "
                                    "(or all of them), optionally with simulated node loss.")
@@ -122,7 +124,7 @@ def _finetune(args) -> int:
     from train.finetune import run_finetune
     from train.run_config import FinetuneConfig, load_run_config
 
-    overrides = _overrides(args, (*COMMON, "task", "encoder", "label_ratio"))
+    overrides = _overrides(args, (*COMMON, "task", "encoder", "label_ratio", "steps"))
     if args.unfreeze:
         overrides["freeze_encoder"] = False
     cfg = load_run_config(FinetuneConfig, args.config, "finetune", overrides)

@@ -8,6 +8,7 @@ baseline (no --encoder) trains encoder and head together on the labelled windows
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -129,12 +130,21 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     info = data_info(windows, cfg.data, _stats_of(model.encoder), train_windows=len(train_idx),
                      val_windows=len(val_idx), label_ratio=cfg.label_ratio)
     save_checkpoint(out / CHECKPOINT, kind="finetune", model_config=model.encoder.cfg.to_dict(), model=model,
-                    run_config=as_dict(cfg), data_info=info, step=0, epoch=cfg.epochs, metrics=metrics,
+                    run_config=as_dict(cfg), data_info=info, step=0, epoch=epochs_for(cfg, len(train_idx)),
+                    metrics=metrics,
                     extra={"encoder_config": model.encoder.cfg.to_dict(), "task": cfg.task,
                            "n_classes": len(windows.class_names), "out_dims": windows.target_dims,
                            "frozen_encoder": frozen, **source})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return FinetuneResult(out / CHECKPOINT, metrics, len(train_idx), len(val_idx), time.monotonic() - started)
+
+
+def epochs_for(cfg: FinetuneConfig, windows: int) -> int:
+    """``cfg.epochs``, or with ``cfg.steps`` the whole epochs that make at least that many steps
+    (so label ratios 1.0 and 0.2 can get the same number of updates)."""
+    if cfg.steps is None:
+        return cfg.epochs
+    return max(1, math.ceil(cfg.steps / max(1, math.ceil(windows / cfg.batch_size))))
 
 
 def _stats_of(encoder: SparEncoder) -> dict[str, tuple[float, float]]:
@@ -172,7 +182,8 @@ def _train_frozen(model: TaskModel, windows, train_idx, cfg: FinetuneConfig, dev
     cache = encode_windows(model.encoder, windows, train_idx, cfg.batch_size, device, cfg.progress)
     position = {int(w): i for i, w in enumerate(train_idx)}
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    bar = tqdm(range(cfg.epochs), desc=f"finetune {cfg.task} (frozen encoder)", disable=not cfg.progress)
+    bar = tqdm(range(epochs_for(cfg, len(train_idx))), desc=f"finetune {cfg.task} (frozen encoder)",
+               disable=not cfg.progress)
     for epoch in bar:
         model.head.train()
         losses = []
@@ -191,7 +202,8 @@ def _train_frozen(model: TaskModel, windows, train_idx, cfg: FinetuneConfig, dev
 
 def _train_end_to_end(model: TaskModel, windows, train_idx, cfg: FinetuneConfig, device, log) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    bar = tqdm(range(cfg.epochs), desc=f"train {cfg.task} (encoder + head)", disable=not cfg.progress)
+    bar = tqdm(range(epochs_for(cfg, len(train_idx))), desc=f"train {cfg.task} (encoder + head)",
+               disable=not cfg.progress)
     for epoch in bar:
         model.train()
         losses = []

@@ -22,7 +22,7 @@ def one_torch_thread():
 
 
 def toy_config(workdir) -> ObjectivesConfig:
-    return ObjectivesConfig(workdir=workdir, windows=48, pretrain_epochs=1, head_epochs=1, supervised_epochs=1,
+    return ObjectivesConfig(workdir=workdir, windows=48, pretrain_epochs=1, head_steps=2, supervised_steps=2,
                             batch_size=8, ablations=("node_drop_masking",), model=TINY,
                             scenario_params={"max_vehicles": 1, "episode_windows": 4})
 
