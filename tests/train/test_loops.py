@@ -193,3 +193,20 @@ def test_config_file_and_flags(tmp_path):
     path.write_text('[pretrain]\ndata = "d"\nout = "o"\nepoch = 5\n')
     with pytest.raises(TrainError, match="unknown pretrain settings: epoch"):
         load_run_config(PretrainConfig, path, "pretrain", {})
+
+
+@pytest.mark.slow
+def test_earthquake_hypocentres_in_3d(tmp_path):
+    """A 3-D layout (stations with elevation), missing traces and a depth target, end to end."""
+    from node_firmware_sim.dataset import DatasetSpec, export_dataset
+
+    data = tmp_path / "quakes"
+    export_dataset(DatasetSpec(site=str(REPO / "configs" / "sites" / "ridgecrest_like.toml"), scenario="earthquakes",
+                               windows=24, shard_size=24), data, workers=1)
+    run_pretrain(pretrain_config(data, tmp_path / "pre", epochs=1, batch_size=4))
+    encoder, _ = load_encoder(tmp_path / "pre")
+    assert encoder.cfg.position_dims == 3
+    result = run_finetune(FinetuneConfig(data=str(data), out=str(tmp_path / "quake"), task="quake",
+                                         encoder=str(tmp_path / "pre"), epochs=2, batch_size=4, progress=False))
+    assert {"hypocentre_median", "epicentral_median", "depth_median"} <= set(result.metrics)
+    assert all(np.isfinite(v) for v in result.metrics.values())
