@@ -37,7 +37,7 @@ from spar_wire.topics import check_id
 
 FORMAT = "spar-model"
 FORMAT_VERSION = 1
-TASKS = ("classification", "localization", "detection", "event_localization", "embedding")
+TASKS = ("classification", "localization", "detection", "event_localization", "embedding", "multitask")
 ARTIFACT_FORMATS = ("onnx", "tensorrt")
 OUTPUT_KINDS = ("class_logits", "regression", "raw")
 DTYPES = ("float32", "float16", "int64", "int32", "bool")

@@ -1,0 +1,63 @@
+"""Manifests beside every exported artifact (see spar_wire.model_manifest for the format)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from export.deploy_model import DeployModel
+from spar_wire.model_manifest import ModalityRequirement, ModelManifest, TensorSpec, load_manifest
+
+MANIFEST = "manifest.json"
+# train task -> manifest task
+TASK_NAMES = {"classify": "classification", "localize": "localization", "detect": "detection",
+              "quake": "event_localization"}
+
+
+def sha256_of(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def manifest_for(model: DeployModel, data_info: dict[str, Any], artifact: Path, *, name: str, version: str,
+                 precision: str = "fp32", artifact_format: str = "onnx", metric: dict[str, Any] | None = None,
+                 node_range: tuple[int, int] | None = None) -> ModelManifest:
+    """The manifest of ``artifact`` exported from ``model``; ``data_info`` is the checkpoint's record of
+    its training data (feature hashes, class names)."""
+    cfg = model.encoder.cfg
+    hashes = data_info["feature_hashes"]
+    modalities = {s.name: ModalityRequirement(hashes[s.name], s.n_tokens, s.token_dim) for s in cfg.modalities}
+    inputs: list[TensorSpec] = []
+    for s in cfg.modalities:
+        inputs += [TensorSpec(f"tokens_{s.name}", "float32", ("batch", "nodes", s.n_tokens, s.token_dim)),
+                   TensorSpec(f"present_{s.name}", "bool", ("batch", "nodes"))]
+    inputs += [TensorSpec("positions", "float32", ("batch", "nodes", cfg.position_dims)),
+               TensorSpec("node_index", "int64", ("batch", "nodes"))]
+    outputs = tuple(TensorSpec(o.name, "float32", ("batch", *o.dims), o.kind) for o in model.outputs)
+    tasks = [TASK_NAMES[t] for t in model.heads]
+    return ModelManifest(
+        name=name, version=version, task=tasks[0] if len(tasks) == 1 else "multitask",
+        artifact_file=artifact.name, artifact_format=artifact_format, precision=precision,
+        sha256=sha256_of(artifact), position_dim=cfg.position_dims,
+        node_range=node_range or (1, cfg.max_nodes), modalities=modalities, inputs=tuple(inputs),
+        outputs=outputs, class_names=tuple(data_info.get("class_names", ())), metric=dict(metric or {}),
+        source=str(manifest_path_for(artifact)))
+
+
+def derive_manifest(base: ModelManifest | str | Path, artifact: Path, *, artifact_format: str, precision: str,
+                    metric: dict[str, Any] | None = None, node_range: tuple[int, int] | None = None) -> ModelManifest:
+    """The manifest of an artifact made from another one (INT8 ONNX, a TensorRT engine): same inputs,
+    outputs and site constraints, new file, hash, precision and metric."""
+    if not isinstance(base, ModelManifest):
+        base = load_manifest(base)
+    return dataclasses.replace(base, artifact_file=artifact.name, artifact_format=artifact_format,
+                               precision=precision, sha256=sha256_of(artifact),
+                               metric=dict(metric if metric is not None else base.metric),
+                               node_range=node_range or base.node_range, source=str(manifest_path_for(artifact)))
+
+
+def manifest_path_for(artifact: Path) -> Path:
+    """Where an artifact's manifest goes: ``manifest.json`` for ``model.onnx``, else
+    ``<stem>.manifest.json`` (several artifacts can share a folder)."""
+    return artifact.parent / (MANIFEST if artifact.name == "model.onnx" else f"{artifact.stem}.manifest.json")
