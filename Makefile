@@ -9,11 +9,12 @@ TORCH_SPEC ?= torch==2.13.0
 # The stamp is rebuilt whenever pyproject.toml changes, so new dependencies are picked up.
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: help venv mosquitto test demo lint clean
+.PHONY: help venv mosquitto test demo lint clean models
 
 help:
 	@echo "make test   - create .venv, install deps (and mosquitto), run the test suite"
 	@echo "make demo   - create .venv, install deps (and mosquitto), run the live demo"
+	@echo "make models - retrain the shipped models under models/ (about 10 min on 2 cores)"
 	@echo "make lint   - ruff over the code"
 	@echo "make clean  - remove .venv and caches"
 
@@ -36,6 +37,9 @@ test: venv mosquitto
 
 demo: venv mosquitto
 	$(VENV)/bin/spar-bench skeleton --duration 10
+
+models: venv
+	VENV=$(VENV) bash scripts/make_models.sh
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,21 +1,137 @@
-"""`spar-export`: command-line entry point. Its subcommands arrive with the export/ issue."""
+"""`spar-export`: from a trained checkpoint to what runs on the edge box.
+
+checkpoint(s) --distill--> student --onnx--> model.onnx --quantize--> model.int8.onnx --engine--> TensorRT
+Every artifact gets a manifest (feature hashes, node range, inputs/outputs, metric, sha256).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from export.errors import ExportError
+from export.formats import FORMATS
+
+FORMAT_LINES = "\n".join(f"  {f.name:<12} {f.file:<18} {f.precision:<5} spar-export {f.command:<9} "
+                         f"runs on {', '.join(f.backends)}" for f in FORMATS)
+EPILOG = "formats:\n" + FORMAT_LINES + """
+
+examples:
+  spar-export distill --teacher runs/spar-cls --teacher runs/spar-loc --data data/lot --out runs/student
+  spar-export onnx --checkpoint runs/student --data data/lot --out models/parking_lot --name spar-parking-lot
+  spar-export quantize --onnx models/parking_lot/model.onnx --data data/lot
+  spar-export engine --onnx models/parking_lot/model.int8.onnx --precision int8   # on the Jetson
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spar-export", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("distill", help="train a small student on a fine-tuned teacher's outputs",
+                       description="Distil the frozen teacher (encoder + heads of fine-tuned checkpoints that "
+                                   "share one encoder) into a narrower, shallower student on unlabelled windows.")
+    p.add_argument("--teacher", action="append", required=True, help="fine-tuned checkpoint (repeat per head)")
+    p.add_argument("--data", required=True, help="dataset directory (labels are not used)")
+    p.add_argument("--out", required=True, help="output directory (checkpoint.pt, report.md)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--dim", type=int, help="student width (default 32)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("onnx", help="export encoder + heads as one ONNX graph with a manifest",
+                       description="Export fine-tuned checkpoints (sharing one encoder) or a distilled student as "
+                                   "one ONNX graph (dynamic batch and node count, opset >= 17), check it against "
+                                   "torch at several node counts, and with --data score both on the validation "
+                                   "windows (parity-onnx.md). Writes model.onnx and manifest.json.")
+    p.add_argument("--checkpoint", action="append", required=True, help="checkpoint (repeat for several heads)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--data", help="dataset for the parity check and the manifest's metric")
+    p.add_argument("--name", default="spar-model", help="model name in the manifest")
+    p.add_argument("--version", default="0.1.0", help="model version in the manifest")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--max-windows", type=int, help="use only the first N windows of --data")
+
+    p = sub.add_parser("quantize", help="INT8 Q/DQ ONNX calibrated on real windows",
+                       description="Static INT8 quantization (Q/DQ, S8S8, per-channel weights; LayerNorm, Softmax, "
+                                   "residual adds and regression outputs stay float) calibrated on real windows; "
+                                   "--method auto measures MinMax, Percentile and Entropy and keeps the best. "
+                                   "Writes model.int8.onnx, its manifest and parity-int8.md.")
+    p.add_argument("--onnx", required=True, help="FP32 model.onnx (its manifest.json beside it)")
+    p.add_argument("--data", required=True, help="dataset: calibration and evaluation windows")
+    p.add_argument("--out", help="INT8 file (default: model.int8.onnx beside the input)")
+    p.add_argument("--method", default="auto", choices=["auto", "minmax", "percentile", "entropy"])
+    p.add_argument("--calibration-windows", type=int, default=128)
+
+    p = sub.add_parser("engine", help="build a TensorRT engine (needs tensorrt and a GPU)",
+                       description="Build a serialized TensorRT engine from model.onnx (fp16) or the Q/DQ "
+                                   "model.int8.onnx (int8), with an optimisation profile over the site's node "
+                                   "range. Engines are tied to the TensorRT version and GPU: build on the Jetson.")
+    p.add_argument("--onnx", required=True, help="ONNX file with its manifest beside it")
+    p.add_argument("--precision", choices=["fp16", "int8", "fp32"], default="fp16")
+    p.add_argument("--out", help="engine file (default: model.<precision>.engine beside the ONNX)")
+    p.add_argument("--nodes", type=int, help="typical node count of the site (profile optimum)")
+    p.add_argument("--max-batch", type=int, default=8)
+    return parser
+
+
+def _cmd_distill(args) -> int:
+    from export.distill import DistillConfig, run_distill
+
+    given = (("epochs", args.epochs), ("seed", args.seed), ("device", args.device))
+    changes = {k: v for k, v in given if v is not None}
+    if args.dim:
+        changes["student"] = {"dim": args.dim}
+    cfg = DistillConfig(teacher=list(args.teacher), data=args.data, out=args.out, progress=not args.no_progress,
+                        **changes)
+    result = run_distill(cfg)
+    print(Path(result.report).read_text() if getattr(result, "report", None) else result)
+    return 0
+
+
+def _cmd_onnx(args) -> int:
+    from export.exporter import export_checkpoints
+
+    result = export_checkpoints(args.checkpoint, args.out, name=args.name, version=args.version, data=args.data,
+                                opset=args.opset, max_windows=args.max_windows)
+    if result.parity is not None:
+        print(result.parity.to_markdown("torch FP32", "ONNX Runtime FP32"))
+    print(f"wrote {result.onnx} and {result.manifest}")
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from export.quantize import quantize_from_manifest
+
+    report = quantize_from_manifest(Path(args.onnx), args.data, out=Path(args.out) if args.out else None,
+                                    method=args.method, calibration_windows=args.calibration_windows)
+    print(report.to_markdown())
+    return 0
+
+
+def _cmd_engine(args) -> int:
+    from export.tensorrt_engine import build_engine_from_cli
+
+    path = build_engine_from_cli(Path(args.onnx), precision=args.precision,
+                                 out=Path(args.out) if args.out else None, nodes=args.nodes, max_batch=args.max_batch)
+    print(f"wrote {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="spar-export",
-        description="spar-edge export tools. No subcommands are available in this release yet; "
-        "see the README's roadmap.",
-    )
-    parser.parse_args(argv)
-    print("spar-export: no subcommands are available in this release yet (see README, Roadmap)",
-          file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    commands = {"distill": _cmd_distill, "onnx": _cmd_onnx, "quantize": _cmd_quantize, "engine": _cmd_engine}
+    try:
+        return commands[args.command](args)
+    except ExportError as exc:
+        print(f"spar-export {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,69 @@
+"""Checkpoint -> ``model.onnx`` + ``manifest.json`` (+ parity report on real windows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.deploy_model import DeployModel, deploy_model_from_checkpoints
+from export.errors import ExportError
+from export.manifests import manifest_for, manifest_path_for
+from export.onnx_export import DEFAULT_OPSET, ParityReport, export_onnx
+
+
+@dataclass
+class OnnxExportResult:
+    onnx: Path
+    manifest: Path
+    parity: ParityReport | None
+
+
+def load_deployable(paths: list[str]) -> tuple[DeployModel, dict]:
+    """A DeployModel from one distilled checkpoint or from fine-tuned checkpoints sharing an encoder;
+    also the data description of its training set."""
+    from train.checkpoint import load_checkpoint
+    from train.errors import TrainError
+
+    try:
+        if len(paths) == 1 and load_checkpoint(paths[0])["kind"] == "distilled":
+            from export.distill import load_student
+
+            model, ckpt = load_student(paths[0])
+            return model.eval(), ckpt["data"]
+        model, ckpts = deploy_model_from_checkpoints(paths)
+    except TrainError as exc:
+        raise ExportError(str(exc)) from None
+    return model, ckpts[0]["data"]
+
+
+def export_checkpoints(paths: list[str], out_dir: str | Path, *, name: str, version: str,
+                       data: str | None = None, val_fraction: float = 0.25, opset: int = DEFAULT_OPSET,
+                       max_windows: int | None = None) -> OnnxExportResult:
+    """Export, verify at several node counts, score torch vs ONNX Runtime on the validation windows of
+    ``data`` (when given) and write the manifest with that metric."""
+    model, data_info = load_deployable(paths)
+    out_dir = Path(out_dir)
+    onnx_path = export_onnx(model, out_dir / "model.onnx", opset=opset)
+    parity = None
+    metric: dict[str, float] = {}
+    if data:
+        parity = parity_on_dataset(model, onnx_path, data, data_info, val_fraction, max_windows)
+        (out_dir / "parity-onnx.md").write_text(parity.to_markdown("torch FP32", "ONNX Runtime FP32"))
+        metric = dict(parity.metrics_candidate)
+    manifest = manifest_for(model, data_info, onnx_path, name=name, version=version, metric=metric)
+    manifest_path = manifest_path_for(onnx_path)
+    manifest.write(manifest_path)
+    return OnnxExportResult(onnx_path, manifest_path, parity)
+
+
+def parity_on_dataset(model: DeployModel, onnx_path: Path, data: str, data_info: dict, val_fraction: float,
+                      max_windows: int | None = None) -> ParityReport:
+    from export.parity import onnx_runner, parity_report
+    from train.data import load_windows, temporal_split
+
+    windows = load_windows(data, limit=max_windows, progress=False)
+    if dict(windows.feature_hashes) != data_info["feature_hashes"]:
+        raise ExportError(f"{data} has feature configs {dict(windows.feature_hashes)}, the model was trained on "
+                          f"{data_info['feature_hashes']}")
+    _, val_idx = temporal_split(len(windows), val_fraction)
+    return parity_report(model, onnx_runner(onnx_path), windows, val_idx)
