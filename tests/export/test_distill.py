@@ -1,0 +1,199 @@
+"""Distillation of a fine-tuned teacher into a smaller student, on a tiny generated dataset."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import export.distill as distill
+from export.distill import (
+    DistillConfig,
+    discrepancy,
+    load_student,
+    load_teacher,
+    model_size,
+    run_distill,
+    student_from_teacher,
+)
+from export.errors import ExportError
+from node_firmware_sim.dataset import DatasetSpec, export_dataset
+from train.data import load_windows, temporal_split
+from train.finetune import run_finetune
+from train.pretrain import run_pretrain
+from train.run_config import FinetuneConfig, PretrainConfig
+
+REPO = Path(__file__).resolve().parents[2]
+TEACHER_MODEL = {"dim": 16, "heads": 2, "decoder_dim": 8, "modality_depth": 1, "joint_depth": 1,
+                 "structural_dims": 2}
+STUDENT = {"dim": 8, "heads": 2, "modality_depth": 1, "joint_depth": 0, "mlp_ratio": 1.0}
+TASKS = ("classify", "localize", "detect")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def distill_dataset(tmp_path_factory) -> Path:
+    """48 parking-lot windows (3 shards, episodes of 4 windows, at most one vehicle)."""
+    spec = DatasetSpec(site=str(REPO / "configs" / "sites" / "parking_lot.toml"), scenario="parking_lot",
+                       windows=48, seed=0, codec="png", shard_size=16,
+                       params={"max_vehicles": 1, "episode_windows": 4})
+    out = tmp_path_factory.mktemp("distill_data") / "dataset"
+    export_dataset(spec, out, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher(distill_dataset, tmp_path_factory) -> dict[str, str]:
+    """task -> fine-tuned checkpoint, all three heads on one pretrained (frozen) encoder."""
+    root = tmp_path_factory.mktemp("teacher")
+    run_pretrain(PretrainConfig(data=str(distill_dataset), out=str(root / "pre"), epochs=2, batch_size=8, lr=3e-3,
+                                warmup_epochs=0.5, progress=False, model=dict(TEACHER_MODEL)))
+    paths = {}
+    for task, epochs in zip(TASKS, (30, 15, 8), strict=True):
+        result = run_finetune(FinetuneConfig(data=str(distill_dataset), out=str(root / task), task=task,
+                                             encoder=str(root / "pre"), epochs=epochs, batch_size=8,
+                                             progress=False))
+        paths[task] = str(result.checkpoint)
+    return paths
+
+
+def config(data, teacher_paths, out, **changes) -> DistillConfig:
+    values = dict(teacher=list(teacher_paths), data=str(data), out=str(out), student=dict(STUDENT), epochs=12,
+                  batch_size=8, lr=5e-3, device="cpu", progress=False)
+    values.update(changes)
+    return DistillConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def distilled(distill_dataset, teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distilled")
+    return run_distill(config(distill_dataset, teacher.values(), out))
+
+
+def test_distillation_brings_the_student_close_to_the_teacher(distill_dataset, teacher, distilled):
+    before, after = distilled.discrepancy_before, distilled.discrepancy_after
+    assert distilled.val_loss < 0.5 * distilled.val_loss_before
+    assert after["logits_kl"] < before["logits_kl"]
+    assert after["logits_agreement"] >= before["logits_agreement"]
+    assert after["position_rmse"] < before["position_rmse"]
+    assert after["detection_positions_rmse"] < before["detection_positions_rmse"]
+    assert after["detection_logits_kl"] < before["detection_logits_kl"]
+    # the same, measured from outside: an untrained student of the same seed vs the reloaded one
+    teacher_model, _ = load_teacher(list(teacher.values()))
+    student, _ = load_student(distilled.checkpoint)
+    windows = load_windows(distill_dataset, progress=False)
+    _, val_idx = temporal_split(len(windows), 0.25)
+    fresh = student_from_teacher(teacher_model, STUDENT, student.heads["classify"].n_classes, 2, seed=0)
+    untrained = discrepancy(teacher_model, fresh, windows, val_idx)
+    trained = discrepancy(teacher_model, student, windows, val_idx)
+    assert trained == pytest.approx(after, rel=1e-5, abs=1e-6)
+    assert untrained == pytest.approx(before, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_labels_are_never_read(distill_dataset, teacher, distilled, tmp_path, monkeypatch):
+    """Corrupting every label and target of the training windows changes nothing in the student."""
+    real_load = distill.load_windows
+
+    def corrupted(path, **kwargs):
+        windows = real_load(path, **kwargs)
+        train_idx, _ = temporal_split(len(windows), 0.25)
+        rng = np.random.default_rng(7)
+        n = len(train_idx)
+        windows.label[train_idx] = rng.integers(0, len(windows.class_names), n)
+        shape = windows.target_class[train_idx].shape
+        windows.target_class[train_idx] = rng.integers(-1, len(windows.class_names), shape)
+        windows.target_position[train_idx] = rng.normal(0, 1e3, windows.target_position[train_idx].shape)
+        return windows
+
+    monkeypatch.setattr(distill, "load_windows", corrupted)
+    again = run_distill(config(distill_dataset, teacher.values(), tmp_path / "corrupted"))
+    a = torch.load(distilled.checkpoint, weights_only=False)["state_dict"]
+    b = torch.load(again.checkpoint, weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert again.train_loss == distilled.train_loss
+
+
+@pytest.mark.slow
+def test_teacher_outputs_computed_on_the_fly_train_the_same(distill_dataset, teacher, tmp_path, monkeypatch):
+    cached = run_distill(config(distill_dataset, teacher.values(), tmp_path / "cached", epochs=2))
+    monkeypatch.setattr(distill, "TEACHER_CACHE_BYTES", 0)
+    fly = run_distill(config(distill_dataset, teacher.values(), tmp_path / "fly", epochs=2))
+    assert cached.teacher_cached and not fly.teacher_cached
+    assert fly.train_loss == pytest.approx(cached.train_loss, rel=1e-4)
+    assert fly.discrepancy_after == pytest.approx(cached.discrepancy_after, rel=1e-3, abs=1e-5)
+
+
+def test_load_student_rebuilds_the_model(distill_dataset, distilled):
+    student, ckpt = load_student(distilled.checkpoint)
+    again, _ = load_student(Path(distilled.checkpoint).parent)
+    assert ckpt["kind"] == "distilled"
+    assert list(student.heads) == list(TASKS)
+    assert student.encoder.cfg.dim == STUDENT["dim"] and student.encoder.cfg.objective == "distilled"
+    assert not any(k.startswith("projection") for k in ckpt["state_dict"])  # the projection is discarded
+    assert ckpt["data"]["feature_hashes"] and ckpt["extra"]["teacher_checkpoints"]
+    inputs = distill.example_inputs(student, nodes=8, batch=3)
+    with torch.no_grad():
+        for x, y in zip(student(*inputs), again(*inputs), strict=True):
+            assert torch.equal(x, y)
+    # the reloaded student scores exactly what the run measured on the in-memory one
+    windows = load_windows(distill_dataset, progress=False)
+    _, val_idx = temporal_split(len(windows), 0.25)
+    assert distill.task_metrics(student, windows, val_idx, 8, torch.device("cpu")) == distilled.student_metrics
+
+
+def test_report_has_size_and_flops(distilled):
+    t, s = distilled.teacher_size, distilled.student_size
+    assert 0 < s["parameters"] < t["parameters"]
+    assert 0 < s["flops"] < t["flops"]
+    assert s["fp32_bytes"] < t["fp32_bytes"]
+    text = distilled.report.read_text()
+    assert "parameters" in text and "FLOPs" in text
+    assert f"{s['parameters']:,}" in text and f"{t['flops']:,}" in text
+    for task in TASKS:
+        assert f"| {task} |" in text
+    student, _ = load_student(distilled.checkpoint)
+    assert model_size(student) == s
+
+
+def test_refuses_teachers_with_different_encoders(distill_dataset, teacher, tmp_path):
+    other = run_finetune(FinetuneConfig(data=str(distill_dataset), out=str(tmp_path / "scratch"), task="localize",
+                                        epochs=1, batch_size=16, progress=False, model=dict(TEACHER_MODEL)))
+    cfg = config(distill_dataset, [teacher["classify"], str(other.checkpoint)], tmp_path / "out")
+    with pytest.raises(ExportError, match="another encoder"):
+        run_distill(cfg)
+    with pytest.raises(ExportError, match="no such checkpoint"):
+        run_distill(config(distill_dataset, [str(tmp_path / "missing")], tmp_path / "out"))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"teacher": []}, "at least one fine-tuned checkpoint"),
+    ({"data": ""}, "data is required"),
+    ({"epochs": 0}, "epochs must be"),
+    ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"val_fraction": 1.0}, "val_fraction"),
+    ({"feature_weight": 0.0, "output_weight": 0.0}, "nothing to distil"),
+    ({"student": {"width": 8}}, "unknown or fixed setting"),
+    ({"student": {"modalities": ()}}, "unknown or fixed setting"),
+    ({"student": {"dim": 10, "heads": 4}}, "divisible"),
+    ({"student": {"dim": 0}}, "student.dim"),
+    ({"device": "tpu"}, "unknown device"),
+])
+def test_bad_config_is_an_export_error(tmp_path, changes, message):
+    cfg = replace(config(tmp_path / "data", ["a.pt"], tmp_path / "out"), **changes)
+    with pytest.raises(ExportError, match=message):
+        cfg.validate()
+    with pytest.raises(ExportError, match=message):
+        run_distill(cfg)
