@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "range. Engines are tied to the TensorRT version and GPU: build on the Jetson.")
     p.add_argument("--onnx", required=True, help="ONNX file with its manifest beside it")
     p.add_argument("--precision", choices=["fp16", "int8", "fp32"], default="fp16")
-    p.add_argument("--out", help="engine file (default: model.<precision>.engine beside the ONNX)")
+    p.add_argument("--out", help="engine file (default: model.<precision>.trt.engine beside the ONNX)")
     p.add_argument("--nodes", type=int, help="typical node count of the site (profile optimum)")
-    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch of the profile (default 8)")
+    p.add_argument("--timing-cache", help="tactic timing cache file (loaded when present, saved after the build)")
     return parser
 
 
@@ -113,11 +114,14 @@ def _cmd_quantize(args) -> int:
 
 
 def _cmd_engine(args) -> int:
-    from export.tensorrt_engine import build_engine_from_cli
+    from export.tensorrt_engine import EngineSpec, build_engine, engine_summary
 
-    path = build_engine_from_cli(Path(args.onnx), precision=args.precision,
-                                 out=Path(args.out) if args.out else None, nodes=args.nodes, max_batch=args.max_batch)
-    print(f"wrote {path}")
+    spec = EngineSpec(precision=args.precision, batch=(1, 1, args.max_batch), site_nodes=args.nodes,
+                      timing_cache=args.timing_cache)
+    path = build_engine(Path(args.onnx), Path(args.out) if args.out else None, spec)
+    summary = engine_summary(path)
+    print(f"wrote {path} (TensorRT {summary.get('tensorrt_version', '?')}, "
+          f"{summary.get('build_seconds', float('nan')):.0f} s) and its manifest")
     return 0
 
 

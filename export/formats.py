@@ -27,9 +27,9 @@ FORMATS: tuple[ExportFormat, ...] = (
                  ("onnxruntime", "tensorrt"), ("torch", "onnx")),
     ExportFormat("onnx-int8", "model.int8.onnx", "onnx", "int8", "quantize", "model.onnx + calibration windows",
                  ("onnxruntime", "tensorrt"), ("onnx", "onnxruntime")),
-    ExportFormat("engine-fp16", "model.fp16.engine", "tensorrt", "fp16", "engine", "model.onnx",
+    ExportFormat("engine-fp16", "model.fp16.trt.engine", "tensorrt", "fp16", "engine", "model.onnx",
                  ("tensorrt",), ("tensorrt", "cuda-python")),
-    ExportFormat("engine-int8", "model.int8.engine", "tensorrt", "int8", "engine", "model.int8.onnx (Q/DQ)",
+    ExportFormat("engine-int8", "model.int8.trt.engine", "tensorrt", "int8", "engine", "model.int8.onnx (Q/DQ)",
                  ("tensorrt",), ("tensorrt", "cuda-python")),
 )
 
