@@ -20,7 +20,7 @@ EPILOG = "formats:\n" + FORMAT_LINES + """
 examples:
   spar-export distill --teacher runs/spar-cls --teacher runs/spar-loc --data data/lot --out runs/student
   spar-export onnx --checkpoint runs/student --data data/lot --out models/parking_lot --name spar-parking-lot
-  spar-export quantize --onnx models/parking_lot/model.onnx --data data/lot
+  spar-export quantize --onnx models/parking_lot/model.onnx --checkpoint runs/student --data data/lot
   spar-export engine --onnx models/parking_lot/model.int8.onnx --precision int8   # on the Jetson
 """
 
@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--method auto measures MinMax, Percentile and Entropy and keeps the best. "
                                    "Writes model.int8.onnx, its manifest and parity-int8.md.")
     p.add_argument("--onnx", required=True, help="FP32 model.onnx (its manifest.json beside it)")
-    p.add_argument("--data", required=True, help="dataset: calibration and evaluation windows")
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="the checkpoint(s) model.onnx was exported from (the torch reference of the parity report)")
+    p.add_argument("--data", required=True, help="dataset: calibration windows from its training part, evaluation "
+                                                 "on its validation part")
+    p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--out", help="INT8 file (default: model.int8.onnx beside the input)")
     p.add_argument("--method", default="auto", choices=["auto", "minmax", "percentile", "entropy"])
     p.add_argument("--calibration-windows", type=int, default=128)
@@ -105,10 +109,20 @@ def _cmd_onnx(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    from export.quantize import quantize_from_manifest
+    import numpy as np
 
-    report = quantize_from_manifest(Path(args.onnx), args.data, out=Path(args.out) if args.out else None,
-                                    method=args.method, calibration_windows=args.calibration_windows)
+    from export.exporter import load_deployable
+    from export.quantize import quantize
+    from train.data import load_windows, temporal_split
+
+    model, _ = load_deployable(args.checkpoint)
+    windows = load_windows(args.data, progress=False)
+    train_idx, val_idx = temporal_split(len(windows), args.val_fraction)
+    # calibration: evenly spread over the training part (episodes differ; consecutive windows do not)
+    calib = train_idx[np.linspace(0, len(train_idx) - 1, min(args.calibration_windows, len(train_idx))).astype(int)]
+    onnx_path = Path(args.onnx)
+    out = Path(args.out) if args.out else onnx_path.with_name(f"{onnx_path.stem}.int8.onnx")
+    report = quantize(onnx_path, out, windows, np.unique(calib), val_idx, model, method=args.method)
     print(report.to_markdown())
     return 0
 

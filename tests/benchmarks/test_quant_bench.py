@@ -1,0 +1,122 @@
+"""The quantization benchmark on tiny models and synthetic windows: every row, every ratio, the plot."""
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.errors import BenchError
+from benchmarks.quant_bench import (
+    STUDENT_INT8,
+    STUDENT_INT8_DYNAMIC,
+    STUDENT_ORT,
+    STUDENT_TORCH,
+    TEACHER_ORT,
+    TEACHER_TORCH,
+    BenchEntry,
+    bench_inputs,
+    run_quant_benchmark,
+    standard_entries,
+)
+from export.deploy_model import DeployModel
+from export.onnx_export import export_onnx
+from export.parity import onnx_runner
+from export.quantize import quantize_dynamic_int8, quantize_static_int8
+from train.data import WindowSet
+from train.heads import make_head
+from train.models.config import ModalitySpec, SparConfig
+from train.models.spar import SparEncoder
+
+CLASSES = ("none", "car", "van")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def windows() -> WindowSet:
+    """16 synthetic windows of 6 nodes, one modality of 4 x 8 dB tokens (fast: no dataset export)."""
+    rng = np.random.default_rng(0)
+    w, n = 16, 6
+    label = rng.integers(0, len(CLASSES), w)
+    target_class = np.where(label > 0, label, -1)[:, None]
+    target_position = np.where(label[:, None, None] > 0, rng.uniform(0, 30, (w, 1, 2)), np.nan).astype(np.float32)
+    return WindowSet(tokens={"microphone": (rng.normal(-60, 10, (w, n, 4, 8))).astype(np.float32)},
+                     present={"microphone": rng.random((w, n)) > 0.1}, positions=rng.uniform(0, 30, (w, n, 2))
+                     .astype(np.float32), label=label, target_class=target_class, target_position=target_position,
+                     window_index=np.arange(w), class_names=CLASSES, feature_configs={}, site={})
+
+
+def tiny_model(dim: int, seed: int) -> DeployModel:
+    torch.manual_seed(seed)
+    cfg = SparConfig(modalities=(ModalitySpec("microphone", 4, 8),), max_nodes=16, dim=dim, heads=2,
+                     modality_depth=1, joint_depth=1, structural_dims=2, decoder_dim=dim)
+    encoder = SparEncoder(cfg)
+    encoder.set_token_statistics({"microphone": (-60.0, 10.0)})
+    heads = {task: make_head(task, dim, len(CLASSES), 2) for task in ("classify", "localize")}
+    return DeployModel(encoder, heads, len(CLASSES), 2).eval()
+
+
+@pytest.fixture(scope="module")
+def artifacts(windows, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quant_bench")
+    teacher, student = tiny_model(16, 0), tiny_model(8, 1)
+    student_fp32 = export_onnx(student, tmp / "student.onnx")
+    int8 = quantize_static_int8(student_fp32, tmp / "student.int8.onnx", windows, np.arange(12))
+    dynamic = quantize_dynamic_int8(student_fp32, tmp / "student.dynamic.onnx")
+    return tmp, teacher, student, student_fp32, int8, dynamic
+
+
+def test_report_has_every_row_and_ratio(artifacts, windows, tmp_path):
+    tmp, teacher, student, student_fp32, int8, dynamic = artifacts
+    entries = standard_entries(teacher, student, student_fp32, int8, threads=1, student_int8_dynamic=dynamic,
+                               workdir=tmp)
+    assert (tmp / "teacher.onnx").is_file()  # exported for the ORT teacher row
+    report = run_quant_benchmark(entries, windows, np.arange(12, 16), nodes=8, batches=(1, 4), repeats=3, warmup=1,
+                                 threads=1)
+    labels = [TEACHER_TORCH, STUDENT_TORCH, TEACHER_ORT, STUDENT_ORT, STUDENT_INT8, STUDENT_INT8_DYNAMIC]
+    assert [e.label for e in report.entries] == labels
+    for e in report.entries:
+        assert all(len(e.latency_ms[b]) == 3 and min(e.latency_ms[b]) > 0 for b in (1, 4))
+        assert {"classify/accuracy", "localize/mean_distance"} <= set(e.metrics)
+    assert report.entry(TEACHER_TORCH).params > report.entry(STUDENT_TORCH).params
+    assert report.entry(STUDENT_INT8).file_bytes > 0 and report.entry(STUDENT_TORCH).file_bytes is None
+    assert set(report.ratios) == {"INT8 student vs FP32 teacher, both ORT", "INT8 ORT vs torch eager FP32, student",
+                                  "INT8 vs FP32, student, both ORT", "FP32 student vs FP32 teacher, torch eager",
+                                  "INT8 dynamic vs FP32, student, both ORT"}
+    slow, fast = report.entry(TEACHER_ORT), report.entry(STUDENT_INT8)
+    assert report.ratios["INT8 student vs FP32 teacher, both ORT"][4] == pytest.approx(slow.p(4, 50) / fast.p(4, 50))
+    # same model, same windows: ORT FP32 scores what torch scores
+    assert report.entry(STUDENT_ORT).metrics == pytest.approx(report.entry(STUDENT_TORCH).metrics, rel=1e-4)
+    text = report.to_markdown()
+    assert "machine: " in text and "1 thread(s) for torch and ONNX Runtime alike" in text
+    for label in labels:
+        assert f"| {label} |" in text
+    assert "b4 p99 ms" in text and "classify/accuracy" in text and "x |" in text
+    png = report.plot(tmp_path / "quant.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mismatched_threads_are_refused(artifacts, windows):
+    _, _, student, student_fp32, _, _ = artifacts
+    entry = BenchEntry("ORT", onnx_runner(student_fp32, threads=2), 1, 1, student)
+    with pytest.raises(BenchError, match="threads"):
+        run_quant_benchmark([entry], windows, [0], repeats=1, threads=1)
+
+
+def test_bench_inputs_cut_and_pad_real_windows(windows, artifacts):
+    student = artifacts[2]
+    names = student.input_names
+    cut = bench_inputs(windows, [3, 4], 3, 4, names)
+    assert cut["tokens_microphone"].shape == (3, 4, 4, 8)
+    np.testing.assert_array_equal(cut["tokens_microphone"][2], windows.tokens["microphone"][3, :4])  # cycles
+    padded = bench_inputs(windows, [3], 2, 9, names, max_nodes=16)
+    assert padded["present_microphone"].shape == (2, 9) and not padded["present_microphone"][:, 6:].any()
+    np.testing.assert_array_equal(padded["node_index"][0], np.arange(9))
+    assert padded["positions"].dtype == np.float32 and np.isfinite(padded["positions"]).all()
+    outputs = onnx_runner(artifacts[3], threads=1)(padded)
+    assert outputs[0].shape == (2, 3)
