@@ -78,6 +78,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="where objectives.md/.json/.png go (default: %(default)s)")
     ob.set_defaults(func=_cmd_objectives)
 
+    qb = sub.add_parser("quant", help="teacher vs student, torch vs ONNX Runtime, FP32 vs INT8: latency and metric",
+                        description="Torch eager FP32 teacher and student, ONNX Runtime FP32 teacher and student, "
+                        "ONNX Runtime INT8 (static Q/DQ and dynamic) student: parameters, file size, latency "
+                        "p50/p99 at batch 1 and 8 with 8 nodes (real windows), task metric on the validation "
+                        "windows; all in one process with the same thread count. Defaults point at what "
+                        "`make models` builds.")
+    qb.add_argument("--teacher", action="append", help="fine-tuned teacher checkpoint(s) (default: "
+                    "build/models/classify and build/models/localize)")
+    qb.add_argument("--student", default="build/models/student", help="distilled checkpoint (default: %(default)s)")
+    qb.add_argument("--models", type=Path, default=Path("models/parking_lot"),
+                    help="folder with model.onnx, model.int8.onnx (default: %(default)s)")
+    qb.add_argument("--data", default="build/models/data", help="dataset (default: %(default)s)")
+    qb.add_argument("--threads", type=int, default=1, help="torch and ORT intra-op threads (default: %(default)s)")
+    qb.add_argument("--repeats", type=int, default=100, help="timed runs per entry and batch (default: %(default)s)")
+    qb.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where quant.md/.png go")
+    qb.set_defaults(func=_cmd_quant)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)
@@ -154,6 +171,39 @@ def _cmd_objectives(args: argparse.Namespace) -> int:
     report.plot(args.out / "objectives.png")
     print(report.to_markdown())
     print(f"report: {args.out / 'objectives.md'}, plot: {args.out / 'objectives.png'}")
+    return 0
+
+
+def _cmd_quant(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import torch
+
+    from benchmarks.quant_bench import run_quant_benchmark, standard_entries
+    from export.errors import ExportError
+    from export.exporter import load_deployable
+    from train.data import load_windows, temporal_split
+
+    teachers = args.teacher or ["build/models/classify", "build/models/localize"]
+    try:
+        teacher, _ = load_deployable(teachers)
+        student, _ = load_deployable([args.student])
+    except ExportError as exc:
+        raise BenchError(f"{exc} (run `make models` first, or give --teacher/--student)") from None
+    torch.set_num_threads(args.threads)
+    windows = load_windows(args.data, progress=False)
+    _, val_idx = temporal_split(len(windows), 0.25)
+    dynamic = args.models / "model.int8.dynamic.onnx"
+    with tempfile.TemporaryDirectory(prefix="spar-quant-") as work:
+        entries = standard_entries(teacher, student, args.models / "model.onnx", args.models / "model.int8.onnx",
+                                   threads=args.threads, workdir=work,
+                                   student_int8_dynamic=dynamic if dynamic.exists() else None)
+        report = run_quant_benchmark(entries, windows, val_idx, repeats=args.repeats, threads=args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quant.md").write_text(report.to_markdown())
+    report.plot(args.out / "quant.png")
+    print(report.to_markdown())
+    print(f"report: {args.out / 'quant.md'}, plot: {args.out / 'quant.png'}")
     return 0
 
 

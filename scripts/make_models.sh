@@ -24,6 +24,7 @@ done
 rm -f "$OUT"/*
 "$BIN/spar-export" onnx --checkpoint "$WORK/student" --data "$WORK/data" --out "$OUT" \
     --name spar-parking-lot --version 0.1.0
-"$BIN/spar-export" quantize --onnx "$OUT/model.onnx" --checkpoint "$WORK/student" --data "$WORK/data"
+"$BIN/spar-export" quantize --onnx "$OUT/model.onnx" --checkpoint "$WORK/student" --data "$WORK/data" \
+    --calibration-windows 64
 cp "$WORK/student/report.md" "$OUT/distillation.md"
 ls -l "$OUT"
