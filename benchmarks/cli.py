@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ob.add_argument("--windows", type=int, help="generated windows (default 1600; --full 4000)")
     ob.add_argument("--pretrain-epochs", type=int, help="default 10 (--full 40)")
     ob.add_argument("--head-steps", type=int, help="frozen-encoder head steps (default 700; --full 1500)")
-    ob.add_argument("--supervised-steps", type=int, help="from-scratch steps (default 500; --full 2000)")
+    ob.add_argument("--supervised-steps", type=int, help="from-scratch steps (default 150; --full 2000)")
     ob.add_argument("--seeds", type=int, help="number of seeds (default 1; --full 3)")
     ob.add_argument("--ablations", help="comma-separated ablations, 'none' to skip (default: the six of Table 8)")
     ob.add_argument("--workdir", type=Path, default=Path("benchmarks/.work/objectives"),

@@ -34,7 +34,7 @@ class ObjectivesConfig:
     windows: int = 1600  # generated windows (the last quarter is the validation set)
     pretrain_epochs: int = 10
     head_steps: int = 700  # frozen-encoder heads, lr 3e-3: the same updates at every label ratio
-    supervised_steps: int = 500  # encoder + head from scratch, lr 1e-3
+    supervised_steps: int = 150  # encoder + head from scratch, lr 1e-3 (each step costs ~30 head steps)
     batch_size: int = 32
     lr: float = 1e-3
     label_ratios: tuple[float, ...] = (1.0, 0.2)
@@ -125,22 +125,34 @@ def run_objectives(cfg: ObjectivesConfig, progress: Callable[[str], None] = prin
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     data = ensure_dataset(cfg, progress)
     ledger = cfg.workdir / "jobs.jsonl"
-    settings = json.dumps({k: v for k, v in asdict(cfg).items() if k != "workdir"}, sort_keys=True, default=str)
-    done = _finished_jobs(ledger, settings)
+    done = _finished_jobs(ledger)
     jobs = plan(cfg)
     started = time.monotonic()
+    results = {}
     for n, job in enumerate(jobs, 1):
-        if job.key in done:
+        settings = job_settings(job, cfg)
+        if (job.key, settings) in done:
+            results[job.key] = done[job.key, settings]
             continue
         progress(f"[{n}/{len(jobs)}] {job.key} ({(time.monotonic() - started) / 60:.1f} min so far)")
-        done[job.key] = run_job(job, cfg, data)
+        results[job.key] = run_job(job, cfg, data)
         with open(ledger, "a") as f:
-            f.write(json.dumps({"settings": settings, "key": job.key, "result": done[job.key]}) + "\n")
-    return ObjectivesReport(cfg, {job.key: done[job.key] for job in jobs}, describe_machine(_versions()))
+            f.write(json.dumps({"settings": settings, "key": job.key, "result": results[job.key]}) + "\n")
+    return ObjectivesReport(cfg, results, describe_machine(_versions()))
 
 
-def _finished_jobs(ledger: Path, settings: str) -> dict[str, dict[str, Any]]:
-    """Results of jobs already run with exactly these settings (others are ignored, not deleted)."""
+def job_settings(job: Job, cfg: ObjectivesConfig) -> str:
+    """The settings a job's result depends on: changing the head budget does not redo pretraining."""
+    keys = ["windows", "scenario_params", "pretrain_epochs", "batch_size", "lr", "model"]
+    if job.kind == "finetune":
+        keys.append("supervised_steps" if job.method == "supervised" else "head_steps")
+    values = asdict(cfg)
+    return json.dumps({k: values[k] for k in keys}, sort_keys=True, default=str)
+
+
+def _finished_jobs(ledger: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """(job key, settings) -> result of every job already run (a result with other settings is kept
+    in the ledger but not reused)."""
     done = {}
     if ledger.exists():
         for line in ledger.read_text().splitlines():
@@ -148,8 +160,7 @@ def _finished_jobs(ledger: Path, settings: str) -> dict[str, dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a crash mid-write: that job simply runs again
-            if record.get("settings") == settings:
-                done[record["key"]] = record["result"]
+            done[record["key"], record["settings"]] = record["result"]
     return done
 
 

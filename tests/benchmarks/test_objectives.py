@@ -77,3 +77,15 @@ def test_report_gap_is_relative_mse_reduction():
     cfg = ObjectivesConfig(ablations=(), label_ratios=(1.0, 0.2))
     results = {Job("finetune", m, 0, "localize", 0.2).key: {"mse": v} for m, v in (("spar", 6.0), ("mae", 10.0))}
     assert ObjectivesReport(cfg, results, "m").gap() == pytest.approx(0.4)
+
+
+@pytest.mark.slow
+def test_a_new_head_budget_reuses_the_pretrained_encoders(tmp_path):
+    from dataclasses import replace
+
+    cfg = replace(toy_config(tmp_path / "work"), ablations=())
+    run_objectives(cfg, progress=lambda _: None)
+    messages = []
+    run_objectives(replace(cfg, head_steps=3), progress=messages.append)
+    reran = [m.split()[1] for m in messages if m.startswith("[")]
+    assert reran and all(k.startswith("finetune/") and "/supervised/" not in k for k in reran), reran
