@@ -12,6 +12,11 @@ from spar_wire.site_layout import SiteLayout, load_site_layout
 REPO = Path(__file__).resolve().parents[1]
 SITES = REPO / "configs" / "sites"
 
+# 48 windows in 3 shards, episodes of 4 windows with at most one vehicle: every class path of the
+# loaders is exercised and generation stays near 2 s on one core (one worker: spawning a pool costs more).
+TINY_PARKING = {"scenario": "parking_lot", "windows": 48, "seed": 0, "codec": "png", "shard_size": 16,
+                "params": {"max_vehicles": 1, "episode_windows": 4}}
+
 
 @pytest.fixture
 def mosquitto(tmp_path) -> LocalBroker:
@@ -27,3 +32,33 @@ def mosquitto(tmp_path) -> LocalBroker:
 @pytest.fixture(scope="session")
 def parking_lot() -> SiteLayout:
     return load_site_layout(SITES / "parking_lot.toml")
+
+
+@pytest.fixture(scope="session")
+def tiny_parking_dataset(tmp_path_factory) -> Path:
+    """Folder of a 48-window parking-lot dataset (read-only: copy it before changing anything)."""
+    from node_firmware_sim.dataset import DatasetSpec, export_dataset
+
+    out = tmp_path_factory.mktemp("tiny_parking") / "dataset"
+    export_dataset(DatasetSpec(site=str(SITES / "parking_lot.toml"), **TINY_PARKING), out, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_window_set(tiny_parking_dataset):
+    """load_windows of the tiny dataset (shared: do not modify its arrays in place)."""
+    from train.data import load_windows
+
+    return load_windows(tiny_parking_dataset, progress=False)
+
+
+@pytest.fixture(scope="session")
+def one_torch_thread():
+    """One intra-op thread: on a busy 2-core machine torch's default of 2 made tiny steps 10-50x
+    slower (thread hand-offs dominate models this small). Used by the torch test folders."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,14 +11,9 @@ from benchmarks.objectives import Job, ObjectivesConfig, ObjectivesReport, plan,
 TINY = {"dim": 16, "heads": 2, "decoder_dim": 8, "modality_depth": 1, "joint_depth": 1, "structural_dims": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def toy_config(workdir) -> ObjectivesConfig:

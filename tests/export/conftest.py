@@ -10,40 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from node_firmware_sim.dataset import DatasetSpec, export_dataset
-from train.data import WindowSet, load_windows, temporal_split, token_statistics
+from train.data import WindowSet, temporal_split, token_statistics
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Same dataset as tests/train/conftest.py (fixtures cannot be imported across test folders under
-# --import-mode=importlib): 48 windows, 3 shards, episodes of 4 windows with at most one vehicle.
-TINY_PARKING = DatasetSpec(site=str(REPO / "configs" / "sites" / "parking_lot.toml"), scenario="parking_lot",
-                           windows=48, seed=0, codec="png", shard_size=16,
-                           params={"max_vehicles": 1, "episode_windows": 4})
 TASKS = ("classify", "localize", "detect")
 
 
 @pytest.fixture(autouse=True, scope="session")
-def one_torch_thread():
-    """One intra-op thread: the machine is small and shared; thread hand-offs dominate tiny models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
+    """tiny_parking_dataset, tiny_window_set and one_torch_thread live in tests/conftest.py."""
     yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_parking_dataset(tmp_path_factory) -> Path:
-    """Folder of a 48-window parking-lot dataset (read-only: copy it before changing anything)."""
-    out = tmp_path_factory.mktemp("tiny_parking_export") / "dataset"
-    export_dataset(TINY_PARKING, out, workers=1)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_window_set(tiny_parking_dataset) -> WindowSet:
-    """load_windows of the tiny dataset (shared: do not modify its arrays in place)."""
-    return load_windows(tiny_parking_dataset, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ from export.distill import (
     student_from_teacher,
 )
 from export.errors import ExportError
-from node_firmware_sim.dataset import DatasetSpec, export_dataset
 from train.data import load_windows, temporal_split
 from train.finetune import run_finetune
 from train.pretrain import run_pretrain
@@ -33,23 +32,14 @@ STUDENT = {"dim": 8, "heads": 2, "modality_depth": 1, "joint_depth": 0, "mlp_rat
 TASKS = ("classify", "localize", "detect")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(scope="session")
+def distill_dataset(tiny_parking_dataset) -> Path:
+    return tiny_parking_dataset
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def distill_dataset(tmp_path_factory) -> Path:
-    """48 parking-lot windows (3 shards, episodes of 4 windows, at most one vehicle)."""
-    spec = DatasetSpec(site=str(REPO / "configs" / "sites" / "parking_lot.toml"), scenario="parking_lot",
-                       windows=48, seed=0, codec="png", shard_size=16,
-                       params={"max_vehicles": 1, "episode_windows": 4})
-    out = tmp_path_factory.mktemp("distill_data") / "dataset"
-    export_dataset(spec, out, workers=1)
-    return out
 
 
 @pytest.fixture(scope="module")
