@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                         description="Generate a simulated parking-lot dataset, pretrain SPAR, MAE and the ablations, "
                         "fine-tune classification and localization heads on the frozen encoders at label ratios "
                         "1.0 and 0.2 (supervised: from scratch), and write a markdown table, JSON and a PNG plot. "
-                        "About 25 min on 2 CPU cores with the defaults; finished jobs are remembered in the "
+                        "About 40 min on 2 idle CPU cores with the defaults; finished jobs are remembered in the "
                         "work directory, so an interrupted run resumes.")
     ob.add_argument("--full", action="store_true", help="longer budget: 4000 windows, 40 pretraining epochs, 3 seeds")
     ob.add_argument("--windows", type=int, help="generated windows (default 1600; --full 4000)")
