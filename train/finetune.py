@@ -171,9 +171,9 @@ def encode_windows(encoder: SparEncoder, windows: WindowSet, indices: np.ndarray
 
 
 def _targets(windows: WindowSet, index: np.ndarray, device: torch.device) -> SimpleNamespace:
-    b = windows.batch(index)
-    return SimpleNamespace(label=b.label.to(device), target_class=b.target_class.to(device),
-                           target_position=b.target_position.to(device))
+    """Only what a head's loss reads: the cached-feature loop must not assemble token tensors."""
+    return SimpleNamespace(**{name: torch.from_numpy(getattr(windows, name)[index]).to(device)
+                              for name in ("label", "target_class", "target_position")})
 
 
 def _train_frozen(model: TaskModel, windows, train_idx, cfg: FinetuneConfig, device, log) -> None:
