@@ -54,6 +54,9 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--codec", default="webp:85", help="raw32 | raw | png | jpeg:Q | webp:Q | webp:lossless "
                    "(default: %(default)s)")
     p.add_argument("--fast", action="store_true", help="as fast as possible instead of real time")
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="real time compressed by this factor: windows, link delays and outages all run "
+                   "SPEED times faster on the wall clock (default: %(default)s)")
     p.add_argument("--procs", type=int, default=1, help="split the nodes over this many processes")
     p.add_argument("--clock-offset-std-ms", type=float, default=0.0,
                    help="node clock offsets ~ N(0, this) in ms, seeded per node (default: 0)")
@@ -83,6 +86,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         clock_offset_std_s=args.clock_offset_std_ms / 1000.0,
         mqtt=None if args.dry_run else _mqtt_settings(args),
         realtime=not args.fast,
+        speed=args.speed,
         link_log=str(args.link_log) if args.link_log else None,
         truth_log=str(args.truth_log) if args.truth_log else None,
     )

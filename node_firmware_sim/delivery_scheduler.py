@@ -2,7 +2,9 @@
 
 As fast as possible (simulated clock), the runner calls :meth:`run_due` after each window; in real
 time, a background thread publishes each frame when its wall-clock time comes, so link delay and
-jitter are real delays a receiver can measure.
+jitter are real delays a receiver can measure. ``speed`` > 1 runs the same timeline compressed
+(trial time t falls due at epoch + t / speed): delays shrink by the same factor, so a receiver
+whose deadlines are scaled alike sees the same late and on-time messages in less wall time.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ log = logging.getLogger(__name__)
 class DeliveryScheduler:
     """A time-ordered queue of publish actions keyed by trial time (seconds)."""
 
-    def __init__(self, *, realtime: bool, epoch_monotonic: float | None = None):
+    def __init__(self, *, realtime: bool, epoch_monotonic: float | None = None, speed: float = 1.0):
+        if not speed > 0:
+            raise ValueError(f"speed must be > 0, got {speed!r}")
         self.realtime = realtime
+        self.speed = speed  # trial seconds per wall-clock second (real time: 1)
         self.epoch = time.monotonic() if epoch_monotonic is None else epoch_monotonic
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
         self._counter = itertools.count()
@@ -84,7 +89,7 @@ class DeliveryScheduler:
             self._execute(action)
 
     def _due_in(self, t_s: float) -> float:
-        return self.epoch + t_s - time.monotonic()
+        return self.epoch + t_s / self.speed - time.monotonic()
 
     def _execute(self, action: Callable[[], None]) -> None:
         try:

@@ -58,6 +58,7 @@ class FieldConfig:
     clock_offset_std_s: float = 0.0  # each node's clock offset ~ N(0, this), seeded per node
     mqtt: MqttSettings | None = None  # None: no broker, link and encoding only (dry run)
     realtime: bool = False
+    speed: float = 1.0  # real time only: trial seconds per wall-clock second (> 1 compresses the timeline)
     node_ids: tuple[str, ...] | None = None  # subset of the site's nodes (None = all)
     link_log: str | None = None  # JSON-lines log of every link decision
     truth_log: str | None = None  # JSON-lines ground truth per window
@@ -68,6 +69,8 @@ class FieldConfig:
         if not (isinstance(self.duration_s, (int, float)) and math.isfinite(self.duration_s)
                 and self.duration_s > 0):
             raise NodeError(f"duration must be > 0 seconds, got {self.duration_s!r}")
+        if not (isinstance(self.speed, (int, float)) and math.isfinite(self.speed) and self.speed > 0):
+            raise NodeError(f"speed must be a finite number > 0, got {self.speed!r}")
         for node in self.node_ids or ():
             self.layout.node(node)
 
@@ -100,6 +103,9 @@ class FieldSummary:
     elapsed_s: float
     realtime: bool
     link_log: str | None = None
+    start_epoch_ns: int = 0  # node time stamped on window 0 (true clock)
+    wall_start_ns: int = 0  # wall clock at trial time 0; window k is complete at + (k + 1) W / speed
+    speed: float = 1.0
 
     def total(self) -> NodeSummary:
         total = NodeSummary("total")
@@ -112,7 +118,8 @@ class FieldSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {"windows": self.windows, "window_s": self.window_s, "elapsed_s": self.elapsed_s,
-                "realtime": self.realtime, "link_log": self.link_log,
+                "realtime": self.realtime, "link_log": self.link_log, "start_epoch_ns": self.start_epoch_ns,
+                "wall_start_ns": self.wall_start_ns, "speed": self.speed,
                 "nodes": {k: asdict(v) for k, v in self.nodes.items()}, "total": asdict(self.total())}
 
     def format_table(self) -> str:
@@ -131,8 +138,10 @@ class FieldSummary:
         return "\n".join(rows)
 
 
-def run_field(config: FieldConfig, progress: Callable[[int, int], None] | None = None) -> FieldSummary:
-    """Run one trial in this process. ``progress(done, total)`` is called after each window."""
+def run_field(config: FieldConfig, progress: Callable[[int, int], None] | None = None,
+              on_truth: Callable[[dict[str, Any]], None] | None = None) -> FieldSummary:
+    """Run one trial in this process. ``progress(done, total)`` is called after each window,
+    ``on_truth(record)`` with each window's ground truth (the truth log's record) before it is sent."""
     layout = config.layout
     source = config.source.build(layout)
     windows = max(1, math.ceil(config.duration_s / source.window_s - 1e-9))
@@ -140,20 +149,24 @@ def run_field(config: FieldConfig, progress: Callable[[int, int], None] | None =
         link_log = stack.enter_context(open(config.link_log, "w")) if config.link_log else None
         truth_log = stack.enter_context(open(config.truth_log, "w")) if config.truth_log else None
         link = LinkModel(config.link, config.source.seed, log=link_log)
-        scheduler = DeliveryScheduler(realtime=config.realtime)
+        scheduler = DeliveryScheduler(realtime=config.realtime, speed=config.speed)
         stack.callback(scheduler.close)
         nodes = _start_nodes(config, link, scheduler, stack)
         # Trial time 0 is now, once every node is connected: window k is sampled over
         # [k W, (k+1) W) and sent at (k+1) W, on the wall clock in real time.
         started = scheduler.epoch = time.monotonic()
-        start_ns = config.start_epoch_ns if config.start_epoch_ns is not None else time.time_ns()
+        wall_start_ns = time.time_ns()
+        start_ns = config.start_epoch_ns if config.start_epoch_ns is not None else wall_start_ns
         for k in range(windows):
             t_s = (k + 1) * source.window_s  # the window is complete: the node sends it now
             if config.realtime:
-                _sleep_until(started + t_s)
+                _sleep_until(started + t_s / config.speed)
             window = source.window(k, config.nodes)
+            truth = _truth_record(window, start_ns, source.window_s)
             if truth_log is not None:
-                truth_log.write(_truth_line(window, start_ns, source.window_s))
+                truth_log.write(json.dumps(truth) + "\n")
+            if on_truth is not None:
+                on_truth(truth)
             for node in nodes.values():
                 node.send_window(window, start_ns + int(round(k * source.window_s * 1e9)), t_s)
             if not config.realtime:
@@ -166,7 +179,7 @@ def run_field(config: FieldConfig, progress: Callable[[int, int], None] | None =
         scheduler.drain()
         summaries = {name: node.finish(link, config.ack_timeout_s) for name, node in nodes.items()}
     return FieldSummary(summaries, windows, source.window_s, time.monotonic() - started,
-                        config.realtime, config.link_log)
+                        config.realtime, config.link_log, start_ns, wall_start_ns, config.speed)
 
 
 def run_field_parallel(config: FieldConfig, procs: int,
@@ -213,8 +226,9 @@ def run_field_parallel(config: FieldConfig, procs: int,
         _merge_logs(config.link_log, [p.link_log for _, p in parts])
     assert result is not None
     ordered = {n: summaries[n] for n in nodes}
+    # Each process took its own start time; the first one's stands for the trial.
     return FieldSummary(ordered, result.windows, result.window_s, time.monotonic() - started,
-                        config.realtime, config.link_log)
+                        config.realtime, config.link_log, result.start_epoch_ns, result.wall_start_ns, config.speed)
 
 
 # --------------------------------------------------------------------------- internals
@@ -282,14 +296,14 @@ def _quiet_stop(publisher: Any) -> None:
         publisher.stop()
 
 
-def _truth_line(window: SourceWindow, start_ns: int, window_s: float) -> str:
+def _truth_record(window: SourceWindow, start_ns: int, window_s: float) -> dict[str, Any]:
     truth = window.truth
-    return json.dumps({
+    return {
         "window": window.index, "window_start_ns": start_ns + int(round(window.index * window_s * 1e9)),
         "label": truth.label, "targets": [{"class_id": t.class_id, "position": list(t.position)}
                                           for t in truth.targets],
         "extras": truth.extras,
-    }) + "\n"
+    }
 
 
 def _sleep_until(monotonic_deadline: float) -> None:

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from edge_runtime.skeleton_ingest import IngestStub
+from node_firmware_sim.errors import NodeError
 from node_firmware_sim.field_runner import FieldConfig, SourceSpec, run_field, run_field_parallel
 from node_firmware_sim.firmware import FirmwareConfig
 from node_firmware_sim.link_model import LinkConfig, Outage, load_link_config, read_link_log
@@ -82,3 +83,26 @@ def test_eight_nodes_through_a_lossy_link_arrive_exactly_as_logged(mosquitto, pa
     expected = sorted((e.node, e.modality, e.seq) for e in events for _ in e.deliveries_s)
     assert received == expected
     assert not any(k.startswith("rejected") for k in counts)
+
+
+def test_speed_compresses_the_real_time_timeline(parking_lot, tmp_path):
+    # 10 s of trial time (5 windows of 2 s) at 20x: about 0.5 s of wall time, same link decisions.
+    fast = run_field(dry_config(parking_lot, tmp_path, duration_s=10.0, realtime=True, speed=20.0))
+    assert 0.45 <= fast.elapsed_s < 5.0
+    assert fast.speed == 20.0 and fast.wall_start_ns > 0
+    (tmp_path / "sim").mkdir()
+    simulated = run_field(dry_config(parking_lot, tmp_path / "sim", duration_s=10.0))
+    assert fast.total().link == simulated.total().link
+
+
+def test_speed_must_be_positive(parking_lot, tmp_path):
+    with pytest.raises(NodeError, match="speed"):
+        dry_config(parking_lot, tmp_path, speed=0.0)
+
+
+def test_on_truth_sees_every_window_in_order(parking_lot, tmp_path):
+    seen = []
+    run_field(dry_config(parking_lot, tmp_path, duration_s=8.0), on_truth=seen.append)
+    assert [t["window"] for t in seen] == [0, 1, 2, 3]
+    logged = [json.loads(line) for line in (tmp_path / "truth.jsonl").read_text().splitlines()]
+    assert logged == seen
