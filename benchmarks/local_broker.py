@@ -52,6 +52,8 @@ class BrokerSettings:
 class LocalBroker:
     """A Mosquitto child process on ``127.0.0.1:port``. Use as a context manager."""
 
+    protocol = "5"  # what to put into MqttSettings(protocol=...); EmbeddedBroker says "3.1.1"
+
     def __init__(self, settings: BrokerSettings | None = None, workdir: str | Path | None = None,
                  port: int | None = None, start_timeout_s: float = 10.0):
         self.settings = settings or BrokerSettings()
