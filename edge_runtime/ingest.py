@@ -56,11 +56,16 @@ class MessageProcessor:
         self.limits = limits
         self.warn = warn or (lambda reason, message: log.warning("%s: %s", reason, message))
         self.counts: collections.Counter[str] = collections.Counter()
-        self.lock = threading.Lock()  # guards counts for readers in other threads
+        self.received_messages = 0  # every message handed to us, good or bad (live traffic views)
+        self.received_bytes = 0  # their payload bytes
+        self.lock = threading.Lock()  # guards counts and traffic for readers in other threads
         self._processing = threading.Lock()  # one message or deadline sweep at a time
 
     def handle(self, raw: RawMessage) -> None:
         """Process one message (any thread); never raises."""
+        with self.lock:
+            self.received_messages += 1
+            self.received_bytes += len(raw.payload)
         with self._processing:
             try:
                 self._handle(raw)
@@ -89,6 +94,11 @@ class MessageProcessor:
     def snapshot_counts(self) -> dict[str, int]:
         with self.lock:
             return dict(self.counts)
+
+    def traffic(self) -> tuple[int, int]:
+        """(messages, payload bytes) received so far, whatever became of them."""
+        with self.lock:
+            return self.received_messages, self.received_bytes
 
     def _handle(self, raw: RawMessage) -> None:
         topic = parse_topic(raw.topic)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from node_firmware_sim.errors import NodeError
-from node_firmware_sim.scenarios import SCENARIOS
+from node_firmware_sim.scenarios import SCENARIOS, parse_scenario_params
 from spar_wire.codecs import CodecSpec
 from spar_wire.errors import WireError
 from spar_wire.mqtt_settings import MqttSettings
@@ -78,7 +78,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     layout = load_site_layout(_site_path(args))
     config = FieldConfig(
         layout=layout,
-        source=SourceSpec(args.scenario, args.seed, _params(args.param),
+        source=SourceSpec(args.scenario, args.seed, parse_scenario_params(args.param),
                           str(args.recordings) if args.recordings else None),
         duration_s=args.duration,
         link=load_link_config(args.link) if args.link else LinkConfig(),
@@ -136,7 +136,7 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
 
     spec = DatasetSpec(site=str(_site_path(args)), scenario=args.scenario, windows=args.windows,
                        seed=args.seed, codec=args.codec, shard_size=args.shard_size,
-                       params=_params(args.param))
+                       params=parse_scenario_params(args.param))
     with _progress("windows") as bar:
         report = export_dataset(spec, args.out, workers=args.workers, overwrite=args.overwrite, progress=bar)
     print(f"wrote {report.windows} windows in {report.shards} shard(s), {report.bytes / 1e6:.1f} MB, "
@@ -214,19 +214,6 @@ def _site_path(args: argparse.Namespace) -> Path:
     name = DEFAULT_SITES[args.scenario]
     local = Path("configs/sites") / name
     return local if local.exists() else REPO_CONFIGS / "sites" / name
-
-
-def _params(items: list[str]) -> dict[str, Any]:
-    params = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise NodeError(f"--param {item!r}: expected KEY=VALUE")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value  # a bare string
-    return params
 
 
 class _progress:

@@ -22,7 +22,7 @@ from typing import Any
 
 from node_firmware_sim.delivery_scheduler import DeliveryScheduler
 from node_firmware_sim.errors import NodeError
-from node_firmware_sim.firmware import FirmwareConfig, NodeFirmware
+from node_firmware_sim.firmware import EncodedFrame, FirmwareConfig, NodeFirmware
 from node_firmware_sim.link_model import LinkConfig, LinkModel, LinkStats
 from node_firmware_sim.scenarios import make_scenario
 from node_firmware_sim.scenarios.base import Source, SourceWindow, episode_rng
@@ -167,8 +167,12 @@ def run_field(config: FieldConfig, progress: Callable[[int, int], None] | None =
                 truth_log.write(json.dumps(truth) + "\n")
             if on_truth is not None:
                 on_truth(truth)
-            for node in nodes.values():
-                node.send_window(window, start_ns + int(round(k * source.window_s * 1e9)), t_s)
+            # Every node encodes first, then all send: real nodes finish a window at the same moment,
+            # and one simulated node's encoding time must not delay the next node's transmission.
+            window_start_ns = start_ns + int(round(k * source.window_s * 1e9))
+            frames = {name: node.encode_window(window, window_start_ns) for name, node in nodes.items()}
+            for name, node in nodes.items():
+                node.send(frames[name], t_s)
             if not config.realtime:
                 scheduler.run_due(t_s)
             if progress:
@@ -249,11 +253,11 @@ class _RunningNode:
                                  buffer_size=config.firmware.outage_buffer_messages, connected=connected)
         self.summary = NodeSummary(node_id, clock_offset_s=offset)
 
-    def send_window(self, window: SourceWindow, true_start_ns: int, t_s: float) -> None:
+    def encode_window(self, window: SourceWindow, true_start_ns: int) -> list[EncodedFrame]:
+        """This node's frames of one window (one per modality with a trace)."""
         node = self.firmware.node
         self.summary.windows += 1
-        self.uplink.collect_acks()
-        self.uplink.flush(t_s)
+        frames = []
         for modality in node.modalities:
             samples = window.signals.get((node.id, modality))
             if samples is None:
@@ -262,6 +266,13 @@ class _RunningNode:
             frame = self.firmware.encode(modality, samples, true_start_ns)
             self.summary.messages += 1
             self.summary.bytes += len(frame.frame)
+            frames.append(frame)
+        return frames
+
+    def send(self, frames: list[EncodedFrame], t_s: float) -> None:
+        self.uplink.collect_acks()
+        self.uplink.flush(t_s)
+        for frame in frames:
             self.uplink.send(frame, t_s)
 
     def finish(self, link: LinkModel, ack_timeout_s: float) -> NodeSummary:

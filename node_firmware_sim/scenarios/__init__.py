@@ -7,6 +7,7 @@ command needing one scenario does not import the others.
 from __future__ import annotations
 
 import importlib
+import json
 from typing import Any
 
 from node_firmware_sim.errors import NodeError
@@ -31,3 +32,18 @@ def make_scenario(name: str, layout: SiteLayout, seed: int = 0, **params: Any) -
         return cls(layout, seed, **params)
     except TypeError as exc:
         raise NodeError(f"scenario {name}: bad parameters {sorted(params)}: {exc}") from None
+
+
+def parse_scenario_params(items: list[str]) -> dict[str, Any]:
+    """``["KEY=VALUE", ...]`` from the command line -> scenario keyword arguments (JSON values;
+    anything that is not JSON is a bare string). NodeError names a malformed item."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise NodeError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
