@@ -1,0 +1,163 @@
+"""spar-trial: a seeded trial end to end through a real Mosquitto, its report checked against the raw logs."""
+
+import io
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from benchmarks.errors import BenchError
+from benchmarks.live_view import LiveState, LiveView, render, status_line
+from benchmarks.trial import TrialConfig, TrialMonitor, run_trial
+from benchmarks.trial_cli import main as trial_main
+from benchmarks.trial_report import analyze_trial
+from node_firmware_sim.link_model import read_link_log
+from spar_wire.site_layout import load_site_layout
+
+REPO = Path(__file__).resolve().parents[2]
+LOSSY = REPO / "configs" / "links" / "lossy.toml"
+PARAMS = {"max_vehicles": 1, "empty_fraction": 0.1}
+
+
+def stored_rows(folder):
+    with sqlite3.connect(folder / "results.sqlite3") as db:
+        return [json.loads(p) for (p,) in db.execute("SELECT payload FROM results ORDER BY window_start_ns")]
+
+
+@pytest.fixture(scope="module")
+def ten_second_trial(tmp_path_factory):
+    """10 s of real time, lossy link (20 % loss, delay, reordering, duplicates), the shipped model."""
+    out = tmp_path_factory.mktemp("trial") / "t"
+    config = TrialConfig(out=out, link=LOSSY, duration_s=10.0, seed=3, broker="mosquitto", scenario_params=PARAMS)
+    outcome = run_trial(config)
+    return outcome, analyze_trial(out)
+
+
+@pytest.mark.mosquitto
+def test_report_counts_match_the_link_log_and_the_sqlite_store(ten_second_trial):
+    outcome, report = ten_second_trial
+    assert not outcome.interrupted
+    events = read_link_log(outcome.folder / "link.jsonl")
+    rows = stored_rows(outcome.folder)
+    assert len(events) == 5 * 8 * 2  # 5 windows x 8 nodes x 2 modalities, all handed to the link
+    assert report.produced == len(events) == outcome.field.total().messages
+    lost = [e for e in events if e.outcome != "delivered"]
+    assert report.injected_lost == len(lost) > 0  # seed 3 at 20 % loss loses some
+    for row in report.traffic:
+        mine = [e for e in events if (e.node, e.modality) == (row.node, row.modality)]
+        assert row.sent == len(mine) and row.bytes == sum(e.nbytes for e in mine)
+        assert row.observed == sum(row.node in r["present"].get(row.modality, []) for r in rows)
+    # Nothing else happened to the frames: every delivered one is in exactly one stored window.
+    assert report.observed == len(events) - len(lost) - report.late
+    assert report.windows_sampled == 5 and report.windows_stored == len(rows) == 5
+    assert len({r["window_start_ns"] for r in rows}) == len(rows)  # one result per window
+    assert sum(report.nodes_present.values()) == len(rows)
+    assert report.headline()["injected_loss"] == pytest.approx(len(lost) / len(events))
+
+
+@pytest.mark.mosquitto
+def test_report_scores_the_model_and_measures_latency(ten_second_trial):
+    outcome, report = ten_second_trial
+    assert {"classify/accuracy", "localize/mean_distance"} <= set(report.metrics)
+    assert 0.0 <= report.metrics["classify/accuracy"] <= 1.0
+    assert len(report.latency_ms) == report.windows_stored
+    # Lost messages keep windows open until the deadline (1 s); a result can never precede its window.
+    assert 0 < report.percentile(50) < 5000
+    assert set(report.stage_ms) == {"assembly", "queue", "inference"}
+    paths = report.write()
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+    text = paths[0].read_text()
+    assert "## Traffic and loss" in text and "Reproduce: `spar-trial run" in text
+    assert f"Frames produced: {report.produced}" in text
+
+
+@pytest.mark.mosquitto
+def test_the_same_seed_makes_the_same_link_decisions(ten_second_trial, tmp_path):
+    # Compressed 10x: link decisions and signals depend on the seed only, not on the wall clock.
+    outcome, _ = ten_second_trial
+    again = run_trial(TrialConfig(out=tmp_path / "again", link=LOSSY, duration_s=10.0, seed=3, speed=10.0,
+                                  broker="mosquitto", scenario_params=PARAMS))
+    def decisions(folder):
+        return [(e.node, e.modality, e.seq, e.nbytes, e.outcome) for e in read_link_log(folder / "link.jsonl")]
+    assert decisions(again.folder) == decisions(outcome.folder)
+    assert (again.folder / "truth.jsonl").read_text().count("\n") == 5
+
+
+class StopAfter(TrialMonitor):
+    """Presses Ctrl-C after ``n`` windows."""
+
+    def __init__(self, layout, config, n):
+        super().__init__(layout, config)
+        self.n = n
+
+    def on_truth(self, record):
+        super().on_truth(record)
+        if record["window"] + 1 >= self.n:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.mosquitto
+def test_ctrl_c_stops_cleanly_and_the_report_covers_what_ran(parking_lot, tmp_path):
+    config = TrialConfig(out=tmp_path / "t", duration_s=20.0, speed=4.0, broker="mosquitto", scenario_params=PARAMS)
+    outcome = run_trial(config, StopAfter(parking_lot, config, 3))
+    assert outcome.interrupted and outcome.field is None
+    report = analyze_trial(outcome.folder)
+    assert report.interrupted and report.windows_sampled == 3
+    assert report.windows_stored == len(stored_rows(outcome.folder)) <= 3
+    report.write()
+    assert "**Interrupted**" in (outcome.folder / "report.md").read_text()
+
+
+@pytest.mark.mosquitto
+def test_cli_runs_a_trial_and_refuses_to_overwrite_one(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["run", "--duration", "6", "--speed", "3", "--out", str(out), "--view", "lines", "--broker", "mosquitto"]
+    assert trial_main(args) == 0
+    assert "windows stored" in capsys.readouterr().out
+    assert (out / "report.md").exists() and (out / "site_map.png").exists()
+    assert trial_main(args) == 2
+    assert "already holds a trial" in capsys.readouterr().err
+    assert trial_main(["report", str(out)]) == 0
+    assert trial_main(["report", str(tmp_path)]) == 2
+
+
+def test_bad_arguments_are_refused_with_a_clear_error(tmp_path, capsys):
+    with pytest.raises(BenchError, match="speed"):
+        TrialConfig(out=tmp_path, speed=0)
+    with pytest.raises(BenchError, match="unknown scenario"):
+        TrialConfig(out=tmp_path, scenario="volcano")
+    with pytest.raises(BenchError, match="codec"):
+        TrialConfig(out=tmp_path, codec="gif")
+    assert trial_main(["run", "--scenario", "earthquakes", "--out", str(tmp_path / "x")]) == 2
+    assert "--model is required" in capsys.readouterr().err
+
+
+def test_embedded_amqtt_broker_runs_a_trial(tmp_path):
+    config = TrialConfig(out=tmp_path / "t", duration_s=6.0, speed=3.0, broker="amqtt", scenario_params=PARAMS)
+    outcome = run_trial(config)
+    report = analyze_trial(outcome.folder)
+    assert report.windows_stored == report.windows_sampled == 3
+    assert report.observed == report.produced  # perfect link: every frame in a stored window
+
+
+@pytest.mark.mosquitto
+def test_live_view_shows_nodes_traffic_and_detections(ten_second_trial, parking_lot, tmp_path):
+    from rich.console import Console
+
+    config = TrialConfig(out=tmp_path / "t", duration_s=8.0, speed=2.0, broker="mosquitto", scenario_params=PARAMS)
+    monitor = TrialMonitor(load_site_layout(config.site), config)
+    buffer = io.StringIO()
+    with LiveView(monitor, "test", console=Console(file=buffer, force_terminal=False, width=200),
+                  line_interval_s=0.5):
+        run_trial(config, monitor)
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) >= 3 and any("nodes 8/8 online" in line for line in lines)  # nodes go offline at the end
+    assert "windows 4/4" in lines[-1] and "results 4" in lines[-1]
+    snapshot = LiveState(monitor).snapshot()
+    assert snapshot.detections and snapshot.detections[0].estimated_class is not None
+    recorded = Console(record=True, width=120, file=io.StringIO())
+    recorded.print(render(snapshot, "spar-edge"))
+    text = recorded.export_text()
+    assert "nodes online" in text and "latest results" in text and "->" in text
+    assert "latest:" in status_line(snapshot)
