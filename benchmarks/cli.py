@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
+from benchmarks.bandwidth_bench import DEFAULT_CODECS
 from benchmarks.errors import BenchError
+from node_firmware_sim.errors import NodeError
 from spar_wire.codecs import CodecSpec
 from spar_wire.errors import WireError
 from spar_wire.site_layout import load_site_layout
@@ -95,15 +98,103 @@ def main(argv: list[str] | None = None) -> int:
     qb.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where quant.md/.png go")
     qb.set_defaults(func=_cmd_quant)
 
+    _add_field_benchmarks(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (WireError, BenchError, TrainError) as exc:
+    except (WireError, BenchError, TrainError, NodeError) as exc:
         print(f"spar-bench {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _add_field_benchmarks(sub: Any) -> None:
+    """bandwidth and lossy: series of live trials; latency: the aggregator under rising load."""
+    bw = sub.add_parser("bandwidth", help="bytes on the wire vs task metric per codec (paper Table 5, live)",
+                        description="One trial per codec through a private broker and the real aggregator running "
+                        "the shipped model on a perfect link, same seed for all: bytes per window on the wire, "
+                        "share of float32, task metric against the simulator's truth, and the knee (cheapest codec "
+                        "within --tolerance of float32). Writes bandwidth.md/.json/.png. About 4 min with defaults.")
+    bw.add_argument("--codecs", default=",".join(DEFAULT_CODECS),
+                    help="comma-separated codecs, the first is the reference (default: %(default)s)")
+    bw.add_argument("--tolerance", type=float, default=0.01,
+                    help="relative metric loss the knee may have (default: %(default)s)")
+    _add_series_args(bw, "bandwidth", speed=10.0, codec=None)
+    bw.set_defaults(func=_cmd_bandwidth)
+
+    lo = sub.add_parser("lossy", help="completeness and task metric under lossy links (paper Table 6, live)",
+                        description="One trial per link condition (independent loss 0/5/10/20/40 %%, burst loss, "
+                        "node outages, jitter beyond the deadline) through a private broker and the real "
+                        "aggregator, same seed for all: injected vs observed loss, late messages, window "
+                        "completeness and task metric. Writes lossy.md/.json/.png. About 6 min with defaults.")
+    lo.add_argument("--timing-speed", type=float, default=4.0,
+                    help="timeline compression of the outage and jitter conditions (default: %(default)s)")
+    _add_series_args(lo, "lossy", speed=10.0, codec="png")
+    lo.set_defaults(func=_cmd_lossy)
+
+    from benchmarks.latency_bench import add_latency_parser
+
+    add_latency_parser(sub)
+
+
+def _add_series_args(p: argparse.ArgumentParser, name: str, *, speed: float, codec: str | None) -> None:
+    p.add_argument("--windows", type=int, default=160, help="windows per trial (default: %(default)s)")
+    p.add_argument("--speed", type=float, default=speed,
+                   help="timeline compression of each trial (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the scenario and links (default: %(default)s)")
+    if codec is not None:
+        p.add_argument("--codec", default=codec, help="codec of every trial (default: %(default)s, the codec the "
+                       "shipped model was trained on)")
+    p.add_argument("--model", type=Path, default=None, help="manifest.json (default: the shipped parking-lot model)")
+    p.add_argument("--broker", default="auto", help="auto | mosquitto | amqtt (default: %(default)s)")
+    p.add_argument("--workdir", type=Path, default=Path(f"benchmarks/.work/{name}"),
+                   help="one trial folder per entry (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                   help=f"where {name}.md/.json/.png go (default: %(default)s)")
+
+
+def _series_base(args: argparse.Namespace, **changes: Any) -> Any:
+    from benchmarks.trial import DEFAULT_MODEL, DEFAULT_SITE, TrialConfig
+    from benchmarks.trial_cli import SHIPPED_MODEL_PARAMS
+
+    if args.windows < 8:
+        raise BenchError("--windows must be >= 8")
+    layout = load_site_layout(DEFAULT_SITE)
+    window_s = max(spec.features.window_s for spec in layout.modalities.values())
+    return TrialConfig(out=args.workdir, model=args.model or DEFAULT_MODEL,
+                       scenario_params={} if args.model else dict(SHIPPED_MODEL_PARAMS),
+                       duration_s=args.windows * window_s, seed=args.seed, speed=args.speed, broker=args.broker,
+                       **changes)
+
+
+def _write_report(report: Any, out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(report.to_markdown())
+    (out / f"{name}.json").write_text(report.to_json())
+    report.plot(out / f"{name}.png")
+    print(report.to_markdown())
+    print(f"report: {out / f'{name}.md'}, plot: {out / f'{name}.png'}")
+
+
+def _cmd_bandwidth(args: argparse.Namespace) -> int:
+    from benchmarks.bandwidth_bench import run_bandwidth
+
+    codecs = tuple(c.strip() for c in args.codecs.split(",") if c.strip())
+    report = run_bandwidth(_series_base(args), codecs, tolerance=args.tolerance,
+                           progress=lambda text: print(f"... {text}", file=sys.stderr, flush=True))
+    _write_report(report, args.out, "bandwidth")
+    return 0
+
+
+def _cmd_lossy(args: argparse.Namespace) -> int:
+    from benchmarks.lossy_bench import run_lossy
+
+    report = run_lossy(_series_base(args, codec=args.codec), timing_speed=args.timing_speed,
+                       progress=lambda text: print(f"... {text}", file=sys.stderr, flush=True))
+    _write_report(report, args.out, "lossy")
+    return 0
 
 
 def _cmd_skeleton(args: argparse.Namespace) -> int:

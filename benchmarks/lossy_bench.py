@@ -1,0 +1,153 @@
+"""``spar-bench lossy``: window completeness and task metric under lossy links (SPAR's Table 6, live).
+
+One trial per link condition through the real broker and aggregator, same seed for all: independent
+loss 0/5/10/20/40 %, Gilbert-Elliott burst loss, random node outages (the outage buffer replays
+late) and delay jitter beyond the aggregator's deadline. Loss-only conditions do not depend on
+timing and run on a strongly compressed timeline; outages and jitter run closer to real time,
+since what they do depends on arrival times against the deadline. Target: 20 % message loss costs
+<= 5 % relative metric.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.machine import describe_machine
+from benchmarks.trial import TrialConfig
+from benchmarks.trial_series import METRICS, SeriesRow, compared_metrics, run_series, worst_relative_loss
+from node_firmware_sim.link_model import BurstLoss, LinkConfig
+
+TARGET_LOSS = 0.20
+TARGET_RELATIVE = 0.05
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    link: LinkConfig
+    timing: bool = False  # runs at the slower timing speed
+    independent_loss: float | None = None  # for the loss curve
+
+    def describe(self) -> str:
+        c = self.link
+        parts = []
+        if c.loss:
+            parts.append(f"{100 * c.loss:g} % independent loss")
+        if c.burst:
+            parts.append(f"burst loss (mean {100 * c.burst.mean_loss:.0f} %, bursts of "
+                         f"{1 / c.burst.p_bad_to_good:.1f} msgs)")
+        if c.outage_rate_per_hour:
+            parts.append(f"outages {c.outage_rate_per_hour:g}/h/node of {c.outage_mean_s:g} s mean")
+        if c.jitter_ms:
+            parts.append(f"delay {c.delay_ms:g} ms ± {c.jitter_ms:g} ms")
+        return ", ".join(parts) or "perfect link"
+
+
+def default_conditions() -> list[Condition]:
+    losses = [Condition(f"loss {round(100 * p)} %", LinkConfig(loss=p), independent_loss=p)
+              for p in (0.0, 0.05, 0.10, 0.20, 0.40)]
+    return [*losses,
+            Condition("burst", LinkConfig(burst=BurstLoss(p_good_to_bad=0.05, p_bad_to_good=0.3, loss_bad=0.8))),
+            # About 10 % downtime per node: 18 outages an hour of 20 s mean.
+            Condition("node outages", LinkConfig(outage_rate_per_hour=18.0, outage_mean_s=20.0), timing=True),
+            # The aggregator's deadline is 1 s after a window's first message: a 2 s jitter
+            # (|N(400 ms, 2 s)|-ish) puts a good share of messages past it.
+            Condition("jitter > deadline", LinkConfig(delay_ms=400.0, jitter_ms=1000.0), timing=True)]
+
+
+@dataclass
+class LossyReport:
+    conditions: list[Condition]
+    rows: list[SeriesRow]
+    metrics: list[str]
+    machine: str
+    budget: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, name: str) -> SeriesRow | None:
+        return next((r for r in self.rows if r.name == name), None)
+
+    def target_row(self) -> SeriesRow | None:
+        return next((r for c, r in zip(self.conditions, self.rows, strict=True)
+                     if c.independent_loss is not None and math.isclose(c.independent_loss, TARGET_LOSS)), None)
+
+    def verdict(self) -> str:
+        row = self.target_row()
+        if row is None:
+            return "No 20 % loss condition in this run."
+        loss = worst_relative_loss(row, self.rows[0], self.metrics)
+        return (f"At {100 * TARGET_LOSS:g} % independent message loss the worst relative metric loss is "
+                f"{100 * loss:+.1f} % (target <= {100 * TARGET_RELATIVE:g} %: "
+                f"**{'met' if loss <= TARGET_RELATIVE else 'not met'}**).")
+
+    def to_markdown(self) -> str:
+        ref = self.rows[0]
+        lines = ["# Task metric under lossy links (`spar-bench lossy`)", "", self.machine, "",
+                 f"Budget: {self.budget}. Reference: {ref.name}. Completeness: windows with every node's every "
+                 "modality; token completeness: frames in a stored window / frames the nodes made.", "",
+                 "| condition | link | injected loss | observed loss | late | complete windows | token completeness | "
+                 + " | ".join(self.metrics) + " | worst rel. loss |",
+                 "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(self.metrics) + "---:|"]
+        for c, r in zip(self.conditions, self.rows, strict=True):
+            h = r.headline
+            lines.append(f"| {r.name} | {c.describe()} | {100 * h['injected_loss']:.1f} % | "
+                         f"{100 * h['observed_loss']:.1f} % | {h['late']} | {100 * h['completeness']:.0f} % | "
+                         f"{100 * h['token_completeness']:.1f} % | "
+                         + " | ".join(f"{r.metric(m):.3f}" for m in self.metrics)
+                         + f" | {100 * worst_relative_loss(r, ref, self.metrics):+.1f} % |")
+        lines += ["", self.verdict(), "", "![lossy](lossy.png)", ""]
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps({"machine": self.machine, "budget": self.budget, "verdict": self.verdict(),
+                           "rows": [{"condition": r.name, "link": c.describe(),
+                                     "worst_relative_loss": worst_relative_loss(r, self.rows[0], self.metrics),
+                                     **r.headline} for c, r in zip(self.conditions, self.rows, strict=True)]},
+                          indent=2, default=str) + "\n"
+
+    def plot(self, path: Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(self.metrics) + 1, figsize=(5 * (len(self.metrics) + 1), 4.2), squeeze=False)
+        pairs = list(zip(self.conditions, self.rows, strict=True))
+        curve = [(c, r) for c, r in pairs if c.independent_loss is not None]
+        others = [(c, r) for c, r in pairs if c.independent_loss is None]
+        panels = [("completeness", "complete windows")] + [(m, m) for m in self.metrics]
+        for ax, (key, label) in zip(axes[0], panels, strict=True):
+            def value(row: SeriesRow, key: str = key) -> float:
+                return row.headline[key] if key == "completeness" else row.metric(key)
+            ax.plot([100 * r.headline["observed_loss"] for _, r in curve], [value(r) for _, r in curve], "o-",
+                    label="independent loss")
+            for c, r in others:
+                ax.scatter(100 * r.headline["observed_loss"], value(r), marker="s", zorder=3)
+                ax.annotate(c.name, (100 * r.headline["observed_loss"], value(r)), textcoords="offset points",
+                            xytext=(4, 3), fontsize=7)
+            ax.set(xlabel="observed message loss (%)", ylabel=label, title=label)
+            ax.legend(fontsize=7)
+        fig.suptitle(self.verdict().replace("**", ""), fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def run_lossy(base: TrialConfig, conditions: list[Condition] | None = None, *, timing_speed: float = 4.0,
+              progress: Callable[[str], None] = lambda text: None) -> LossyReport:
+    """One trial per condition (the first is the reference); ``base.speed`` for the loss-only ones."""
+    conditions = conditions or default_conditions()
+    variants = [(c.name, {"link_config": c.link, "link": None, "speed": timing_speed if c.timing else base.speed})
+                for c in conditions]
+    rows = run_series(base, variants, progress)
+    metrics = [m for m in compared_metrics(rows) if m in METRICS and not m.endswith(("macro_f1", "median_distance"))]
+    budget = (f"{rows[0].headline['windows_sampled']} windows of {base.scenario} per condition, seed {base.seed}, "
+              f"codec {base.codec}, timeline {base.speed:g}x (outages and jitter {timing_speed:g}x), "
+              f"model {Path(base.model).parent.name}")
+    return LossyReport(conditions, rows, metrics, describe_machine(), budget)

@@ -1,0 +1,70 @@
+"""A series of trials that differ in one setting (codec, link), scored against the first.
+
+``spar-bench bandwidth`` and ``spar-bench lossy`` are such series. Every trial of a series uses the
+same seed, so the nodes sample the same signals: differences in the task metric come from the
+setting under test, not from different windows (a paired comparison).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.trial import TrialConfig, run_trial
+from benchmarks.trial_report import analyze_trial
+
+# Task metrics a series compares, and whether larger is better.
+METRICS = {"classify/accuracy": True, "classify/macro_f1": True, "localize/mean_distance": False,
+           "localize/median_distance": False, "detect/mAP@4": True, "quake/hypocentre_median": False}
+
+
+@dataclass
+class SeriesRow:
+    name: str
+    headline: dict[str, Any]  # TrialReport.headline()
+    folder: Path
+
+    def metric(self, name: str) -> float:
+        return float(self.headline.get(f"metric/{name}", math.nan))
+
+
+def run_series(base: TrialConfig, variants: list[tuple[str, dict[str, Any]]],
+               progress: Callable[[str], None] = lambda text: None) -> list[SeriesRow]:
+    """One trial per (name, TrialConfig changes), in ``base.out / <name>``; returns their headlines."""
+    rows = []
+    for i, (name, changes) in enumerate(variants, 1):
+        config = replace(base, out=Path(base.out) / _folder_name(name), overwrite=True, **changes)
+        progress(f"[{i}/{len(variants)}] {name}")
+        outcome = run_trial(config)
+        report = analyze_trial(outcome.folder)
+        report.write()
+        rows.append(SeriesRow(name, report.headline(), outcome.folder))
+        progress(f"[{i}/{len(variants)}] {name}: {report.summary_line()}")
+    return rows
+
+
+def compared_metrics(rows: list[SeriesRow]) -> list[str]:
+    """The METRICS every row has a finite value for."""
+    return [m for m in METRICS if rows and all(math.isfinite(r.metric(m)) for r in rows)]
+
+
+def relative_loss(value: float, reference: float, higher_is_better: bool) -> float:
+    """How much worse ``value`` is than ``reference``, as a fraction of it (negative: better)."""
+    if not (math.isfinite(value) and math.isfinite(reference)) or reference == 0:
+        return math.nan
+    change = (value - reference) / abs(reference)
+    return -change if higher_is_better else change
+
+
+def worst_relative_loss(row: SeriesRow, reference: SeriesRow, metrics: list[str]) -> float:
+    """The largest relative loss over ``metrics`` (the knee and the targets use the worst one)."""
+    losses = [relative_loss(row.metric(m), reference.metric(m), METRICS[m]) for m in metrics]
+    finite = [x for x in losses if math.isfinite(x)]
+    return max(finite) if finite else math.nan
+
+
+def _folder_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
