@@ -6,14 +6,16 @@ PY     := $(VENV)/bin/python
 # Linux x86_64 is a multi-GB CUDA build. 2.13.0 is the CPU build these machines carry (/opt/wheels);
 # elsewhere set TORCH_SPEC, e.g. TORCH_SPEC='torch' on a CUDA workstation.
 TORCH_SPEC ?= torch==2.13.0
+DEMO_SECONDS ?= 60
 # The stamp is rebuilt whenever pyproject.toml changes, so new dependencies are picked up.
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: help venv mosquitto test demo lint clean models
+.PHONY: help venv mosquitto test demo bench lint clean models
 
 help:
 	@echo "make test   - create .venv, install deps (and mosquitto), run the test suite"
-	@echo "make demo   - create .venv, install deps (and mosquitto), run the live demo"
+	@echo "make demo   - create .venv, install deps (and mosquitto), run a live parking-lot site for a minute"
+	@echo "make bench  - run every benchmark with its default budget, refresh benchmarks/results/"
 	@echo "make models - retrain the shipped models under models/ (about 10 min on 2 cores)"
 	@echo "make lint   - ruff over the code"
 	@echo "make clean  - remove .venv and caches"
@@ -35,8 +37,13 @@ test: venv mosquitto
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-demo: venv mosquitto
-	$(VENV)/bin/spar-bench skeleton --duration 10
+# The demo runs without Mosquitto too: spar-trial falls back to the embedded amqtt broker.
+demo: venv
+	@bash scripts/ensure_mosquitto.sh || echo "note: no Mosquitto; the demo uses the embedded amqtt broker" >&2
+	$(VENV)/bin/spar-trial run --duration $(DEMO_SECONDS) --link configs/links/lossy.toml --out results/demo --overwrite
+
+bench: venv mosquitto
+	VENV=$(VENV) bash scripts/run_benchmarks.sh
 
 models: venv
 	VENV=$(VENV) bash scripts/make_models.sh

@@ -71,6 +71,9 @@ class TrialConfig:
     protocol: str | None = None  # MQTT protocol for HOST:PORT ("5" or "3.1.1"; default "5")
     backend: str = "auto"  # auto | onnxruntime | tensorrt
     deadline_fraction: float = 0.5  # the aggregator closes a window this x window length after its first message
+    # Compress the deadline with the timeline (speed != 1). Off for series whose links have no timing
+    # effects: a deadline of a few tens of ms would then measure this machine's load, not the link.
+    scale_deadline: bool = True
     clock_offset_std_ms: float = 0.0
     overwrite: bool = False
 
@@ -239,7 +242,8 @@ def _start_aggregator(config: TrialConfig, folder: Path, mqtt: MqttSettings, sta
         agg_config = AggregatorConfig(
             site=Path(config.site), model=Path(config.model), database=folder / DATABASE, backend=config.backend,
             # The deadline is wall-clock time on the aggregator: compress it with the timeline.
-            deadline_fraction=config.deadline_fraction / config.speed, metrics_port=None,
+            deadline_fraction=config.deadline_fraction / (config.speed if config.scale_deadline else 1.0),
+            metrics_port=None,
             client_id=client_id, mqtt=mqtt)
         aggregator = Aggregator(agg_config).start()
     except AggregatorError as exc:

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# `make bench`: every benchmark with its default budget; refreshes benchmarks/results/ (committed).
+# Each table carries the machine description and the date. Leave some out with SKIP, e.g.
+#   SKIP="objectives quant" make bench
+# objectives is the long one (about 40 min on 2 idle cores; it resumes from benchmarks/.work).
+# quant needs the training checkpoints of `make models` (built here first when missing, ~10 min).
+set -euo pipefail
+
+BIN=${VENV:-.venv}/bin
+SKIP=" ${SKIP:-} "
+run() {  # run NAME COMMAND...: skip when NAME is in $SKIP, time it otherwise
+  local name=$1; shift
+  if [[ "$SKIP" == *" $name "* ]]; then echo "=== $name: skipped (SKIP)"; return; fi
+  echo "=== $name: $*"
+  local started=$SECONDS
+  "$@"
+  echo "=== $name: done in $((SECONDS - started)) s"
+}
+
+run codecs    "$BIN/spar-bench" codecs
+run bandwidth "$BIN/spar-bench" bandwidth
+run lossy     "$BIN/spar-bench" lossy
+run latency   "$BIN/spar-bench" latency
+run runtime   "$BIN/spar-bench" runtime
+if [[ "$SKIP" != *" quant "* && ! -d build/models/student ]]; then
+  echo "=== quant needs build/models: running make models first"
+  VENV=${VENV:-.venv} bash scripts/make_models.sh
+fi
+run quant      "$BIN/spar-bench" quant
+run objectives "$BIN/spar-bench" objectives
+echo "results in benchmarks/results/"
