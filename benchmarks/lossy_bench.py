@@ -140,14 +140,14 @@ class LossyReport:
 
 
 def run_lossy(base: TrialConfig, conditions: list[Condition] | None = None, *, timing_speed: float = 4.0,
-              progress: Callable[[str], None] = lambda text: None) -> LossyReport:
+              progress: Callable[[str], None] = lambda text: None, reuse: bool = True) -> LossyReport:
     """One trial per condition (the first is the reference); ``base.speed`` for the loss-only ones."""
     conditions = conditions or default_conditions()
     # Loss-only conditions keep the real-time deadline (1 s): compressed to tens of ms it would
     # measure this machine's load; outages and jitter compress it with their delays.
     variants = [(c.name, {"link_config": c.link, "link": None, "speed": timing_speed if c.timing else base.speed,
                           "scale_deadline": c.timing}) for c in conditions]
-    rows = run_series(base, variants, progress)
+    rows = run_series(base, variants, progress, reuse=reuse)
     metrics = [m for m in compared_metrics(rows) if m in METRICS and not m.endswith(("macro_f1", "median_distance"))]
     budget = (f"{rows[0].headline['windows_sampled']} windows of {base.scenario} per condition, seed {base.seed}, "
               f"codec {base.codec}, timeline {base.speed:g}x (outages and jitter {timing_speed:g}x), "

@@ -7,13 +7,14 @@ setting under test, not from different windows (a paired comparison).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.trial import TrialConfig, run_trial
+from benchmarks.trial import CONFIG_FILE, FIELD_FILE, TrialConfig, run_trial
 from benchmarks.trial_report import analyze_trial
 
 # Task metrics a series compares, and whether larger is better.
@@ -32,18 +33,36 @@ class SeriesRow:
 
 
 def run_series(base: TrialConfig, variants: list[tuple[str, dict[str, Any]]],
-               progress: Callable[[str], None] = lambda text: None) -> list[SeriesRow]:
-    """One trial per (name, TrialConfig changes), in ``base.out / <name>``; returns their headlines."""
+               progress: Callable[[str], None] = lambda text: None, *, reuse: bool = True) -> list[SeriesRow]:
+    """One trial per (name, TrialConfig changes), in ``base.out / <name>``; returns their headlines.
+
+    With ``reuse``, a finished trial already in its folder with the same configuration is read
+    instead of run again, so an interrupted or extended series only runs what is missing.
+    """
     rows = []
     for i, (name, changes) in enumerate(variants, 1):
         config = replace(base, out=Path(base.out) / _folder_name(name), overwrite=True, **changes)
-        progress(f"[{i}/{len(variants)}] {name}")
-        outcome = run_trial(config)
-        report = analyze_trial(outcome.folder)
-        report.write()
-        rows.append(SeriesRow(name, report.headline(), outcome.folder))
-        progress(f"[{i}/{len(variants)}] {name}: {report.summary_line()}")
+        if reuse and _finished(config):
+            report = analyze_trial(config.out)
+            progress(f"[{i}/{len(variants)}] {name}: reused {config.out}")
+        else:
+            progress(f"[{i}/{len(variants)}] {name}")
+            report = analyze_trial(run_trial(config).folder)
+            report.write()
+            progress(f"[{i}/{len(variants)}] {name}: {report.summary_line()}")
+        rows.append(SeriesRow(name, report.headline(), Path(config.out)))
     return rows
+
+
+def _finished(config: TrialConfig) -> bool:
+    """A complete trial with exactly this configuration is in ``config.out``."""
+    folder = Path(config.out)
+    try:
+        stored = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    same = json.loads(json.dumps(config.to_dict(), default=str)) == stored
+    return same and (folder / FIELD_FILE).exists() and (folder / "report.json").exists()
 
 
 def compared_metrics(rows: list[SeriesRow]) -> list[str]:

@@ -58,6 +58,11 @@ def test_bandwidth_series_measures_bytes_and_metric_per_codec(tmp_path):
     report.plot(tmp_path / "bandwidth.png")
     data = json.loads(report.to_json())
     assert data["reference"] == "raw32" and len(data["rows"]) == 3
+    # Finished trials with the same settings are reused; a new codec runs.
+    said = []
+    again = run_bandwidth(base, ("raw32", "jpeg:50", "webp:50"), progress=said.append)
+    assert sum("reused" in line for line in said) == 2
+    assert again.rows[1].headline == report.rows[2].headline
 
 
 @pytest.mark.mosquitto
