@@ -211,8 +211,17 @@ def _prepare_folder(config: TrialConfig) -> Path:
                      DATABASE + "-wal", DATABASE + "-shm"):
             (folder / name).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / CONFIG_FILE, config.to_dict())
+    _write_json(folder / CONFIG_FILE, {**config.to_dict(), "model_sha256": model_digest(config.model)})
     return folder
+
+
+def model_digest(manifest_path: Path) -> str | None:
+    """The sha256 of the model artifact as its manifest records it (None when unreadable): a
+    retrained model under the same path is a different trial."""
+    try:
+        return json.loads(Path(manifest_path).read_text())["artifact"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _open_broker(config: TrialConfig, folder: Path, stack: contextlib.ExitStack) -> tuple[str, MqttSettings]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.trial import CONFIG_FILE, FIELD_FILE, TrialConfig, run_trial
+from benchmarks.trial import CONFIG_FILE, FIELD_FILE, TrialConfig, model_digest, run_trial
 from benchmarks.trial_report import analyze_trial
 
 # Task metrics a series compares, and whether larger is better.
@@ -61,7 +61,8 @@ def _finished(config: TrialConfig) -> bool:
         stored = json.loads((folder / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    same = json.loads(json.dumps(config.to_dict(), default=str)) == stored
+    wanted = {**config.to_dict(), "model_sha256": model_digest(config.model)}
+    same = json.loads(json.dumps(wanted, default=str)) == stored
     return same and (folder / FIELD_FILE).exists() and (folder / "report.json").exists()
 
 

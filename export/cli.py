@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (checkpoint.pt, report.md)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--dim", type=int, help="student width (default 32)")
+    p.add_argument("--message-loss", type=float, default=None,
+                   help="loss-robust distillation: the student sees each token message lost with a probability "
+                        "drawn from U(0, this) per batch, the teacher the complete window (default 0)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda")
     p.add_argument("--no-progress", action="store_true")
@@ -86,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_distill(args) -> int:
     from export.distill import DistillConfig, run_distill
 
-    given = (("epochs", args.epochs), ("seed", args.seed), ("device", args.device))
+    given = (("epochs", args.epochs), ("seed", args.seed), ("device", args.device),
+             ("message_loss", args.message_loss))
     changes = {k: v for k, v in given if v is not None}
     if args.dim:
         changes["student"] = {"dim": args.dim}

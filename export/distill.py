@@ -48,7 +48,7 @@ from export.deploy_model import DeployModel, deploy_model_from_checkpoints
 from export.errors import ExportError
 from train.batch import Batch
 from train.checkpoint import load_checkpoint, save_checkpoint
-from train.data import WindowSet, iterate_batches, load_windows, steps_per_epoch, temporal_split
+from train.data import WindowSet, drop_nodes, iterate_batches, load_windows, steps_per_epoch, temporal_split
 from train.distributed import pick_device
 from train.errors import TrainError
 from train.finetune import TaskModel, evaluate, task_indices
@@ -81,6 +81,11 @@ class DistillConfig:
     feature_weight: float = 1.0  # latent MSE (through the projection)
     output_weight: float = 1.0  # sum over heads of the output losses
     temperature: float = 2.0  # softening of class logits in the KL terms
+    # Loss-robust distillation: each batch the student sees every (node, modality) message lost with
+    # a probability drawn from U(0, message_loss), as the aggregator assembles a lossy window; the
+    # teacher's targets come from the complete window, so the student learns the complete-window
+    # answer from a partial one. 0 = the student sees what the teacher sees.
+    message_loss: float = 0.0
     seed: int = 0
     val_fraction: float = 0.25  # the last windows (temporal split, as in fine-tuning)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -109,6 +114,8 @@ class DistillConfig:
                 raise ExportError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.feature_weight == 0 and self.output_weight == 0:
             raise ExportError("feature_weight and output_weight are both 0: nothing to distil")
+        if not 0.0 <= self.message_loss < 1.0:
+            raise ExportError(f"message_loss must be in [0, 1), got {self.message_loss}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ExportError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not isinstance(self.student, dict):
@@ -259,7 +266,8 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 def distill_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], projection: nn.Module,
                  tasks: list[str], cfg: DistillConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its parts (``feature``, ``<task>``) for one batch of ``forward_parts`` outputs."""
-    valid = teacher["valid"].to(torch.float32)
+    # Tokens the student lost (message_loss) have no latents to compare.
+    valid = (teacher["valid"] & student["valid"]).to(torch.float32)
     err = ((projection(student["latents"]) - teacher["latents"].float()) ** 2).mean(-1)
     parts = {"feature": (err * valid).sum() / valid.sum().clamp_min(1.0)}
     T = cfg.temperature
@@ -442,6 +450,7 @@ def run_distill(cfg: DistillConfig) -> DistillResult:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     out.mkdir(parents=True, exist_ok=True)
     step, train_loss = 0, float("nan")
+    losses = torch.Generator().manual_seed(cfg.seed + 1)  # its own stream: message_loss 0 changes nothing
     bar = tqdm(range(cfg.epochs), desc="distil", unit="epoch", disable=not cfg.progress)
     with open(out / "log.jsonl", "w") as log:
         for epoch in bar:
@@ -451,7 +460,11 @@ def run_distill(cfg: DistillConfig) -> DistillResult:
                                          drop_last=False):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total, per_epoch, cfg.lr)
-                parts = forward_parts(student, unlabelled_batch(windows, index).to(device))
+                batch = unlabelled_batch(windows, index)
+                if cfg.message_loss > 0:
+                    rate = float(torch.rand((), generator=losses)) * cfg.message_loss
+                    batch = drop_nodes(batch, rate, losses, per_modality=True)
+                parts = forward_parts(student, batch.to(device))
                 loss, pieces = distill_loss(parts, train_targets.get(index), projection, tasks, cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

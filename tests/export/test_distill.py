@@ -20,7 +20,7 @@ from export.distill import (
     student_from_teacher,
 )
 from export.errors import ExportError
-from train.data import load_windows, temporal_split
+from train.data import drop_nodes, load_windows, temporal_split
 from train.finetune import run_finetune
 from train.pretrain import run_pretrain
 from train.run_config import FinetuneConfig, PretrainConfig
@@ -126,6 +126,26 @@ def test_teacher_outputs_computed_on_the_fly_train_the_same(distill_dataset, tea
     assert fly.discrepancy_after == pytest.approx(cached.discrepancy_after, rel=1e-3, abs=1e-5)
 
 
+@pytest.mark.slow
+def test_message_loss_trains_the_student_on_partial_windows(distill_dataset, teacher, distilled, tmp_path):
+    """Loss-robust distillation: a lossy student is a different student, and holds up better on lossy
+    windows than the one that only saw complete windows (here at 50 % loss, on the validation windows)."""
+    robust = run_distill(config(distill_dataset, teacher.values(), tmp_path / "robust", message_loss=0.6))
+    plain_model, _ = load_student(distilled.checkpoint)
+    robust_model, _ = load_student(robust.checkpoint)
+    teacher_model, _ = load_teacher(list(teacher.values()))
+    windows = load_windows(distill_dataset, progress=False)
+    _, val_idx = temporal_split(len(windows), 0.25)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        full = distill.forward_parts(teacher_model, distill.unlabelled_batch(windows, val_idx))
+        lossy_batch = drop_nodes(distill.unlabelled_batch(windows, val_idx), 0.5, generator, per_modality=True)
+        errors = {name: float(((distill.forward_parts(model, lossy_batch)["out/localize"]
+                                - full["out/localize"]) ** 2).mean())
+                  for name, model in (("plain", plain_model), ("robust", robust_model))}
+    assert errors["robust"] < errors["plain"]
+
+
 def test_load_student_rebuilds_the_model(distill_dataset, distilled):
     student, ckpt = load_student(distilled.checkpoint)
     again, _ = load_student(Path(distilled.checkpoint).parent)
@@ -180,6 +200,7 @@ def test_refuses_teachers_with_different_encoders(distill_dataset, teacher, tmp_
     ({"student": {"dim": 10, "heads": 4}}, "divisible"),
     ({"student": {"dim": 0}}, "student.dim"),
     ({"device": "tpu"}, "unknown device"),
+    ({"message_loss": 1.0}, "message_loss"),
 ])
 def test_bad_config_is_an_export_error(tmp_path, changes, message):
     cfg = replace(config(tmp_path / "data", ["a.pt"], tmp_path / "out"), **changes)
