@@ -541,6 +541,8 @@ def report_markdown(cfg: DistillConfig, r: DistillResult, teacher: DeployModel, 
              f"{cfg.temperature:g}, feature weight {cfg.feature_weight:g}, output weight {cfg.output_weight:g}, "
              f"seed {cfg.seed}; teacher outputs {'cached' if r.teacher_cached else 'recomputed per batch'}; "
              f"{r.seconds:.1f} s",
+             *([f"- loss-robust: the student saw each token message lost with probability U(0, "
+                f"{cfg.message_loss:g}) per batch; the teacher saw complete windows"] if cfg.message_loss else []),
              "", "## Size", "",
              f"| model | parameters | fp32 weights (bytes) | FLOPs (batch 1, {FLOP_NODES} nodes) |",
              "|---|---|---|---|"]
