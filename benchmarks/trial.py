@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import threading
 import time
 import uuid
@@ -210,6 +211,9 @@ def _prepare_folder(config: TrialConfig) -> Path:
         for name in (CONFIG_FILE, LINK_LOG, TRUTH_LOG, DATABASE, FIELD_FILE, AGGREGATOR_FILE,
                      DATABASE + "-wal", DATABASE + "-shm"):
             (folder / name).unlink(missing_ok=True)
+    # A broker's persistence left by an earlier trial here would resume that trial's sessions and
+    # hand their queued messages to this one.
+    shutil.rmtree(folder / "broker", ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / CONFIG_FILE, {**config.to_dict(), "model_sha256": model_digest(config.model)})
     return folder

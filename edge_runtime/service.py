@@ -26,7 +26,7 @@ from edge_runtime.service_metrics import ServiceMetrics
 from edge_runtime.window_assembler import WindowAssembler
 from spar_wire.errors import WireError
 from spar_wire.model_manifest import ModelManifest, load_manifest
-from spar_wire.mqtt_settings import connect_async, make_client
+from spar_wire.mqtt_settings import connect_async, make_client, publish_outcome
 from spar_wire.site_layout import SiteLayout, load_site_layout
 from spar_wire.topics import aggregator_topic
 
@@ -159,7 +159,7 @@ class Aggregator:
     def _publish_result(self, result: dict[str, Any]) -> None:
         info = self._publisher.publish(aggregator_topic(self.site, "results"), result_payload(result), qos=1)
         with self._pending_lock:
-            self._pending = [p for p in self._pending if not p.is_published()]
+            self._pending = [p for p in self._pending if publish_outcome(p) == "pending"]
             self._pending.append(info)
 
     def _wait_for_acks(self, deadline: float) -> None:

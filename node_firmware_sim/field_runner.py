@@ -93,6 +93,7 @@ class NodeSummary:
     link: LinkStats = field(default_factory=LinkStats)
     published: int = 0  # copies handed to MQTT, duplicates included
     acked: int = 0  # of those, acknowledged by the broker (PUBACK)
+    publish_failed: int = 0  # of those, refused by the MQTT client (not connected): no PUBACK to count
 
 
 @dataclass
@@ -111,7 +112,7 @@ class FieldSummary:
         total = NodeSummary("total")
         for s in self.nodes.values():
             for name in ("windows", "messages", "bytes", "missing_traces", "buffered",
-                         "buffer_dropped", "unsent", "published", "acked"):
+                         "buffer_dropped", "unsent", "published", "acked", "publish_failed"):
                 setattr(total, name, getattr(total, name) + getattr(s, name))
             total.link.add(s.link)
         return total
@@ -279,7 +280,7 @@ class _RunningNode:
         s = self.summary
         counters = self.uplink.counters
         self.uplink.collect_acks(wait_s=ack_timeout_s)
-        s.acked = counters.acked
+        s.acked, s.publish_failed = counters.acked, counters.failed
         if self.publisher is not None:
             self.publisher.stop()
         s.buffered, s.buffer_dropped = counters.buffered, counters.buffer_dropped

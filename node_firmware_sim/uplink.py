@@ -17,6 +17,7 @@ from typing import Any
 from node_firmware_sim.delivery_scheduler import DeliveryScheduler
 from node_firmware_sim.firmware import EncodedFrame
 from node_firmware_sim.link_model import LinkModel
+from spar_wire.mqtt_settings import publish_outcome
 
 
 @dataclass
@@ -25,6 +26,7 @@ class UplinkCounters:
     buffer_dropped: int = 0  # frames pushed out of a full buffer (lost for good)
     published: int = 0  # copies handed to MQTT (duplicates included)
     acked: int = 0  # of those, acknowledged by the broker (counted by collect_acks)
+    failed: int = 0  # of those, refused by the MQTT client itself (not connected, queue full): no PUBACK
     pending: list[Any] = field(default_factory=list)  # MQTTMessageInfo not yet acknowledged
 
 
@@ -88,11 +90,14 @@ class NodeUplink:
         snapshot = list(self.counters.pending)
         still = []
         for info in snapshot:
-            if not info.is_published() and wait_s > 0:
-                with contextlib.suppress(RuntimeError, ValueError):  # publish failed or never queued
+            if publish_outcome(info) == "pending" and wait_s > 0:
+                with contextlib.suppress(RuntimeError, ValueError):  # failed meanwhile: counted below
                     info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
-            if info.is_published():
+            outcome = publish_outcome(info)
+            if outcome == "acked":
                 self.counters.acked += 1
+            elif outcome == "failed":
+                self.counters.failed += 1
             else:
                 still.append(info)
         self.counters.pending[: len(snapshot)] = still

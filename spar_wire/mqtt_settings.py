@@ -87,3 +87,16 @@ def connect_async(client: Any, settings: MqttSettings, *, persistent: bool) -> N
     else:
         # MQTT 3.1.1: persistence was fixed by clean_session in make_client.
         client.connect_async(settings.host, settings.port, keepalive=settings.keepalive_s)
+
+
+def publish_outcome(info: Any) -> str:
+    """"acked", "pending" or "failed" for a paho ``MQTTMessageInfo``.
+
+    paho's ``is_published`` raises instead of answering when the publish call itself failed (not
+    connected, queue full): such a message has no PUBACK to wait for, and a caller that counts
+    acknowledgements must count it, not crash on it.
+    """
+    try:
+        return "acked" if info.is_published() else "pending"
+    except (RuntimeError, ValueError):
+        return "failed"

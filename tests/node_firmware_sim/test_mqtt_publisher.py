@@ -58,3 +58,24 @@ def test_last_will_announces_a_vanished_node(mosquitto, parking_lot):
     node._client.socket().close()
     assert wait_for(lambda: (retained(mosquitto.port, "spar/v1/parking_lot/n07/state", 1.0) or b"")
                     .find(b"offline") >= 0, 10)
+
+
+def test_a_publish_the_client_refused_is_counted_not_raised(parking_lot):
+    """paho's is_published raises for a publish made while disconnected; the uplink counts it as failed."""
+    import paho.mqtt.client as mqtt
+
+    from node_firmware_sim.delivery_scheduler import DeliveryScheduler
+    from node_firmware_sim.firmware import EncodedFrame
+    from node_firmware_sim.link_model import LinkConfig, LinkModel
+    from node_firmware_sim.uplink import NodeUplink
+    from spar_wire.mqtt_settings import publish_outcome
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="never-connected")
+    info = client.publish("spar/v1/x/n01/data/microphone", b"x", qos=1)
+    assert publish_outcome(info) == "failed"
+    scheduler = DeliveryScheduler(realtime=False)
+    uplink = NodeUplink("n01", LinkModel(LinkConfig(), 0), scheduler, lambda frame: info, buffer_size=4)
+    uplink.send(EncodedFrame("n01", "microphone", 0, 0, b"frame"), 2.0)
+    scheduler.run_due(10.0)
+    assert uplink.collect_acks(wait_s=0.1) == 0
+    assert (uplink.counters.published, uplink.counters.acked, uplink.counters.failed) == (1, 0, 1)
