@@ -27,18 +27,16 @@ import functools
 import importlib.util
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.errors import BenchError
-from benchmarks.local_broker import free_loopback_port
+from benchmarks.local_broker import BrokerProcess
 
 INSTALL_HINT = "install it with `pip install 'spar-edge[bench]'` (or `pip install amqtt`)"
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -49,88 +47,23 @@ def amqtt_available() -> bool:
     return importlib.util.find_spec("amqtt") is not None
 
 
-class EmbeddedBroker:
-    """An amqtt broker child process on ``127.0.0.1:port``. Use as a context manager."""
+class EmbeddedBroker(BrokerProcess):
+    """An amqtt broker child process on ``127.0.0.1:port``. Use as a context manager.
 
+    ``kill`` resets every connection as a power cut would; ``restart`` starts a fresh broker on
+    the same port, without the old sessions or retained messages (amqtt keeps them in memory only).
+    """
+
+    name = "amqtt"
     protocol = "3.1.1"  # what to put into MqttSettings(protocol=...): amqtt refuses MQTT 5
 
     def __init__(self, workdir: str | Path | None = None, port: int | None = None,
                  start_timeout_s: float = 10.0):
-        self._own_dir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="spar-amqtt-"))
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = port
-        self.host = "127.0.0.1"
-        self.start_timeout_s = start_timeout_s
-        self._proc: subprocess.Popen | None = None
+        super().__init__(workdir, port, start_timeout_s, prefix="spar-amqtt-")
 
-    # ---------------------------------------------------------------- lifecycle
-    def start(self) -> EmbeddedBroker:
-        """Start the broker and wait until it accepts TCP connections."""
+    def _check_available(self) -> None:
         if not amqtt_available():
             raise BenchError(f"amqtt not found: {INSTALL_HINT}")
-        attempts = 1 if self.port else 3  # a chosen free port can be taken before the child binds it
-        for _ in range(attempts):
-            port = self.port or free_loopback_port()
-            if self._try_start(port):
-                self.port = port
-                return self
-        raise BenchError(f"amqtt broker failed to start after {attempts} attempt(s); log:\n{self.log_tail()}")
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Graceful stop (SIGTERM): the child disconnects its clients and closes the listener."""
-        if self._proc and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout_s)
-        self._proc = None
-
-    def kill(self) -> None:
-        """SIGKILL: clients see their connections reset, as when power is cut."""
-        if self._proc and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(5.0)
-        self._proc = None
-
-    def restart(self) -> None:
-        """Start again on the same port. Sessions and retained messages are gone (memory only)."""
-        self.stop()
-        if not self._try_start(self.port):
-            raise BenchError(f"amqtt broker did not restart on port {self.port}; log:\n{self.log_tail()}")
-
-    def close(self) -> None:
-        """Stop the broker and remove its directory if this object created it."""
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> EmbeddedBroker:
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    @property
-    def running(self) -> bool:
-        """Whether the child process is alive."""
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "amqtt.log"
-
-    def log_tail(self, lines: int = 20) -> str:
-        """Last lines of the broker log and of its stderr (where import errors and tracebacks go)."""
-        text = []
-        for path in (self.workdir / "stderr.log", self.log_path):
-            try:
-                text += path.read_text(errors="replace").splitlines()
-            except OSError:
-                continue
-        return "\n".join(text[-lines:]) or "(no log)"
 
     # ---------------------------------------------------------------- internals
     def _try_start(self, port: int) -> bool:

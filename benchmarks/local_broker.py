@@ -49,35 +49,48 @@ class BrokerSettings:
     extra_lines: tuple[str, ...] = ()  # appended verbatim (ACL, password_file, TLS listener...)
 
 
-class LocalBroker:
-    """A Mosquitto child process on ``127.0.0.1:port``. Use as a context manager."""
+class BrokerProcess:
+    """A broker child process on ``127.0.0.1:port``, started, stopped, killed and restarted the same
+    way whatever the broker. Subclasses say how to start one (``_try_start``) and where it logs.
+    Use as a context manager."""
 
-    protocol = "5"  # what to put into MqttSettings(protocol=...); EmbeddedBroker says "3.1.1"
+    name = "broker"
+    protocol = "5"  # what clients put into MqttSettings(protocol=...)
 
-    def __init__(self, settings: BrokerSettings | None = None, workdir: str | Path | None = None,
-                 port: int | None = None, start_timeout_s: float = 10.0):
-        self.settings = settings or BrokerSettings()
+    def __init__(self, workdir: str | Path | None = None, port: int | None = None,
+                 start_timeout_s: float = 10.0, *, prefix: str = "spar-broker-"):
         self._own_dir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="spar-mosquitto-"))
+        # Absolute: the broker's config names its files, and it need not share our working directory.
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=prefix)).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port
         self.host = "127.0.0.1"
         self.start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen | None = None
-        self.binary = find_mosquitto()
+
+    # ---------------------------------------------------------------- what a broker says
+    def _check_available(self) -> None:
+        """BenchError (with an install hint) when this broker cannot run here."""
+
+    def _try_start(self, port: int) -> bool:
+        """Start the child on ``port``; True once it serves clients, False if it failed."""
+        raise NotImplementedError
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self) -> LocalBroker:
-        """Start the broker and wait until it accepts TCP connections."""
-        if self.binary is None:
-            raise BenchError(f"mosquitto not found: {_INSTALL_HINT}")
-        attempts = 1 if self.port else 3  # a chosen free port can be taken before we bind it
+    def start(self) -> BrokerProcess:
+        """Start the broker and wait until it accepts connections."""
+        self._check_available()
+        attempts = 1 if self.port else 3  # a chosen free port can be taken before the child binds it
         for _ in range(attempts):
             port = self.port or free_loopback_port()
             if self._try_start(port):
                 self.port = port
                 return self
-        raise BenchError(f"mosquitto failed to start after {attempts} attempt(s); log:\n{self.log_tail()}")
+        raise BenchError(f"{self.name} failed to start after {attempts} attempt(s); log:\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Graceful stop (SIGTERM): Mosquitto saves its persistence file on the way out."""
@@ -98,17 +111,18 @@ class LocalBroker:
         self._proc = None
 
     def restart(self) -> None:
-        """Start again on the same port with the same persistence directory."""
+        """Start again on the same port (Mosquitto: with the same persistence directory)."""
         self.stop()
         if not self._try_start(self.port):
-            raise BenchError(f"mosquitto did not restart on port {self.port}; log:\n{self.log_tail()}")
+            raise BenchError(f"{self.name} did not restart on port {self.port}; log:\n{self.log_tail()}")
 
     def close(self) -> None:
+        """Stop the broker and remove its directory if this object created it."""
         self.stop()
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> LocalBroker:
+    def __enter__(self) -> BrokerProcess:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -117,10 +131,6 @@ class LocalBroker:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "mosquitto.log"
 
     def log_tail(self, lines: int = 20) -> str:
         """Last lines of the broker log and of its stderr (where config errors go)."""
@@ -131,6 +141,23 @@ class LocalBroker:
             except OSError:
                 continue
         return "\n".join(text[-lines:]) or "(no log)"
+
+
+class LocalBroker(BrokerProcess):
+    """A Mosquitto child process on ``127.0.0.1:port``. Use as a context manager."""
+
+    name = "mosquitto"
+    protocol = "5"
+
+    def __init__(self, settings: BrokerSettings | None = None, workdir: str | Path | None = None,
+                 port: int | None = None, start_timeout_s: float = 10.0):
+        super().__init__(workdir, port, start_timeout_s, prefix="spar-mosquitto-")
+        self.settings = settings or BrokerSettings()
+        self.binary = find_mosquitto()
+
+    def _check_available(self) -> None:
+        if self.binary is None:
+            raise BenchError(f"mosquitto not found: {_INSTALL_HINT}")
 
     # ---------------------------------------------------------------- internals
     def config_text(self, port: int) -> str:
