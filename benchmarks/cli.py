@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
 
     _add_field_benchmarks(sub)
     args = parser.parse_args(argv)
+    # SIGTERM (systemd, `kill`, a CI timeout) ends a run like Ctrl-C: brokers stopped, partial
+    # results written, instead of dying with child processes left behind.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
     except (WireError, BenchError, TrainError, NodeError) as exc:
@@ -108,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _add_field_benchmarks(sub: Any) -> None:
@@ -307,6 +313,10 @@ def _cmd_codecs(args: argparse.Namespace) -> int:
     specs = [CodecSpec.parse(text) for text in args.codecs.split(",") if text.strip()]
     print(format_codec_report(codec_report(layout, specs)))
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

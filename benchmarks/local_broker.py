@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -47,6 +48,23 @@ class BrokerSettings:
     max_queued_messages: int = 100_000  # per client while offline (Mosquitto's default is 1000)
     message_size_limit: int = 0  # bytes, 0 = Mosquitto's default (no limit below 256 MB)
     extra_lines: tuple[str, ...] = ()  # appended verbatim (ACL, password_file, TLS listener...)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the process that started us dies.
+
+    A benchmark killed without its clean-up would otherwise leave Mosquitto running, still saving
+    its persistence file every second into a folder the next run reuses: two brokers renaming one
+    file made the next run's broker fail ("No such file or directory") and drop its clients. The
+    signal follows the starting *thread*; brokers are started from long-lived threads here.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the broker outlives a killed parent
+        pass
 
 
 class BrokerProcess:
@@ -186,7 +204,7 @@ class LocalBroker(BrokerProcess):
         with open(self.workdir / "stderr.log", "ab") as err:  # config errors land here
             self._proc = subprocess.Popen(
                 [self.binary, "-c", str(conf)], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=err,
+                stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:

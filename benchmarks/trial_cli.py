@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("folder", type=Path, help="trial folder written by `spar-trial run`")
     rp.set_defaults(func=_cmd_report)
     args = parser.parse_args(argv)
+    # SIGTERM (systemd, `kill`, a CI timeout) ends a run like Ctrl-C: brokers stopped, partial
+    # results written, instead of dying with child processes left behind.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
     except (BenchError, WireError, NodeError) as exc:
         print(f"spar-trial {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a trial (a trial itself ends cleanly and reports)
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _add_run(sub: Any) -> None:
@@ -144,6 +153,10 @@ def _layout(path: Path) -> Any:
     from spar_wire.site_layout import load_site_layout
 
     return load_site_layout(path)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

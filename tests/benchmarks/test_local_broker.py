@@ -1,4 +1,5 @@
 import socket
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -54,3 +55,29 @@ def test_missing_binary_says_how_to_install(tmp_path, monkeypatch):
     broker.binary = None
     with pytest.raises(BenchError, match="apt-get install mosquitto"):
         broker.start()
+
+
+@pytest.mark.mosquitto
+def test_the_broker_does_not_outlive_a_killed_parent(tmp_path):
+    """A benchmark killed without clean-up must not leave Mosquitto saving into a folder a later run reuses."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = ("import os\nfrom benchmarks.local_broker import LocalBroker\n"
+              f"b = LocalBroker(workdir={str(tmp_path / 'b')!r}).start()\n"
+              "print(b._proc.pid, flush=True)\nos._exit(0)\n")
+    pid = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[2]).stdout)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return  # gone (reaped)
+        if "\nState:\tZ" in state:
+            return  # dead, waiting for init to reap it
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    pytest.fail("mosquitto outlived its parent")
