@@ -100,7 +100,7 @@ class BandwidthReport:
         for ax, metric in zip(axes[0], self.metrics, strict=True):
             for r in self.rows:
                 x, y = r.headline["bytes_per_window"], r.metric(metric)
-                family = r.name.split(":")[0]
+                family = r.name.split("-")[0]
                 ax.scatter(x, y, s=60 if r is knee else 25, marker="*" if r is knee else "o",
                            color={"jpeg": "tab:orange", "webp": "tab:blue", "png": "tab:green"}.get(family, "tab:gray"),
                            zorder=3)
