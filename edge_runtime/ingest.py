@@ -184,7 +184,9 @@ class MqttIngest:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         try:
             self.connected.clear()
-            log.warning("disconnected from the broker: %s", reason_code)
+            # Our own disconnect at shutdown is normal; anything else is worth a warning.
+            level = logging.WARNING if getattr(reason_code, "is_failure", True) else logging.INFO
+            log.log(level, "disconnected from the broker: %s", reason_code)
         except Exception:  # noqa: BLE001
             log.exception("on_disconnect failed")
 
