@@ -161,3 +161,35 @@ def test_live_view_shows_nodes_traffic_and_detections(ten_second_trial, parking_
     text = recorded.export_text()
     assert "nodes online" in text and "latest results" in text and "->" in text
     assert "latest:" in status_line(snapshot)
+
+
+def test_scores_follow_the_model_outputs_against_hand_checkable_truth():
+    """Classification, localization, detection (mAP@r) and hypocentre scoring by output name."""
+    from types import SimpleNamespace
+
+    from benchmarks.trial_report import _scores
+
+    def spec(name):
+        return SimpleNamespace(name=name)
+
+    manifest = SimpleNamespace(position_dim=2, outputs=[spec(n) for n in (
+        "logits", "position", "detection_logits", "detection_positions")])
+    truths = [{"label": 1, "targets": [{"class_id": 1, "position": [1.0, 2.0]}]},
+              {"label": 2, "targets": [{"class_id": 2, "position": [10.0, 0.0]}]},
+              {"label": 0, "targets": []}]
+    # Right class for windows 0 and 2, wrong for 1; positions off by 3-4-5 m in window 1 only.
+    results = [{"outputs": {"logits": [0, 5, 0], "position": [1.0, 2.0],
+                            "detection_logits": [[0, 9, 0, 0], [0, 0, 0, 9]],
+                            "detection_positions": [[1.0, 2.0], [0.0, 0.0]]}},
+               {"outputs": {"logits": [0, 5, 0], "position": [13.0, 4.0],
+                            "detection_logits": [[0, 0, 9, 0], [0, 0, 0, 9]],
+                            "detection_positions": [[10.5, 0.0], [0.0, 0.0]]}},
+               {"outputs": {"logits": [5, 0, 0], "position": [0.0, 0.0],
+                            "detection_logits": [[0, 0, 0, 9], [0, 0, 0, 9]],
+                            "detection_positions": [[0.0, 0.0], [0.0, 0.0]]}}]
+    scored = _scores(manifest, list(zip(results, truths, strict=True)))
+    m = scored.metrics
+    assert m["classify/accuracy"] == pytest.approx(2 / 3)
+    assert m["localize/mean_distance"] == pytest.approx(2.5)  # windows with a target: 0 m and 5 m
+    assert m["detect/mAP@2"] == pytest.approx(1.0)  # both vehicles found, right class, within 2 m
+    assert len(scored.positions) == 2  # the empty window has nothing to place on the map
