@@ -294,8 +294,10 @@ def _wait_for_ingest(aggregator: Any, expected: int | None, settle_s: float, tim
     last, quiet_since = -1, time.monotonic()
     while time.monotonic() < deadline:
         messages, _ = aggregator.processor.traffic()
-        births = sum(v for k, v in aggregator.processor.snapshot_counts().items() if k in ("birth", "state"))
-        if expected is not None and messages - births >= expected:
+        # Lifecycle traffic (births, states, the aggregator's own topics) is not token data.
+        lifecycle = sum(v for k, v in aggregator.processor.snapshot_counts().items()
+                        if k in ("birth", "state") or k.startswith(("ignored.", "refused.")))
+        if expected is not None and messages - lifecycle >= expected:
             return
         if messages != last:
             last, quiet_since = messages, time.monotonic()
