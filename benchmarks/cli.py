@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     cd.add_argument("--site", type=Path, default=DEFAULT_SITE, help="site layout TOML (default: %(default)s)")
     cd.add_argument("--codecs", default="raw32,raw,png,webp:lossless,webp:95,webp:85,webp:75,webp:50,"
                     "jpeg:95,jpeg:85,jpeg:75,jpeg:50", help="comma-separated codec list")
+    cd.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
     cd.set_defaults(func=_cmd_codecs)
 
     rt = sub.add_parser("runtime", help="aggregator vs bare-model throughput, added latency, ingest capacity",
@@ -308,10 +309,17 @@ def _cmd_quant(args: argparse.Namespace) -> int:
 
 def _cmd_codecs(args: argparse.Namespace) -> int:
     from benchmarks.codec_report import codec_report, format_codec_report
+    from benchmarks.machine import describe_machine
 
     layout = load_site_layout(args.site)
     specs = [CodecSpec.parse(text) for text in args.codecs.split(",") if text.strip()]
-    print(format_codec_report(codec_report(layout, specs)))
+    text = format_codec_report(codec_report(layout, specs))
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"# Codec round trip on one sine window per modality (`spar-bench codecs`)\n\n"
+                            f"{describe_machine()} · site {layout.site_id}\n\n```\n{text}\n```\n")
+        print(f"report: {args.out}")
     return 0
 
 

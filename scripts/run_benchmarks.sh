@@ -17,7 +17,7 @@ run() {  # run NAME COMMAND...: skip when NAME is in $SKIP, time it otherwise
   echo "=== $name: done in $((SECONDS - started)) s"
 }
 
-run codecs    "$BIN/spar-bench" codecs
+run codecs    "$BIN/spar-bench" codecs --out benchmarks/results/codecs.md
 run bandwidth "$BIN/spar-bench" bandwidth
 run lossy     "$BIN/spar-bench" lossy
 run latency   "$BIN/spar-bench" latency

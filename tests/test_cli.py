@@ -31,11 +31,13 @@ def test_without_a_command_the_tools_say_which_exist(module, commands):
     assert all(c in result.stderr for c in commands)
 
 
-def test_codec_report():
-    result = run("benchmarks.cli", "codecs", "--codecs", "raw32,png,jpeg:80")
+def test_codec_report(tmp_path):
+    out = tmp_path / "codecs.md"
+    result = run("benchmarks.cli", "codecs", "--codecs", "raw32,png,jpeg:80", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "microphone" in result.stdout and "geophone" in result.stdout
     assert "jpeg-q80" in result.stdout and "100.0%" in result.stdout
+    assert "jpeg-q80" in out.read_text() and "cores" in out.read_text()  # the table, stamped with the machine
 
 
 @pytest.mark.parametrize("args, fragment", [
