@@ -132,8 +132,7 @@ def run_bandwidth(base: TrialConfig, codecs: tuple[str, ...] = DEFAULT_CODECS, *
     # A perfect link has no timing effects: the deadline stays at its real-time length.
     rows = run_series(base, [(label, {"codec": codec, "scale_deadline": False})
                              for label, codec in zip(labels, codecs, strict=True)], progress, reuse=reuse)
-    metrics = [m for m in compared_metrics(rows) if m in ("classify/accuracy", "localize/mean_distance",
-                                                           "detect/mAP@4", "quake/hypocentre_median")]
+    metrics = compared_metrics(rows)
     if not metrics:
         raise BenchError("the model's outputs give no metric against this scenario's truth")
     windows = rows[0].headline["windows_sampled"]

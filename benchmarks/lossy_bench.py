@@ -19,7 +19,7 @@ from typing import Any
 
 from benchmarks.machine import describe_machine
 from benchmarks.trial import TrialConfig
-from benchmarks.trial_series import METRICS, SeriesRow, compared_metrics, run_series, worst_relative_loss
+from benchmarks.trial_series import SeriesRow, compared_metrics, run_series, worst_relative_loss
 from node_firmware_sim.link_model import BurstLoss, LinkConfig
 
 TARGET_LOSS = 0.20
@@ -148,7 +148,7 @@ def run_lossy(base: TrialConfig, conditions: list[Condition] | None = None, *, t
     variants = [(c.name, {"link_config": c.link, "link": None, "speed": timing_speed if c.timing else base.speed,
                           "scale_deadline": c.timing}) for c in conditions]
     rows = run_series(base, variants, progress, reuse=reuse)
-    metrics = [m for m in compared_metrics(rows) if m in METRICS and not m.endswith(("macro_f1", "median_distance"))]
+    metrics = compared_metrics(rows)
     budget = (f"{rows[0].headline['windows_sampled']} windows of {base.scenario} per condition, seed {base.seed}, "
               f"codec {base.codec}, timeline {base.speed:g}x (outages and jitter {timing_speed:g}x), "
               f"model {Path(base.model).parent.name}")

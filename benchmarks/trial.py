@@ -158,7 +158,7 @@ def run_trial(config: TrialConfig, monitor: TrialMonitor | None = None,
     Ctrl-C (KeyboardInterrupt) during the trial stops the nodes, lets the aggregator store what it
     received, and returns with ``interrupted=True``; the folder is as complete as the trial was.
     """
-    layout = _load_layout(config.site)
+    layout = monitor.layout if monitor is not None else load_layout(config.site)
     link = config.link_config or (_load_link(config.link) if config.link else LinkConfig())
     folder = _prepare_folder(config)
     monitor = monitor or TrialMonitor(layout, config)
@@ -188,7 +188,8 @@ def run_trial(config: TrialConfig, monitor: TrialMonitor | None = None,
 
 
 # --------------------------------------------------------------------------- set-up
-def _load_layout(path: Path) -> SiteLayout:
+def load_layout(path: Path) -> SiteLayout:
+    """The site layout, or a BenchError saying what is wrong with the file."""
     try:
         return load_site_layout(path)
     except WireError as exc:

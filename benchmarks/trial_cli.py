@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.errors import BenchError
-from benchmarks.trial import DEFAULT_MODEL, REPO, TrialConfig
+from benchmarks.trial import DEFAULT_MODEL, REPO, TrialConfig, load_layout
+from node_firmware_sim.cli import DEFAULT_SITES, REPO_CONFIGS
 from node_firmware_sim.errors import NodeError
 from node_firmware_sim.scenarios import SCENARIOS, parse_scenario_params
 from spar_wire.errors import WireError
 
-SITES = {"parking_lot": "parking_lot.toml", "earthquakes": "ridgecrest_like.toml", "body_har": "body_har.toml",
-         "sine": "parking_lot.toml"}
 # The shipped parking-lot model was trained on windows with at most one vehicle and 10 % empty
 # episodes (scripts/make_models.sh); a trial of that model defaults to the same traffic.
 SHIPPED_MODEL_PARAMS = {"max_vehicles": 1, "empty_fraction": 0.1}
@@ -97,7 +96,7 @@ def _add_run(sub: Any) -> None:
 
 def trial_config(args: argparse.Namespace) -> TrialConfig:
     """The TrialConfig the `run` arguments describe (defaults filled in as the help says)."""
-    site = args.site or REPO / "configs" / "sites" / SITES[args.scenario]
+    site = args.site or REPO_CONFIGS / "sites" / DEFAULT_SITES[args.scenario]
     if args.model is None and args.scenario != "parking_lot":
         raise BenchError(f"--model is required for scenario {args.scenario}: only a parking-lot model is shipped")
     model = args.model or DEFAULT_MODEL
@@ -122,7 +121,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(stderr=True, force_terminal={"live": True, "lines": False}.get(args.view))
-    monitor = TrialMonitor(_layout(config.site), config)
+    monitor = TrialMonitor(load_layout(config.site), config)
     title = (f"spar-edge trial · {config.scenario} · {Path(config.model).parent.name} · "
              f"{config.link.name if config.link else 'perfect link'} · {config.codec}"
              + ("" if config.speed == 1 else f" · {config.speed:g}x"))
@@ -147,12 +146,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print(report.summary_line())
     print(f"report: {paths[0]}")
     return 0
-
-
-def _layout(path: Path) -> Any:
-    from spar_wire.site_layout import load_site_layout
-
-    return load_site_layout(path)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.trial import CONFIG_FILE, FIELD_FILE, TrialConfig, model_digest, run_trial
-from benchmarks.trial_report import analyze_trial
+from benchmarks.trial_report import HEADLINE_METRICS, analyze_trial
 
 # Task metrics a series compares, and whether larger is better.
 METRICS = {"classify/accuracy": True, "classify/macro_f1": True, "localize/mean_distance": False,
@@ -67,8 +67,8 @@ def _finished(config: TrialConfig) -> bool:
 
 
 def compared_metrics(rows: list[SeriesRow]) -> list[str]:
-    """The METRICS every row has a finite value for."""
-    return [m for m in METRICS if rows and all(math.isfinite(r.metric(m)) for r in rows)]
+    """The headline metrics (one per task) every row has a finite value for."""
+    return [m for m in HEADLINE_METRICS if rows and all(math.isfinite(r.metric(m)) for r in rows)]
 
 
 def relative_loss(value: float, reference: float, higher_is_better: bool) -> float:
