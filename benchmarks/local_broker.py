@@ -45,6 +45,13 @@ def free_loopback_port() -> int:
 class BrokerSettings:
     persistence: bool = True  # keep sessions and queued QoS 1 messages across restarts
     autosave_interval_s: int = 1  # how often in-memory state is written; 0 = only on exit
+    # True: autosave_interval counts changes instead of seconds, so with 1 every queued message is
+    # saved at once and a SIGKILL loses at most the one being handled (see configs/mosquitto/).
+    autosave_on_changes: bool = False
+    # QoS 1 messages sent to one client and not yet acknowledged. Mosquitto's default of 20 applies to
+    # MQTT 5 clients too; an aggregator that acknowledges a message only once its window is stored
+    # holds every message of the open and queued windows, so 20 would stall any site of > 20 nodes.
+    max_inflight_messages: int = 1000
     max_queued_messages: int = 100_000  # per client while offline (Mosquitto's default is 1000)
     message_size_limit: int = 0  # bytes, 0 = Mosquitto's default (no limit below 256 MB)
     extra_lines: tuple[str, ...] = ()  # appended verbatim (ACL, password_file, TLS listener...)
@@ -186,6 +193,8 @@ class LocalBroker(BrokerProcess):
             f"persistence {'true' if s.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             f"autosave_interval {s.autosave_interval_s}",
+            f"autosave_on_changes {'true' if s.autosave_on_changes else 'false'}",
+            f"max_inflight_messages {s.max_inflight_messages}",
             f"max_queued_messages {s.max_queued_messages}",
             f"log_dest file {self.log_path}",
             "log_type error", "log_type warning", "log_type notice",

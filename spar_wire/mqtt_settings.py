@@ -92,10 +92,17 @@ def connect_async(client: Any, settings: MqttSettings, *, persistent: bool) -> N
 def publish_outcome(info: Any) -> str:
     """"acked", "pending" or "failed" for a paho ``MQTTMessageInfo``.
 
-    paho's ``is_published`` raises instead of answering when the publish call itself failed (not
-    connected, queue full): such a message has no PUBACK to wait for, and a caller that counts
-    acknowledgements must count it, not crash on it.
+    paho's ``is_published`` raises instead of answering when the publish call itself failed. Two
+    cases differ: a QoS > 0 message published while disconnected (rc NO_CONN) is kept by paho and
+    sent after the reconnect, so it is pending until its PUBACK (paho never clears that rc, so the
+    flag is read directly); a message refused outright (queue full, bad topic) has no PUBACK to
+    wait for and has failed.
     """
+    import paho.mqtt.client as mqtt
+
+    if info.rc == mqtt.MQTT_ERR_NO_CONN and getattr(info, "_published", None) is not None:
+        with info._condition:
+            return "acked" if info._published else "pending"
     try:
         return "acked" if info.is_published() else "pending"
     except (RuntimeError, ValueError):

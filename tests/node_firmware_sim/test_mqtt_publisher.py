@@ -61,7 +61,7 @@ def test_last_will_announces_a_vanished_node(mosquitto, parking_lot):
 
 
 def test_a_publish_the_client_refused_is_counted_not_raised(parking_lot):
-    """paho's is_published raises for a publish made while disconnected; the uplink counts it as failed."""
+    """paho's is_published raises for a refused publish (its queue is full); the uplink counts it as failed."""
     import paho.mqtt.client as mqtt
 
     from node_firmware_sim.delivery_scheduler import DeliveryScheduler
@@ -71,11 +71,32 @@ def test_a_publish_the_client_refused_is_counted_not_raised(parking_lot):
     from spar_wire.mqtt_settings import publish_outcome
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="never-connected")
-    info = client.publish("spar/v1/x/n01/data/microphone", b"x", qos=1)
-    assert publish_outcome(info) == "failed"
+    client.max_queued_messages_set(1)
+    queued = client.publish("spar/v1/x/n01/data/microphone", b"x", qos=1)
+    refused = client.publish("spar/v1/x/n01/data/microphone", b"y", qos=1)
+    assert publish_outcome(queued) == "pending"  # kept by paho, sent once connected
+    assert publish_outcome(refused) == "failed"
     scheduler = DeliveryScheduler(realtime=False)
-    uplink = NodeUplink("n01", LinkModel(LinkConfig(), 0), scheduler, lambda frame: info, buffer_size=4)
+    uplink = NodeUplink("n01", LinkModel(LinkConfig(), 0), scheduler, lambda frame: refused, buffer_size=4)
     uplink.send(EncodedFrame("n01", "microphone", 0, 0, b"frame"), 2.0)
     scheduler.run_due(10.0)
     assert uplink.collect_acks(wait_s=0.1) == 0
     assert (uplink.counters.published, uplink.counters.acked, uplink.counters.failed) == (1, 0, 1)
+
+
+def test_a_publish_made_while_disconnected_is_acked_after_the_connect(mosquitto):
+    """paho keeps a QoS 1 message published before the connection and sends it after CONNACK: it is
+    pending, then acked, never counted as failed (a node that lost its broker counts acks right)."""
+    from spar_wire.mqtt_settings import MqttSettings, connect_async, make_client, publish_outcome
+
+    settings = MqttSettings(port=mosquitto.port)
+    client = make_client(settings, "early-publisher", persistent=False)
+    info = client.publish("spar/v1/x/n01/data/microphone", b"x", qos=1)
+    assert publish_outcome(info) == "pending"
+    connect_async(client, settings, persistent=False)
+    client.loop_start()
+    try:
+        assert wait_for(lambda: publish_outcome(info) == "acked", 10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
