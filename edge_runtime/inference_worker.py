@@ -2,7 +2,9 @@
 
 A single worker thread takes the oldest closed window; if more are already waiting (a backlog),
 it takes up to ``max_batch`` windows with the same node count into one backend call. Each result
-is committed to SQLite before it is published, so what subscribers see is always on disk.
+is committed to SQLite before it is published, so what subscribers see is always on disk, and only
+then are the window's messages released (acknowledged to the broker). A window already stored (the
+broker redelivered its messages after a restart) is neither stored nor published again.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 class InferenceWorker:
     def __init__(self, backend: Any, manifest: ModelManifest, site: str, windows: BoundedQueue,
                  store: Any, publish: Callable[[dict[str, Any]], Any], *, max_batch: int, window_ns: int,
-                 observe: Callable[[str, float], None] = lambda name, value: None):
+                 observe: Callable[[str, float], None] = lambda name, value: None,
+                 release: Callable[[list[Any]], None] = lambda receipts: None):
         self.backend = backend
         self.manifest = manifest
         self.site = site
@@ -38,6 +41,7 @@ class InferenceWorker:
         self.max_batch = max_batch
         self.window_ns = window_ns
         self.observe = observe
+        self.release = release
         self.counts: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
         self.last_result: dict[str, Any] | None = None
@@ -58,6 +62,10 @@ class InferenceWorker:
             except Exception:  # noqa: BLE001 - a failed batch is counted; the service goes on
                 log.exception("inference of %d window(s) failed", len(batch))
                 self._count("windows_failed", len(batch))
+                # Redelivery would fail the same way, and unacknowledged messages hold the broker's
+                # in-flight slots: a failed window is counted and let go.
+                for window in batch:
+                    self.release(window.receipts)
 
     def process(self, batch: list[AssembledWindow]) -> list[dict[str, Any]]:
         """Run one batch (same node count) through the backend, store and publish its results."""
@@ -75,14 +83,18 @@ class InferenceWorker:
                             end_to_end_s=end_to_end)
             results.append(build_result(self.site, window, {k: v[row] for k, v in outputs.items()},
                                         self.manifest, timing, len(batch)))
-        new = self.store.store(results)
-        for result, window in zip(results, batch, strict=True):
-            self.publish(result)
+        # Half a window either way is the same window: node clocks differ, so the median start of a
+        # window assembled again from redelivered messages can differ from the stored one.
+        new = self.store.insert_new(results, same_window_ns=self.window_ns // 2)
+        for result, window, is_new in zip(results, batch, new, strict=True):
+            if is_new:
+                self.publish(result)
+            self.release(window.receipts)
             # Added latency: what the aggregator itself adds once the window is complete.
             self.observe("added_latency_seconds", time.monotonic() - window.closed_s)
             self.observe("end_to_end_seconds", result["latency_ms"]["end_to_end"] / 1e3)
-        self._count("results", len(results))
-        self._count("results_duplicate_window", len(results) - new)
+        self._count("results", sum(new))
+        self._count("results_duplicate_window", len(results) - sum(new))
         self._count("batches")
         self.last_result = results[-1]
         return results

@@ -10,6 +10,14 @@ growing a queue; and one thread hop less per message measured 25 % less CPU per 
 windows whose deadline passed; both take the processor's lock. Anything wrong with a message is
 counted under its reason and dropped, never raised. Subscriptions are made inside ``on_connect``
 so they come back after every reconnect; the MQTT 5 session is persistent.
+
+Acknowledgement after storage: paho's automatic PUBACK is off. A message that ends in an open
+window is acknowledged only once that window's result is committed to SQLite (or the window is
+dropped by overload policy, which is counted); everything else (rejected, late, lifecycle) is
+acknowledged as soon as it is handled. If the aggregator dies in between, the broker still holds
+the message in our persistent session and redelivers it to the next process. A receipt names the
+connection it arrived on: after a reconnect the broker redelivers with new packet ids, so a stale
+receipt is never acknowledged (it could name another message on the new connection).
 """
 
 from __future__ import annotations
@@ -35,11 +43,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Receipt:
+    """What acknowledging one QoS 1 message to the broker takes."""
+
+    connection: int  # MqttIngest.connection when it arrived
+    mid: int  # MQTT packet id on that connection
+
+
+@dataclass(frozen=True)
 class RawMessage:
     topic: str
     payload: bytes
     arrival_s: float  # monotonic
     arrival_ns: int  # wall clock, for end-to-end latency against node timestamps
+    receipt: Receipt | None = None  # None: nothing to acknowledge (QoS 0, or not from a broker)
+
+
+Release = Callable[[list[Receipt]], None]
 
 
 class MessageProcessor:
@@ -47,12 +67,16 @@ class MessageProcessor:
 
     def __init__(self, site_id: str, registry: NodeRegistry, assembler: WindowAssembler,
                  features: dict[str, FeatureConfig], emit: Callable[[AssembledWindow], None], *,
-                 limits: WireLimits = WireLimits(), warn: Callable[[str, str], None] | None = None):
+                 limits: WireLimits = WireLimits(), warn: Callable[[str, str], None] | None = None,
+                 release: Release = lambda receipts: None):
+        """``emit`` takes each closed window (its receipts with it); ``release`` acknowledges the
+        receipts of messages no window holds."""
         self.site_id = site_id
         self.registry = registry
         self.assembler = assembler
         self.features = features
         self.emit = emit
+        self.release = release
         self.limits = limits
         self.warn = warn or (lambda reason, message: log.warning("%s: %s", reason, message))
         self.counts: collections.Counter[str] = collections.Counter()
@@ -66,14 +90,17 @@ class MessageProcessor:
         with self.lock:
             self.received_messages += 1
             self.received_bytes += len(raw.payload)
+        held = False
         with self._processing:
             try:
-                self._handle(raw)
+                held = self._handle(raw)
             except WireError as exc:
                 self._reject(exc.reason, exc.detail)
             except Exception as exc:  # noqa: BLE001 - a bug must not stop ingest: count and log it
                 log.exception("internal error handling %r", raw.topic[:200])
                 self._reject("internal_error", repr(exc))
+        if not held and raw.receipt is not None:
+            self.release([raw.receipt])
 
     def tick(self, now_s: float) -> None:
         """Close windows whose deadline has passed."""
@@ -100,13 +127,14 @@ class MessageProcessor:
         with self.lock:
             return self.received_messages, self.received_bytes
 
-    def _handle(self, raw: RawMessage) -> None:
+    def _handle(self, raw: RawMessage) -> bool:
+        """True when an open window now holds the message (and will release its receipt)."""
         topic = parse_topic(raw.topic)
         if topic.site != self.site_id:
             raise WireError("wrong_site", f"topic of site {topic.site}")
         if topic.is_aggregator:
             self._count("ignored.aggregator")
-            return
+            return False
         if topic.kind == "birth":
             birth = parse_birth(raw.payload)
             if birth.node != topic.node:
@@ -115,14 +143,14 @@ class MessageProcessor:
             if not decision.accepted:
                 self.warn(f"refused.{decision.reason}", f"node refused: {decision.detail}")
             self._count("birth" if decision.accepted else f"refused.{decision.reason}")
-            return
+            return False
         if topic.kind == "state":
             decision = self.registry.on_state(topic.node, parse_state(raw.payload))
             self._count("state" if decision.accepted else f"ignored.{decision.reason}")
-            return
-        self._handle_data(topic.node, topic.modality or "", raw)
+            return False
+        return self._handle_data(topic.node, topic.modality or "", raw)
 
-    def _handle_data(self, node: str, modality: str, raw: RawMessage) -> None:
+    def _handle_data(self, node: str, modality: str, raw: RawMessage) -> bool:
         # Cheap checks first: header only, then the registry, then the payload decode.
         message = decode_message(raw.payload, self.limits, decode_image=False)
         if (message.site, message.node, message.modality) != (self.site_id, node, modality):
@@ -136,9 +164,11 @@ class MessageProcessor:
             raise WireError("shape_mismatch", f"{node}/{modality}: image {message.shape} != {cfg.image_shape}")
         tokens = patchify(message.image(self.limits), cfg)
         self._count("accepted")
-        for window in self.assembler.add(node, modality, message.window_start_ns, tokens,
-                                         self.registry.snapshot(), raw.arrival_s):
+        added = self.assembler.add(node, modality, message.window_start_ns, tokens, self.registry.snapshot(),
+                                   raw.arrival_s, receipt=raw.receipt)
+        for window in added.closed:
             self.emit(window)
+        return added.held
 
     def _reject(self, reason: str, detail: str) -> None:
         self._count(f"rejected.{reason}")
@@ -150,7 +180,8 @@ class MessageProcessor:
 
 
 class MqttIngest:
-    """The aggregator's subscriber session: every message goes to ``deliver`` in paho's thread."""
+    """The aggregator's subscriber session: every message goes to ``deliver`` in paho's thread, and
+    is acknowledged to the broker only when ``ack`` is called with its receipt (any thread)."""
 
     def __init__(self, client: Any, site_id: str, deliver: Callable[[RawMessage], None]):
         self.client = client
@@ -159,6 +190,11 @@ class MqttIngest:
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.connects = 0
+        self.connection = 0  # bumped on every connect and disconnect: receipts of older ones are stale
+        self.acks: collections.Counter[str] = collections.Counter()  # sent | stale
+        self._ack_lock = threading.Lock()  # a connection change cannot slip between check and ack
+        self._paused = threading.Event()
+        client.manual_ack_set(True)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
@@ -170,6 +206,8 @@ class MqttIngest:
             if reason_code.is_failure:
                 log.error("broker refused the connection: %s", reason_code)
                 return
+            with self._ack_lock:
+                self.connection += 1
             self.connects += 1
             # Node topics only: not "#", which would also bring back our own results and state.
             client.subscribe([(site_filter(self.site_id, kind), 1) for kind in ("birth", "state", "data")])
@@ -183,6 +221,8 @@ class MqttIngest:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         try:
+            with self._ack_lock:
+                self.connection += 1
             self.connected.clear()
             # Our own disconnect at shutdown is normal; anything else is worth a warning.
             level = logging.WARNING if getattr(reason_code, "is_failure", True) else logging.INFO
@@ -190,12 +230,31 @@ class MqttIngest:
         except Exception:  # noqa: BLE001
             log.exception("on_disconnect failed")
 
+    def pause(self) -> None:
+        """Stop taking messages but stay connected (to send the acknowledgements still due): what
+        arrives from now on is left unacknowledged, and the broker redelivers it to the next session."""
+        self._paused.set()
+
+    def ack(self, receipts: list[Receipt]) -> None:
+        """Acknowledge these messages to the broker; receipts of an earlier connection are skipped."""
+        with self._ack_lock:
+            for receipt in receipts:
+                if receipt.connection == self.connection:
+                    self.client.ack(receipt.mid, 1)
+                    self.acks["sent"] += 1
+                else:
+                    self.acks["stale"] += 1
+
     def _on_message(self, client, userdata, msg) -> None:
         try:
+            if self._paused.is_set():
+                return
             try:
                 topic = msg.topic
             except UnicodeDecodeError:  # paho decodes the topic lazily; let the parser reject it
                 topic = "<topic is not UTF-8>"
-            self.deliver(RawMessage(topic, msg.payload, time.monotonic(), time.time_ns()))
+            with self._ack_lock:
+                receipt = Receipt(self.connection, msg.mid) if msg.qos > 0 else None
+            self.deliver(RawMessage(topic, msg.payload, time.monotonic(), time.time_ns(), receipt))
         except Exception:  # noqa: BLE001
             log.exception("on_message failed")

@@ -204,11 +204,20 @@ class ResultStore:
     def store(self, results: list[dict[str, Any]]) -> int:
         """Insert a batch of results in one committed transaction; returns how many rows were new.
 
+        See :meth:`insert_new`; this keeps only the count (a window counts as already stored when a
+        row has exactly its ``window_start_ns``).
+        """
+        return sum(self.insert_new(results))
+
+    def insert_new(self, results: list[dict[str, Any]], same_window_ns: int = 0) -> list[bool]:
+        """Insert a batch of results in one committed transaction; per result, True if it was new.
+
         Each result needs ``site`` (str), ``window_start_ns`` (int) and ``nodes_present`` (int); the
-        whole dict is stored as compact JSON. A window already stored for that site is ignored
-        (replays after a redelivery are harmless). The batch is validated before anything is
-        written, so an invalid result rejects the whole batch. When this returns, the rows are
-        committed (see ``_configure`` for what "durable" means with synchronous=NORMAL).
+        whole dict is stored as compact JSON. A window already stored for that site, i.e. a row whose
+        start lies within ``same_window_ns`` of this one (strictly), is left as it is (replays after a
+        redelivery are harmless). The batch is validated before anything is written, so an invalid
+        result rejects the whole batch. When this returns, the rows are committed (see
+        ``_configure`` for what "durable" means with synchronous=NORMAL).
 
         Raises:
             AggregatorError: an invalid result, a read-only or closed store, or SQLite failed (disk
@@ -216,26 +225,36 @@ class ResultStore:
         """
         if self.readonly:
             raise AggregatorError(f"result store {self.path}: opened read-only, cannot store")
+        if same_window_ns < 0:
+            raise AggregatorError(f"result store: same_window_ns must be >= 0, got {same_window_ns}")
         rows = [self._row(i, result) for i, result in enumerate(results)]
         if not rows:
-            return 0
+            return []
         with self._lock:
             conn = self._require()
             created_ns = int(self._clock_ns())
             try:
                 with _immediate_transaction(conn):
-                    before = conn.total_changes
-                    conn.executemany(
-                        "INSERT OR IGNORE INTO results (site, window_start_ns, created_ns, nodes_present,"
-                        " payload) VALUES (?, ?, ?, ?, ?)",
-                        [(site, start, created_ns, present, payload)
-                         for site, start, present, payload in rows])
-                    new = conn.total_changes - before
+                    new = [self._insert_if_new(conn, row, created_ns, same_window_ns) for row in rows]
             except sqlite3.Error as exc:
                 raise AggregatorError(f"result store {self.path}: storing {len(rows)} results failed: "
                                       f"{exc}") from exc
             self._maybe_apply_retention()
         return new
+
+    @staticmethod
+    def _insert_if_new(conn: sqlite3.Connection, row: tuple[str, int, int, str], created_ns: int,
+                       same_window_ns: int) -> bool:
+        site, start, present, payload = row
+        # Served by the UNIQUE (site, window_start_ns) index: one range probe per result.
+        if same_window_ns and conn.execute(
+                "SELECT 1 FROM results WHERE site = ? AND window_start_ns > ? AND window_start_ns < ? LIMIT 1",
+                (site, start - same_window_ns, start + same_window_ns)).fetchone():
+            return False
+        before = conn.total_changes
+        conn.execute("INSERT OR IGNORE INTO results (site, window_start_ns, created_ns, nodes_present, payload)"
+                     " VALUES (?, ?, ?, ?, ?)", (site, start, created_ns, present, payload))
+        return conn.total_changes > before
 
     def _row(self, index: int, result: Mapping[str, Any]) -> tuple[str, int, int, str]:
         """Validate one result and turn it into (site, window_start_ns, nodes_present, payload)."""

@@ -1,10 +1,16 @@
 """The aggregator service: wires ingest, assembly, inference, storage, publishing and metrics.
 
 Two MQTT sessions: a persistent subscriber for the site's node traffic, and a publisher for results
-and the retained health state (with an ``offline`` will). On stop (SIGTERM), the subscriber
-disconnects first; every message it already received is processed, every open window is closed
-(partial windows still give results), every result is committed to SQLite and published, and only
-then is ``offline`` announced and the publisher disconnected: nothing received is left unflushed.
+and the retained health state (with an ``offline`` will). A token message is acknowledged to the
+broker only once the result of its window is committed to SQLite (see ``ingest``), so a crash at any
+point loses nothing the broker acknowledged to a node: the next process gets it again, and the store
+keeps one result per window.
+
+On stop (SIGTERM), the subscriber stops taking messages (what still arrives stays with the broker
+for the next session); every message already taken is processed, every open window is closed
+(partial windows still give results), every result is committed and published and its messages
+acknowledged; only then does the subscriber disconnect, ``offline`` is announced and the publisher
+disconnects: nothing received is left unflushed.
 """
 
 from __future__ import annotations
@@ -68,9 +74,9 @@ class Aggregator:
         self.registry = NodeRegistry(self.layout, self.manifest)
         self.assembler = WindowAssembler(features, window_s, deadline_s=config.deadline_fraction * window_s,
                                          max_open=config.max_open_windows)
-        self.window_queue = BoundedQueue(config.queue_size, lambda _: self.metrics.dropped("window"))
+        self.window_queue = BoundedQueue(config.queue_size, self._drop_window)
         self.processor = MessageProcessor(self.site, self.registry, self.assembler, features,
-                                          self.window_queue.put, warn=self.metrics.warn)
+                                          self.window_queue.put, warn=self.metrics.warn, release=self._release)
         self.backend = backend if backend is not None else self._load_backend()
         self.store = store if store is not None else self._open_store()
         self._publisher = make_client(config.mqtt, f"{self.site}.{config.client_id}-results", persistent=False,
@@ -81,7 +87,8 @@ class Aggregator:
         self.ingest = MqttIngest(subscriber, self.site, self.processor.handle)
         self.worker = InferenceWorker(self.backend, self.manifest, self.site, self.window_queue, self.store,
                                       self._publish_result, max_batch=config.max_batch,
-                                      window_ns=int(round(window_s * 1e9)), observe=self.metrics.observe)
+                                      window_ns=int(round(window_s * 1e9)), observe=self.metrics.observe,
+                                      release=self._release)
         self._pending: list[Any] = []
         self._pending_lock = threading.Lock()
         self._stop_ingest = threading.Event()
@@ -112,13 +119,15 @@ class Aggregator:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Drain and flush (see the module docstring). Safe to call twice."""
-        self.ingest.client.disconnect()
-        self.ingest.client.loop_stop()
+        self.ingest.pause()
         self._stop_ingest.set()
         deadline = time.monotonic() + timeout_s
         self._join("deadlines", deadline)
         self._stop_worker.set()
         self._join("inference", deadline)
+        # paho writes queued packets in order, so our acknowledgements leave before the DISCONNECT.
+        self.ingest.client.disconnect()
+        self.ingest.client.loop_stop()
         self._wait_for_acks(deadline)
         if self._publisher_ready.is_set():
             info = self._publisher.publish(aggregator_topic(self.site, "state"), self._health("offline"),
@@ -154,6 +163,18 @@ class Aggregator:
                 thread.join(max(0.0, deadline - time.monotonic()))
                 if thread.is_alive():
                     log.error("%s thread did not finish in time", name)
+
+    # ------------------------------------------------------------------ acknowledgements
+    def _release(self, receipts: list[Any]) -> None:
+        """Acknowledge messages to the broker (their window is stored, dropped or failed)."""
+        if receipts:
+            self.ingest.ack(receipts)
+
+    def _drop_window(self, window: Any) -> None:
+        # Overload policy drops the oldest window on purpose (counted): redelivering it would only
+        # bring the overload back, so its messages are acknowledged like a stored window's.
+        self.metrics.dropped("window")
+        self._release(window.receipts)
 
     # ------------------------------------------------------------------ publishing
     def _publish_result(self, result: dict[str, Any]) -> None:

@@ -10,6 +10,11 @@ are zero-padded with their presence flag cleared. A message for a window that al
 late (counted, dropped); a second message for the same (node, modality) is a duplicate (counted,
 ignored). At most ``max_open`` windows are open: a new one beyond that force-closes the oldest.
 
+Each message may carry a ``receipt`` (what the ingest needs to acknowledge it to the broker). A
+window keeps the receipts of every message it absorbed, duplicates included, and hands them on
+when it closes: the aggregator acknowledges them only once the window's result is stored. A late
+message is not held; its caller acknowledges it at once.
+
 Pure logic with an injected clock: the ingest thread calls ``add`` and ``expire``; tests call them
 with any clock they like.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +48,7 @@ class AssembledWindow:
     first_arrival_s: float  # monotonic
     closed_s: float  # monotonic
     message_count: int = 0
+    receipts: list[Any] = field(default_factory=list)  # of every message absorbed, to acknowledge once stored
 
     @property
     def nodes_present(self) -> int:
@@ -58,6 +65,16 @@ class _OpenWindow:
     first_arrival_s: float
     tokens: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (node, modality) -> [m, D]
     starts: list[int] = field(default_factory=list)  # window starts as the nodes stamped them
+    receipts: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class AddResult:
+    """What one ``WindowAssembler.add`` did: the windows it closed, and whether the window now
+    holds the message (False: late, so nobody will acknowledge it unless the caller does)."""
+
+    closed: list[AssembledWindow]
+    held: bool
 
 
 class WindowAssembler:
@@ -83,12 +100,12 @@ class WindowAssembler:
 
 
     def add(self, node_id: str, modality: str, window_start_ns: int, tokens: np.ndarray,
-            snapshot: RegistrySnapshot, now_s: float) -> list[AssembledWindow]:
-        """Add one message's tokens [m, D]. Returns windows this closed (complete or forced)."""
+            snapshot: RegistrySnapshot, now_s: float, receipt: Any = None) -> AddResult:
+        """Add one message's tokens [m, D]; the windows this closed (complete or forced) come back."""
         index = self.window_index(window_start_ns)
         if index in self._closed_set or index <= self._newest_closed - 2 * self.max_open:
             self.counts["late"] += 1
-            return []
+            return AddResult([], held=False)
         closed: list[AssembledWindow] = []
         window = self._open.get(index)
         if window is None:
@@ -98,16 +115,20 @@ class WindowAssembler:
                 oldest = min(self._open)
                 closed.append(self._close(oldest, snapshot, now_s, "forced"))
             window = self._open[index] = _OpenWindow(index, now_s)
+        if receipt is not None:
+            # A duplicate's receipt too: after a reconnect the broker redelivers what we had not yet
+            # acknowledged, and only the newest connection's receipts can still be acknowledged.
+            window.receipts.append(receipt)
         key = (node_id, modality)
         if key in window.tokens:
             self.counts["duplicate"] += 1
-            return closed
+            return AddResult(closed, held=True)
         window.tokens[key] = tokens
         window.starts.append(window_start_ns)
         self.counts["assembled_messages"] += 1
         if snapshot.expected and snapshot.expected <= window.tokens.keys():
             closed.append(self._close(index, snapshot, now_s, "complete"))
-        return closed
+        return AddResult(closed, held=True)
 
     def expire(self, snapshot: RegistrySnapshot, now_s: float) -> list[AssembledWindow]:
         """Close every window whose deadline has passed, oldest first."""
@@ -142,7 +163,7 @@ class WindowAssembler:
             window_index=index, window_start_ns=_median_ns(window.starts), node_ids=snapshot.node_ids,
             inputs=inputs, present=present, expected=expected, received=received, complete=complete,
             reason=reason, first_arrival_s=window.first_arrival_s, closed_s=now_s,
-            message_count=len(window.tokens),
+            message_count=len(window.tokens), receipts=window.receipts,
         )
 
     def _tensors(self, window: _OpenWindow, snapshot: RegistrySnapshot

@@ -88,6 +88,21 @@ def test_duplicate_windows_are_ignored(db):
         assert store.store([]) == 0
 
 
+def test_a_window_assembled_again_with_another_median_start_is_the_same_window(db):
+    """After a redelivery the median of the node-stamped starts can move by a node's clock offset;
+    within half a window it is still the stored window, and the first result stays."""
+    window = 2_000_000_000
+    with ResultStore(db) as store:
+        assert store.insert_new([result(start=10 * window)], same_window_ns=window // 2) == [True]
+        again = [result(start=10 * window + 300_000_000, label="again"), result(start=11 * window)]
+        assert store.insert_new(again, same_window_ns=window // 2) == [False, True]
+        assert store.count() == 2 and "label" not in store.query()[0]
+        # Without a tolerance only the exact start matches (what store() does).
+        assert store.insert_new([result(start=10 * window + 1)]) == [True]
+        with pytest.raises(AggregatorError, match="same_window_ns"):
+            store.insert_new([result(start=1)], same_window_ns=-1)
+
+
 def test_invalid_results_reject_the_whole_batch(db):
     with ResultStore(db) as store:
         bad = [

@@ -48,7 +48,7 @@ def feed(layout, registry, assembler, window, nodes, now, start_ns=None, value=1
     for node in nodes:
         for modality in layout.node(node).modalities if node in layout.node_ids else layout.modalities:
             closed += assembler.add(node, modality, start_ns if start_ns is not None else window * W_NS,
-                                    tokens_for(layout, modality, value), registry.snapshot(), now)
+                                    tokens_for(layout, modality, value), registry.snapshot(), now).closed
     return closed
 
 
@@ -86,6 +86,21 @@ def test_late_duplicate_and_out_of_order(parts):
     assert [w.window_index for w in closed] == [4, 5]
     feed(layout, registry, assembler, 5, ["n02"], now=5.1)  # window 5 is closed: late
     assert assembler.counts["late"] == 2 and assembler.open_windows == 0
+
+
+def test_a_window_hands_on_the_receipts_of_every_message_it_held(parts):
+    """Receipts (to acknowledge once stored) travel with the window, a redelivered duplicate's too;
+    a late message is not held, so its caller knows to acknowledge it at once."""
+    layout, _, registry, assembler = parts
+    modality = layout.node("n01").modalities[0]
+    tokens = tokens_for(layout, modality, 1.0)
+    snapshot = registry.snapshot()
+    assert assembler.add("n01", modality, 5 * W_NS, tokens, snapshot, 0.0, receipt="r1").held
+    assert assembler.add("n01", modality, 5 * W_NS, tokens, snapshot, 0.1, receipt="r1-again").held
+    (window,) = assembler.expire(snapshot, now_s=5.0)
+    assert window.receipts == ["r1", "r1-again"] and window.message_count == 1
+    late = assembler.add("n01", modality, 5 * W_NS, tokens, snapshot, 5.1, receipt="r2")
+    assert not late.held and late.closed == [] and assembler.counts["late"] == 1
 
 
 def test_clock_offsets_round_to_the_same_window(parts):
