@@ -141,9 +141,11 @@ def _add_field_benchmarks(sub: Any) -> None:
     _add_series_args(lo, "lossy", speed=10.0, codec="webp:85")
     lo.set_defaults(func=_cmd_lossy)
 
+    from benchmarks.fault_trial import add_faults_parser
     from benchmarks.latency_bench import add_latency_parser
 
     add_latency_parser(sub)
+    add_faults_parser(sub)
 
 
 def _add_series_args(p: argparse.ArgumentParser, name: str, *, speed: float, codec: str | None) -> None:

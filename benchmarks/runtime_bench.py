@@ -163,7 +163,8 @@ def _window_inputs(aggregator: Aggregator, frames: dict[str, list[EncodedFrame]]
         for frame in node_frames:
             msg = decode_message(frame.frame)
             tokens = patchify(msg.image(), aggregator.processor.features[msg.modality])
-            closed += assembler.add(msg.node, msg.modality, msg.window_start_ns, tokens, registry.snapshot(), 0.0).closed
+            added = assembler.add(msg.node, msg.modality, msg.window_start_ns, tokens, registry.snapshot(), 0.0)
+            closed += added.closed
         if len(closed) >= 50:
             break
     return [{k: v[None] for k, v in w.inputs.items()} for w in closed]

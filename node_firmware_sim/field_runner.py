@@ -64,6 +64,7 @@ class FieldConfig:
     truth_log: str | None = None  # JSON-lines ground truth per window
     start_epoch_ns: int | None = None  # true time of window 0 (default: now, whole seconds)
     ack_timeout_s: float = 30.0
+    record_acks: bool = False  # list every acknowledged frame in NodeSummary.acked_frames (fault trials)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.duration_s, (int, float)) and math.isfinite(self.duration_s)
@@ -93,7 +94,8 @@ class NodeSummary:
     link: LinkStats = field(default_factory=LinkStats)
     published: int = 0  # copies handed to MQTT, duplicates included
     acked: int = 0  # of those, acknowledged by the broker (PUBACK)
-    publish_failed: int = 0  # of those, refused by the MQTT client (not connected): no PUBACK to count
+    publish_failed: int = 0  # of those, refused by the MQTT client (queue full): no PUBACK to count
+    acked_frames: list[tuple[str, int]] | None = None  # (modality, window start) per PUBACK, if recorded
 
 
 @dataclass
@@ -251,7 +253,8 @@ class _RunningNode:
         publish = (lambda f: publisher.publish_token(f.modality, f.frame)) if publisher else None
         connected = (lambda: publisher.connected) if publisher else (lambda: True)
         self.uplink = NodeUplink(node_id, link, scheduler, publish,
-                                 buffer_size=config.firmware.outage_buffer_messages, connected=connected)
+                                 buffer_size=config.firmware.outage_buffer_messages, connected=connected,
+                                 record_acks=config.record_acks)
         self.summary = NodeSummary(node_id, clock_offset_s=offset)
 
     def encode_window(self, window: SourceWindow, true_start_ns: int) -> list[EncodedFrame]:
@@ -280,7 +283,7 @@ class _RunningNode:
         s = self.summary
         counters = self.uplink.counters
         self.uplink.collect_acks(wait_s=ack_timeout_s)
-        s.acked, s.publish_failed = counters.acked, counters.failed
+        s.acked, s.publish_failed, s.acked_frames = counters.acked, counters.failed, counters.acked_frames
         if self.publisher is not None:
             self.publisher.stop()
         s.buffered, s.buffer_dropped = counters.buffered, counters.buffer_dropped

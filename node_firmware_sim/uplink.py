@@ -26,14 +26,17 @@ class UplinkCounters:
     buffer_dropped: int = 0  # frames pushed out of a full buffer (lost for good)
     published: int = 0  # copies handed to MQTT (duplicates included)
     acked: int = 0  # of those, acknowledged by the broker (counted by collect_acks)
-    failed: int = 0  # of those, refused by the MQTT client itself (not connected, queue full): no PUBACK
-    pending: list[Any] = field(default_factory=list)  # MQTTMessageInfo not yet acknowledged
+    failed: int = 0  # of those, refused by the MQTT client itself (queue full, bad topic): no PUBACK
+    pending: list[tuple[EncodedFrame, Any]] = field(default_factory=list)  # (frame, MQTTMessageInfo) not yet acked
+    acked_frames: list[tuple[str, int]] | None = None  # (modality, window start) per PUBACK, when recording
 
 
 class NodeUplink:
     def __init__(self, node_id: str, link: LinkModel, scheduler: DeliveryScheduler,
                  publish: Callable[[EncodedFrame], Any] | None, *, buffer_size: int,
-                 connected: Callable[[], bool] = lambda: True):
+                 connected: Callable[[], bool] = lambda: True, record_acks: bool = False):
+        """``record_acks``: keep (modality, window start) of every acknowledged frame, for fault
+        trials that prove each acknowledged message reached the aggregator."""
         self.node_id = node_id
         self.link = link
         self.scheduler = scheduler
@@ -41,7 +44,7 @@ class NodeUplink:
         self._connected = connected
         self.buffer: collections.deque[EncodedFrame] = collections.deque()
         self.buffer_size = buffer_size
-        self.counters = UplinkCounters()
+        self.counters = UplinkCounters(acked_frames=[] if record_acks else None)
 
     def is_up(self, t_s: float) -> bool:
         return self.link.is_up(self.node_id, t_s) and self._connected()
@@ -89,21 +92,23 @@ class NodeUplink:
         # The scheduler thread only appends; look at a prefix and replace just that prefix.
         snapshot = list(self.counters.pending)
         still = []
-        for info in snapshot:
+        for frame, info in snapshot:
             if publish_outcome(info) == "pending" and wait_s > 0:
                 with contextlib.suppress(RuntimeError, ValueError):  # failed meanwhile: counted below
                     info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
             outcome = publish_outcome(info)
             if outcome == "acked":
                 self.counters.acked += 1
+                if self.counters.acked_frames is not None:
+                    self.counters.acked_frames.append((frame.modality, frame.window_start_ns))
             elif outcome == "failed":
                 self.counters.failed += 1
             else:
-                still.append(info)
+                still.append((frame, info))
         self.counters.pending[: len(snapshot)] = still
         return len(still)
 
     def _publish(self, frame: EncodedFrame) -> None:
         self.counters.published += 1
         if self._publish_fn is not None:
-            self.counters.pending.append(self._publish_fn(frame))
+            self.counters.pending.append((frame, self._publish_fn(frame)))

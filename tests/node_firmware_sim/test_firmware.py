@@ -129,6 +129,8 @@ def test_realtime_scheduler_waits_for_the_wall_clock():
 class FakeInfo:
     """Stands in for paho's MQTTMessageInfo: acknowledged or not."""
 
+    rc = 0  # MQTT_ERR_SUCCESS: the publish call itself went through
+
     def __init__(self, acked):
         self.acked = acked
 
@@ -142,11 +144,14 @@ class FakeInfo:
 def test_acknowledged_publishes_are_counted_and_forgotten(parking_lot):
     infos = iter([FakeInfo(True), FakeInfo(False), FakeInfo(True)])
     scheduler = DeliveryScheduler(realtime=False)
-    uplink = NodeUplink("n01", LinkModel(LinkConfig(), 0), scheduler, lambda frame: next(infos), buffer_size=4)
+    uplink = NodeUplink("n01", LinkModel(LinkConfig(), 0), scheduler, lambda frame: next(infos), buffer_size=4,
+                        record_acks=True)
     firmware = NodeFirmware(parking_lot, "n01")
     for t in range(3):
-        uplink.send(firmware.encode("geophone", geophone_samples(parking_lot), 0), float(t))
+        uplink.send(firmware.encode("geophone", geophone_samples(parking_lot), t * 10**9), float(t))
     scheduler.run_due(10.0)
     assert uplink.collect_acks() == 1
     assert uplink.counters.acked == 2 and len(uplink.counters.pending) == 1
     assert uplink.counters.published == 3
+    # Fault trials need to know which frames were acknowledged, not just how many.
+    assert uplink.counters.acked_frames == [("geophone", 0), ("geophone", 2 * 10**9)]
