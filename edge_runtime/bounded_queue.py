@@ -1,42 +1,80 @@
-"""A bounded FIFO between pipeline stages that sheds its oldest item instead of blocking."""
+"""A bounded FIFO between pipeline stages that sheds its oldest items instead of blocking.
+
+Bounded twice: by item count, and optionally by a total weight (for closed windows: the token
+messages they hold unacknowledged at the broker). The weight bound matters because the broker
+stops sending once a client holds ``max_inflight_messages`` unacknowledged messages: a queue that
+could hold more would make the broker queue the overload instead, and the latency of everything
+behind it would grow without bound. Shedding here keeps the broker sending and the latency bounded.
+"""
 
 from __future__ import annotations
 
-import queue
+import collections
+import threading
 from collections.abc import Callable
 from typing import Any
 
 
 class BoundedQueue:
-    """A FIFO that drops (and counts) its oldest item instead of blocking the producer."""
+    """A FIFO that drops (and reports) its oldest items instead of blocking the producer.
 
-    def __init__(self, maxsize: int, on_drop: Callable[[Any], None]):
-        self._queue: queue.Queue = queue.Queue(maxsize)
+    Args:
+        maxsize: most items held.
+        on_drop: called with each dropped item, outside the queue's lock.
+        weight: weight of an item (default 1 each).
+        max_weight: most total weight held; the newest item is always kept, even if it alone
+            weighs more. ``None``: only the count bounds the queue.
+    """
+
+    def __init__(self, maxsize: int, on_drop: Callable[[Any], None], *,
+                 weight: Callable[[Any], int] = lambda item: 1, max_weight: int | None = None):
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be >= 1, got {maxsize}")
+        self.maxsize = maxsize
+        self.max_weight = max_weight
         self._on_drop = on_drop
+        self._weight_of = weight
+        self._items: collections.deque[tuple[Any, int]] = collections.deque()
+        self._weight = 0
+        self._ready = threading.Condition(threading.Lock())
 
     def put(self, item: Any) -> None:
-        while True:
-            try:
-                self._queue.put_nowait(item)
-                return
-            except queue.Full:
-                try:
-                    self._on_drop(self._queue.get_nowait())
-                except queue.Empty:
-                    continue
+        """Append ``item``; drop the oldest items while a bound is exceeded."""
+        dropped = []
+        with self._ready:
+            weight = self._weight_of(item)
+            self._items.append((item, weight))
+            self._weight += weight
+            while len(self._items) > self.maxsize or (
+                    self.max_weight is not None and self._weight > self.max_weight and len(self._items) > 1):
+                old, old_weight = self._items.popleft()
+                self._weight -= old_weight
+                dropped.append(old)
+            self._ready.notify()
+        for old in dropped:
+            self._on_drop(old)
 
     def get(self, timeout: float | None) -> Any:
-        """The next item, or None after ``timeout`` seconds."""
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        """The oldest item, or None after ``timeout`` seconds."""
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._items, timeout):
+                return None
+            return self._pop()
 
     def get_nowait(self) -> Any:
-        try:
-            return self._queue.get_nowait()
-        except queue.Empty:
-            return None
+        with self._ready:
+            return self._pop() if self._items else None
 
     def qsize(self) -> int:
-        return self._queue.qsize()
+        with self._ready:
+            return len(self._items)
+
+    def weight(self) -> int:
+        """Total weight held now."""
+        with self._ready:
+            return self._weight
+
+    def _pop(self) -> Any:
+        item, weight = self._items.popleft()
+        self._weight -= weight
+        return item

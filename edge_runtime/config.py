@@ -29,6 +29,10 @@ class AggregatorConfig:
     deadline_fraction: float = 0.5  # a window closes this x window length after its first message
     max_open_windows: int = 16  # more open windows force-close the oldest
     queue_size: int = 64  # closed windows waiting for inference; overflow drops the oldest
+    # Token messages those queued windows may hold unacknowledged; beyond it the oldest window is
+    # dropped. Keep it below the broker's max_inflight_messages (1000 in configs/mosquitto), or the
+    # broker stops sending and queues the overload where its latency is unbounded.
+    max_held_messages: int = 800
     max_batch: int = 8  # windows per inference call when a backlog has formed
     retention_rows: int | None = 1_000_000
     retention_days: float | None = 90.0
@@ -42,7 +46,7 @@ class AggregatorConfig:
         if not (isinstance(self.deadline_fraction, (int, float)) and math.isfinite(self.deadline_fraction)
                 and 0 < self.deadline_fraction <= 10):
             raise AggregatorError(f"deadline_fraction must be in (0, 10], got {self.deadline_fraction!r}")
-        for name in ("max_open_windows", "queue_size", "max_batch"):
+        for name in ("max_open_windows", "queue_size", "max_batch", "max_held_messages"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise AggregatorError(f"{name} must be an integer >= 1, got {value!r}")

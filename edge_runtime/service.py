@@ -74,7 +74,8 @@ class Aggregator:
         self.registry = NodeRegistry(self.layout, self.manifest)
         self.assembler = WindowAssembler(features, window_s, deadline_s=config.deadline_fraction * window_s,
                                          max_open=config.max_open_windows)
-        self.window_queue = BoundedQueue(config.queue_size, self._drop_window)
+        self.window_queue = BoundedQueue(config.queue_size, self._drop_window, weight=lambda w: len(w.receipts),
+                                         max_weight=config.max_held_messages)
         self.processor = MessageProcessor(self.site, self.registry, self.assembler, features,
                                           self.window_queue.put, warn=self.metrics.warn, release=self._release)
         self.backend = backend if backend is not None else self._load_backend()
@@ -216,6 +217,7 @@ class Aggregator:
         return {"status": "ok" if self.ingest.connected.is_set() else "disconnected", "site": self.site,
                 "model": f"{self.manifest.name}@{self.manifest.version}",
                 "open_windows": self.assembler.open_windows, "queued_windows": self.window_queue.qsize(),
+                "queued_messages": self.window_queue.weight(),
                 "nodes": {n.id: ("online" if n.online else "offline") for n in self.registry.nodes()},
                 "refused_nodes": self.registry.refused()}
 

@@ -101,6 +101,7 @@ class ServiceMetrics:
             self._advance(self.windows, "win", "failed", worker.get("windows_failed", 0), outcome="failed")
             self._advance(self.results, "res", "results", worker.get("results", 0))
             self.queue_depth.set(agg.window_queue.qsize(), queue="windows")
+            self.queue_depth.set(agg.window_queue.weight(), queue="window_messages")
             self.open_windows.set(agg.assembler.open_windows)
             nodes = agg.registry.nodes()
             self.nodes.set(sum(n.online for n in nodes), state="online")
