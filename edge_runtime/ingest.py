@@ -40,6 +40,7 @@ from spar_wire.message import WireLimits, decode_message
 from spar_wire.topics import parse_topic, site_filter
 
 log = logging.getLogger(__name__)
+_TRACEBACKS_LOGGED = 3
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,11 @@ class MessageProcessor:
             except WireError as exc:
                 self._reject(exc.reason, exc.detail)
             except Exception as exc:  # noqa: BLE001 - a bug must not stop ingest: count and log it
-                log.exception("internal error handling %r", raw.topic[:200])
-                self._reject("internal_error", repr(exc))
+                # The first tracebacks tell a developer where; after that the rate-limited warning
+                # keeps hostile input that hits the same bug from flooding the log.
+                if self.counts["rejected.internal_error"] < _TRACEBACKS_LOGGED:
+                    log.exception("internal error handling %r", raw.topic[:200])
+                self._reject("internal_error", repr(exc)[:500])
         if not held and raw.receipt is not None:
             self.release([raw.receipt])
 

@@ -97,8 +97,8 @@ def _load_json(payload: bytes, reason: str) -> dict[str, Any]:
         raise WireError(reason, f"{len(payload)} bytes > {MAX_LIFECYCLE_BYTES}")
     try:
         body = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise WireError(reason, f"not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # ValueError: also integers beyond Python's digit limit
+        raise WireError(reason, f"not JSON: {str(exc)[:200]}") from None
     if not isinstance(body, dict):
         raise WireError(reason, "expected a JSON object")
     return body

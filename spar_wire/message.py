@@ -60,6 +60,10 @@ class WireLimits:
 
     max_message_bytes: int = 1 << 20  # whole framed message
     max_pixels: int = 1 << 20  # H * W of the token image, checked before decompression
+    # Largest |value| a token image may hold. Token images are in dB; a finite but huge value (a
+    # forged scale of 3e38) would still overflow the model's float32 arithmetic into inf and NaN
+    # and poison the whole window's result.
+    max_abs_value: float = 1e6
 
 
 @dataclass(frozen=True)
@@ -95,9 +99,17 @@ class TokenMessage:
         return decode_payload(self.payload, codec_info(self.codec), self.shape)
 
     def image(self, limits: WireLimits = WireLimits()) -> np.ndarray:
-        """Decompress and dequantize. Returns the token image [H, W] float32 (dB)."""
+        """Decompress and dequantize. Returns the token image [H, W] float32 (dB).
+
+        WireError("non_finite") when a float codec carries NaN, infinity or a value beyond
+        ``limits.max_abs_value`` (quantized codecs are bounded by their header, checked on decode).
+        """
         values = self.values(limits)
-        return dequantize(values, self.scale, self.offset) if values.dtype == np.uint8 else values
+        if values.dtype == np.uint8:
+            return dequantize(values, self.scale, self.offset)
+        if not np.all(np.abs(values) <= limits.max_abs_value):  # NaN fails this comparison too
+            raise WireError("non_finite", f"token values beyond +-{limits.max_abs_value:g} or not finite")
+        return values
 
 
 def make_message(
@@ -234,6 +246,9 @@ def _check_header_fields(info: CodecInfo, quality: int, flags: int, reserved: in
         raise WireError("non_finite", f"scale {scale} / offset {offset} not finite")
     if scale <= 0:
         raise WireError("bad_field", f"scale {scale} must be > 0")
+    # Codes 0..255 decode to offset .. offset + 255 * scale: both ends bound every value.
+    if max(abs(offset), abs(offset + 255.0 * scale)) > limits.max_abs_value:
+        raise WireError("non_finite", f"scale {scale:g} / offset {offset:g} decode beyond +-{limits.max_abs_value:g}")
 
 
 def _read_ids(data: bytes, lengths: tuple[int, int, int]) -> tuple[str, str, str]:

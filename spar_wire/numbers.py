@@ -7,8 +7,14 @@ from typing import Any
 
 
 def is_finite_number(value: Any) -> bool:
-    """True for a finite int or float; False for bool, NaN, infinity and anything else."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """True for a finite int or float; False for bool, NaN, infinity, ints beyond float range and
+    anything else."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int of hundreds of digits (JSON allows it) does not fit a float
+        return False
 
 
 def is_finite_vector(value: Any, lengths: tuple[int, ...]) -> bool:

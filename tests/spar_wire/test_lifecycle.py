@@ -30,6 +30,7 @@ def test_birth_and_state_round_trip():
     {"modalities": {"m": {"feature_hash": "0" * 16, "sample_rate_hz": -1, "channels": 1}}},
     {"modalities": {"m": {"feature_hash": "0" * 16, "sample_rate_hz": 1, "channels": 0}}},
     {"description": 5},
+    {"position": [10**400, 1.0]},  # an int JSON allows but no float holds (found by the fuzzer)
 ])
 def test_bad_birth_fields(change):
     body = json.loads(BIRTH.to_json())
@@ -40,7 +41,8 @@ def test_bad_birth_fields(change):
 
 
 @pytest.mark.parametrize("payload", [b"online", b"{}", b'{"state":"gone","bdSeq":1}', b"[1]",
-                                     b'{"state":"online"}', b"\xff\xfe", b"{" * 10000])
+                                     b'{"state":"online"}', b"\xff\xfe", b"{" * 10000,
+                                     b'{"state":"offline","bdSeq":' + b"9" * 5000 + b"}"])
 def test_bad_state_payloads(payload):
     with pytest.raises(WireError):
         parse_state(payload)

@@ -86,6 +86,10 @@ def test_rejections_have_precise_reasons():
     expect("non_finite", patch_header(frame, 32, "<f", float("nan")))
     expect("non_finite", patch_header(frame, 36, "<f", float("inf")))
     expect("bad_field", patch_header(frame, 32, "<f", 0.0))
+    # Finite but huge: dequantized values would overflow the model's float32 into inf/NaN (found by the fuzzer).
+    expect("non_finite", patch_header(frame, 32, "<f", 3.0e38))
+    expect("non_finite", patch_header(patch_header(frame, 32, "<f", 1e38), 36, "<f", 3e38))
+    expect("non_finite", patch_header(frame, 36, "<f", -2e6))
     expect("bad_shape", patch_header(frame, 28, "<H", 0))
     expect("too_many_pixels", patch_header(patch_header(frame, 28, "<H", 60000), 30, "<H", 60000))
     expect("size_mismatch", patch_header(frame, 28, "<H", CFG.image_shape[0] + 1))
@@ -129,6 +133,17 @@ def test_encode_refuses_fields_the_format_cannot_carry(field, value):
     fields[field] = value
     with pytest.raises(WireError):
         encode_message(TokenMessage(**fields))
+
+
+def test_float_codec_values_beyond_the_limit_are_rejected_on_decode():
+    """raw32 carries values without a header bound: the receiver checks them (1e30 squares to inf)."""
+    image = window_image()
+    image[0, 0] = 1e30
+    msg = decode_message(encode_message(make_message(image, CFG, CodecSpec("raw32"), site="s", node="n",
+                                                     modality="m", window_start_ns=0, seq=0)))
+    with pytest.raises(WireError) as info:
+        msg.image()
+    assert info.value.reason == "non_finite"
 
 
 def test_make_message_checks_the_image():
