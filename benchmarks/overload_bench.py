@@ -1,0 +1,381 @@
+"""``spar-bench overload``: the aggregator under 10x its nominal load, and after it.
+
+Three phases back to back, without a pause: the site's nominal window rate, ``factor`` times that,
+then nominal again. The real aggregator runs in this process (a random-weight model of the shipped
+student's architecture, ``max_held_messages`` and ``queue_size`` as deployed) behind a private
+Mosquitto with the deployed in-flight limit; a separate publisher process plays every node of a
+synthetic site (the paced publisher of ``latency_bench``).
+
+What must hold, and what is measured:
+- the queue stays bounded: its depth in windows and in held (unacknowledged) messages is sampled
+  every 20 ms;
+- the oldest work is dropped and counted: windows without a result == the aggregator's overload
+  drop counter;
+- the latency of served windows stays bounded: from the moment every node finished a window (its
+  schedule) to its result, p50/p99/max per phase, and no growth through the overload phase;
+- the service recovers: how long after the load drops latency is back within reach of the first
+  phase's, and stays there;
+- resident memory: sampled with the queue.
+
+Nominal: one window per window length (a site's natural rate). Whether 10x overloads this machine
+depends on the site size: the latency benchmark measures where each size saturates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.errors import BenchError
+from benchmarks.latency_bench import (
+    DEFAULT_SITE,
+    _Publisher,
+    _ResultCollector,
+    _StepPublish,
+    ensure_model,
+    synthetic_site,
+)
+from benchmarks.local_broker import BrokerSettings, LocalBroker
+from benchmarks.machine import describe_machine
+from spar_wire.mqtt_settings import MqttSettings
+from spar_wire.site_layout import load_site_layout
+
+PHASES = ("nominal", "overload", "recovery")
+
+
+@dataclass(frozen=True)
+class OverloadConfig:
+    nodes: int = 64  # synthetic site size
+    nominal_rate: float | None = None  # windows/s; None: one per window length
+    factor: float = 10.0  # the overload phase offers factor x nominal
+    phase_s: tuple[float, float, float] = (10.0, 10.0, 20.0)  # nominal, overload, recovery
+    queue_size: int = 64  # aggregator settings under test (as in configs/aggregator.toml)
+    max_held_messages: int = 800
+    codec: str = "png"
+    model: str = "student"  # or "tiny" (benchmarks.tiny_onnx_model)
+    backend: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise BenchError(f"nodes must be >= 1, got {self.nodes}")
+        if self.nominal_rate is not None and not (math.isfinite(self.nominal_rate) and self.nominal_rate > 0):
+            raise BenchError(f"nominal rate must be > 0 windows/s, got {self.nominal_rate!r}")
+        if not (math.isfinite(self.factor) and self.factor >= 1):
+            raise BenchError(f"factor must be >= 1, got {self.factor!r}")
+        if len(self.phase_s) != 3 or not all(math.isfinite(s) and s > 0 for s in self.phase_s):
+            raise BenchError(f"phase_s must be three durations > 0, got {self.phase_s!r}")
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    rate: float  # offered windows/s
+    windows: int
+    served: int  # windows with a result
+    partial: int  # of those, incomplete
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    growth_ms: float  # median latency of the last third minus the first third of served windows
+
+
+@dataclass
+class OverloadReport:
+    config: dict[str, Any]
+    machine: str
+    model: str
+    messages_per_window: int
+    phases: list[PhaseResult]
+    dropped: int  # the aggregator's overload drop counter (windows)
+    unserved: int  # windows published (acknowledged) without a result
+    max_queue_windows: int
+    max_queue_messages: int
+    rss_mib: dict[str, float]  # start / peak / end
+    recovery_s: float | None  # recovery phase start -> latency back for good (None: never)
+    elapsed_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def phase(self, name: str) -> PhaseResult:
+        return next(p for p in self.phases if p.name == name)
+
+    @property
+    def checks(self) -> dict[str, bool]:
+        """The issue's four promises, as measured."""
+        nominal, overload, recovery = (self.phase(n) for n in PHASES)
+        window_bound = self.config["queue_size"]
+        message_bound = self.config["max_held_messages"] + self.messages_per_window
+        return {
+            "queue bounded": self.max_queue_windows <= window_bound and self.max_queue_messages <= message_bound,
+            "oldest dropped and counted": self.dropped == self.unserved,
+            "latency bounded": overload.growth_ms <= max(500.0, 0.5 * overload.p50_ms),
+            "recovered": self.recovery_s is not None and recovery.p50_ms <= 2 * nominal.p50_ms + 50.0,
+        }
+
+    def to_markdown(self) -> str:
+        c = self.config
+        lines = [
+            f"# Overload: {c['nodes']} nodes, nominal {self.phases[0].rate:g} windows/s, "
+            f"{c['factor']:g}x in the middle",
+            "",
+            f"{self.machine}; model {self.model}; {self.messages_per_window} messages per window; "
+            f"queue_size {c['queue_size']}, max_held_messages {c['max_held_messages']}; {self.elapsed_s:.0f} s.",
+            "",
+            "| phase | offered w/s | windows | served | partial | e2e p50 ms | p99 ms | max ms | growth ms |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in self.phases:
+            lines.append(f"| {p.name} | {p.rate:g} | {p.windows} | {p.served} | {p.partial} | {p.p50_ms:.0f} | "
+                         f"{p.p99_ms:.0f} | {p.max_ms:.0f} | {p.growth_ms:.0f} |")
+        recovery = "never" if self.recovery_s is None else f"{self.recovery_s:.1f} s"
+        lines += [
+            "",
+            f"- Dropped (oldest first, counted by the aggregator): **{self.dropped}** windows; "
+            f"published without a result: {self.unserved}.",
+            f"- Queue at most **{self.max_queue_windows}** windows / **{self.max_queue_messages}** held messages "
+            f"(bounds {c['queue_size']} / {c['max_held_messages']} + one window).",
+            f"- Recovery after the load dropped: **{recovery}**.",
+            f"- Resident memory: start {self.rss_mib['start']:.0f} MiB, peak {self.rss_mib['peak']:.0f} MiB, "
+            f"end {self.rss_mib['end']:.0f} MiB.",
+            "",
+            "| check | |",
+            "|---|---|",
+            *(f"| {name} | {'yes' if ok else '**NO**'} |" for name, ok in self.checks.items()),
+        ]
+        lines += [f"- note: {note}" for note in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "checks": self.checks}, indent=2, default=_nan_to_none) + "\n"
+
+
+def run_overload(config: OverloadConfig, workdir: str | Path = Path("benchmarks/.work/overload"),
+                 progress: Callable[[str], None] = lambda text: None) -> OverloadReport:
+    """Run the three phases (module docstring) and measure them."""
+    from edge_runtime.config import AggregatorConfig
+    from edge_runtime.service import Aggregator
+
+    started = time.monotonic()
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    progress("model")
+    info = ensure_model(DEFAULT_SITE, workdir / "models", max_nodes=max(64, config.nodes), kind=config.model,
+                        seed=config.seed, progress=progress)
+    site = synthetic_site(DEFAULT_SITE, config.nodes, workdir / "sites", seed=config.seed)
+    layout = load_site_layout(site)
+    window_s = next(iter(layout.modalities.values())).features.window_s
+    nominal = config.nominal_rate or 1.0 / window_s
+    database = workdir / "results.sqlite3"
+    for stale in database.parent.glob(database.name + "*"):
+        stale.unlink()
+    with LocalBroker(BrokerSettings(persistence=False), workdir=workdir / "broker") as broker:
+        aggregator = Aggregator(AggregatorConfig(
+            site=site, model=info.manifest, database=database, backend=config.backend, metrics_port=None,
+            queue_size=config.queue_size, max_held_messages=config.max_held_messages,
+            mqtt=MqttSettings(host=broker.host, port=broker.port)))
+        sampler = _Sampler(aggregator)
+        try:
+            with _Publisher(broker, site, config.codec, config.seed) as publisher:
+                aggregator.start()
+                with _ResultCollector(broker, layout.site_id) as collector, sampler:
+                    progress("warm-up")
+                    publisher.step(0, 3, nominal)
+                    time.sleep(1.0)
+                    sampler.reset()
+                    steps = _phases(publisher, config, nominal, progress)
+                    _wait_for_quiet(aggregator, sum(len(s.stamps) for s in steps), collector)
+                    received = list(collector.received)
+                    dropped = _dropped(aggregator)
+        finally:
+            aggregator.stop()
+    window_ns = int(round(window_s * 1e9))
+    phases, recovery_s, unserved = _analyse(steps, received, window_ns, config, nominal)
+    return OverloadReport(
+        config={**asdict(config), "phase_s": list(config.phase_s)}, machine=describe_machine({}),
+        model=info.description, messages_per_window=sum(len(n.modalities) for n in layout.nodes), phases=phases,
+        dropped=dropped - sampler.dropped_at_reset, unserved=unserved, max_queue_windows=sampler.max_windows,
+        max_queue_messages=sampler.max_messages, rss_mib=sampler.rss(), recovery_s=recovery_s,
+        elapsed_s=time.monotonic() - started)
+
+
+# --------------------------------------------------------------------------- running
+def _phases(publisher: _Publisher, config: OverloadConfig, nominal: float,
+            progress: Callable[[str], None]) -> list[_StepPublish]:
+    steps = []
+    index = 3 + 2  # after the warm-up windows, two empty grid slots
+    for name, rate, seconds in zip(PHASES, (nominal, nominal * config.factor, nominal), config.phase_s, strict=True):
+        windows = max(3, int(round(seconds * rate)))
+        progress(f"{name}: {windows} windows at {rate:g}/s")
+        steps.append(publisher.step(index, windows, rate))
+        index += windows
+    return steps
+
+
+class _Sampler:
+    """Every 20 ms: the window queue's depth and held messages, and this process's resident memory."""
+
+    def __init__(self, aggregator: Any):
+        self.aggregator = aggregator
+        self.max_windows = self.max_messages = 0
+        self.rss_samples: list[float] = []
+        self.dropped_at_reset = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="overload-sampler", daemon=True)
+
+    def reset(self) -> None:
+        self.max_windows = self.max_messages = 0
+        self.rss_samples = [_rss_mib()]
+        self.dropped_at_reset = _dropped(self.aggregator)
+
+    def rss(self) -> dict[str, float]:
+        samples = self.rss_samples or [_rss_mib()]
+        return {"start": samples[0], "peak": max(samples), "end": samples[-1]}
+
+    def __enter__(self) -> _Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        queue = self.aggregator.window_queue
+        while not self._stop.wait(0.02):
+            self.max_windows = max(self.max_windows, queue.qsize())
+            self.max_messages = max(self.max_messages, queue.weight())
+            if len(self.rss_samples) < 100_000:
+                self.rss_samples.append(_rss_mib())
+
+
+def _wait_for_quiet(aggregator: Any, windows: int, collector: _ResultCollector, timeout_s: float = 60.0) -> None:
+    """Until every published window has a result or was dropped, and results stopped arriving."""
+    deadline = time.monotonic() + timeout_s
+    last, quiet_since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = len(collector.received)
+        if count != last:
+            last, quiet_since = count, time.monotonic()
+        if aggregator.assembler.open_windows == 0 and aggregator.window_queue.qsize() == 0 \
+                and time.monotonic() - quiet_since > 2.0:
+            return
+        time.sleep(0.05)
+
+
+def _dropped(aggregator: Any) -> int:
+    return int(sum(value for _, labels, value in aggregator.metrics.overload.samples()
+                   if dict(labels).get("item") == "window"))
+
+
+def _rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return float("nan")
+
+
+# --------------------------------------------------------------------------- analysis
+def _analyse(steps: list[_StepPublish], received: list[tuple[int, bytes]], window_ns: int, config: OverloadConfig,
+             nominal: float) -> tuple[list[PhaseResult], float | None, int]:
+    """Per phase latency of served windows; recovery time; windows without a result."""
+    by_stamp = {stamp: (p, j) for p, step in enumerate(steps) for j, stamp in enumerate(step.stamps)}
+    latency: dict[tuple[int, int], tuple[float, bool]] = {}
+    for _, payload in received:
+        result = json.loads(payload)
+        key = by_stamp.get(int(result["window_start_ns"]))
+        e2e = result["latency_ms"].get("end_to_end")
+        if key is None or e2e is None or key in latency:
+            continue
+        p, j = key
+        ready_ns = int(result["window_start_ns"]) + window_ns + int(round(e2e * 1e6))
+        latency[key] = ((ready_ns - steps[p].scheduled_ns[j]) / 1e6, not result.get("complete", True))
+    rates = (nominal, nominal * config.factor, nominal)
+    phases = [_phase(name, rate, step, [latency.get((p, j)) for j in range(len(step.stamps))])
+              for p, (name, rate, step) in enumerate(zip(PHASES, rates, steps, strict=True))]
+    recovery = _recovery_s(steps[2], [latency.get((2, j)) for j in range(len(steps[2].stamps))], phases[0])
+    unserved = sum(len(step.stamps) for step in steps) - len(latency)
+    return phases, recovery, unserved
+
+
+def _phase(name: str, rate: float, step: _StepPublish, rows: list[tuple[float, bool] | None]) -> PhaseResult:
+    served = [r for r in rows if r is not None]
+    e2e = [r[0] for r in served]
+    third = len(e2e) // 3
+    growth = float(np.median(e2e[-third:]) - np.median(e2e[:third])) if third >= 1 else float("nan")
+    pct = (lambda q: float(np.percentile(e2e, q))) if e2e else (lambda q: float("nan"))
+    return PhaseResult(name, rate, len(step.stamps), len(served), sum(r[1] for r in served), pct(50), pct(99),
+                       max(e2e, default=float("nan")), growth)
+
+
+def _recovery_s(step: _StepPublish, rows: list[tuple[float, bool] | None], baseline: PhaseResult) -> float | None:
+    """Seconds from the recovery phase's start to the first window from which on every window is served
+    within twice the nominal p50 (+ 50 ms, for noise)."""
+    bound = 2 * baseline.p50_ms + 50.0
+    first_good = None
+    for j, row in enumerate(rows):
+        if row is None or row[0] > bound:
+            first_good = None
+        elif first_good is None:
+            first_good = j
+    if first_good is None:
+        return None
+    return (step.scheduled_ns[first_good] - step.scheduled_ns[0]) / 1e9
+
+
+def _nan_to_none(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+# --------------------------------------------------------------------------- command line
+def add_overload_parser(sub: Any) -> argparse.ArgumentParser:
+    """``spar-bench overload``."""
+    p = sub.add_parser(
+        "overload", help="the aggregator at 10x its nominal load and after it: bounded queue, drops, recovery",
+        description="Nominal load, then FACTOR x nominal, then nominal again, back to back, from a publisher "
+        "process playing every node of a synthetic site through a private Mosquitto to the real aggregator. "
+        "Reports per phase the served windows and their latency, the windows dropped (oldest first) and "
+        "counted, the queue's peak depth, memory and the recovery time. Writes overload.md/.json; exit code 1 "
+        "when a check fails.")
+    p.add_argument("--nodes", type=int, default=64, help="nodes of the synthetic site (default: %(default)s)")
+    p.add_argument("--nominal-rate", type=float, default=None,
+                   help="nominal windows/s (default: one per window length)")
+    p.add_argument("--factor", type=float, default=10.0, help="overload factor (default: %(default)s)")
+    p.add_argument("--phases", default="10,10,20",
+                   help="seconds of nominal, overload and recovery (default: %(default)s)")
+    p.add_argument("--model", choices=("student", "tiny"), default="student",
+                   help="random-weight student architecture or the tiny test model (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where overload.md/.json go")
+    p.add_argument("--workdir", type=Path, default=Path("benchmarks/.work/overload"),
+                   help="model cache, site, broker files (default: %(default)s)")
+    p.set_defaults(func=_cmd_overload)
+    return p
+
+
+def _cmd_overload(args: argparse.Namespace) -> int:
+    import sys
+
+    try:
+        phases = tuple(float(x) for x in args.phases.split(","))
+    except ValueError:
+        raise BenchError(f"--phases must be three numbers of seconds, got {args.phases!r}") from None
+    config = OverloadConfig(nodes=args.nodes, nominal_rate=args.nominal_rate, factor=args.factor,
+                            phase_s=phases, model=args.model)  # type: ignore[arg-type]
+    report = run_overload(config, args.workdir, progress=lambda text: print(f"... {text}", file=sys.stderr,
+                                                                            flush=True))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overload.md").write_text(report.to_markdown())
+    (args.out / "overload.json").write_text(report.to_json())
+    print(report.to_markdown())
+    return 0 if all(report.checks.values()) else 1
