@@ -175,10 +175,27 @@ class LocalBroker(BrokerProcess):
     protocol = "5"
 
     def __init__(self, settings: BrokerSettings | None = None, workdir: str | Path | None = None,
-                 port: int | None = None, start_timeout_s: float = 10.0):
+                 port: int | None = None, start_timeout_s: float = 10.0, *,
+                 config_file: str | Path | None = None, config_text: str | None = None):
+        """``config_file`` / ``config_text``: run this Mosquitto config instead of one generated from
+        ``settings`` (e.g. a site's secured config), with its one ``listener`` line moved to
+        ``127.0.0.1:<port>`` (see :func:`substitute_listener`). A file is read again at every start
+        and :meth:`reload`, so edits reach the broker."""
         super().__init__(workdir, port, start_timeout_s, prefix="spar-mosquitto-")
+        if config_file is not None and config_text is not None:
+            raise BenchError("give config_file or config_text, not both")
         self.settings = settings or BrokerSettings()
         self.binary = find_mosquitto()
+        self.config_file = Path(config_file) if config_file is not None else None
+        self.given_config = config_text
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto reloads its config, password file and ACL (and drops clients that no
+        longer authenticate). Returns at once; the reload itself takes a moment."""
+        if not self.running:
+            raise BenchError(f"{self.name} is not running")
+        (self.workdir / "mosquitto.conf").write_text(self.config_text(self.port))
+        self._proc.send_signal(signal.SIGHUP)
 
     def _check_available(self) -> None:
         if self.binary is None:
@@ -186,6 +203,9 @@ class LocalBroker(BrokerProcess):
 
     # ---------------------------------------------------------------- internals
     def config_text(self, port: int) -> str:
+        if self.config_file is not None or self.given_config is not None:
+            text = self.config_file.read_text() if self.config_file is not None else self.given_config
+            return substitute_listener(text, port)
         s = self.settings
         lines = [
             f"listener {port} 127.0.0.1",
@@ -227,3 +247,20 @@ class LocalBroker(BrokerProcess):
                 time.sleep(0.05)
         self.stop()
         return False
+
+
+def substitute_listener(text: str, port: int) -> str:
+    """A Mosquitto config with its one ``listener`` line bound to ``127.0.0.1:port`` instead.
+
+    The listener's own options (TLS files...) follow that line and are kept. Tests must not listen
+    beyond loopback; run as root, ``user`` becomes root, as for generated configs (Mosquitto would
+    switch to a user that cannot read our temporary folders).
+    """
+    lines = text.splitlines()
+    listeners = [i for i, line in enumerate(lines) if line.split()[:1] == ["listener"]]
+    if len(listeners) != 1:
+        raise BenchError(f"a config to run needs exactly one listener line, found {len(listeners)}")
+    lines[listeners[0]] = f"listener {port} 127.0.0.1"
+    if os.geteuid() == 0:
+        lines = [line for line in lines if line.split()[:1] != ["user"]] + ["user root"]
+    return "\n".join(lines) + "\n"

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_run(sub)
     _add_query(sub)
     _add_skeleton(sub)
+    _add_secure(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
@@ -174,6 +175,141 @@ def _cmd_skeleton(args: argparse.Namespace) -> int:
             pass
         print(f"counts: {stub.snapshot()}")
     return 0
+
+
+# --------------------------------------------------------------------------- secure
+_RELOAD_HINT = "reload Mosquitto so it takes effect: kill -HUP $(pidof mosquitto) (or systemctl reload mosquitto)"
+
+
+def _add_secure(sub: Any) -> None:
+    p = sub.add_parser(
+        "secure", help="provision the site broker's TLS certificates, passwords and ACL",
+        description="Create and maintain a site's broker security folder: a local CA, the broker's TLS "
+        "certificate, a client certificate + key and a random MQTT password per node and for the aggregator, "
+        "a Mosquitto password file, an ACL (a node may only publish under spar/v1/{site}/{node}/ and read "
+        "nothing) and a mosquitto.conf with a single TLS listener. Passwords go to "
+        "credentials/<user>.password (0600) and are never printed unless asked.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _add_secure_init(actions)
+    _add_secure_add_node(actions)
+    _add_secure_rotate(actions)
+    _add_secure_remove_node(actions)
+
+
+def _add_secure_init(actions: Any) -> None:
+    p = actions.add_parser(
+        "init", help="generate everything for a site layout",
+        description="Generate the CA, broker certificate, per-node and aggregator certificates and passwords, "
+        "password file, ACL and mosquitto.conf for every node of a site layout. Refuses an existing, "
+        "non-empty folder unless --force. Run as root on the broker box, it hands broker/ and data/ to "
+        "--broker-user; otherwise it says what to chown.")
+    p.add_argument("--site", type=Path, required=True, help="site layout TOML, e.g. configs/sites/parking_lot.toml")
+    p.add_argument("--out", type=Path, required=True, help="security folder to create, e.g. secure/parking_lot")
+    p.add_argument("--hostname", action="append", default=None, metavar="NAME_OR_IP",
+                   help="name or IP clients use to reach the broker, put into its certificate (repeatable; "
+                   "default: localhost and 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8883, help="TLS listener port (default: %(default)s)")
+    p.add_argument("--install-dir", default=None,
+                   help="absolute path the folder will have on the broker box, used in mosquitto.conf "
+                   "(default: --out, resolved)")
+    p.add_argument("--data-dir", default=None,
+                   help="absolute path of Mosquitto's persistence folder (default: INSTALL_DIR/data)")
+    p.add_argument("--broker-user", default="mosquitto",
+                   help="user Mosquitto drops root privileges to (default: %(default)s)")
+    p.add_argument("--monitor", action="store_true",
+                   help="also create a read-only 'monitor' user for dashboards (reads aggregator results)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the certificates and passwords of an existing folder (keeps data/)")
+    p.add_argument("--show-passwords", action="store_true", help="also print the generated passwords")
+    p.set_defaults(func=_cmd_secure_init)
+
+
+def _add_secure_add_node(actions: Any) -> None:
+    p = actions.add_parser(
+        "add-node", help="certificate and password for one more node",
+        description="Issue a client certificate and a password for a new node and append it to the password "
+        "file. The ACL needs no change (its pattern covers any node). Needs ca.key in the folder.")
+    p.add_argument("node", metavar="NODE_ID", help="the new node's id (= its MQTT username)")
+    p.add_argument("--dir", type=Path, required=True, help="the site's security folder (from secure init)")
+    p.add_argument("--show-password", action="store_true", help="also print the new password")
+    p.set_defaults(func=_cmd_secure_add_node)
+
+
+def _add_secure_rotate(actions: Any) -> None:
+    p = actions.add_parser(
+        "rotate-password", help="new password for one user",
+        description="Generate a new password for a node, 'aggregator' or 'monitor'. The password file is "
+        "rewritten atomically, other entries unchanged. After SIGHUP Mosquitto refuses the old password and "
+        "disconnects sessions that logged in with it.")
+    p.add_argument("user", metavar="USER", help="node id, 'aggregator' or 'monitor'")
+    p.add_argument("--dir", type=Path, required=True, help="the site's security folder (from secure init)")
+    p.add_argument("--show-password", action="store_true", help="also print the new password")
+    p.set_defaults(func=_cmd_secure_rotate)
+
+
+def _add_secure_remove_node(actions: Any) -> None:
+    p = actions.add_parser(
+        "remove-node", help="revoke one node's access",
+        description="Delete a node's password entry, certificate, key and credentials. After SIGHUP "
+        "Mosquitto disconnects the node and refuses it. Its certificate remains signed by the site CA until "
+        "it expires, but a certificate alone does not let a client in.")
+    p.add_argument("node", metavar="NODE_ID", help="the node to remove")
+    p.add_argument("--dir", type=Path, required=True, help="the site's security folder (from secure init)")
+    p.set_defaults(func=_cmd_secure_remove_node)
+
+
+def _cmd_secure_init(args: argparse.Namespace) -> int:
+    from edge_runtime.site_security import BrokerOptions, init_site
+
+    options = BrokerOptions(hostnames=tuple(args.hostname or ("localhost", "127.0.0.1")), port=args.port,
+                            install_dir=args.install_dir, data_dir=args.data_dir, monitor=args.monitor,
+                            broker_user=args.broker_user)
+    done = init_site(args.site, args.out, options, overwrite=args.force)
+    root = done.folder.root
+    print(f"site {done.site}: {len(done.passwords)} users ({', '.join(done.passwords)}) in {root}")
+    print(f"  broker:  mosquitto -c {args.install_dir or root.resolve()}/mosquitto.conf   (TLS on port {args.port})")
+    print(f"  clients: {root}/ca.crt, {root}/clients/<user>.crt + .key, {root}/credentials/<user>.password")
+    print(f"  keep {root}/ca.key secret (needed only for add-node); never copy it to nodes")
+    _print_secure_result(done, args.show_passwords)
+    return 0
+
+
+def _cmd_secure_add_node(args: argparse.Namespace) -> int:
+    from edge_runtime.site_security import add_node
+
+    done = add_node(args.dir, args.node)
+    folder = done.folder
+    print(f"node {args.node} added to site {done.site}: {folder.client_cert(args.node)}, "
+          f"{folder.client_key(args.node)}, {folder.password_file(args.node)}")
+    print(_RELOAD_HINT)
+    _print_secure_result(done, args.show_password)
+    return 0
+
+
+def _cmd_secure_rotate(args: argparse.Namespace) -> int:
+    from edge_runtime.site_security import rotate_password
+
+    done = rotate_password(args.dir, args.user)
+    print(f"new password for {args.user} in {done.folder.password_file(args.user)}; update that client's "
+          "configuration, then " + _RELOAD_HINT)
+    _print_secure_result(done, args.show_password)
+    return 0
+
+
+def _cmd_secure_remove_node(args: argparse.Namespace) -> int:
+    from edge_runtime.site_security import remove_node
+
+    done = remove_node(args.dir, args.node)
+    print(f"node {args.node} removed from site {done.site}; " + _RELOAD_HINT)
+    return 0
+
+
+def _print_secure_result(done: Any, show_passwords: bool) -> None:
+    for note in done.notes:
+        print(f"note: {note}")
+    if show_passwords:
+        for user, password in done.passwords.items():
+            print(f"password {user}: {password}")
 
 
 # --------------------------------------------------------------------------- logging

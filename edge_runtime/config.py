@@ -15,8 +15,9 @@ from typing import Any
 
 from edge_runtime.errors import AggregatorError
 from spar_wire.errors import WireError
-from spar_wire.mqtt_settings import MqttSettings
+from spar_wire.mqtt_settings import MqttSettings, with_credentials
 from spar_wire.toml_file import read_toml
+from spar_wire.topics import AGGREGATOR
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class AggregatorConfig:
 
 
 _PATH_KEYS = ("site", "model", "database")
-_MQTT_KEYS = {f.name for f in dataclasses.fields(MqttSettings)} | {"password_env"}
+_MQTT_KEYS = {f.name for f in dataclasses.fields(MqttSettings)} | {"password_env", "credentials_dir"}
 
 
 def load_config(path: str | Path) -> AggregatorConfig:
@@ -86,10 +87,16 @@ def load_config(path: str | Path) -> AggregatorConfig:
     password_env = mqtt.pop("password_env", None)
     if password_env:
         mqtt["password"] = os.environ.get(password_env)
+    credentials_dir = mqtt.pop("credentials_dir", None)
     for key in ("tls_ca", "tls_cert", "tls_key"):
         if mqtt.get(key):
             mqtt[key] = str((path.parent / mqtt[key]).resolve())
     try:
-        return AggregatorConfig(**section, mqtt=MqttSettings(**mqtt))
+        settings = MqttSettings(**mqtt)
+        if credentials_dir:
+            # The site security folder of `spar-aggregator secure init`: user "aggregator", its password,
+            # certificate and key, and the site CA, instead of naming each.
+            settings = with_credentials(settings, (path.parent / credentials_dir).resolve(), AGGREGATOR)
+        return AggregatorConfig(**section, mqtt=settings)
     except (TypeError, WireError) as exc:
         raise AggregatorError(f"{path}: {exc}") from None

@@ -32,7 +32,7 @@ from edge_runtime.service_metrics import ServiceMetrics
 from edge_runtime.window_assembler import WindowAssembler
 from spar_wire.errors import WireError
 from spar_wire.model_manifest import ModelManifest, load_manifest
-from spar_wire.mqtt_settings import connect_async, make_client, publish_outcome
+from spar_wire.mqtt_settings import RefusedPublishes, connect_async, make_client, publish_outcome
 from spar_wire.site_layout import SiteLayout, load_site_layout
 from spar_wire.topics import aggregator_topic
 
@@ -83,6 +83,9 @@ class Aggregator:
         self._publisher = make_client(config.mqtt, f"{self.site}.{config.client_id}-results", persistent=False,
                                       will=(aggregator_topic(self.site, "state"), self._health("offline")))
         self._publisher.on_connect = self._on_publisher_connect
+        self._refused_results = RefusedPublishes()  # the ACL must let us write our own topics
+        self._publisher.on_publish = self._refused_results
+        self._refusals_logged = 0
         self._publisher_ready = threading.Event()
         subscriber = make_client(config.mqtt, f"{self.site}.{config.client_id}", persistent=True)
         self.ingest = MqttIngest(subscriber, self.site, self.processor.handle)
@@ -183,6 +186,11 @@ class Aggregator:
         with self._pending_lock:
             self._pending = [p for p in self._pending if publish_outcome(p) == "pending"]
             self._pending.append(info)
+        refused = self._refused_results.count
+        if refused > self._refusals_logged:
+            self._refusals_logged = refused
+            self.metrics.warn("results_refused", f"the broker refused {refused} result publish(es) so far: may "
+                              f"this user write spar/v1/{self.site}/aggregator/#? (results are still stored)")
 
     def _wait_for_acks(self, deadline: float) -> None:
         with self._pending_lock:

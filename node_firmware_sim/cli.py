@@ -13,7 +13,7 @@ from node_firmware_sim.errors import NodeError
 from node_firmware_sim.scenarios import SCENARIOS, parse_scenario_params
 from spar_wire.codecs import CodecSpec
 from spar_wire.errors import WireError
-from spar_wire.mqtt_settings import MqttSettings
+from spar_wire.mqtt_settings import MqttSettings, with_credentials
 from spar_wire.site_layout import load_site_layout
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -89,6 +89,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         speed=args.speed,
         link_log=str(args.link_log) if args.link_log else None,
         truth_log=str(args.truth_log) if args.truth_log else None,
+        credentials_dir=str(args.credentials_dir) if args.credentials_dir else None,
     )
     source = "recordings " + str(args.recordings) if args.recordings else f"scenario {args.scenario}"
     target = "no broker (dry run)" if args.dry_run else f"broker {args.host}:{args.port}"
@@ -166,7 +167,10 @@ def _cmd_skeleton(args: argparse.Namespace) -> int:
         raise NodeError("--windows must be >= 1")
     layout = load_site_layout(args.site)
     node_id = args.node or layout.node_ids[0]
-    with NodePublisher(layout, node_id, _mqtt_settings(args)) as node:
+    settings = _mqtt_settings(args)
+    if args.credentials_dir:
+        settings = with_credentials(settings, args.credentials_dir, node_id)
+    with NodePublisher(layout, node_id, settings) as node:
         published = publish_sine_windows(node, args.windows, CodecSpec.parse(args.codec),
                                          realtime=not args.fast)
     acked = sum(p.acknowledged for p in published)
@@ -198,6 +202,9 @@ def _add_mqtt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-ca", default=None, help="CA certificate file; turns TLS on")
     g.add_argument("--tls-cert", default=None, help="client certificate (mutual TLS)")
     g.add_argument("--tls-key", default=None, help="client key (mutual TLS)")
+    g.add_argument("--credentials-dir", type=Path, default=None,
+                   help="site security folder (spar-aggregator secure init): each node connects as its own "
+                   "id with its password, certificate and key from there, and the site CA")
 
 
 def _mqtt_settings(args: argparse.Namespace) -> MqttSettings:

@@ -27,7 +27,7 @@ from node_firmware_sim.link_model import LinkConfig, LinkModel, LinkStats
 from node_firmware_sim.scenarios import make_scenario
 from node_firmware_sim.scenarios.base import Source, SourceWindow, episode_rng
 from node_firmware_sim.uplink import NodeUplink
-from spar_wire.mqtt_settings import MqttSettings
+from spar_wire.mqtt_settings import MqttSettings, publish_outcome, with_credentials
 from spar_wire.site_layout import SiteLayout
 
 
@@ -65,6 +65,7 @@ class FieldConfig:
     start_epoch_ns: int | None = None  # true time of window 0 (default: now, whole seconds)
     ack_timeout_s: float = 30.0
     record_acks: bool = False  # list every acknowledged frame in NodeSummary.acked_frames (fault trials)
+    credentials_dir: str | None = None  # site security folder: each node connects as itself (its id)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.duration_s, (int, float)) and math.isfinite(self.duration_s)
@@ -254,7 +255,8 @@ class _RunningNode:
         connected = (lambda: publisher.connected) if publisher else (lambda: True)
         self.uplink = NodeUplink(node_id, link, scheduler, publish,
                                  buffer_size=config.firmware.outage_buffer_messages, connected=connected,
-                                 record_acks=config.record_acks)
+                                 record_acks=config.record_acks,
+                                 outcome=publisher.outcome if publisher else publish_outcome)
         self.summary = NodeSummary(node_id, clock_offset_s=offset)
 
     def encode_window(self, window: SourceWindow, true_start_ns: int) -> list[EncodedFrame]:
@@ -300,7 +302,10 @@ def _start_nodes(config: FieldConfig, link: LinkModel, scheduler: DeliverySchedu
     for node_id in config.nodes:
         publisher = None
         if config.mqtt is not None:
-            publisher = NodePublisher(config.layout, node_id, config.mqtt).start()
+            settings = config.mqtt
+            if config.credentials_dir is not None:
+                settings = with_credentials(settings, config.credentials_dir, node_id)
+            publisher = NodePublisher(config.layout, node_id, settings).start()
             stack.callback(_quiet_stop, publisher)
         nodes[node_id] = _RunningNode(config, node_id, link, scheduler, publisher)
     return nodes

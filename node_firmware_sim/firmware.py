@@ -13,7 +13,7 @@ import numpy as np
 from node_firmware_sim.errors import NodeError
 from spar_wire.codecs import CodecSpec
 from spar_wire.features import compute_token_image
-from spar_wire.message import encode_message, make_message
+from spar_wire.message import WireLimits, encode_message, make_message
 from spar_wire.site_layout import SiteLayout
 
 SEQ_MODULO = 2**32  # the header's uint32 sequence number wraps here
@@ -57,6 +57,12 @@ class NodeFirmware:
         message = make_message(compute_token_image(samples, cfg), cfg, self.config.codec,
                                site=self.layout.site_id, node=self.node.id, modality=modality,
                                window_start_ns=stamped, seq=self.seq)
-        encoded = EncodedFrame(self.node.id, modality, self.seq, stamped, encode_message(message))
+        frame = encode_message(message)
+        if len(frame) > WireLimits().max_message_bytes:
+            # The aggregator would reject it, and a broker with message_size_limit answers with a
+            # PUBACK code paho cannot parse: it disconnects and resends the message forever.
+            raise NodeError(f"node {self.node.id}/{modality}: a {len(frame)}-byte message exceeds the wire limit "
+                            f"of {WireLimits().max_message_bytes} bytes; use a compressing codec")
+        encoded = EncodedFrame(self.node.id, modality, self.seq, stamped, frame)
         self.seq = (self.seq + 1) % SEQ_MODULO
         return encoded

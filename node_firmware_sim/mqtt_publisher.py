@@ -14,7 +14,7 @@ from typing import Any
 
 from node_firmware_sim.errors import NodeError
 from spar_wire.lifecycle import BirthMessage, ModalityInfo, StateMessage
-from spar_wire.mqtt_settings import MqttSettings, connect_async, make_client
+from spar_wire.mqtt_settings import MqttSettings, RefusedPublishes, connect_async, make_client, publish_outcome
 from spar_wire.site_layout import SiteLayout
 from spar_wire.topics import birth_topic, data_topic, state_topic
 
@@ -32,11 +32,14 @@ class NodePublisher:
         self.bd_seq = bd_seq
         self._connected = threading.Event()
         self._refused: str | None = None
+        self._warned_refusal = False
         offline = StateMessage("offline", bd_seq).to_json()
         self._client = make_client(settings, client_id=f"{layout.site_id}.{node_id}", persistent=True,
                                    will=(state_topic(layout.site_id, node_id), offline))
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self.refused = RefusedPublishes()
+        self._client.on_publish = self.refused
 
     def birth(self) -> BirthMessage:
         infos = {name: ModalityInfo(self.layout.modalities[name].features.hash,
@@ -67,6 +70,15 @@ class NodePublisher:
         """Publish one framed TokenMessage at QoS 1. Returns paho's MQTTMessageInfo."""
         return self._client.publish(data_topic(self.layout.site_id, self.node.id, modality),
                                     frame, qos=1)
+
+    def outcome(self, info: Any) -> str:
+        """"acked", "pending" or "failed" (a PUBACK refusing the message, e.g. the ACL's, is failed)."""
+        outcome = publish_outcome(info, self.refused)
+        if outcome == "failed" and self.refused.count and not self._warned_refusal:
+            self._warned_refusal = True
+            log.warning("node %s: the broker refuses its messages (check its user name and the ACL: a "
+                        "node may publish only under its own id)", self.node.id)
+        return outcome
 
     def stop(self) -> None:
         """Announce ``offline`` (a clean disconnect does not fire the will) and disconnect."""

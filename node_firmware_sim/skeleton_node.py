@@ -10,7 +10,6 @@ from node_firmware_sim.sine_source import sine_window
 from spar_wire.codecs import CodecSpec
 from spar_wire.features import compute_token_image
 from spar_wire.message import encode_message, make_message
-from spar_wire.mqtt_settings import publish_outcome
 
 
 @dataclass
@@ -54,7 +53,7 @@ def publish_sine_windows(publisher: NodePublisher, windows: int, codec: CodecSpe
             info.wait_for_publish(timeout=ack_timeout_s)
         except (RuntimeError, ValueError):  # paho: publish failed or was never queued
             continue
-        record.acknowledged = publish_outcome(info) == "acked"
+        record.acknowledged = publisher.outcome(info) == "acked"
     return [record for record, _ in pending]
 
 

@@ -34,14 +34,17 @@ class UplinkCounters:
 class NodeUplink:
     def __init__(self, node_id: str, link: LinkModel, scheduler: DeliveryScheduler,
                  publish: Callable[[EncodedFrame], Any] | None, *, buffer_size: int,
-                 connected: Callable[[], bool] = lambda: True, record_acks: bool = False):
+                 connected: Callable[[], bool] = lambda: True, record_acks: bool = False,
+                 outcome: Callable[[Any], str] = publish_outcome):
         """``record_acks``: keep (modality, window start) of every acknowledged frame, for fault
-        trials that prove each acknowledged message reached the aggregator."""
+        trials that prove each acknowledged message reached the aggregator. ``outcome``: "acked",
+        "pending" or "failed" for what ``publish`` returned (the publisher's, to see refusals)."""
         self.node_id = node_id
         self.link = link
         self.scheduler = scheduler
         self._publish_fn = publish
         self._connected = connected
+        self._outcome = outcome
         self.buffer: collections.deque[EncodedFrame] = collections.deque()
         self.buffer_size = buffer_size
         self.counters = UplinkCounters(acked_frames=[] if record_acks else None)
@@ -93,10 +96,12 @@ class NodeUplink:
         snapshot = list(self.counters.pending)
         still = []
         for frame, info in snapshot:
-            if publish_outcome(info) == "pending" and wait_s > 0:
+            # Ask once per state: learning that a PUBACK refused the message consumes the answer.
+            outcome = self._outcome(info)
+            if outcome == "pending" and wait_s > 0:
                 with contextlib.suppress(RuntimeError, ValueError):  # failed meanwhile: counted below
                     info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
-            outcome = publish_outcome(info)
+                outcome = self._outcome(info)
             if outcome == "acked":
                 self.counters.acked += 1
                 if self.counters.acked_frames is not None:

@@ -7,7 +7,10 @@ protocol, TLS and session handling identical.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from spar_wire.errors import WireError
@@ -89,8 +92,39 @@ def connect_async(client: Any, settings: MqttSettings, *, persistent: bool) -> N
         client.connect_async(settings.host, settings.port, keepalive=settings.keepalive_s)
 
 
-def publish_outcome(info: Any) -> str:
+class RefusedPublishes:
+    """Remembers PUBACKs that carried a failure reason code; install as the client's ``on_publish``.
+
+    A broker that refuses a publish (MQTT 5: 0x87 not authorized by the ACL, 0x97 quota) still
+    answers with a PUBACK, and paho's ``is_published`` turns True for it like for any other: only the
+    reason code tells. paho calls ``on_publish`` before it marks the message published, so once
+    ``is_published`` is True the refusal, if any, is already here.
+    """
+
+    def __init__(self, limit: int = 65_536):
+        self._reasons: dict[int, str] = {}
+        self._limit = limit  # packet ids wrap at 65535; an uncollected refusal must not pile up forever
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def __call__(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        if getattr(reason_code, "is_failure", False):
+            with self._lock:
+                if len(self._reasons) < self._limit:
+                    self._reasons[mid] = str(reason_code)
+                self.count += 1
+
+    def take(self, mid: int) -> str | None:
+        """The refusal reason of message ``mid`` (forgotten once taken), or None if it was accepted."""
+        with self._lock:
+            return self._reasons.pop(mid, None)
+
+
+def publish_outcome(info: Any, refused: RefusedPublishes | None = None) -> str:
     """"acked", "pending" or "failed" for a paho ``MQTTMessageInfo``.
+
+    With ``refused`` (the client's :class:`RefusedPublishes`), a PUBACK that refused the message
+    counts as failed, not acked.
 
     paho's ``is_published`` raises instead of answering when the publish call itself failed. Two
     cases differ: a QoS > 0 message published while disconnected (rc NO_CONN) is kept by paho and
@@ -102,8 +136,34 @@ def publish_outcome(info: Any) -> str:
 
     if info.rc == mqtt.MQTT_ERR_NO_CONN and getattr(info, "_published", None) is not None:
         with info._condition:
-            return "acked" if info._published else "pending"
-    try:
-        return "acked" if info.is_published() else "pending"
-    except (RuntimeError, ValueError):
+            outcome = "acked" if info._published else "pending"
+    else:
+        try:
+            outcome = "acked" if info.is_published() else "pending"
+        except (RuntimeError, ValueError):
+            return "failed"
+    if outcome == "acked" and refused is not None and refused.take(info.mid) is not None:
         return "failed"
+    return outcome
+
+
+def user_files(folder: str | Path, user: str) -> dict[str, Path]:
+    """Where one MQTT user's files are in a site security folder (``spar-aggregator secure init``):
+    the site CA, the user's client certificate and key, and the file holding its password."""
+    root = Path(folder)
+    return {"ca": root / "ca.crt", "cert": root / "clients" / f"{user}.crt", "key": root / "clients" / f"{user}.key",
+            "password": root / "credentials" / f"{user}.password"}
+
+
+def with_credentials(settings: MqttSettings, folder: str | Path, user: str) -> MqttSettings:
+    """``settings`` for ``user``: its user name, password and TLS files from a site security folder.
+
+    A node's user name is its node id, so ``spar-node run`` gives every simulated node its own
+    credentials from one folder. WireError naming the file when one is missing.
+    """
+    files = user_files(folder, user)
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing:
+        raise WireError("bad_settings", f"credentials of {user!r}: missing {', '.join(missing)}")
+    return dataclasses.replace(settings, username=user, password=files["password"].read_text().strip(),
+                               tls_ca=str(files["ca"]), tls_cert=str(files["cert"]), tls_key=str(files["key"]))
