@@ -1,0 +1,41 @@
+"""spar-bench overload, short form: 10x the nominal load on a site this machine cannot serve at 10x."""
+
+import pytest
+
+from benchmarks.errors import BenchError
+from benchmarks.latency_bench import _StepPublish
+from benchmarks.overload_bench import OverloadConfig, PhaseResult, _recovery_s, run_overload
+
+
+def test_recovery_is_the_first_window_from_which_on_latency_stays_low():
+    step = _StepPublish(stamps=list(range(6)), scheduled_ns=[j * 10**9 for j in range(6)], started_ns=[],
+                        finished_ns=[], messages=0, acked=0)
+    baseline = PhaseResult("nominal", 1.0, 6, 6, 0, p50_ms=100.0, p99_ms=120.0, max_ms=130.0, growth_ms=0.0)
+    rows = [(900.0, False), (200.0, False), None, (240.0, False), (120.0, False), (110.0, False)]
+    assert _recovery_s(step, rows, baseline) == 3.0  # bound 250 ms; window 2 had no result
+    assert _recovery_s(step, [(900.0, False)] * 6, baseline) is None
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(BenchError):
+        OverloadConfig(factor=0.5)
+    with pytest.raises(BenchError):
+        OverloadConfig(phase_s=(1.0, 2.0))
+    with pytest.raises(BenchError):
+        OverloadConfig(nominal_rate=0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.mosquitto
+def test_ten_times_the_load_sheds_the_oldest_keeps_latency_bounded_and_recovers(tmp_path):
+    """64 nodes at 2 windows/s, then 20 windows/s (about twice what 2 cores infer at 64 nodes), then 2 again."""
+    config = OverloadConfig(nodes=64, nominal_rate=2.0, factor=10.0, phase_s=(3.0, 5.0, 8.0))
+    report = run_overload(config, tmp_path)
+    nominal, overload, recovery = report.phases
+    assert overload.windows == 100 and overload.served < 0.8 * overload.windows  # really overloaded
+    assert report.dropped > 0 and report.dropped == report.unserved  # every shed window counted
+    assert report.max_queue_messages <= config.max_held_messages + report.messages_per_window
+    assert nominal.served == nominal.windows and recovery.served == recovery.windows
+    assert report.recovery_s is not None and report.recovery_s <= 4.0
+    assert all(report.checks.values()), report.to_markdown()
+    assert "| overload | 20 | 100 |" in report.to_markdown()
