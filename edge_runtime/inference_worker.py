@@ -1,7 +1,8 @@
 """Inference stage: closed windows -> batches -> backend -> results stored, then published.
 
 A single worker thread takes the oldest closed window; if more are already waiting (a backlog),
-it takes up to ``max_batch`` windows with the same node count into one backend call. Each result
+it takes up to ``max_batch`` windows with the same node count into one backend call, and no more
+than ``max_batch_nodes`` node-windows (large sites go one window at a time). Each result
 is committed to SQLite before it is published, so what subscribers see is always on disk, and only
 then are the window's messages released (acknowledged to the broker). A window already stored (the
 broker redelivered its messages after a restart) is neither stored nor published again.
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 class InferenceWorker:
     def __init__(self, backend: Any, manifest: ModelManifest, site: str, windows: BoundedQueue,
                  store: Any, publish: Callable[[dict[str, Any]], Any], *, max_batch: int, window_ns: int,
+                 max_batch_nodes: int | None = None,
                  observe: Callable[[str, float], None] = lambda name, value: None,
                  release: Callable[[list[Any]], None] = lambda receipts: None):
         self.backend = backend
@@ -39,6 +41,7 @@ class InferenceWorker:
         self.store = store
         self.publish = publish
         self.max_batch = max_batch
+        self.max_batch_nodes = max_batch_nodes
         self.window_ns = window_ns
         self.observe = observe
         self.release = release
@@ -105,7 +108,10 @@ class InferenceWorker:
 
     def _fill_batch(self, first: AssembledWindow) -> list[AssembledWindow]:
         batch = [first]
-        while len(batch) < self.max_batch:
+        limit = self.max_batch
+        if self.max_batch_nodes is not None:
+            limit = max(1, min(limit, self.max_batch_nodes // max(1, first.n_nodes)))
+        while len(batch) < limit:
             more = self.windows.get_nowait()
             if more is None:
                 break

@@ -91,6 +91,7 @@ class Aggregator:
         self.ingest = MqttIngest(subscriber, self.site, self.processor.handle)
         self.worker = InferenceWorker(self.backend, self.manifest, self.site, self.window_queue, self.store,
                                       self._publish_result, max_batch=config.max_batch,
+                                      max_batch_nodes=config.max_batch_nodes,
                                       window_ns=int(round(window_s * 1e9)), observe=self.metrics.observe,
                                       release=self._release)
         self._pending: list[Any] = []
