@@ -614,9 +614,8 @@ class _Probe:
     def __init__(self, aggregator: Any, collector: _ResultCollector):
         self.aggregator = aggregator
         self.collector = collector
-        site = aggregator.site
-        self.threads = {"ingest": f"paho-mqtt-client-{site}.{aggregator.config.client_id}",
-                        "inference": "inference"}
+        # Decoding and assembly run in the "ingest" thread; paho's network thread only queues messages.
+        self.threads = {"ingest": "ingest", "inference": "inference"}
 
     def snapshot(self) -> _Snapshot:
         agg = self.aggregator

@@ -88,7 +88,11 @@ class Aggregator:
         self._refusals_logged = 0
         self._publisher_ready = threading.Event()
         subscriber = make_client(config.mqtt, f"{self.site}.{config.client_id}", persistent=True)
-        self.ingest = MqttIngest(subscriber, self.site, self.processor.handle)
+        # paho's thread only queues what arrives; the "ingest" thread decodes. When decoding falls
+        # behind, the oldest messages are shed here (counted, acknowledged) instead of waiting at the
+        # broker, where nothing bounds their latency but its queue limit.
+        self.message_queue = BoundedQueue(config.ingest_queue_size, self._drop_message)
+        self.ingest = MqttIngest(subscriber, self.site, self.message_queue.put)
         self.worker = InferenceWorker(self.backend, self.manifest, self.site, self.window_queue, self.store,
                                       self._publish_result, max_batch=config.max_batch,
                                       max_batch_nodes=config.max_batch_nodes,
@@ -96,7 +100,8 @@ class Aggregator:
                                       release=self._release)
         self._pending: list[Any] = []
         self._pending_lock = threading.Lock()
-        self._stop_ingest = threading.Event()
+        self._stop_intake = threading.Event()  # the ingest thread: finish the queued messages, then end
+        self._stop_ingest = threading.Event()  # the deadline thread: close every open window, then end
         self._stop_worker = threading.Event()
         self._threads: list[threading.Thread] = []
         self.metrics.bind(self)
@@ -105,7 +110,8 @@ class Aggregator:
     def start(self, timeout_s: float = 15.0) -> Aggregator:
         """Connect both sessions, start the threads and the metrics endpoint."""
         self.metrics.start_server(self.config.metrics_host, self.config.metrics_port)
-        self._threads = [threading.Thread(target=self._deadline_loop, name="deadlines", daemon=True),
+        self._threads = [threading.Thread(target=self._ingest_loop, name="ingest", daemon=True),
+                         threading.Thread(target=self._deadline_loop, name="deadlines", daemon=True),
                          threading.Thread(target=self.worker.run, args=(self._stop_worker,), name="inference",
                                           daemon=True)]
         for thread in self._threads:
@@ -125,8 +131,10 @@ class Aggregator:
     def stop(self, timeout_s: float = 30.0) -> None:
         """Drain and flush (see the module docstring). Safe to call twice."""
         self.ingest.pause()
-        self._stop_ingest.set()
         deadline = time.monotonic() + timeout_s
+        self._stop_intake.set()
+        self._join("ingest", deadline)
+        self._stop_ingest.set()
         self._join("deadlines", deadline)
         self._stop_worker.set()
         self._join("inference", deadline)
@@ -153,6 +161,15 @@ class Aggregator:
         self.stop()
 
     # ------------------------------------------------------------------ threads
+    def _ingest_loop(self) -> None:
+        """Decode and assemble queued messages until told to stop and none is left."""
+        while True:
+            raw = self.message_queue.get(timeout=0.05)
+            if raw is not None:
+                self.processor.handle(raw)
+            elif self._stop_intake.is_set():
+                return
+
     def _deadline_loop(self) -> None:
         """Close windows at their deadline; after the subscriber stopped, close the rest and end."""
         while not self._stop_ingest.is_set():
@@ -174,6 +191,12 @@ class Aggregator:
         """Acknowledge messages to the broker (their window is stored, dropped or failed)."""
         if receipts:
             self.ingest.ack(receipts)
+
+    def _drop_message(self, raw: Any) -> None:
+        # Shed before decoding, like a window shed before inference: counted and acknowledged.
+        self.metrics.dropped("message")
+        if raw.receipt is not None:
+            self._release([raw.receipt])
 
     def _drop_window(self, window: Any) -> None:
         # Overload policy drops the oldest window on purpose (counted): redelivering it would only
@@ -226,7 +249,7 @@ class Aggregator:
         return {"status": "ok" if self.ingest.connected.is_set() else "disconnected", "site": self.site,
                 "model": f"{self.manifest.name}@{self.manifest.version}",
                 "open_windows": self.assembler.open_windows, "queued_windows": self.window_queue.qsize(),
-                "queued_messages": self.window_queue.weight(),
+                "queued_messages": self.window_queue.weight(), "undecoded_messages": self.message_queue.qsize(),
                 "nodes": {n.id: ("online" if n.online else "offline") for n in self.registry.nodes()},
                 "refused_nodes": self.registry.refused()}
 

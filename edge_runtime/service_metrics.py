@@ -102,6 +102,7 @@ class ServiceMetrics:
             self._advance(self.results, "res", "results", worker.get("results", 0))
             self.queue_depth.set(agg.window_queue.qsize(), queue="windows")
             self.queue_depth.set(agg.window_queue.weight(), queue="window_messages")
+            self.queue_depth.set(agg.message_queue.qsize(), queue="messages")
             self.open_windows.set(agg.assembler.open_windows)
             nodes = agg.registry.nodes()
             self.nodes.set(sum(n.online for n in nodes), state="online")

@@ -11,9 +11,9 @@ def test_recovery_is_the_first_window_from_which_on_latency_stays_low():
     step = _StepPublish(stamps=list(range(6)), scheduled_ns=[j * 10**9 for j in range(6)], started_ns=[],
                         finished_ns=[], messages=0, acked=0)
     baseline = PhaseResult("nominal", 1.0, 6, 6, 0, p50_ms=100.0, p99_ms=120.0, max_ms=130.0, growth_ms=0.0)
-    rows = [(900.0, False), (200.0, False), None, (240.0, False), (120.0, False), (110.0, False)]
+    rows = [(900.0, False, {}), (200.0, False, {}), None, (240.0, False, {}), (120.0, False, {}), (110.0, False, {})]
     assert _recovery_s(step, rows, baseline) == 3.0  # bound 250 ms; window 2 had no result
-    assert _recovery_s(step, [(900.0, False)] * 6, baseline) is None
+    assert _recovery_s(step, [(900.0, False, {})] * 6, baseline) is None
 
 
 def test_bad_settings_are_refused():
@@ -33,9 +33,15 @@ def test_ten_times_the_load_sheds_the_oldest_keeps_latency_bounded_and_recovers(
     report = run_overload(config, tmp_path)
     nominal, overload, recovery = report.phases
     assert overload.windows == 100 and overload.served < 0.8 * overload.windows  # really overloaded
-    assert report.dropped > 0 and report.dropped == report.unserved  # every shed window counted
+    assert report.dropped + report.dropped_messages > 0  # work was shed ...
+    assert report.published_messages == report.decoded_messages + report.dropped_messages  # ... and counted
+    assert report.assembled == report.results + report.dropped + report.failed
     assert report.max_queue_messages <= config.max_held_messages + report.messages_per_window
-    assert nominal.served == nominal.windows and recovery.served == recovery.windows
+    # Shed here, not queued at the broker: when paho's thread decoded (before the message queue),
+    # messages waited 1.4 s (median) before the aggregator saw them, and growing.
+    assert overload.stage_ms["before ingest"] < 200
+    # The first recovery window may still meet a full queue; the rest are served.
+    assert nominal.served == nominal.windows and recovery.served >= recovery.windows - 2
     assert report.recovery_s is not None and report.recovery_s <= 4.0
     assert all(report.checks.values()), report.to_markdown()
     assert "| overload | 20 | 100 |" in report.to_markdown()
