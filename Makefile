@@ -10,12 +10,13 @@ DEMO_SECONDS ?= 60
 # The stamp is rebuilt whenever pyproject.toml changes, so new dependencies are picked up.
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: help venv mosquitto test demo bench lint clean models
+.PHONY: help venv mosquitto test demo bench soak lint clean models
 
 help:
 	@echo "make test   - create .venv, install deps (and mosquitto), run the test suite"
 	@echo "make demo   - create .venv, install deps (and mosquitto), run a live parking-lot site for a minute"
 	@echo "make bench  - run every benchmark with its default budget, refresh benchmarks/results/"
+	@echo "make soak   - long reliability runs: 10 broker restarts, 100 000 fuzz messages, 30 s of 10x load"
 	@echo "make models - retrain the shipped models under models/ (about 10 min on 2 cores)"
 	@echo "make lint   - ruff over the code"
 	@echo "make clean  - remove .venv and caches"
@@ -44,6 +45,9 @@ demo: venv
 
 bench: venv mosquitto
 	VENV=$(VENV) bash scripts/run_benchmarks.sh
+
+soak: venv mosquitto
+	VENV=$(VENV) bash scripts/soak.sh
 
 models: venv
 	VENV=$(VENV) bash scripts/make_models.sh
