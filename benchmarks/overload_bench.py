@@ -63,7 +63,7 @@ class OverloadConfig:
     factor: float = 10.0  # the overload phase offers factor x nominal
     phase_s: tuple[float, float, float] = (10.0, 10.0, 20.0)  # nominal, overload, recovery
     queue_size: int = 64  # aggregator settings under test (as in configs/aggregator.toml)
-    max_held_messages: int = 500
+    max_held_messages: int = 400
     codec: str = "png"
     model: str = "student"  # or "tiny" (benchmarks.tiny_onnx_model)
     backend: str = "auto"
@@ -294,7 +294,7 @@ def _wait_for_quiet(aggregator: Any, windows: int, collector: _ResultCollector, 
         if count != last:
             last, quiet_since = count, time.monotonic()
         if aggregator.assembler.open_windows == 0 and aggregator.window_queue.qsize() == 0 \
-                and time.monotonic() - quiet_since > 2.0:
+                and aggregator.message_queue.qsize() == 0 and time.monotonic() - quiet_since > 2.0:
             return
         time.sleep(0.05)
 

@@ -107,6 +107,10 @@ def run_runtime_benchmark(site: str | Path, *, windows: int = 200, codec: str = 
             config = AggregatorConfig(site=Path(site), model=tmp_path / "model" / "manifest.json",
                                       database=tmp_path / "results.sqlite3", backend=backend, metrics_port=None,
                                       deadline_fraction=0.5, max_open_windows=64, queue_size=4096,
+                                      # Capacity, not shedding: no queue may drop (the broker's in-flight
+                                      # limit is off too).
+                                      ingest_queue_size=1_000_000, max_held_messages=10**9,
+                                      broker_max_inflight=10**9,
                                       mqtt=MqttSettings(host=broker.host, port=broker.port, max_inflight=1000))
             aggregator = Aggregator(config)
             progress("bare model")

@@ -179,7 +179,7 @@ def run_trial(config: TrialConfig, monitor: TrialMonitor | None = None,
         monitor.stage = "draining"
         expected = field_summary.total().published if field_summary else None
         _wait_for_ingest(aggregator, expected, settle_s=max(0.3, 1.0 / config.speed))
-        aggregator.stop()
+        aggregator.stop(flush_open=True)
         _write_json(folder / AGGREGATOR_FILE, _aggregator_counts(aggregator))
         if field_summary is not None:
             _write_json(folder / FIELD_FILE, field_summary.to_dict())
@@ -267,8 +267,9 @@ def _start_aggregator(config: TrialConfig, folder: Path, mqtt: MqttSettings, sta
 
 
 def _quiet_stop(aggregator: Any) -> None:
+    # The end of a trial is a last stop: windows still open give their partial results now.
     with contextlib.suppress(Exception):  # stopped already on the normal path; stop() is idempotent
-        aggregator.stop()
+        aggregator.stop(flush_open=True)
 
 
 def _field_config(config: TrialConfig, layout: SiteLayout, link: LinkConfig, mqtt: MqttSettings,

@@ -24,14 +24,19 @@ class BoundedQueue:
         weight: weight of an item (default 1 each).
         max_weight: most total weight held; the newest item is always kept, even if it alone
             weighs more. ``None``: only the count bounds the queue.
+        keep: items to shed only as a last resort (the oldest other item goes first), while the
+            queue holds at most twice ``maxsize``: for rare items whose loss costs more than
+            their place in the line (a node's birth or state among its token messages).
     """
 
     def __init__(self, maxsize: int, on_drop: Callable[[Any], None], *,
-                 weight: Callable[[Any], int] = lambda item: 1, max_weight: int | None = None):
+                 weight: Callable[[Any], int] = lambda item: 1, max_weight: int | None = None,
+                 keep: Callable[[Any], bool] = lambda item: False):
         if maxsize < 1:
             raise ValueError(f"maxsize must be >= 1, got {maxsize}")
         self.maxsize = maxsize
         self.max_weight = max_weight
+        self._keep = keep
         self._on_drop = on_drop
         self._weight_of = weight
         self._items: collections.deque[tuple[Any, int]] = collections.deque()
@@ -47,9 +52,10 @@ class BoundedQueue:
             self._weight += weight
             while len(self._items) > self.maxsize or (
                     self.max_weight is not None and self._weight > self.max_weight and len(self._items) > 1):
-                old, old_weight = self._items.popleft()
-                self._weight -= old_weight
-                dropped.append(old)
+                victim = self._oldest_to_shed()
+                if victim is None:
+                    break
+                dropped.append(victim)
             self._ready.notify()
         for old in dropped:
             self._on_drop(old)
@@ -73,6 +79,19 @@ class BoundedQueue:
         """Total weight held now."""
         with self._ready:
             return self._weight
+
+    def _oldest_to_shed(self) -> Any:
+        """Remove and return the oldest item not to keep; the oldest of all beyond 2 x maxsize;
+        None when only kept items remain within that (the queue then runs over by those)."""
+        position = next((i for i, (item, _) in enumerate(self._items) if not self._keep(item)), None)
+        if position is None:
+            if len(self._items) <= 2 * self.maxsize:
+                return None
+            position = 0
+        item, weight = self._items[position]
+        del self._items[position]
+        self._weight -= weight
+        return item
 
     def _pop(self) -> Any:
         item, weight = self._items.popleft()

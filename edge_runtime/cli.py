@@ -41,7 +41,8 @@ def _add_run(sub: Any) -> None:
         description="Subscribe to the site's node traffic, assemble a placement tensor per window, run the "
         "model (TensorRT or ONNX Runtime), store results in SQLite and publish them to "
         "spar/v1/{site}/aggregator/results. Prometheus metrics on http://HOST:PORT/metrics. "
-        "SIGTERM or Ctrl-C drains: every received message ends in a stored, published result.")
+        "SIGTERM or Ctrl-C drains: every window closed by then is stored and published; messages of windows "
+        "still open stay with the broker (persistent session) and complete their windows after a restart.")
     p.add_argument("--config", type=Path, required=True, help="aggregator TOML, e.g. configs/aggregator.toml")
     p.add_argument("--host", default=None, help="override [mqtt] host")
     p.add_argument("--port", type=int, default=None, help="override [mqtt] port")

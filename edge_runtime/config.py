@@ -29,13 +29,14 @@ class AggregatorConfig:
     device: str = "auto"  # auto | cpu | cuda
     deadline_fraction: float = 0.5  # a window closes this x window length after its first message
     max_open_windows: int = 16  # more open windows force-close the oldest
-    ingest_queue_size: int = 256  # received messages waiting to be decoded; overflow drops the oldest
+    ingest_queue_size: int = 128  # received messages waiting to be decoded; overflow drops the oldest
     queue_size: int = 64  # closed windows waiting for inference; overflow drops the oldest
     # Token messages those queued windows may hold unacknowledged; beyond it the oldest window is
     # dropped. This + ingest_queue_size + the messages of open windows must stay below the broker's
     # max_inflight_messages (1000 in configs/mosquitto), or the broker stops sending and queues the
     # overload itself, where nothing bounds its latency.
-    max_held_messages: int = 500
+    max_held_messages: int = 400
+    broker_max_inflight: int = 1000  # the broker's max_inflight_messages; the service warns if the above exceed it
     max_batch: int = 8  # windows per inference call when a backlog has formed
     # ... and at most this many node-windows per call: activation memory grows with batch x
     # (nodes x tokens)^2, and ONNX Runtime's arena keeps its peak. Measured with the student at 64
@@ -54,7 +55,7 @@ class AggregatorConfig:
                 and 0 < self.deadline_fraction <= 10):
             raise AggregatorError(f"deadline_fraction must be in (0, 10], got {self.deadline_fraction!r}")
         for name in ("max_open_windows", "ingest_queue_size", "queue_size", "max_batch", "max_batch_nodes",
-                     "max_held_messages"):
+                     "max_held_messages", "broker_max_inflight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise AggregatorError(f"{name} must be an integer >= 1, got {value!r}")

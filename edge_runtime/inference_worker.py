@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.bounded_queue import BoundedQueue
+from edge_runtime.errors import AggregatorError
 from edge_runtime.results import Timing, build_result
 from edge_runtime.window_assembler import AssembledWindow
 from spar_wire.model_manifest import ModelManifest
@@ -33,7 +34,7 @@ class InferenceWorker:
                  store: Any, publish: Callable[[dict[str, Any]], Any], *, max_batch: int, window_ns: int,
                  max_batch_nodes: int | None = None,
                  observe: Callable[[str, float], None] = lambda name, value: None,
-                 release: Callable[[list[Any]], None] = lambda receipts: None):
+                 release: Callable[..., None] = lambda window, acknowledge=True: None):
         self.backend = backend
         self.manifest = manifest
         self.site = site
@@ -66,9 +67,10 @@ class InferenceWorker:
                 log.exception("inference of %d window(s) failed", len(batch))
                 self._count("windows_failed", len(batch))
                 # Redelivery would fail the same way, and unacknowledged messages hold the broker's
-                # in-flight slots: a failed window is counted and let go.
+                # in-flight slots: a failed window is counted and let go (a window released
+                # already gives up no receipt twice).
                 for window in batch:
-                    self.release(window.receipts)
+                    self.release(window)
 
     def process(self, batch: list[AssembledWindow]) -> list[dict[str, Any]]:
         """Run one batch (same node count) through the backend, store and publish its results."""
@@ -88,11 +90,20 @@ class InferenceWorker:
                                         self.manifest, timing, len(batch)))
         # Half a window either way is the same window: node clocks differ, so the median start of a
         # window assembled again from redelivered messages can differ from the stored one.
-        new = self.store.insert_new(results, same_window_ns=self.window_ns // 2)
+        try:
+            new = self.store.insert_new(results, same_window_ns=self.window_ns // 2)
+        except AggregatorError as exc:
+            # Disk full, I/O error: the messages stay with the broker (not acknowledged), which
+            # redelivers them to the next session; nothing is lost, nothing published.
+            log.error("storing %d result(s) failed, their messages stay with the broker: %s", len(batch), exc)
+            self._count("windows_unstored", len(batch))
+            for window in batch:
+                self.release(window, acknowledge=False)
+            return []
         for result, window, is_new in zip(results, batch, new, strict=True):
             if is_new:
-                self.publish(result)
-            self.release(window.receipts)
+                self._publish(result)
+            self.release(window)
             # Added latency: what the aggregator itself adds once the window is complete.
             self.observe("added_latency_seconds", time.monotonic() - window.closed_s)
             self.observe("end_to_end_seconds", result["latency_ms"]["end_to_end"] / 1e3)
@@ -101,6 +112,13 @@ class InferenceWorker:
         self._count("batches")
         self.last_result = results[-1]
         return results
+
+    def _publish(self, result: dict[str, Any]) -> None:
+        try:
+            self.publish(result)
+        except Exception:  # noqa: BLE001 - the result is stored; a failed publish must not fail the window
+            log.exception("publishing the result of window %s failed", result.get("window_index"))
+            self._count("results_unpublished")
 
     def snapshot_counts(self) -> dict[str, int]:
         with self.lock:

@@ -86,7 +86,9 @@ class MessageProcessor:
         self.received_messages = 0  # every message handed to us, good or bad (live traffic views)
         self.received_bytes = 0  # their payload bytes
         self.lock = threading.Lock()  # guards counts and traffic for readers in other threads
-        self._processing = threading.Lock()  # one message or deadline sweep at a time
+        # One message or deadline sweep at a time. Re-entrant: a window the queue sheds while this
+        # thread emits it gives up its receipts (take_receipts) under the same lock.
+        self._processing = threading.RLock()
 
     def handle(self, raw: RawMessage) -> None:
         """Process one message (any thread); never raises."""
@@ -106,7 +108,15 @@ class MessageProcessor:
                     log.exception("internal error handling %r", raw.topic[:200])
                 self._reject("internal_error", repr(exc)[:500])
         if not held and raw.receipt is not None:
-            self.release([raw.receipt])
+            try:
+                self.release([raw.receipt])
+            except Exception:  # noqa: BLE001 - never raise to the caller (paho's or the ingest thread)
+                log.exception("acknowledging a message failed")
+
+    def take_receipts(self, window: AssembledWindow) -> list[Receipt]:
+        """The receipts a closed window holds, taken once (any thread): see WindowAssembler."""
+        with self._processing:
+            return self.assembler.take_receipts(window)
 
     def tick(self, now_s: float) -> None:
         """Close windows whose deadline has passed."""

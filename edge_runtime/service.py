@@ -7,10 +7,12 @@ point loses nothing the broker acknowledged to a node: the next process gets it 
 keeps one result per window.
 
 On stop (SIGTERM), the subscriber stops taking messages (what still arrives stays with the broker
-for the next session); every message already taken is processed, every open window is closed
-(partial windows still give results), every result is committed and published and its messages
-acknowledged; only then does the subscriber disconnect, ``offline`` is announced and the publisher
-disconnects: nothing received is left unflushed.
+for the next session); every message already taken is processed; every window closed by then is
+stored, published and its messages acknowledged. Windows still open are left open: their messages
+stay unacknowledged and come back to the next process with the rest of their window, so a restart
+(an upgrade, a reboot) costs no result and makes no partial one. Only then does the subscriber
+disconnect, ``offline`` is announced and the publisher disconnects. ``stop(flush_open=True)`` closes
+the open windows with partial results instead, for a last stop.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class Aggregator:
         self.registry = NodeRegistry(self.layout, self.manifest)
         self.assembler = WindowAssembler(features, window_s, deadline_s=config.deadline_fraction * window_s,
                                          max_open=config.max_open_windows)
-        self.window_queue = BoundedQueue(config.queue_size, self._drop_window, weight=lambda w: len(w.receipts),
+        self.window_queue = BoundedQueue(config.queue_size, self._drop_window, weight=lambda w: w.message_count,
                                          max_weight=config.max_held_messages)
         self.processor = MessageProcessor(self.site, self.registry, self.assembler, features,
                                           self.window_queue.put, warn=self.metrics.warn, release=self._release)
@@ -91,20 +93,24 @@ class Aggregator:
         # paho's thread only queues what arrives; the "ingest" thread decodes. When decoding falls
         # behind, the oldest messages are shed here (counted, acknowledged) instead of waiting at the
         # broker, where nothing bounds their latency but its queue limit.
-        self.message_queue = BoundedQueue(config.ingest_queue_size, self._drop_message)
+        # Births and states keep their place in the line (a lost birth would leave a moved node's old
+        # position in use) and are shed only in a flood of them: see BoundedQueue's ``keep``.
+        self.message_queue = BoundedQueue(config.ingest_queue_size, self._drop_message, keep=_is_lifecycle)
         self.ingest = MqttIngest(subscriber, self.site, self.message_queue.put)
         self.worker = InferenceWorker(self.backend, self.manifest, self.site, self.window_queue, self.store,
                                       self._publish_result, max_batch=config.max_batch,
                                       max_batch_nodes=config.max_batch_nodes,
                                       window_ns=int(round(window_s * 1e9)), observe=self.metrics.observe,
-                                      release=self._release)
+                                      release=self._release_window)
         self._pending: list[Any] = []
         self._pending_lock = threading.Lock()
+        self._flush_open = False
         self._stop_intake = threading.Event()  # the ingest thread: finish the queued messages, then end
         self._stop_ingest = threading.Event()  # the deadline thread: close every open window, then end
         self._stop_worker = threading.Event()
         self._threads: list[threading.Thread] = []
         self.metrics.bind(self)
+        self._check_inflight_budget()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout_s: float = 15.0) -> Aggregator:
@@ -128,8 +134,15 @@ class Aggregator:
                  self.manifest.version, getattr(self.backend, "name", type(self.backend).__name__))
         return self
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Drain and flush (see the module docstring). Safe to call twice."""
+    def stop(self, timeout_s: float = 30.0, *, flush_open: bool = False) -> None:
+        """Drain (see the module docstring). Safe to call twice.
+
+        Windows still open are not closed early: their messages stay unacknowledged, and the broker
+        hands them to the next session with the rest of their window, which then gives one complete
+        result. ``flush_open=True`` closes them now with partial results instead: for a last stop
+        (the end of a trial), as any of their messages that come later can no longer be stored.
+        """
+        self._flush_open = flush_open
         self.ingest.pause()
         deadline = time.monotonic() + timeout_s
         self._stop_intake.set()
@@ -166,18 +179,23 @@ class Aggregator:
         while True:
             raw = self.message_queue.get(timeout=0.05)
             if raw is not None:
-                self.processor.handle(raw)
+                self.processor.handle(raw)  # never raises
             elif self._stop_intake.is_set():
                 return
 
     def _deadline_loop(self) -> None:
         """Close windows at their deadline; after the subscriber stopped, close the rest and end."""
         while not self._stop_ingest.is_set():
-            next_deadline = self.processor.next_deadline_s()
-            wait = 0.05 if next_deadline is None else min(0.05, max(0.0, next_deadline - time.monotonic()))
-            self._stop_ingest.wait(wait)
-            self.processor.tick(time.monotonic())
-        self.processor.flush(time.monotonic())
+            try:
+                next_deadline = self.processor.next_deadline_s()
+                wait = 0.05 if next_deadline is None else min(0.05, max(0.0, next_deadline - time.monotonic()))
+                self._stop_ingest.wait(wait)
+                self.processor.tick(time.monotonic())
+            except Exception:  # noqa: BLE001 - a dead deadline thread would hold every open window forever
+                log.exception("closing windows at their deadline failed")
+                time.sleep(0.05)
+        if self._flush_open:
+            self.processor.flush(time.monotonic())
 
     def _join(self, name: str, deadline: float) -> None:
         for thread in self._threads:
@@ -188,9 +206,17 @@ class Aggregator:
 
     # ------------------------------------------------------------------ acknowledgements
     def _release(self, receipts: list[Any]) -> None:
-        """Acknowledge messages to the broker (their window is stored, dropped or failed)."""
+        """Acknowledge messages to the broker (handled, or their window stored, shed or failed)."""
         if receipts:
             self.ingest.ack(receipts)
+
+    def _release_window(self, window: Any, acknowledge: bool = True) -> None:
+        """Take a closed window's receipts (once) and acknowledge them, or with ``acknowledge=False``
+        leave its messages with the broker, which redelivers them to the next session."""
+        receipts = self.processor.take_receipts(window)
+        if acknowledge:
+            self._release(receipts)
+
 
     def _drop_message(self, raw: Any) -> None:
         # Shed before decoding, like a window shed before inference: counted and acknowledged.
@@ -202,7 +228,7 @@ class Aggregator:
         # Overload policy drops the oldest window on purpose (counted): redelivering it would only
         # bring the overload back, so its messages are acknowledged like a stored window's.
         self.metrics.dropped("window")
-        self._release(window.receipts)
+        self._release_window(window)
 
     # ------------------------------------------------------------------ publishing
     def _publish_result(self, result: dict[str, Any]) -> None:
@@ -254,6 +280,19 @@ class Aggregator:
                 "refused_nodes": self.registry.refused()}
 
     # ------------------------------------------------------------------ construction helpers
+    def _check_inflight_budget(self) -> None:
+        """Warn when the aggregator may hold more unacknowledged messages than the broker allows it:
+        the broker would then stop sending and queue the overload itself, unbounded in latency."""
+        per_window = sum(len(set(node.modalities) & set(self.manifest.modalities)) for node in self.layout.nodes)
+        # Queued windows, undecoded messages, and about three windows being assembled or inferred.
+        held = self.config.max_held_messages + self.config.ingest_queue_size + 3 * per_window
+        if held > self.config.broker_max_inflight:
+            log.warning("this site may hold %d unacknowledged messages (max_held_messages %d + ingest_queue_size "
+                        "%d + 3 windows of %d), more than broker_max_inflight %d: raise the broker's "
+                        "max_inflight_messages (and broker_max_inflight) or lower the others", held,
+                        self.config.max_held_messages, self.config.ingest_queue_size, per_window,
+                        self.config.broker_max_inflight)
+
     def _load_backend(self) -> Any:
         from edge_runtime.inference import load_backend
 
@@ -267,6 +306,10 @@ class Aggregator:
         self.config.database.parent.mkdir(parents=True, exist_ok=True)
         return ResultStore(self.config.database, retention_rows=self.config.retention_rows,
                            retention_days=self.config.retention_days)
+
+
+def _is_lifecycle(raw: Any) -> bool:
+    return raw.topic.endswith(("/birth", "/state"))
 
 
 def _site_window_s(layout: SiteLayout, manifest: ModelManifest) -> float:

@@ -12,8 +12,11 @@ ignored). At most ``max_open`` windows are open: a new one beyond that force-clo
 
 Each message may carry a ``receipt`` (what the ingest needs to acknowledge it to the broker). A
 window keeps the receipts of every message it absorbed, duplicates included, and hands them on
-when it closes: the aggregator acknowledges them only once the window's result is stored. A late
-message is not held; its caller acknowledges it at once.
+when it closes: the aggregator acknowledges them only once the window's result is stored. Until then
+the closed window stays "unreleased" here, and a late copy of one of its messages (the broker
+redelivers after a reconnect) joins its receipts: acknowledging that copy at once would lose the
+message if the process died before the window was stored. A late message for a window already
+released is not held; its caller acknowledges it at once.
 
 Pure logic with an injected clock: the ingest thread calls ``add`` and ``expire``; tests call them
 with any clock they like.
@@ -90,6 +93,7 @@ class WindowAssembler:
         self._closed_set: set[int] = set()
         self._newest_closed = -(2**62)
         self._phase_ns: int | None = None  # the window grid's offset, from the first message
+        self._unreleased: dict[int, AssembledWindow] = {}  # closed, receipts not yet taken (see module doc)
         self.counts: collections.Counter[str] = collections.Counter()
 
     def window_index(self, window_start_ns: int) -> int:
@@ -105,6 +109,10 @@ class WindowAssembler:
         index = self.window_index(window_start_ns)
         if index in self._closed_set or index <= self._newest_closed - 2 * self.max_open:
             self.counts["late"] += 1
+            unreleased = self._unreleased.get(index)
+            if unreleased is not None and receipt is not None:
+                unreleased.receipts.append(receipt)
+                return AddResult([], held=True)
             return AddResult([], held=False)
         closed: list[AssembledWindow] = []
         window = self._open.get(index)
@@ -149,6 +157,14 @@ class WindowAssembler:
     def open_windows(self) -> int:
         return len(self._open)
 
+    def take_receipts(self, window: AssembledWindow) -> list[Any]:
+        """The receipts ``window`` holds now, taken once (later calls get none); from here on a late
+        copy of its messages is acknowledged at once. The caller serialises this with ``add``."""
+        if self._unreleased.get(window.window_index) is window:
+            del self._unreleased[window.window_index]
+        receipts, window.receipts = window.receipts, []
+        return receipts
+
     # ------------------------------------------------------------------ internals
     def _close(self, index: int, snapshot: RegistrySnapshot, now_s: float, reason: str) -> AssembledWindow:
         window = self._open.pop(index)
@@ -159,12 +175,15 @@ class WindowAssembler:
         complete = bool(expected) and received == expected
         self.counts[f"windows_{'complete' if complete else 'partial'}"] += 1
         self.counts[f"closed_{reason}"] += 1
-        return AssembledWindow(
+        closed = AssembledWindow(
             window_index=index, window_start_ns=_median_ns(window.starts), node_ids=snapshot.node_ids,
             inputs=inputs, present=present, expected=expected, received=received, complete=complete,
             reason=reason, first_arrival_s=window.first_arrival_s, closed_s=now_s,
             message_count=len(window.tokens), receipts=window.receipts,
         )
+        if closed.receipts:
+            self._unreleased[index] = closed
+        return closed
 
     def _tensors(self, window: _OpenWindow, snapshot: RegistrySnapshot
                  ) -> tuple[dict[str, np.ndarray], dict[str, tuple[str, ...]]]:

@@ -48,12 +48,14 @@ def publish_sine_windows(publisher: NodePublisher, windows: int, codec: CodecSpe
             pending.append((PublishedWindow(name, window_ns, seq, len(frame), False),
                             publisher.publish_token(name, frame)))
             seq += 1
+    deadline = time.monotonic() + ack_timeout_s
     for record, info in pending:
-        try:
-            info.wait_for_publish(timeout=ack_timeout_s)
-        except (RuntimeError, ValueError):  # paho: publish failed or was never queued
-            continue
-        record.acknowledged = publisher.outcome(info) == "acked"
+        # Polled: paho's wait_for_publish raises at once for a message it resends after a reconnect.
+        outcome = publisher.outcome(info)
+        while outcome == "pending" and time.monotonic() < deadline:
+            time.sleep(0.01)
+            outcome = publisher.outcome(info)
+        record.acknowledged = outcome == "acked"
     return [record for record, _ in pending]
 
 

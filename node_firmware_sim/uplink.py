@@ -8,7 +8,6 @@ back, the buffer is re-sent, oldest first, before any new frame.
 from __future__ import annotations
 
 import collections
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,11 +95,12 @@ class NodeUplink:
         snapshot = list(self.counters.pending)
         still = []
         for frame, info in snapshot:
-            # Ask once per state: learning that a PUBACK refused the message consumes the answer.
+            # Polled, not wait_for_publish: that raises at once for a message published while
+            # disconnected, which paho still sends after the reconnect. Asked once per state: learning
+            # that a PUBACK refused the message consumes the answer.
             outcome = self._outcome(info)
-            if outcome == "pending" and wait_s > 0:
-                with contextlib.suppress(RuntimeError, ValueError):  # failed meanwhile: counted below
-                    info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
+            while outcome == "pending" and time.monotonic() < deadline:
+                time.sleep(0.01)
                 outcome = self._outcome(info)
             if outcome == "acked":
                 self.counters.acked += 1

@@ -121,7 +121,8 @@ class RefusedPublishes:
 
 
 def publish_outcome(info: Any, refused: RefusedPublishes | None = None) -> str:
-    """"acked", "pending" or "failed" for a paho ``MQTTMessageInfo``.
+    """"acked", "pending" or "failed" for a paho ``MQTTMessageInfo`` of a QoS >= 1 publish (paho
+    drops a QoS 0 publish made while disconnected, which would then read "pending" for ever).
 
     With ``refused`` (the client's :class:`RefusedPublishes`), a PUBACK that refused the message
     counts as failed, not acked.

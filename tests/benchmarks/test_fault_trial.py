@@ -24,7 +24,9 @@ SITE = REPO / "configs/sites/parking_lot.toml"
 def test_faults_are_spread_interleaved_and_hit_half_assembled_windows():
     assert _interleave(2, 1) == ["broker", "aggregator", "broker"]
     assert _interleave(0, 2) == ["aggregator", "aggregator"]
-    schedule = _schedule(FaultConfig(duration_s=40.0, broker_kills=3, aggregator_kills=2), window_s=2.0)
+    assert _interleave(2, 1, 1) == ["broker", "aggregator", "restart", "broker"]
+    schedule = _schedule(FaultConfig(duration_s=40.0, broker_kills=3, aggregator_kills=2, aggregator_restarts=0),
+                         window_s=2.0)
     times = [t for t, _ in schedule]
     assert len(schedule) == 5 and times == sorted(times) and len(set(times)) == 5
     assert all(6.0 <= t <= 31.0 and (t - 0.5) % 2.0 == 0 for t in times)  # 0.5 s after a window ended
@@ -33,11 +35,11 @@ def test_faults_are_spread_interleaved_and_hit_half_assembled_windows():
 @pytest.mark.slow
 @pytest.mark.mosquitto
 def test_nothing_acknowledged_is_lost_when_the_broker_and_the_aggregator_are_killed(tmp_path):
-    """2 broker SIGKILLs and 1 aggregator SIGKILL in 30 s: every PUBACKed message is in exactly one
-    stored result, every window stored once and complete, and SQLite is consistent."""
-    config = FaultConfig(duration_s=30.0, broker_kills=2, aggregator_kills=1)
+    """2 broker SIGKILLs, 1 aggregator SIGKILL and 1 graceful aggregator restart in 30 s: every PUBACKed
+    message is in exactly one stored result, every window stored once and complete, SQLite consistent."""
+    config = FaultConfig(duration_s=30.0, broker_kills=2, aggregator_kills=1, aggregator_restarts=1)
     report = run_fault_trial(config, tmp_path)
-    assert [e.kind for e in report.events] == ["broker", "aggregator", "broker"]
+    assert [e.kind for e in report.events] == ["broker", "aggregator", "restart", "broker"]
     assert report.acked == report.produced == 15 * 16  # every message acknowledged in the end
     assert report.lost == [] and report.delivered == report.acked
     assert report.result_rows == 15 and report.duplicate_results == 0

@@ -33,3 +33,16 @@ def test_get_waits_for_a_producer_and_times_out_when_none_comes():
     assert q.get(timeout=0.01) is None
     threading.Timer(0.05, q.put, args=("late",)).start()
     assert q.get(timeout=5.0) == "late"
+
+
+def test_kept_items_are_shed_last_and_only_beyond_twice_the_size():
+    """Births and states keep their place while token messages are shed around them."""
+    dropped = []
+    q = BoundedQueue(3, dropped.append, keep=lambda item: item.startswith("birth"))
+    for item in ("birth-a", "data-1", "data-2", "data-3", "data-4"):
+        q.put(item)
+    assert dropped == ["data-1", "data-2"]
+    assert [q.get_nowait() for _ in range(3)] == ["birth-a", "data-3", "data-4"]
+    for i in range(8):
+        q.put(f"birth-{i}")
+    assert dropped[2:] == ["birth-0", "birth-1"] and q.qsize() == 6  # a flood of them is still bounded

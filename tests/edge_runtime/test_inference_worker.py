@@ -38,3 +38,41 @@ def test_large_sites_go_one_window_per_call_within_the_node_budget():
     assert len(worker._fill_batch(queue.get_nowait())) == 1
     worker, queue = worker_with([Window(f"w{i}", 100) for i in range(3)], max_batch=8, max_batch_nodes=64)
     assert len(worker._fill_batch(queue.get_nowait())) == 1  # never fewer than one
+
+
+def assembled(index):
+    import numpy as np
+
+    from edge_runtime.window_assembler import AssembledWindow
+
+    return AssembledWindow(window_index=index, window_start_ns=index * 10**9, node_ids=("n01",),
+                           inputs={"x": np.zeros((1, 2), np.float32)}, present={"m": ("n01",)}, expected=1,
+                           received=1, complete=True, reason="complete", first_arrival_s=0.0, closed_s=0.0,
+                           message_count=1, receipts=[f"r{index}"])
+
+
+class Backend:
+    def run(self, inputs):
+        return {"y": inputs["x"].sum(axis=(1, 2))}
+
+
+class FailingStore:
+    def insert_new(self, results, same_window_ns=0):
+        from edge_runtime.errors import AggregatorError
+
+        raise AggregatorError("disk full")
+
+
+def test_a_failed_store_leaves_the_messages_with_the_broker_and_publishes_nothing():
+    """Disk full: not acknowledging lets the broker redeliver them later; acknowledging would lose them."""
+    from types import SimpleNamespace
+
+    released, published = [], []
+    manifest = SimpleNamespace(name="m", version="1", task="t", outputs=(), class_names=())
+    worker = InferenceWorker(Backend(), manifest, "s", BoundedQueue(4, lambda item: None), FailingStore(),
+                             published.append, max_batch=4, window_ns=10**9,
+                             release=lambda window, acknowledge=True: released.append((window.window_index,
+                                                                                        acknowledge)))
+    assert worker.process([assembled(1), assembled(2)]) == []
+    assert released == [(1, False), (2, False)] and published == []
+    assert worker.snapshot_counts()["windows_unstored"] == 2

@@ -99,8 +99,14 @@ def test_a_window_hands_on_the_receipts_of_every_message_it_held(parts):
     assert assembler.add("n01", modality, 5 * W_NS, tokens, snapshot, 0.1, receipt="r1-again").held
     (window,) = assembler.expire(snapshot, now_s=5.0)
     assert window.receipts == ["r1", "r1-again"] and window.message_count == 1
-    late = assembler.add("n01", modality, 5 * W_NS, tokens, snapshot, 5.1, receipt="r2")
-    assert not late.held and late.closed == [] and assembler.counts["late"] == 1
+    # Closed but not yet stored: a late copy (redelivered after a reconnect) waits with the window.
+    late = assembler.add("n01", modality, 5 * W_NS, tokens, snapshot, 5.1, receipt="r1-third")
+    assert late.held and late.closed == [] and assembler.counts["late"] == 1
+    assert assembler.take_receipts(window) == ["r1", "r1-again", "r1-third"]
+    assert assembler.take_receipts(window) == []  # taken once: never acknowledged twice
+    # Stored (receipts taken): a late copy is its caller's to acknowledge at once.
+    later = assembler.add("n01", modality, 5 * W_NS, tokens, snapshot, 5.2, receipt="r1-fourth")
+    assert not later.held and assembler.counts["late"] == 2
 
 
 def test_clock_offsets_round_to_the_same_window(parts):
