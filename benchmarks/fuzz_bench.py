@@ -126,8 +126,9 @@ PRIMARY: dict[str, frozenset[str]] = {
 
 
 def is_rejection(outcome: str) -> bool:
-    """True for counter keys that drop a message: ``rejected.*``, ``refused.*``, ``ignored.*``."""
-    return outcome.split(".", 1)[0] in ("rejected", "refused", "ignored")
+    """True for counter keys that drop a message: ``rejected.*``, ``refused.*``, ``ignored.*``, and
+    ``shed`` (dropped unread by the overload policy when the fuzzer outpaces decoding)."""
+    return outcome == "shed" or outcome.split(".", 1)[0] in ("rejected", "refused", "ignored")
 
 
 @dataclass(frozen=True)

@@ -314,7 +314,8 @@ class _Counts:
     def of(cls, aggregator: Any) -> _Counts:
         dropped = {dict(labels).get("item"): int(value) for _, labels, value in aggregator.metrics.overload.samples()}
         assembler, worker = aggregator.assembler.counts, aggregator.worker.snapshot_counts()
-        return cls(aggregator.processor.traffic()[0], dropped.get("message", 0),
+        shed = aggregator.processor.snapshot_counts().get("shed", 0)  # received, counted, never decoded
+        return cls(aggregator.processor.traffic()[0] - shed, dropped.get("message", 0),
                    assembler["windows_complete"] + assembler["windows_partial"], dropped.get("window", 0),
                    worker.get("windows_failed", 0), worker.get("results", 0))
 

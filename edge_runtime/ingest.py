@@ -113,6 +113,14 @@ class MessageProcessor:
             except Exception:  # noqa: BLE001 - never raise to the caller (paho's or the ingest thread)
                 log.exception("acknowledging a message failed")
 
+    def shed(self, raw: RawMessage) -> None:
+        """Count a message the overload policy dropped before it got here (outcome ``shed``): every
+        message the aggregator receives is counted under one outcome."""
+        with self.lock:
+            self.received_messages += 1
+            self.received_bytes += len(raw.payload)
+            self.counts["shed"] += 1
+
     def take_receipts(self, window: AssembledWindow) -> list[Receipt]:
         """The receipts a closed window holds, taken once (any thread): see WindowAssembler."""
         with self._processing:

@@ -220,6 +220,7 @@ class Aggregator:
 
     def _drop_message(self, raw: Any) -> None:
         # Shed before decoding, like a window shed before inference: counted and acknowledged.
+        self.processor.shed(raw)
         self.metrics.dropped("message")
         if raw.receipt is not None:
             self._release([raw.receipt])
