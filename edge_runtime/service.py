@@ -106,7 +106,7 @@ class Aggregator:
         self._pending_lock = threading.Lock()
         self._flush_open = False
         self._stop_intake = threading.Event()  # the ingest thread: finish the queued messages, then end
-        self._stop_ingest = threading.Event()  # the deadline thread: close every open window, then end
+        self._stop_ingest = threading.Event()  # the deadline thread: end (closing the open windows if flushing)
         self._stop_worker = threading.Event()
         self._threads: list[threading.Thread] = []
         self.metrics.bind(self)
