@@ -22,9 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -33,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.aggregator_process import AggregatorProcess
 from benchmarks.errors import BenchError
 from benchmarks.local_broker import BrokerSettings, LocalBroker
 from node_firmware_sim.field_runner import FieldConfig, FieldSummary, SourceSpec, run_field
@@ -43,7 +42,6 @@ from spar_wire.site_layout import SiteLayout, load_site_layout
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SITE = REPO / "configs" / "sites" / "parking_lot.toml"
 DEFAULT_MODEL = REPO / "models" / "parking_lot" / "manifest.json"
-_READY_LINE = "aggregator running"
 
 
 @dataclass(frozen=True)
@@ -150,15 +148,16 @@ def run_fault_trial(config: FaultConfig, workdir: Path,
     started = time.monotonic()
     broker = LocalBroker(BrokerSettings(autosave_on_changes=True, autosave_interval_s=1), workdir / "broker")
     with broker:
+        (workdir / "aggregator.log").unlink(missing_ok=True)
         aggregator = AggregatorProcess(_write_aggregator_config(config, workdir, broker.port, database),
-                                       workdir / "aggregator.log", config.ready_timeout_s)
+                                       workdir / "aggregator.log", ready_timeout_s=config.ready_timeout_s)
         try:
             aggregator.start()
             summary, events = _run_with_faults(config, layout, broker, aggregator, progress)
             window_ns = _window_ns(layout)
             expected = _acked_keys(summary, window_ns)
             _drain(database, expected, window_ns, summary.start_epoch_ns, config.drain_timeout_s)
-            counts = aggregator.counts()
+            counts = _counters(aggregator.metrics_text() or "")
             exit_code = aggregator.stop()
         finally:
             aggregator.kill()
@@ -168,80 +167,14 @@ def run_fault_trial(config: FaultConfig, workdir: Path,
 
 
 # --------------------------------------------------------------------------- the aggregator process
-class AggregatorProcess:
-    """``spar-aggregator run`` as a child process that can be SIGKILLed and started again."""
-
-    def __init__(self, config_path: Path, log_path: Path, ready_timeout_s: float):
-        self.config_path = config_path
-        self.log_path = log_path
-        self.ready_timeout_s = ready_timeout_s
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> float:
-        """Start a process and wait until it serves; returns the seconds that took."""
-        begun = time.monotonic()
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        command = [sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(self.config_path)]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO)
-        self.starts += 1
-        deadline = begun + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"the aggregator exited with {self.proc.returncode}; log:\n{self._log_from(offset)}")
-            if _READY_LINE in self._log_from(offset):
-                return time.monotonic() - begun
-            time.sleep(0.05)
-        raise BenchError(f"the aggregator did not start within {self.ready_timeout_s:.0f} s; log:\n"
-                         f"{self._log_from(offset)}")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self, timeout_s: float = 60.0) -> int | None:
-        """SIGTERM (drain and flush) and the exit code."""
-        if self.proc is None:
-            return None
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
-
-    def counts(self) -> dict[str, Any]:
-        """The running process's counters, from its metrics endpoint."""
-        import urllib.request
-
-        port = self._metrics_port()
-        if port is None:
-            return {}
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-                text = response.read().decode()
-        except OSError:
-            return {}
-        counts: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("spar_") and not line.startswith(("spar_inference", "spar_added", "spar_end")):
-                name, _, value = line.rpartition(" ")
-                counts[name] = float(value)
-        return counts
-
-    def _metrics_port(self) -> int | None:
-        ports = re.findall(r"metrics on http://[0-9.]+:(\d+)", self._log_from(0))
-        return int(ports[-1]) if ports else None
-
-    def _log_from(self, offset: int) -> str:
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(offset)
-                return log.read().decode(errors="replace")
-        except OSError:
-            return ""
+def _counters(metrics_text: str) -> dict[str, float]:
+    """The spar_* counters of a /metrics page (histograms left out)."""
+    counts: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("spar_") and not line.startswith(("spar_inference", "spar_added", "spar_end")):
+            name, _, value = line.rpartition(" ")
+            counts[name] = float(value)
+    return counts
 
 
 def _write_aggregator_config(config: FaultConfig, workdir: Path, port: int, database: Path) -> Path:

@@ -24,21 +24,16 @@ SIGTERM ends the process with exit code 0.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import json
 import math
 import random
 import re
-import signal
 import struct
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -46,8 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.aggregator_process import AggregatorProcess
 from benchmarks.errors import BenchError
-from benchmarks.local_broker import BrokerSettings, LocalBroker, _die_with_parent
+from benchmarks.local_broker import BrokerSettings, LocalBroker
 from benchmarks.machine import describe_machine
 from node_firmware_sim.firmware import FirmwareConfig, NodeFirmware
 from node_firmware_sim.mqtt_publisher import FIRMWARE_VERSION
@@ -692,94 +688,25 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
-class AggregatorProcess:
-    """``spar-aggregator run`` as a child process, its log in a file, its metrics over HTTP."""
+def start_aggregator(workdir: Path, site: Path, model: Path, broker_port: int) -> AggregatorProcess:
+    """The aggregator under test, as a child process with its own config, log and (fresh) database."""
+    for old in ("results.sqlite3", "results.sqlite3-wal", "results.sqlite3-shm"):  # a previous run's
+        (workdir / old).unlink(missing_ok=True)
+    config = workdir / "aggregator.toml"
+    config.write_text(
+        f'[aggregator]\nsite = "{site.resolve()}"\nmodel = "{model.resolve()}"\n'
+        f'database = "{(workdir / "results.sqlite3").resolve()}"\nmetrics_port = 0\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\n')
+    (workdir / "aggregator.log").unlink(missing_ok=True)
+    aggregator = AggregatorProcess(config, workdir / "aggregator.log")
+    aggregator.start()
+    return aggregator
 
-    def __init__(self, workdir: Path, site: Path, model: Path, broker_port: int):
-        self.workdir = workdir
-        self.config = workdir / "aggregator.toml"
-        self.log_path = workdir / "aggregator.log"
-        for old in ("results.sqlite3", "results.sqlite3-wal", "results.sqlite3-shm"):  # a previous run's
-            (workdir / old).unlink(missing_ok=True)
-        self.config.write_text(
-            f'[aggregator]\nsite = "{site.resolve()}"\nmodel = "{model.resolve()}"\n'
-            f'database = "{(workdir / "results.sqlite3").resolve()}"\nmetrics_port = 0\n'
-            f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\n')
-        self.proc: subprocess.Popen | None = None
-        self.metrics_url = ""
 
-    def start(self, timeout_s: float = 90.0) -> AggregatorProcess:
-        """Start it and wait for its "aggregator running" line (BenchError with the log otherwise)."""
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(self.config), "--metrics-port", "0"],
-                cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent)  # a killed fuzzer must not leave an aggregator behind
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            match = re.search(r"aggregator running: .*metrics port (\d+)", self.log_text())
-            if match:
-                self.metrics_url = f"http://127.0.0.1:{match.group(1)}/metrics"
-                return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.kill()
-        raise BenchError(f"the aggregator did not start within {timeout_s:.0f} s; log:\n{self.log_text()[-3000:]}")
-
-    @property
-    def pid(self) -> int:
-        """Its process id (-1 before start)."""
-        return self.proc.pid if self.proc else -1
-
-    @property
-    def alive(self) -> bool:
-        """Started and not exited."""
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        """Everything it wrote to stdout and stderr so far."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def counts(self, timeout_s: float = 5.0) -> Counter[str] | None:
-        """Message counters from /metrics; None if the endpoint does not answer."""
-        try:
-            with urllib.request.urlopen(self.metrics_url, timeout=timeout_s) as response:
-                return parse_counts(response.read().decode())
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
-
-    def terminate(self, timeout_s: float = 60.0) -> int | None:
-        """SIGTERM and wait; the exit code, or None if it had to be killed."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                return None
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL if still running (clean-up after a failed run)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def final_counts(self) -> dict[str, int]:
-        """The counters it printed on its way out ("stopped: ... messages {...}")."""
-        match = re.search(r"^stopped: .*; messages (\{.*\})$", self.log_text(), re.MULTILINE)
-        if not match:
-            return {}
-        try:
-            return dict(ast.literal_eval(match.group(1)))
-        except (ValueError, SyntaxError):
-            return {}
+def aggregator_counts(aggregator: AggregatorProcess) -> Counter[str] | None:
+    """Message counters from its /metrics; None if the endpoint does not answer."""
+    text = aggregator.metrics_text()
+    return None if text is None else parse_counts(text)
 
 
 # =========================================================================== the publisher
@@ -1204,7 +1131,7 @@ class _Run:
         deadline = min(self.deadline, time.monotonic() + self.config.drain_timeout_s)
         counts: Counter[str] = Counter()
         while time.monotonic() < deadline:
-            got = self.aggregator.counts()
+            got = aggregator_counts(self.aggregator)
             if got is not None:
                 counts = got
                 if sum((counts - self.baseline).values()) >= self.delivered_total:
@@ -1219,7 +1146,7 @@ class _Run:
         deadline = time.monotonic() + timeout_s
         previous = None
         while time.monotonic() < deadline:
-            counts = self.aggregator.counts()
+            counts = aggregator_counts(self.aggregator)
             if counts is not None and counts == previous:
                 self.baseline = counts
                 self.report.baseline = dict(counts)
@@ -1262,7 +1189,7 @@ def run_fuzz(config: FuzzConfig, workdir: Path, progress: Callable[[str], None] 
     with contextlib.ExitStack() as stack:
         broker = stack.enter_context(LocalBroker(settings, workdir=workdir / "broker"))
         progress(f"mosquitto on 127.0.0.1:{broker.port}; starting spar-aggregator")
-        aggregator = AggregatorProcess(workdir, config.site, config.model, broker.port).start()
+        aggregator = start_aggregator(workdir, config.site, config.model, broker.port)
         stack.callback(aggregator.kill)
         publisher = FuzzPublisher(broker.host, broker.port, config.max_inflight).start()
         stack.callback(publisher.stop)
@@ -1319,12 +1246,12 @@ def _finish(run: _Run) -> None:
     """Final counters and memory, SIGTERM, exit code, log scan."""
     report = run.report
     report.rss_end_mib = rss_mib(run.aggregator.pid)
-    final = run.aggregator.counts()
+    final = aggregator_counts(run.aggregator)
     if final is not None:
         report.overcounted = max(0, sum((final - run.baseline).values()) - run.delivered_total)
     report.publisher_disconnects = run.publisher.disconnects
     run.publisher.stop()
-    report.exit_code = run.aggregator.terminate()
+    report.exit_code = run.aggregator.stop()
     report.final_counts = run.aggregator.final_counts()
     report.log_problems = log_problems(run.aggregator.log_text())
     if report.by_reason.get("rejected.internal_error") or report.hostile_accepted():

@@ -37,9 +37,10 @@ def test_ten_times_the_load_sheds_the_oldest_keeps_latency_bounded_and_recovers(
     assert report.published_messages == report.decoded_messages + report.dropped_messages  # ... and counted
     assert report.assembled == report.results + report.dropped + report.failed
     assert report.max_queue_messages <= config.max_held_messages + report.messages_per_window
-    # Shed here, not queued at the broker: when paho's thread decoded (before the message queue),
-    # messages waited 1.4 s (median) before the aggregator saw them, and growing.
-    assert overload.stage_ms["before ingest"] < 200
+    # Shed here, not queued at the broker: the aggregator took messages in faster than it decoded
+    # them. (When paho's thread decoded, nothing was shed before decoding and messages waited at the
+    # broker, 1.4 s median and growing: a figure for the benchmark report, not for an assertion.)
+    assert report.dropped_messages > 0
     # The first recovery window may still meet a full queue; the rest are served.
     assert nominal.served == nominal.windows and recovery.served >= recovery.windows - 2
     assert report.recovery_s is not None and report.recovery_s <= 4.0
