@@ -74,6 +74,7 @@ CLASSES = (VALID, *HOSTILE_WEIGHTS)
 VALID_SHARE = 0.02  # of all messages
 OVERSIZE_MAX = 100  # oversize messages are up to 2 MiB each: a few are enough
 ACCEPTED = frozenset({"accepted", "birth", "state"})
+SHED = "shed"  # dropped unread by the aggregator's overload policy (its message queue was full)
 _R = "rejected."
 # Outcomes (the aggregator's counter keys) each class may end in. "refused_node": a hostile birth
 # in an earlier block refused that node, so its data is refused before the check aimed at.
@@ -124,7 +125,7 @@ PRIMARY: dict[str, frozenset[str]] = {
 def is_rejection(outcome: str) -> bool:
     """True for counter keys that drop a message: ``rejected.*``, ``refused.*``, ``ignored.*``, and
     ``shed`` (dropped unread by the overload policy when the fuzzer outpaces decoding)."""
-    return outcome == "shed" or outcome.split(".", 1)[0] in ("rejected", "refused", "ignored")
+    return outcome == SHED or outcome.split(".", 1)[0] in ("rejected", "refused", "ignored")
 
 
 @dataclass(frozen=True)
@@ -929,8 +930,9 @@ class FuzzReport:
         return {c: n for c, n in out.items() if n}
 
     def unexpected(self) -> dict[str, dict[str, int]]:
-        """Outcomes outside each class's expected set."""
-        out = {c: {o: n for o, n in t.outcomes.items() if o not in EXPECTED[c]} for c, t in self.classes.items()}
+        """Outcomes outside each class's expected set (``shed``, the overload policy's, fits any class)."""
+        out = {c: {o: n for o, n in t.outcomes.items() if o not in EXPECTED[c] and o != SHED}
+               for c, t in self.classes.items()}
         return {c: o for c, o in out.items() if o}
 
     def problems(self, rss_bound_mib: float = RSS_BOUND_MIB) -> list[str]:
