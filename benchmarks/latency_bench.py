@@ -783,6 +783,8 @@ def _publisher_main(host: str, port: int, site: str, codec: str, seed: int, comm
         templates = _templates(layout, codec, seed)
         clients = _connect_clients(layout, host, port)
         seq = [0] * len(clients)  # per node, across steps, as a node's firmware counts
+        window_ns = int(round(_window_s(layout) * 1e9))
+        base_ns = time.time_ns() // window_ns * window_ns  # one grid for every step of this publisher
         replies.put(("ready", len(clients)))
         for _ in range(10_000):  # one command per step; a sweep has a few dozen
             try:
@@ -792,7 +794,7 @@ def _publisher_main(host: str, port: int, site: str, codec: str, seed: int, comm
             if command[0] != "step":
                 return
             _, first_index, windows, rate = command
-            replies.put(("done", _publish_step(layout, clients, templates, seq, first_index, windows, rate)))
+            replies.put(("done", _publish_step(layout, clients, templates, seq, first_index, windows, rate, base_ns)))
     except Exception:  # noqa: BLE001 - the parent must learn why its publisher died, not time out
         replies.put(("error", traceback.format_exc()))
     finally:
@@ -841,7 +843,8 @@ def _connect_clients(layout: SiteLayout, host: str, port: int, timeout_s: float 
 
 
 def _publish_step(layout: SiteLayout, clients: list[tuple[str, Any]], templates: list[list[tuple[int, Any]]],
-                  seq: list[int], first_index: int, windows: int, rate: float) -> _StepPublish:
+                  seq: list[int], first_index: int, windows: int, rate: float,
+                  base_ns: int | None = None) -> _StepPublish:
     """Re-stamp the templates for windows first_index.. (grid stamps, next sequence numbers from ``seq``,
     which is advanced), then publish window j of every node at t0 + j / rate and wait for the broker's
     acknowledgements."""
@@ -849,7 +852,9 @@ def _publish_step(layout: SiteLayout, clients: list[tuple[str, Any]], templates:
     from spar_wire.topics import data_topic
 
     window_ns = int(round(_window_s(layout) * 1e9))
-    base_ns = 1_700_000_000 * 10**9  # any grid works: stamps are virtual (module docstring)
+    # Any grid works, stamps are virtual (module docstring), but they start now: a window that
+    # ended long ago is backlog to the aggregator, which never sheds it.
+    base_ns = base_ns if base_ns is not None else time.time_ns() // window_ns * window_ns
     frames, stamps = [], []
     for j in range(windows):
         stamp = base_ns + (first_index + j) * window_ns

@@ -24,17 +24,19 @@ class BoundedQueue:
         weight: weight of an item (default 1 each).
         max_weight: most total weight held; the newest item is always kept, even if it alone
             weighs more. ``None``: only the count bounds the queue.
-        keep: items to shed only as a last resort (the oldest other item goes first), while the
-            queue holds at most twice ``maxsize``: for rare items whose loss costs more than
-            their place in the line (a node's birth or state among its token messages).
+        keep: items the bounds do not shed (the oldest other item goes first): for items whose loss
+            costs more than their place in the line. Kept items can hold the queue above
+            ``maxsize``, up to ``hard_limit`` items, beyond which the oldest of all goes.
+        hard_limit: most items held whatever ``keep`` says (default: twice ``maxsize``).
     """
 
     def __init__(self, maxsize: int, on_drop: Callable[[Any], None], *,
                  weight: Callable[[Any], int] = lambda item: 1, max_weight: int | None = None,
-                 keep: Callable[[Any], bool] = lambda item: False):
+                 keep: Callable[[Any], bool] = lambda item: False, hard_limit: int | None = None):
         if maxsize < 1:
             raise ValueError(f"maxsize must be >= 1, got {maxsize}")
         self.maxsize = maxsize
+        self.hard_limit = max(maxsize, hard_limit if hard_limit is not None else 2 * maxsize)
         self.max_weight = max_weight
         self._keep = keep
         self._on_drop = on_drop
@@ -81,11 +83,11 @@ class BoundedQueue:
             return self._weight
 
     def _oldest_to_shed(self) -> Any:
-        """Remove and return the oldest item not to keep; the oldest of all beyond 2 x maxsize;
+        """Remove and return the oldest item not to keep; the oldest of all beyond ``hard_limit``;
         None when only kept items remain within that (the queue then runs over by those)."""
         position = next((i for i, (item, _) in enumerate(self._items) if not self._keep(item)), None)
         if position is None:
-            if len(self._items) <= 2 * self.maxsize:
+            if len(self._items) <= self.hard_limit:
                 return None
             position = 0
         item, weight = self._items[position]

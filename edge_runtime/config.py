@@ -29,7 +29,10 @@ class AggregatorConfig:
     device: str = "auto"  # auto | cpu | cuda
     deadline_fraction: float = 0.5  # a window closes this x window length after its first message
     max_open_windows: int = 16  # more open windows force-close the oldest
-    ingest_queue_size: int = 128  # received messages waiting to be decoded; overflow drops the oldest
+    ingest_queue_size: int = 128  # received live token messages waiting to be decoded; overflow drops the oldest
+    # A token message whose window ended longer ago than this (node clock) is backlog the broker kept
+    # while we were away: never shed, only paced by the broker's in-flight limit.
+    backlog_after_s: float = 30.0
     queue_size: int = 64  # closed windows waiting for inference; overflow drops the oldest
     # Token messages those queued windows may hold unacknowledged; beyond it the oldest window is
     # dropped. This + ingest_queue_size + the messages of open windows must stay below the broker's
@@ -59,6 +62,9 @@ class AggregatorConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise AggregatorError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.backlog_after_s, (int, float)) and math.isfinite(self.backlog_after_s)
+                and self.backlog_after_s >= 0):
+            raise AggregatorError(f"backlog_after_s must be a number >= 0, got {self.backlog_after_s!r}")
         if self.backend not in ("auto", "onnxruntime", "tensorrt"):
             raise AggregatorError(f"backend must be auto, onnxruntime or tensorrt, got {self.backend!r}")
 

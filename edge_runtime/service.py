@@ -33,6 +33,7 @@ from edge_runtime.node_registry import NodeRegistry
 from edge_runtime.service_metrics import ServiceMetrics
 from edge_runtime.window_assembler import WindowAssembler
 from spar_wire.errors import WireError
+from spar_wire.message import window_start_of
 from spar_wire.model_manifest import ModelManifest, load_manifest
 from spar_wire.mqtt_settings import RefusedPublishes, connect_async, make_client, publish_outcome
 from spar_wire.site_layout import SiteLayout, load_site_layout
@@ -93,9 +94,14 @@ class Aggregator:
         # paho's thread only queues what arrives; the "ingest" thread decodes. When decoding falls
         # behind, the oldest messages are shed here (counted, acknowledged) instead of waiting at the
         # broker, where nothing bounds their latency but its queue limit.
-        # Births and states keep their place in the line (a lost birth would leave a moved node's old
-        # position in use) and are shed only in a flood of them: see BoundedQueue's ``keep``.
-        self.message_queue = BoundedQueue(config.ingest_queue_size, self._drop_message, keep=_is_lifecycle)
+        # Only live token messages are shed. Births and states keep their place in the line (a lost
+        # birth would leave a moved node's old position in use). So does backlog, a window that ended
+        # more than backlog_after_s ago by the node's clock: after a restart the broker hands over
+        # what it kept while we were away, as fast as its in-flight limit allows; shedding it would
+        # lose the very messages persistence kept, and the in-flight limit already bounds it.
+        self.message_queue = BoundedQueue(config.ingest_queue_size, self._drop_message, keep=self._keep_message,
+                                          hard_limit=config.ingest_queue_size + config.broker_max_inflight)
+        self._backlog_ns = int(round((config.backlog_after_s + window_s) * 1e9))
         self.ingest = MqttIngest(subscriber, self.site, self.message_queue.put)
         self.worker = InferenceWorker(self.backend, self.manifest, self.site, self.window_queue, self.store,
                                       self._publish_result, max_batch=config.max_batch,
@@ -218,6 +224,13 @@ class Aggregator:
             self._release(receipts)
 
 
+    def _keep_message(self, raw: Any) -> bool:
+        """Not to be shed: lifecycle messages, and token messages of windows long over (backlog)."""
+        if raw.topic.endswith(("/birth", "/state")):
+            return True
+        start_ns = window_start_of(raw.payload)
+        return start_ns is not None and start_ns < raw.arrival_ns - self._backlog_ns
+
     def _drop_message(self, raw: Any) -> None:
         # Shed before decoding, like a window shed before inference: counted and acknowledged.
         self.processor.shed(raw)
@@ -307,10 +320,6 @@ class Aggregator:
         self.config.database.parent.mkdir(parents=True, exist_ok=True)
         return ResultStore(self.config.database, retention_rows=self.config.retention_rows,
                            retention_days=self.config.retention_days)
-
-
-def _is_lifecycle(raw: Any) -> bool:
-    return raw.topic.endswith(("/birth", "/state"))
 
 
 def _site_window_s(layout: SiteLayout, manifest: ModelManifest) -> float:

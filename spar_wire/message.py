@@ -112,6 +112,14 @@ class TokenMessage:
         return values
 
 
+def window_start_of(frame: bytes) -> int | None:
+    """The window start (ns) a framed message claims, read from its header alone, unchecked (no CRC):
+    for cheap triage before decoding. None when the bytes do not even look like a message."""
+    if len(frame) < HEADER_SIZE or frame[:4] != MAGIC:
+        return None
+    return struct.unpack_from("<q", frame, 8)[0]
+
+
 def make_message(
     image: np.ndarray,
     cfg: FeatureConfig,

@@ -247,3 +247,21 @@ def test_resumes_after_a_broker_restart(mosquitto, parking_lot, model_dir, tmp_p
         assert wait_for(lambda: agg.worker.snapshot_counts().get("results", 0) == 2)
     stored = ResultStore(tmp_path / "results.sqlite3", readonly=True).query(newest_first=False)
     assert [r["complete"] for r in stored] == [True, True]
+
+
+@pytest.mark.slow
+def test_the_backlog_after_a_restart_is_processed_not_shed(mosquitto, parking_lot, model_dir, tmp_path):
+    """While the aggregator was away the broker kept 20 windows (320 messages, more than the message
+    queue holds); after the restart they arrive at the broker's pace and are all processed: backlog is
+    never shed, only live overload is."""
+    config = config_for(mosquitto, model_dir, tmp_path, ingest_queue_size=32)
+    with Aggregator(config):
+        pass  # creates the persistent session, then goes away
+    past = (time.time_ns() // (2 * 10**9) - 200) * 2 * 10**9  # windows that ended minutes ago
+    run_field(FieldConfig(layout=parking_lot, source=SourceSpec("sine", 1), duration_s=40.0,
+                          mqtt=MqttSettings(host=mosquitto.host, port=mosquitto.port), start_epoch_ns=past))
+    with Aggregator(config) as agg:
+        assert wait_for(lambda: agg.worker.snapshot_counts().get("results", 0) == 20, 60)
+        shed = agg.processor.snapshot_counts().get("shed", 0)
+    stored = ResultStore(tmp_path / "results.sqlite3", readonly=True).query(newest_first=False)
+    assert shed == 0 and len(stored) == 20 and all(r["complete"] for r in stored)
