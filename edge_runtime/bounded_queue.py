@@ -41,17 +41,21 @@ class BoundedQueue:
         self._keep = keep
         self._on_drop = on_drop
         self._weight_of = weight
-        self._items: collections.deque[tuple[Any, int]] = collections.deque()
+        # (item, weight, kept): whether to keep an item is decided once, when it arrives, so a scan
+        # for something to shed never re-parses the items it passes.
+        self._items: collections.deque[tuple[Any, int, bool]] = collections.deque()
         self._weight = 0
+        self._sheddable = 0  # items not kept: with none, a full queue of kept items costs no scan
         self._ready = threading.Condition(threading.Lock())
 
     def put(self, item: Any) -> None:
         """Append ``item``; drop the oldest items while a bound is exceeded."""
         dropped = []
         with self._ready:
-            weight = self._weight_of(item)
-            self._items.append((item, weight))
+            weight, kept = self._weight_of(item), self._keep(item)
+            self._items.append((item, weight, kept))
             self._weight += weight
+            self._sheddable += not kept
             while len(self._items) > self.maxsize or (
                     self.max_weight is not None and self._weight > self.max_weight and len(self._items) > 1):
                 victim = self._oldest_to_shed()
@@ -85,17 +89,22 @@ class BoundedQueue:
     def _oldest_to_shed(self) -> Any:
         """Remove and return the oldest item not to keep; the oldest of all beyond ``hard_limit``;
         None when only kept items remain within that (the queue then runs over by those)."""
-        position = next((i for i, (item, _) in enumerate(self._items) if not self._keep(item)), None)
-        if position is None:
-            if len(self._items) <= self.hard_limit:
-                return None
+        if self._sheddable:
+            position = next(i for i, (_, _, kept) in enumerate(self._items) if not kept)
+        elif len(self._items) > self.hard_limit:
             position = 0
-        item, weight = self._items[position]
+        else:
+            return None
+        item, weight, kept = self._items[position]
         del self._items[position]
-        self._weight -= weight
+        self._forget(weight, kept)
         return item
 
     def _pop(self) -> Any:
-        item, weight = self._items.popleft()
-        self._weight -= weight
+        item, weight, kept = self._items.popleft()
+        self._forget(weight, kept)
         return item
+
+    def _forget(self, weight: int, kept: bool) -> None:
+        self._weight -= weight
+        self._sheddable -= not kept
