@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from train.errors import TrainError
-from train.models.config import ABLATIONS, OBJECTIVES
+from train.objectives import objective_names
 
 EPILOG = """examples:
   spar-node dataset --site configs/sites/parking_lot.toml --scenario parking_lot --windows 4000 --out data/lot
@@ -70,8 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pretrain SPAR (or a baseline/ablation) on unlabelled windows. Resumes "
                                    "from OUT/checkpoint.pt when it exists.")
     _common(p)
-    p.add_argument("--objective", choices=sorted({*OBJECTIVES, *ABLATIONS}),
-                   help="spar (default), mae, or one ablation of the paper's Table 8")
+    p.add_argument("--objective", choices=objective_names(), metavar="OBJECTIVE",
+                   help="spar (default); mae (signal reconstruction only); robusthar (multi-scale "
+                        "segment/channel/sensor masking, L1 + cross-scale consistency); aemp (2-D span "
+                        "masking, multi-view, Gaussian NLL, autoregressive temporal module); supervised "
+                        "(the encoder learns from labels, with a head); or one ablation of SPAR's "
+                        f"Table 8. Known: {', '.join(objective_names())}")
     p = sub.add_parser("finetune", help="train a task head on a frozen encoder (or from scratch)",
                        description="Fine-tune a head. With --encoder the encoder stays frozen (unless "
                                    "--unfreeze); without it encoder and head train from scratch (the "

@@ -23,7 +23,8 @@ from train.data import WindowSet, iterate_batches, load_windows, temporal_split,
 from train.distributed import DistContext, all_reduce_mean, barrier, distributed_context, wrap_model
 from train.errors import TrainError
 from train.models.config import ModalitySpec, SparConfig, objective_config
-from train.models.spar import SparEncoder, SparPretrainer
+from train.models.spar import SparEncoder
+from train.objectives import build_pretrainer
 from train.run_config import PretrainConfig, as_dict
 
 CHECKPOINT = "checkpoint.pt"
@@ -42,7 +43,9 @@ class PretrainResult:
 
 def base_model_config(windows: WindowSet, overrides: dict[str, Any]) -> SparConfig:
     """A SparConfig sized for the dataset's modalities, nodes and position dimensions."""
-    modalities = tuple(ModalitySpec(name, *windows.token_shapes[name]) for name in windows.modalities)
+    modalities = tuple(ModalitySpec(name, *windows.token_shapes[name],
+                                    patch_grid=windows.feature_configs[name].patch_grid)
+                       for name in windows.modalities)
     try:
         return SparConfig(modalities=modalities, max_nodes=windows.n_nodes,
                           position_dims=windows.position_dims, **overrides)
@@ -87,7 +90,10 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> PretrainResult:
     stats = token_statistics(windows.subset(train_idx))
     model_cfg = objective_config(base_model_config(windows, cfg.model), cfg.objective)
     torch.manual_seed(cfg.seed)
-    model = SparPretrainer(model_cfg)
+    try:
+        model = build_pretrainer(model_cfg)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
     model.encoder.set_token_statistics(stats)
     model.to(ctx.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -109,6 +115,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> PretrainResult:
         for index in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup, cfg.lr)
+            model.start_step(step, total_steps)
             noise = model.draw_noise(global_batch, windows.n_nodes, step_generator(cfg.seed, step))
             noise = noise.slice(ctx.rank * cfg.batch_size, (ctx.rank + 1) * cfg.batch_size).to(ctx.device)
             result = trained(windows.batch(index).to(ctx.device), noise)
@@ -135,7 +142,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> PretrainResult:
 
 
 @torch.no_grad()
-def pretrain_loss(model: SparPretrainer, windows: WindowSet, indices, batch_size: int, seed: int,
+def pretrain_loss(model, windows: WindowSet, indices, batch_size: int, seed: int,
                   device: torch.device) -> float:
     """Mean pretraining loss over ``indices`` with fixed noise (comparable across epochs)."""
     if len(indices) == 0:
@@ -152,7 +159,7 @@ def pretrain_loss(model: SparPretrainer, windows: WindowSet, indices, batch_size
     return total / count
 
 
-def _resume(out: Path, model: SparPretrainer, optimizer, cfg: PretrainConfig, ctx: DistContext) -> tuple[int, int]:
+def _resume(out: Path, model, optimizer, cfg: PretrainConfig, ctx: DistContext) -> tuple[int, int]:
     """Continue from ``out/checkpoint.pt`` when it exists (epoch granularity); else start fresh."""
     path = out / CHECKPOINT
     if not path.exists():

@@ -15,6 +15,22 @@ class ModalitySpec:
     name: str
     n_tokens: int  # m: patches per node per window
     token_dim: int  # D: values per patch
+    # (rows, cols) of the token grid: frequency (or subcarrier) patches x time patches; tokens are
+    # row-major (spar_wire.features.patchify). None when unknown: read as one row of m time patches.
+    patch_grid: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.patch_grid is not None:
+            grid = tuple(int(v) for v in self.patch_grid)
+            if len(grid) != 2 or grid[0] * grid[1] != self.n_tokens:
+                raise ValueError(f"modality {self.name}: patch_grid {self.patch_grid} does not hold "
+                                 f"{self.n_tokens} tokens")
+            object.__setattr__(self, "patch_grid", grid)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the token grid; (1, m) when the dataset did not say."""
+        return self.patch_grid if self.patch_grid is not None else (1, self.n_tokens)
 
 
 @dataclass(frozen=True)
@@ -40,7 +56,10 @@ class SparConfig:
     min_visible: int = 2  # node_balanced: visible tokens guaranteed per present node
     spatial_loss_weight: float = 1.0
     max_translation: float = 0.5  # geometric augmentation, normalised units
-    objective: str = "spar"  # label only: spar | mae | supervised (what trained it)
+    objective: str = "spar"  # what trained it: spar | mae | robusthar | aemp | supervised | an ablation
+    # Hyperparameters of the objective's own losses and masking (RobustHAR's lambda, AEMP's span
+    # parameter, ...), validated by the objective's params dataclass (train.objectives).
+    objective_params: dict[str, Any] = field(default_factory=dict, compare=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +102,12 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "spar": {},
     "mae": {"spatial_embedding": False, "structural_embedding": False, "spatial_reconstruction": False,
             "geometric_augmentation": False},
+    # The alternative objectives keep the placement-aware backbone (spatial + structural
+    # embeddings: RobustHAR's "location-inspired" modelling, AEMP's AP identities) but bring their
+    # own masking and losses instead of SPAR's spatial decoder and rigid-motion augmentation.
+    "robusthar": {"spatial_reconstruction": False, "geometric_augmentation": False},
+    "aemp": {"spatial_reconstruction": False, "geometric_augmentation": False},
+    "supervised": {},  # labels train the encoder: no masking, no decoders
 }
 
 # Table 8 of the paper, as switches on top of SPAR.

@@ -203,6 +203,11 @@ class PretrainOutput:
     spatial_loss: torch.Tensor
     masks: dict[str, MaskResult]
 
+    @property
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The loss terms, detached (the objective protocol's common view, see train.objectives)."""
+        return {"signal": self.signal_loss, "spatial": self.spatial_loss}
+
 
 class SparPretrainer(nn.Module):
     """SparEncoder + signal decoder + spatial decoder per modality, and the dual MSE loss."""
@@ -216,6 +221,9 @@ class SparPretrainer(nn.Module):
         self.signal_decoders = nn.ModuleDict({s.name: Decoder(cfg, s.token_dim) for s in cfg.modalities})
         self.spatial_decoders = nn.ModuleDict({s.name: Decoder(cfg, cfg.position_dims) for s in cfg.modalities}
                                               if cfg.spatial_reconstruction else {})
+
+    def start_step(self, step: int, total_steps: int) -> None:
+        """SPAR has no schedule of its own (the objective protocol's hook, see train.objectives)."""
 
     def draw_noise(self, batch_size: int, n_nodes: int, generator: torch.Generator | None = None) -> PretrainNoise:
         """Random numbers for one step of ``batch_size`` windows (draw for the global batch)."""
