@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -55,6 +56,16 @@ def base_model_config(windows: WindowSet, overrides: dict[str, Any]) -> SparConf
         raise TrainError(str(exc)) from None
 
 
+def objective_defaults(objective: str, windows: WindowSet) -> dict[str, Any]:
+    """Objective params that come from the dataset: the supervised objective's head needs the
+    class count and target dimensions (and learns positions when the windows have no classes)."""
+    if objective != "supervised":
+        return {}
+    has_targets = windows.max_targets > 0 and bool(np.isfinite(windows.target_position[:, 0]).all(axis=-1).any())
+    task = "classify" if len(windows.class_names) > 1 or not has_targets else "localize"
+    return {"task": task, "n_classes": max(2, len(windows.class_names)), "out_dims": windows.target_dims}
+
+
 def data_info(windows: WindowSet, path: str, stats: dict[str, tuple[float, float]], **counts: int) -> dict:
     """What a checkpoint records about its training data (checked again at fine-tuning/export)."""
     return {"dataset": str(path), "feature_hashes": dict(windows.feature_hashes),
@@ -88,9 +99,11 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext) -> PretrainResult:
     if len(train_idx) < global_batch:
         raise TrainError(f"{len(train_idx)} training windows are fewer than one global batch ({global_batch})")
     stats = token_statistics(windows.subset(train_idx))
-    model_cfg = objective_config(base_model_config(windows, cfg.model), cfg.objective)
     torch.manual_seed(cfg.seed)
     try:
+        model_cfg = objective_config(base_model_config(windows, cfg.model), cfg.objective)
+        model_cfg = replace(model_cfg, objective_params={**objective_defaults(cfg.objective, windows),
+                                                         **model_cfg.objective_params})
         model = build_pretrainer(model_cfg)
     except ValueError as exc:
         raise TrainError(str(exc)) from None
