@@ -35,6 +35,7 @@ class RegisteredNode:
     online: bool = False  # birth seen and no later offline
     bd_seq: int = -1
     from_layout: bool = True
+    description: str = ""  # placement in words (layout, or the latest birth that gave one): SPAR+LLM input
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class RegistrySnapshot:
     node_index: np.ndarray  # [N] int64
     modalities: dict[str, tuple[str, ...]]  # node id -> modalities it sends
     expected: frozenset[tuple[str, str]]  # (node, modality) pairs a complete window holds
+    descriptions: tuple[str, ...] = ()  # [N] placement descriptions, node order
 
     def slot(self, node_id: str) -> int:
         return self.node_ids.index(node_id)
@@ -79,7 +81,8 @@ class NodeRegistry:
         self.counts: collections.Counter[str] = collections.Counter()
         for index, node in enumerate(layout.nodes):
             mods = tuple(m for m in node.modalities if m in manifest.modalities)
-            self._state.nodes[node.id] = RegisteredNode(node.id, node.position, mods, index)
+            self._state.nodes[node.id] = RegisteredNode(node.id, node.position, mods, index,
+                                                        description=node.description)
 
     # ------------------------------------------------------------------ lifecycle messages
     def on_birth(self, birth: BirthMessage) -> Decision:
@@ -108,13 +111,15 @@ class NodeRegistry:
                                 f"{self.manifest.node_range[1]} nodes")
             if known is None:
                 node = RegisteredNode(birth.node, birth.position, mods, self._nearest_slot(birth.position),
-                                      online=True, bd_seq=birth.bd_seq, from_layout=False)
+                                      online=True, bd_seq=birth.bd_seq, from_layout=False,
+                                      description=birth.description)
                 self.counts["joined"] += 1
             else:
                 if known.position != birth.position:
                     self.counts["moved"] += 1
+                # A birth without a description keeps the one we know (a moved node is still itself).
                 node = replace(known, position=birth.position, modalities=mods, online=True,
-                               bd_seq=birth.bd_seq)
+                               bd_seq=birth.bd_seq, description=birth.description or known.description)
             self._state.nodes[birth.node] = node
             self._changed()
         self.counts["birth"] += 1
@@ -207,4 +212,5 @@ class NodeRegistry:
             node_index=np.array([n.node_index for n in nodes], dtype=np.int64),
             modalities={n.id: n.modalities for n in nodes},
             expected=expected,
+            descriptions=tuple(n.description for n in nodes),
         )

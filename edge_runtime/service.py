@@ -36,6 +36,7 @@ from spar_wire.errors import WireError
 from spar_wire.message import window_start_of
 from spar_wire.model_manifest import ModelManifest, load_manifest
 from spar_wire.mqtt_settings import RefusedPublishes, connect_async, make_client, publish_outcome
+from spar_wire.placement_text import PlacementTextEncoder, default_cache_dir, text_model_id
 from spar_wire.site_layout import SiteLayout, load_site_layout
 from spar_wire.topics import aggregator_topic
 
@@ -60,6 +61,24 @@ def check_compatibility(layout: SiteLayout, manifest: ModelManifest) -> None:
         raise AggregatorError(f"model {manifest.source} does not fit site {layout.source}: " + "; ".join(problems))
 
 
+def placement_text_encoder(layout: SiteLayout, manifest: ModelManifest) -> PlacementTextEncoder | None:
+    """For a SPAR+LLM model: the description encoder, checked against the one the model was trained
+    with and warmed up on the layout's descriptions (a joining node's description embeds on arrival,
+    once). None for models that take node_index."""
+    if not manifest.needs_text:
+        return None
+    if manifest.text_model != text_model_id():
+        raise AggregatorError(f"model {manifest.source} was trained with description embeddings from "
+                              f"{manifest.text_model}, this machine has {text_model_id()}; install that "
+                              "version of wordllama")
+    encoder = PlacementTextEncoder(default_cache_dir())
+    try:
+        encoder.embed([node.description for node in layout.nodes])
+    except WireError as exc:
+        raise AggregatorError(str(exc)) from None
+    return encoder
+
+
 class Aggregator:
     def __init__(self, config: AggregatorConfig, *, backend: Any | None = None, store: Any | None = None):
         self.config = config
@@ -76,7 +95,8 @@ class Aggregator:
         self.metrics = ServiceMetrics()
         self.registry = NodeRegistry(self.layout, self.manifest)
         self.assembler = WindowAssembler(features, window_s, deadline_s=config.deadline_fraction * window_s,
-                                         max_open=config.max_open_windows)
+                                         max_open=config.max_open_windows,
+                                         node_text=placement_text_encoder(self.layout, self.manifest))
         self.window_queue = BoundedQueue(config.queue_size, self._drop_window, weight=lambda w: w.message_count,
                                          max_weight=config.max_held_messages)
         self.processor = MessageProcessor(self.site, self.registry, self.assembler, features,

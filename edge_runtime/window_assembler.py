@@ -32,7 +32,8 @@ import numpy as np
 
 from edge_runtime.node_registry import RegistrySnapshot
 from spar_wire.feature_config import FeatureConfig
-from spar_wire.model_manifest import NODE_INDEX_INPUT, POSITIONS_INPUT, present_input, tokens_input
+from spar_wire.model_manifest import NODE_INDEX_INPUT, NODE_TEXT_INPUT, POSITIONS_INPUT, present_input, tokens_input
+from spar_wire.placement_text import PlacementTextEncoder
 
 
 @dataclass
@@ -43,6 +44,7 @@ class AssembledWindow:
     window_start_ns: int  # median of the node-stamped starts of its messages
     node_ids: tuple[str, ...]
     inputs: dict[str, np.ndarray]  # tokens_{m} [N, m, D], present_{m} [N], positions [N, d], node_index [N]
+    # (or node_text [N, E] for a SPAR+LLM model)
     present: dict[str, tuple[str, ...]]  # modality -> nodes that sent it
     expected: int  # (node, modality) pairs a complete window holds
     received: int  # pairs that arrived
@@ -82,9 +84,12 @@ class AddResult:
 
 class WindowAssembler:
     def __init__(self, modalities: dict[str, FeatureConfig], window_s: float, *, deadline_s: float,
-                 max_open: int = 16):
-        """``modalities``: the model's modalities with the feature config of each."""
+                 max_open: int = 16, node_text: PlacementTextEncoder | None = None):
+        """``modalities``: the model's modalities with the feature config of each. ``node_text``:
+        for a SPAR+LLM model, the encoder of the nodes' placement descriptions; windows then carry
+        ``node_text`` [N, E] instead of ``node_index``."""
         self.modalities = modalities
+        self.node_text = node_text
         self.window_ns = int(round(window_s * 1e9))
         self.deadline_s = deadline_s
         self.max_open = max_open
@@ -188,10 +193,11 @@ class WindowAssembler:
     def _tensors(self, window: _OpenWindow, snapshot: RegistrySnapshot
                  ) -> tuple[dict[str, np.ndarray], dict[str, tuple[str, ...]]]:
         n = len(snapshot.node_ids)
-        inputs: dict[str, np.ndarray] = {
-            POSITIONS_INPUT: snapshot.positions.copy(),
-            NODE_INDEX_INPUT: snapshot.node_index.copy(),
-        }
+        inputs: dict[str, np.ndarray] = {POSITIONS_INPUT: snapshot.positions.copy()}
+        if self.node_text is not None:
+            inputs[NODE_TEXT_INPUT] = self.node_text.embed(snapshot.descriptions)  # cached per description
+        else:
+            inputs[NODE_INDEX_INPUT] = snapshot.node_index.copy()
         present: dict[str, tuple[str, ...]] = {}
         for name, cfg in self.modalities.items():
             tokens = np.zeros((n, cfg.n_tokens, cfg.token_dim), dtype=np.float32)

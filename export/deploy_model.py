@@ -2,7 +2,8 @@
 
 Inputs follow the manifest convention of ``spar_wire.model_manifest`` (per modality
 ``tokens_{m}`` [B, N, m, D] float32 dB and ``present_{m}`` [B, N] bool; ``positions`` [B, N, d_S]
-float32 metres; ``node_index`` [B, N] int64), so the aggregator feeds exactly what it assembles.
+float32 metres; ``node_index`` [B, N] int64, or for SPAR+LLM ``node_text`` [B, N, E] float32, the
+embeddings of the nodes' placement descriptions), so the aggregator feeds exactly what it assembles.
 Outputs are in user units: class logits, positions in metres (the per-window normalisation is
 undone inside the graph). There is no masking and no augmentation on this path.
 """
@@ -14,7 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from spar_wire.model_manifest import NODE_INDEX_INPUT, POSITIONS_INPUT, present_input, tokens_input
+from spar_wire.model_manifest import (
+    NODE_INDEX_INPUT,
+    NODE_TEXT_INPUT,
+    POSITIONS_INPUT,
+    present_input,
+    tokens_input,
+)
 from train.batch import Batch
 from train.models.spar import SparEncoder
 
@@ -47,7 +54,7 @@ class DeployModel(nn.Module):
     """encoder + heads -> tuple of outputs in ``self.outputs`` order.
 
     forward(*inputs) takes ``input_names`` in order: for each modality tokens then presence, then
-    positions and node_index.
+    positions and node_index (node_text for SPAR+LLM encoders).
     """
 
     def __init__(self, encoder: SparEncoder, heads: dict[str, nn.Module], n_classes: int, out_dims: int):
@@ -65,7 +72,21 @@ class DeployModel(nn.Module):
         names = []
         for m in self.modalities:
             names += [tokens_input(m), present_input(m)]
-        return (*names, POSITIONS_INPUT, NODE_INDEX_INPUT)
+        return (*names, POSITIONS_INPUT, self.structure_input)
+
+    @property
+    def structure_input(self) -> str:
+        """The input that tells nodes apart structurally: node_index, or node_text for SPAR+LLM."""
+        return NODE_TEXT_INPUT if self.encoder.cfg.structural_source == "text" else NODE_INDEX_INPUT
+
+    def example_structure(self, batch: int, nodes: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A plausible structure input: node_index 0..N-1 (modulo the table size) [B, N], or for
+        SPAR+LLM random unit description embeddings [B, N, E]."""
+        cfg = self.encoder.cfg
+        if self.structure_input == NODE_TEXT_INPUT:
+            text = torch.randn(nodes, cfg.text_dims, generator=generator)
+            return (text / text.norm(dim=-1, keepdim=True)).expand(batch, -1, -1).contiguous()
+        return torch.arange(nodes).remainder(cfg.max_nodes).expand(batch, -1).contiguous()
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -76,9 +97,12 @@ class DeployModel(nn.Module):
         k = len(self.modalities)
         tokens = {m: inputs[2 * i] for i, m in enumerate(self.modalities)}
         present = {m: inputs[2 * i + 1] for i, m in enumerate(self.modalities)}
-        positions, node_index = inputs[2 * k], inputs[2 * k + 1]
+        positions, structure = inputs[2 * k], inputs[2 * k + 1]
+        text = self.structure_input == NODE_TEXT_INPUT
+        node_index = positions.new_zeros(()) if text else structure
         batch = Batch(tokens, present, positions, node_index, label=positions.new_zeros(()),
-                      target_class=positions.new_zeros(()), target_position=positions.new_zeros(()))
+                      target_class=positions.new_zeros(()), target_position=positions.new_zeros(()),
+                      node_text=structure if text else None)
         features = self.encoder.forward_features(batch)
         results = []
         for task, head in self.heads.items():
@@ -97,6 +121,10 @@ class DeployModel(nn.Module):
         flat = []
         for m in self.modalities:
             flat += [batch.tokens[m], batch.present[m]]
+        if self.structure_input == NODE_TEXT_INPUT:
+            if batch.node_text is None:
+                raise ValueError("a SPAR+LLM model needs batch.node_text")
+            return (*flat, batch.positions, batch.node_text.contiguous())
         return (*flat, batch.positions, batch.node_index)
 
     def named_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -239,7 +239,9 @@ def unlabelled_batch(windows: WindowSet, index: np.ndarray) -> Batch:
     return Batch(tokens={k: torch.from_numpy(v[idx]) for k, v in windows.tokens.items()},
                  present={k: torch.from_numpy(v[idx]) for k, v in windows.present.items()},
                  positions=torch.from_numpy(windows.positions[idx]), node_index=node_index,
-                 label=empty, target_class=empty, target_position=empty)
+                 label=empty, target_class=empty, target_position=empty,
+                 node_text=None if windows.node_text is None else torch.from_numpy(windows.node_text).expand(
+                     len(idx), -1, -1))
 
 
 def forward_parts(model: DeployModel, batch: Batch) -> dict[str, torch.Tensor]:
@@ -374,7 +376,7 @@ def example_inputs(model: DeployModel, nodes: int = FLOP_NODES, batch: int = 1) 
     angle = torch.arange(nodes, dtype=torch.float32) * (2 * np.pi / nodes)
     ring = torch.stack([torch.cos(angle), torch.sin(angle)] + [torch.zeros(nodes)] * (cfg.position_dims - 2), -1)
     flat.append((ring[:, : cfg.position_dims] * 20.0).expand(batch, -1, -1).contiguous())
-    flat.append(torch.arange(nodes).remainder(cfg.max_nodes).expand(batch, -1).contiguous())
+    flat.append(model.example_structure(batch, nodes, g))
     return tuple(flat)
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from export.deploy_model import DeployModel
-from spar_wire.model_manifest import ModalityRequirement, ModelManifest, TensorSpec, load_manifest
+from spar_wire.model_manifest import NODE_TEXT_INPUT, ModalityRequirement, ModelManifest, TensorSpec, load_manifest
+from spar_wire.placement_text import text_model_id
 
 MANIFEST = "manifest.json"
 # train task -> manifest task
@@ -32,8 +33,13 @@ def manifest_for(model: DeployModel, data_info: dict[str, Any], artifact: Path, 
     for s in cfg.modalities:
         inputs += [TensorSpec(f"tokens_{s.name}", "float32", ("batch", "nodes", s.n_tokens, s.token_dim)),
                    TensorSpec(f"present_{s.name}", "bool", ("batch", "nodes"))]
-    inputs += [TensorSpec("positions", "float32", ("batch", "nodes", cfg.position_dims)),
-               TensorSpec("node_index", "int64", ("batch", "nodes"))]
+    inputs.append(TensorSpec("positions", "float32", ("batch", "nodes", cfg.position_dims)))
+    text_model = ""
+    if model.structure_input == NODE_TEXT_INPUT:
+        inputs.append(TensorSpec(NODE_TEXT_INPUT, "float32", ("batch", "nodes", cfg.text_dims)))
+        text_model = str(data_info.get("text_model") or text_model_id())
+    else:
+        inputs.append(TensorSpec("node_index", "int64", ("batch", "nodes")))
     outputs = tuple(TensorSpec(o.name, "float32", ("batch", *o.dims), o.kind) for o in model.outputs)
     tasks = [TASK_NAMES[t] for t in model.heads]
     return ModelManifest(
@@ -42,7 +48,7 @@ def manifest_for(model: DeployModel, data_info: dict[str, Any], artifact: Path, 
         sha256=sha256_of(artifact), position_dim=cfg.position_dims,
         node_range=node_range or (1, cfg.max_nodes), modalities=modalities, inputs=tuple(inputs),
         outputs=outputs, class_names=tuple(data_info.get("class_names", ())), metric=dict(metric or {}),
-        source=str(manifest_path_for(artifact)))
+        text_model=text_model, source=str(manifest_path_for(artifact)))
 
 
 def derive_manifest(base: ModelManifest | str | Path, artifact: Path, *, artifact_format: str, precision: str,

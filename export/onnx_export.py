@@ -31,7 +31,7 @@ def example_inputs(model: DeployModel, batch: int, nodes: int, seed: int = 0) ->
         present[:, 0] = True
         flat.append(present)
     flat.append(torch.rand(batch, nodes, model.encoder.cfg.position_dims, generator=g) * 40)
-    flat.append(torch.arange(nodes).remainder(model.encoder.cfg.max_nodes).repeat(batch, 1))
+    flat.append(model.example_structure(batch, nodes, g))
     return tuple(flat)
 
 

@@ -23,7 +23,7 @@ import torch
 from export.deploy_model import DeployModel
 from export.errors import ExportError
 from export.onnx_export import ParityReport
-from spar_wire.model_manifest import NODE_INDEX_INPUT, POSITIONS_INPUT
+from spar_wire.model_manifest import NODE_INDEX_INPUT, NODE_TEXT_INPUT, POSITIONS_INPUT
 from train.data import WindowSet
 from train.metrics import summarize
 
@@ -45,6 +45,9 @@ def window_inputs(windows: WindowSet, indices: Indices, names: Sequence[str]) ->
             out[name] = np.ascontiguousarray(windows.positions[idx], dtype=np.float32)
         elif name == NODE_INDEX_INPUT:
             out[name] = np.tile(np.arange(windows.n_nodes, dtype=np.int64), (len(idx), 1))
+        elif name == NODE_TEXT_INPUT and windows.node_text is not None:
+            out[name] = np.ascontiguousarray(np.broadcast_to(windows.node_text, (len(idx), *windows.node_text.shape)),
+                                             dtype=np.float32)
         elif name.startswith("tokens_") and name[len("tokens_"):] in windows.tokens:
             out[name] = np.ascontiguousarray(windows.tokens[name[len("tokens_"):]][idx], dtype=np.float32)
         elif name.startswith("present_") and name[len("present_"):] in windows.present:

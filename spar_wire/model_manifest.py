@@ -22,6 +22,10 @@ Input convention (one placement tensor per window, batched): per modality ``m``
 ``tokens_{m}`` [B, N, m, D] float32 and ``present_{m}`` [B, N] bool (False: zero-padded, masked);
 shared ``positions`` [B, N, d_S] float32 (metres, the model normalises) and ``node_index`` [B, N]
 int64 (structural slot of each node). N is the node count, dynamic within ``node_range``.
+
+A SPAR+LLM model takes ``node_text`` [B, N, E] float32 instead of ``node_index``: the embeddings of
+each node's placement description (spar_wire.placement_text), and names the text encoder that made
+its training embeddings in ``site.text_model``; the aggregator refuses to feed it another one.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ DTYPES = ("float32", "float16", "int64", "int32", "bool")
 DYNAMIC_DIMS = ("batch", "nodes")
 POSITIONS_INPUT = "positions"
 NODE_INDEX_INPUT = "node_index"
+NODE_TEXT_INPUT = "node_text"  # SPAR+LLM: [B, N, E] float32 description embeddings instead of node_index
 
 
 def tokens_input(modality: str) -> str:
@@ -87,7 +92,13 @@ class ModelManifest:
     outputs: tuple[TensorSpec, ...]
     class_names: tuple[str, ...] = ()
     metric: dict[str, Any] = field(default_factory=dict)
+    text_model: str = ""  # SPAR+LLM: the description encoder (spar_wire.placement_text.text_model_id)
     source: str = field(default="<memory>", compare=False)
+
+    @property
+    def needs_text(self) -> bool:
+        """True when the model takes node_text (description embeddings) rather than node_index."""
+        return any(t.name == NODE_TEXT_INPUT for t in self.inputs)
 
     @property
     def artifact_path(self) -> Path:
@@ -116,7 +127,8 @@ class ModelManifest:
                          "precision": self.precision, "sha256": self.sha256},
             "site": {"position_dim": self.position_dim, "node_range": list(self.node_range),
                      "modalities": {k: {"feature_hash": v.feature_hash, "n_tokens": v.n_tokens,
-                                        "token_dim": v.token_dim} for k, v in self.modalities.items()}},
+                                        "token_dim": v.token_dim} for k, v in self.modalities.items()},
+                     **({"text_model": self.text_model} if self.text_model else {})},
             "inputs": [spec(t, False) for t in self.inputs],
             "outputs": [spec(t, True) for t in self.outputs],
             "class_names": list(self.class_names), "metric": dict(self.metric),
@@ -166,13 +178,16 @@ def _parse(data: dict[str, Any], source: str) -> ModelManifest:
     outputs = tuple(_tensor(t, True, fail) for t in data["outputs"])
     if not outputs:
         raise fail("outputs is empty")
+    text_model = str(site.get("text_model", ""))
+    if any(t.name == NODE_TEXT_INPUT for t in inputs) and not text_model:
+        raise fail(f"input {NODE_TEXT_INPUT!r} needs site.text_model (which encoder made the embeddings)")
     return ModelManifest(
         name=str(model["name"]), version=str(model["version"]), task=model["task"],
         artifact_file=str(artifact["file"]), artifact_format=artifact["format"],
         precision=str(artifact.get("precision", "fp32")), sha256=str(artifact["sha256"]),
         position_dim=int(site["position_dim"]), node_range=(low, high), modalities=modalities,
         inputs=inputs, outputs=outputs, class_names=tuple(str(c) for c in data.get("class_names", ())),
-        metric=dict(data.get("metric", {})), source=source,
+        metric=dict(data.get("metric", {})), text_model=text_model, source=source,
     )
 
 

@@ -23,6 +23,7 @@ class Batch:
     label:           [B] int64 window label (class id; 0 = background / none)
     target_class:    [B, K] int64 class of each target, -1 for an empty slot
     target_position: [B, K, d_T] float32 target positions in metres (NaN in empty slots)
+    node_text:       [B, N, E] float32 placement-description embeddings (SPAR+LLM), or None
     """
 
     tokens: dict[str, torch.Tensor]
@@ -32,6 +33,7 @@ class Batch:
     label: torch.Tensor
     target_class: torch.Tensor
     target_position: torch.Tensor
+    node_text: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.positions.shape[0])
@@ -52,5 +54,8 @@ class Batch:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = {k: fn(v) for k, v in value.items()} if isinstance(value, dict) else fn(value)
+            if value is None:
+                out[f.name] = None
+            else:
+                out[f.name] = {k: fn(v) for k, v in value.items()} if isinstance(value, dict) else fn(value)
         return Batch(**out)

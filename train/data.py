@@ -13,6 +13,7 @@ process sees with batch size 2B, step by step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from spar_wire.dataset_format import FORMAT, feature_configs, load_shard, read_manifest
 from spar_wire.errors import WireError
 from spar_wire.feature_config import FeatureConfig
+from spar_wire.placement_text import PlacementTextEncoder
 from train.batch import Batch
 from train.errors import TrainError
 
@@ -64,6 +66,8 @@ class WindowSet:
     site: dict[str, Any]  # JSON-able: id, frame, node_ids, positions, descriptions (from the manifest)
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # scenario description from the manifest
+    node_text: np.ndarray | None = None  # [N, E] embeddings of the nodes' descriptions (SPAR+LLM)
+    node_slots: np.ndarray | None = None  # [N] structural slot per node; None: 0..N-1 (site order)
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -115,18 +119,24 @@ class WindowSet:
             positions=self.positions[idx], label=self.label[idx], target_class=self.target_class[idx],
             target_position=self.target_position[idx], window_index=self.window_index[idx],
             class_names=self.class_names, feature_configs=self.feature_configs, site=self.site,
-            extras={k: v[idx] for k, v in self.extras.items()}, source=self.source)
+            extras={k: v[idx] for k, v in self.extras.items()}, source=self.source, node_text=self.node_text,
+            node_slots=self.node_slots)
 
     def batch(self, indices: Indices) -> Batch:
-        """The windows ``indices`` as a CPU Batch (B = len(indices)); node_index is 0..N-1 per row."""
+        """The windows ``indices`` as a CPU Batch (B = len(indices)); node_index is ``self.node_slots``
+        (0..N-1 unless a benchmark maps the nodes onto another layout's slots) per row."""
         idx = _as_indices(indices, len(self))
-        node_index = torch.arange(self.n_nodes, dtype=torch.int64).expand(len(idx), -1).contiguous()
+        slots = torch.from_numpy(self.node_slots) if self.node_slots is not None else torch.arange(self.n_nodes)
+        node_index = slots.to(torch.int64).expand(len(idx), -1).contiguous()
+        node_text = None
+        if self.node_text is not None:
+            node_text = torch.from_numpy(self.node_text).expand(len(idx), -1, -1)
         return Batch(
             tokens={k: torch.from_numpy(v[idx]) for k, v in self.tokens.items()},
             present={k: torch.from_numpy(v[idx]) for k, v in self.present.items()},
             positions=torch.from_numpy(self.positions[idx]), node_index=node_index,
             label=torch.from_numpy(self.label[idx]), target_class=torch.from_numpy(self.target_class[idx]),
-            target_position=torch.from_numpy(self.target_position[idx]))
+            target_position=torch.from_numpy(self.target_position[idx]), node_text=node_text)
 
 
 def load_windows(dataset_dir: str | Path, *, limit: int | None = None, progress: bool = True) -> WindowSet:
@@ -338,4 +348,22 @@ def _window_set(merged: dict[str, np.ndarray], manifest: dict[str, Any],
         target_class=merged["target_class"], target_position=merged["target_position"],
         window_index=merged["window_index"], class_names=tuple(manifest["class_names"]),
         feature_configs=configs, site=dict(manifest["site"]), extras=group("extra/"),
-        source=dict(manifest.get("source") or {}))
+        source=dict(manifest.get("source") or {}), node_text=description_embeddings(manifest["site"]))
+
+
+@functools.cache
+def _text_encoder() -> PlacementTextEncoder:
+    return PlacementTextEncoder()  # one per process: its memory cache spans datasets
+
+
+def description_embeddings(site: dict[str, Any]) -> np.ndarray | None:
+    """[N, E] embeddings of the site's node descriptions (SPAR+LLM inputs), or None when the
+    manifest has no descriptions or the text encoder is not installed (only SPAR+LLM needs them,
+    and it says so when they are missing)."""
+    descriptions = site.get("descriptions")
+    if not descriptions:
+        return None
+    try:
+        return _text_encoder().embed(list(descriptions))
+    except WireError:
+        return None

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from spar_wire.placement_text import text_model_id
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.data import WindowSet, iterate_batches, load_windows, temporal_split, token_statistics
 from train.distributed import DistContext, all_reduce_mean, barrier, distributed_context, wrap_model
@@ -70,7 +71,8 @@ def data_info(windows: WindowSet, path: str, stats: dict[str, tuple[float, float
     """What a checkpoint records about its training data (checked again at fine-tuning/export)."""
     return {"dataset": str(path), "feature_hashes": dict(windows.feature_hashes),
             "class_names": list(windows.class_names), "site": windows.site,
-            "token_stats": {k: [float(v[0]), float(v[1])] for k, v in stats.items()}, **counts}
+            "token_stats": {k: [float(v[0]), float(v[1])] for k, v in stats.items()},
+            **({"text_model": text_model_id()} if windows.node_text is not None else {}), **counts}
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:

@@ -198,3 +198,34 @@ def test_registry_growth_is_bounded(parking_lot):
     for i in range(1100):
         registry.on_birth(birth(parking_lot, f"spoof{i}", position=(0.0, 0.0), feature_hash="0" * 16))
     assert len(registry.refused()) == 1024 and "spoof1099" in registry.refused()
+
+
+def test_spar_llm_windows_carry_each_nodes_description_embedding(parking_lot, tmp_path, monkeypatch):
+    """A SPAR+LLM model is fed node_text: the layout's descriptions, a joining node's birth
+    description from its first window, and a moved node's new description."""
+    from spar_wire.placement_text import PlacementTextEncoder
+
+    monkeypatch.setenv("SPAR_TEXT_CACHE", str(tmp_path))
+    text = PlacementTextEncoder()
+    registry = NodeRegistry(parking_lot, manifest_for(parking_lot))
+    features = {m: s.features for m, s in parking_lot.modalities.items()}
+    assembler = WindowAssembler(features, 2.0, deadline_s=1.0, max_open=3, node_text=text)
+    for node in parking_lot.node_ids:
+        registry.on_birth(birth(parking_lot, node))
+    (first,) = feed(parking_lot, registry, assembler, 1, parking_lot.node_ids, now=0.0)
+    assert "node_index" not in first.inputs
+    np.testing.assert_array_equal(first.inputs["node_text"],
+                                  text.embed([parking_lot.node(n).description for n in parking_lot.node_ids]))
+    joiner = dataclasses.replace(birth(parking_lot, "n09", position=(5.0, 5.0)),
+                                 description="on the lamp post at the exit gate")
+    moved = dataclasses.replace(birth(parking_lot, "n02", position=(12.0, 3.0)),
+                                description="on the fence by the bicycle racks")
+    assert registry.on_birth(joiner).accepted and registry.on_birth(moved).accepted
+    (second,) = feed(parking_lot, registry, assembler, 2, [*parking_lot.node_ids, "n09"], now=2.0)
+    slot = {node: i for i, node in enumerate(second.node_ids)}
+    np.testing.assert_array_equal(second.inputs["node_text"][slot["n09"]], text.embed([joiner.description])[0])
+    np.testing.assert_array_equal(second.inputs["node_text"][slot["n02"]], text.embed([moved.description])[0])
+    np.testing.assert_allclose(second.inputs["positions"][slot["n02"]], (12.0, 3.0))
+    # a later birth without a description keeps the node's known one
+    registry.on_birth(birth(parking_lot, "n02", position=(12.0, 4.0), bd_seq=1))
+    assert registry.snapshot().descriptions[slot["n02"]] == moved.description

@@ -7,6 +7,8 @@ from typing import Any
 
 from train.models.masking import STRATEGIES
 
+STRUCTURAL_SOURCES = ("table", "text")
+
 
 @dataclass(frozen=True)
 class ModalitySpec:
@@ -49,6 +51,10 @@ class SparConfig:
     # --- SPAR components, each switchable for the ablations of the paper's Table 8
     spatial_embedding: bool = True  # add a projection of the normalised node position
     structural_embedding: bool = True  # add a learnable per-node vector projected to d
+    # Where the structural vector comes from: "table" (a learnable row per node slot, SPAR) or
+    # "text" (a frozen embedding of the node's placement description, SPAR+LLM; batch.node_text).
+    structural_source: str = "table"
+    text_dims: int = 256  # E: width of the description embeddings (spar_wire.placement_text)
     spatial_reconstruction: bool = True  # second decoder reconstructs masked tokens' positions
     geometric_augmentation: bool = True  # random rotation + translation of the layout (pretraining)
     masking: str = "random"  # random | node_balanced | node_drop
@@ -67,9 +73,12 @@ class SparConfig:
             raise ValueError("a model needs at least one modality")
         if self.masking not in STRATEGIES:
             raise ValueError(f"masking must be one of {', '.join(STRATEGIES)}, got {self.masking!r}")
+        if self.structural_source not in STRUCTURAL_SOURCES:
+            raise ValueError(f"structural_source must be one of {', '.join(STRUCTURAL_SOURCES)}, "
+                             f"got {self.structural_source!r}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        for name in ("dim", "heads", "decoder_dim", "max_nodes", "position_dims", "structural_dims"):
+        for name in ("dim", "heads", "decoder_dim", "max_nodes", "position_dims", "structural_dims", "text_dims"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.heads or self.decoder_dim % self.heads:
@@ -100,6 +109,8 @@ class SparConfig:
 # reconstruction only, with no spatial or structural embedding (so nothing tells nodes apart).
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "spar": {},
+    # SPAR+LLM: structural positions from text descriptions of each node's placement.
+    "spar_llm": {"structural_source": "text"},
     "mae": {"spatial_embedding": False, "structural_embedding": False, "spatial_reconstruction": False,
             "geometric_augmentation": False},
     # The alternative objectives keep the placement-aware backbone (spatial + structural

@@ -86,12 +86,16 @@ class ModalityEmbedding(nn.Module):
         self.signal = nn.Linear(token_dim, cfg.dim)
         self.patch_position = nn.Parameter(torch.randn(n_tokens, cfg.dim) * 0.02)
         self.spatial = nn.Linear(cfg.position_dims, cfg.dim) if cfg.spatial_embedding else None
-        if cfg.structural_embedding:
+        self.structural_table = self.structural_text = self.structural = None
+        if cfg.structural_embedding and cfg.structural_source == "text":
+            # SPAR+LLM: frozen description embedding -> d_R -> d (the first map is what learns
+            # which parts of the text matter; d_R stays small as in SPAR).
+            self.structural_text = nn.Linear(cfg.text_dims, cfg.structural_dims)
+            self.structural = nn.Linear(cfg.structural_dims, cfg.dim, bias=False)
+        elif cfg.structural_embedding:
             self.structural_table = nn.Embedding(cfg.max_nodes, cfg.structural_dims)
             nn.init.normal_(self.structural_table.weight, std=1.0)
             self.structural = nn.Linear(cfg.structural_dims, cfg.dim, bias=False)
-        else:
-            self.structural_table = self.structural = None
         # Raw dB tokens come in; the model normalises them itself, so a deployed graph needs no
         # separate preprocessing step. Set from the training data (set_token_statistics).
         self.register_buffer("token_mean", torch.zeros(()))
@@ -102,15 +106,18 @@ class ModalityEmbedding(nn.Module):
         return (tokens - self.token_mean) / self.token_std * present[:, :, None, None].to(tokens.dtype)
 
     def forward(self, tokens: torch.Tensor, present: torch.Tensor, positions: torch.Tensor,
-                node_index: torch.Tensor) -> Embedded:
+                structure: torch.Tensor) -> Embedded:
         """tokens [B, N, m, D] standardised, present [B, N], positions [B, N, d_S] normalised,
-        node_index [B, N] -> Embedded with L = N * m."""
+        structure: node_index [B, N] int64 (table) or node_text [B, N, E] (text)
+        -> Embedded with L = N * m."""
         b, n, m, _ = tokens.shape
         signal = self.signal(tokens) + self.patch_position  # [B, N, m, d]
         zeros = torch.zeros_like(signal)
         spatial = self.spatial(positions)[:, :, None, :].expand_as(signal) if self.spatial is not None else zeros
-        if self.structural is not None:
-            structural = self.structural(self.structural_table(node_index))[:, :, None, :].expand_as(signal)
+        if self.structural_text is not None:
+            structural = self.structural(self.structural_text(structure))[:, :, None, :].expand_as(signal)
+        elif self.structural is not None:
+            structural = self.structural(self.structural_table(structure))[:, :, None, :].expand_as(signal)
         else:
             structural = zeros
         valid = present[:, :, None].expand(b, n, m)
@@ -149,12 +156,24 @@ class SparEncoder(nn.Module):
 
     def embed(self, batch: Batch, positions: torch.Tensor) -> dict[str, Embedded]:
         """Embeddings of every modality, from raw tokens and normalised positions."""
+        structure = self.structure_of(batch)
         out = {}
         for name in self.modality_names:
             emb = self.embeddings[name]
             tokens = emb.normalize_tokens(batch.tokens[name], batch.present[name])
-            out[name] = emb(tokens, batch.present[name], positions, batch.node_index)
+            out[name] = emb(tokens, batch.present[name], positions, structure)
         return out
+
+    def structure_of(self, batch: Batch) -> torch.Tensor:
+        """What identifies each node structurally: node_index [B, N], or node_text [B, N, E] for SPAR+LLM."""
+        if self.cfg.structural_source != "text":
+            return batch.node_index
+        if batch.node_text is None:
+            raise ValueError("this SPAR+LLM model needs node_text (embeddings of the nodes' placement "
+                             "descriptions); the dataset has no descriptions or wordllama is not installed")
+        if batch.node_text.shape[-1] != self.cfg.text_dims:
+            raise ValueError(f"node_text has {batch.node_text.shape[-1]} dims, the model expects {self.cfg.text_dims}")
+        return batch.node_text.to(batch.positions.dtype)
 
     def encode(self, inputs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor,
                                                                                   dict[str, tuple[int, int]]]:
