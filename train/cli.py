@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", help="pretrain run directory or checkpoint")
     p.add_argument("--label-ratio", type=float, help="share of training labels used (default 1.0)")
     p.add_argument("--unfreeze", action="store_true", help="train the pretrained encoder too")
+    p.add_argument("--slots", choices=["site", "nearest", "mean", "random"],
+                   help="structural positions for a layout the encoder was not pretrained on: site (node i "
+                        "uses slot i, default), nearest (slot of the nearest pretraining node), mean (the mean "
+                        "learned vector), random (a random learned slot). SPAR+LLM and MAE ignore it.")
     p.add_argument("--steps", type=int, help="train for at least this many steps instead of --epochs "
                                             "(same updates whatever the label ratio)")
     p = sub.add_parser("eval", help="metrics of a fine-tuned checkpoint on a dataset",
@@ -128,7 +132,7 @@ def _finetune(args) -> int:
     from train.finetune import run_finetune
     from train.run_config import FinetuneConfig, load_run_config
 
-    overrides = _overrides(args, (*COMMON, "task", "encoder", "label_ratio", "steps"))
+    overrides = _overrides(args, (*COMMON, "task", "encoder", "label_ratio", "steps", "slots"))
     if args.unfreeze:
         overrides["freeze_encoder"] = False
     cfg = load_run_config(FinetuneConfig, args.config, "finetune", overrides)

@@ -33,6 +33,7 @@ from train.models.positions import PositionFrame
 from train.models.spar import SparEncoder
 from train.pretrain import base_model_config, data_info, load_encoder
 from train.run_config import FinetuneConfig, as_dict
+from train.unseen_layout import assign_structural_slots
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -84,6 +85,7 @@ def build_task_model(cfg: FinetuneConfig, windows: WindowSet, train_idx: np.ndar
     if cfg.encoder:
         encoder, ckpt = load_encoder(cfg.encoder)
         check_compatible(ckpt["data"], windows, cfg.encoder)
+        assign_structural_slots(encoder, ckpt["data"].get("site", {}), windows, cfg.slots, cfg.seed)
         source = {"encoder_checkpoint": str(cfg.encoder), "objective": encoder.cfg.objective}
     else:
         encoder = SparEncoder(objective_config(base_model_config(windows, cfg.model), "spar"))

@@ -15,6 +15,8 @@ from spar_wire.errors import WireError
 from spar_wire.toml_file import read_toml
 from train.errors import TrainError
 
+SLOT_POLICIES = ("site", "nearest", "mean", "random")
+
 
 @dataclass
 class PretrainConfig:
@@ -60,11 +62,17 @@ class FinetuneConfig:
     device: str = "auto"
     progress: bool = True
     model: dict[str, Any] = field(default_factory=dict)  # from scratch only: SparConfig overrides
+    # Structural positions of the dataset's nodes when its layout differs from the pretraining one
+    # (SPAR Table 7): "site" (slot i = node i), "nearest" (slot of the nearest pretraining node),
+    # "mean" (every node gets the mean learned vector), "random" (a random learned slot per node).
+    slots: str = "site"
 
     def validate(self) -> None:
         _require(self.data, "data")
         _require(self.out, "out")
         _positive(self, "epochs", "batch_size", "lr")
+        if self.slots not in SLOT_POLICIES:
+            raise TrainError(f"slots must be one of {', '.join(SLOT_POLICIES)}, got {self.slots!r}")
         if self.steps is not None and self.steps < 1:
             raise TrainError(f"steps must be >= 1, got {self.steps}")
         if not 0.0 < self.label_ratio <= 1.0:
