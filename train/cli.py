@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", help="pretrain run directory or checkpoint")
     p.add_argument("--label-ratio", type=float, help="share of training labels used (default 1.0)")
     p.add_argument("--unfreeze", action="store_true", help="train the pretrained encoder too")
+    p.add_argument("--head", choices=["fusion", "map"],
+                   help="another head than the task's default: fusion (RobustHAR's multi-scale feature fusion, "
+                        "classify) or map (AEMP's localizer with distance and map-legality losses, localize; needs "
+                        "a dataset with a floor plan)")
     p.add_argument("--slots", choices=["site", "nearest", "mean", "random"],
                    help="structural positions for a layout the encoder was not pretrained on: site (node i "
                         "uses slot i, default), nearest (slot of the nearest pretraining node), mean (the mean "
@@ -132,7 +136,7 @@ def _finetune(args) -> int:
     from train.finetune import run_finetune
     from train.run_config import FinetuneConfig, load_run_config
 
-    overrides = _overrides(args, (*COMMON, "task", "encoder", "label_ratio", "steps", "slots"))
+    overrides = _overrides(args, (*COMMON, "task", "encoder", "label_ratio", "steps", "slots", "head"))
     if args.unfreeze:
         overrides["freeze_encoder"] = False
     cfg = load_run_config(FinetuneConfig, args.config, "finetune", overrides)

@@ -26,7 +26,8 @@ from train.checkpoint import load_checkpoint, save_checkpoint
 from train.data import WindowSet, iterate_batches, label_subset, load_windows, temporal_split, token_statistics
 from train.distributed import pick_device
 from train.errors import TrainError
-from train.heads import HEADS, make_head
+from spar_wire.floor_plan import floor_plan_from_source
+from train.heads import HEAD_VARIANTS, HEADS, make_head, make_head_variant
 from train.metrics import summarize
 from train.models.config import SparConfig, objective_config
 from train.models.positions import PositionFrame
@@ -36,6 +37,7 @@ from train.run_config import FinetuneConfig, as_dict
 from train.unseen_layout import assign_structural_slots
 
 CHECKPOINT = "checkpoint.pt"
+LEGAL_CELL_M = 0.25  # legal-position grid of the map head: fine next to a wall's thickness
 
 
 class TaskModel(nn.Module):
@@ -92,8 +94,35 @@ def build_task_model(cfg: FinetuneConfig, windows: WindowSet, train_idx: np.ndar
         encoder.cfg = _relabel(encoder.cfg, "supervised")
         encoder.set_token_statistics(token_statistics(windows.subset(train_idx)))
         source = {"encoder_checkpoint": None, "objective": "supervised"}
-    head = make_head(cfg.task, encoder.cfg.dim, len(windows.class_names), windows.target_dims)
-    return TaskModel(encoder, head, cfg.task), source
+    head_kwargs = head_settings(cfg.head, cfg.task, encoder.cfg, windows)
+    head = build_head(cfg.head, cfg.task, encoder.cfg.dim, len(windows.class_names), windows.target_dims, head_kwargs)
+    return TaskModel(encoder, head, cfg.task), {**source, "head": cfg.head, "head_kwargs": head_kwargs}
+
+
+def head_settings(name: str, task: str, encoder_cfg: SparConfig, windows: WindowSet) -> dict[str, Any]:
+    """The data-dependent constructor kwargs of head ``name`` (JSON-able, stored in the checkpoint):
+    the token layout for the multi-scale fusion head, the legal-position grid for the map head."""
+    if not name:
+        return {}
+    if name not in HEAD_VARIANTS:
+        raise TrainError(f"unknown head {name!r}; known: {', '.join(HEAD_VARIANTS)}")
+    if HEAD_VARIANTS[name][0] != task:
+        raise TrainError(f"head {name!r} is a {HEAD_VARIANTS[name][0]} head, the task is {task!r}")
+    if name == "fusion":
+        from train.heads.multiscale_fusion import layout_of
+
+        return {"layout": layout_of(encoder_cfg, windows.n_nodes)}
+    plan = floor_plan_from_source(windows.source)
+    if plan is None:
+        raise TrainError("the map head needs a floor plan in the dataset (the indoor_csi scenario records one)")
+    return {"legal_grid": plan.legal_grid(LEGAL_CELL_M).to_dict()}
+
+
+def build_head(name: str, task: str, d: int, n_classes: int, out_dims: int, kwargs: dict[str, Any]) -> nn.Module:
+    """The task's default head, or variant ``name`` with its stored kwargs."""
+    if name:
+        return make_head_variant(name, d, n_classes, out_dims, **kwargs)
+    return make_head(task, d, n_classes, out_dims)
 
 
 def check_compatible(trained_on: dict[str, Any], windows: WindowSet, where: str) -> None:
@@ -257,7 +286,8 @@ def load_task_model(path: str | Path) -> tuple[TaskModel, dict[str, Any]]:
     ckpt = load_checkpoint(path, kind="finetune")
     extra = ckpt["extra"]
     encoder = SparEncoder(SparConfig.from_dict(extra["encoder_config"]))
-    head = make_head(extra["task"], encoder.cfg.dim, extra["n_classes"], extra["out_dims"])
+    head = build_head(extra.get("head", ""), extra["task"], encoder.cfg.dim, extra["n_classes"], extra["out_dims"],
+                      extra.get("head_kwargs", {}))
     model = TaskModel(encoder, head, extra["task"])
     model.load_state_dict(ckpt["state_dict"])
     return model, ckpt

@@ -66,6 +66,7 @@ class FinetuneConfig:
     # (SPAR Table 7): "site" (slot i = node i), "nearest" (slot of the nearest pretraining node),
     # "mean" (every node gets the mean learned vector), "random" (a random learned slot per node).
     slots: str = "site"
+    head: str = ""  # "" = the task's default head; fusion (RobustHAR, classify) | map (AEMP, localize)
 
     def validate(self) -> None:
         _require(self.data, "data")

@@ -64,3 +64,29 @@ def test_pretrain_refuses_an_unknown_objective(tiny_parking_dataset, tmp_path):
                          epochs=1, batch_size=8, progress=False, model=dict(TINY_MODEL))
     with pytest.raises(TrainError, match="unknown objective"):
         run_pretrain(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective, task, head", [("robusthar", "classify", "fusion"), ("aemp", "localize", "")])
+def test_alternative_objectives_export_and_run_in_the_aggregator(tiny_parking_dataset, tmp_path, objective, task,
+                                                                 head):
+    """RobustHAR and AEMP encoders go through the same fine-tune -> export -> ONNX Runtime path as SPAR."""
+    import numpy as np
+
+    from edge_runtime.inference.onnxruntime_backend import OnnxRuntimeBackend
+    from export.exporter import export_checkpoints
+    from export.parity import window_inputs
+    from spar_wire.model_manifest import load_manifest
+    from train.data import load_windows
+
+    pre = run_pretrain(PretrainConfig(data=str(tiny_parking_dataset), out=str(tmp_path / "pre"), objective=objective,
+                                      epochs=1, batch_size=8, lr=3e-3, progress=False, model=dict(TINY_MODEL)))
+    tuned = run_finetune(FinetuneConfig(data=str(tiny_parking_dataset), out=str(tmp_path / "head"), task=task,
+                                        encoder=str(pre.checkpoint), head=head, epochs=2, progress=False))
+    exported = export_checkpoints([str(tuned.checkpoint)], tmp_path / "export", name=f"tiny-{objective}",
+                                  version="0.0.1", data=str(tiny_parking_dataset))
+    assert exported.parity is not None and max(exported.parity.max_abs_error.values()) < 1e-4
+    manifest = load_manifest(exported.manifest)
+    windows = load_windows(tiny_parking_dataset, progress=False)
+    outputs = OnnxRuntimeBackend(manifest).run(window_inputs(windows, np.arange(3), [t.name for t in manifest.inputs]))
+    assert all(np.isfinite(v).all() and v.shape[0] == 3 for v in outputs.values())

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from train.batch import Batch
-from train.heads.multiscale_fusion import MultiScaleFusionClassifier, group_assignments, layout_of, pool_groups
+from train.heads.multiscale_fusion import MultiScaleFusionClassifier, layout_of, segment_maps
 from train.models.config import ModalitySpec, SparConfig, objective_config
 from train.models.multiscale_masking import channel_masks, choose_units, segment_masks, sensor_masks
 from train.models.robusthar import (
@@ -286,20 +286,37 @@ def head_case(b=3, seed=0):
     return head, latents, valid
 
 
-def test_layout_and_groups_follow_the_token_order():
+def test_layout_and_segments_follow_the_token_order():
     layout = layout_of(CFG, N)
     assert layout == [["acc", 6, 4, 4], ["gyro", 6, 4, 4], ["mag", 6, 2, 4]]
-    groups = group_assignments(layout, "band")
-    assert {k: tuple(v.shape) for k, v in groups.items()} == {"sensor": (6, 240), "channel": (10, 240),
-                                                              "segment": (4, 240)}
-    assert (groups["sensor"].sum(0) == 1).all() and (groups["segment"].sum(0) == 1).all()
-    assert groups["sensor"][1, 16:32].all() and groups["sensor"][1, 96 + 16:96 + 32].all()
-    assert groups["sensor"][1, 192 + 8:192 + 16].all() and groups["sensor"][1].sum() == 40
-    assert groups["channel"][9, 192 + 4:192 + 8].all()  # mag row 1 of node 0
-    assert groups["segment"][3, [3, 7, 11, 15, 99, 195]].all()  # last column, every modality
     # fewer columns in one modality: the others pool pairs of columns into its segments
-    coarse = group_assignments([["a", 1, 1, 4], ["b", 1, 1, 2]])["segment"]
-    assert coarse.tolist() == [[1, 1, 0, 0, 1, 0], [0, 0, 1, 1, 0, 1]]
+    assert [m.tolist() for m in segment_maps([["a", 1, 1, 4], ["b", 1, 1, 2]])] == [
+        [[1, 1, 0, 0], [0, 0, 1, 1]], [[1, 0], [0, 1]]]
+
+
+def test_band_channels_pool_one_row_of_one_modality():
+    head, latents, valid = head_case()
+    band = MultiScaleFusionClassifier(16, 5, layout_of(CFG, N), channel_group="band", hidden=8)
+    with torch.no_grad():
+        band.project["channel"].weight.copy_(torch.eye(16))
+        band.project["channel"].bias.zero_()
+    features, group_valid = band.scale_features(latents[1:2], valid[1:2])["channel"]
+    assert features.shape == (1, 10, 16) and group_valid.all()
+    mag = latents[1, 192:240].reshape(6, 2, 4, 16)  # mag: 6 nodes x 2 rows x 4 cols
+    torch.testing.assert_close(features[0, 9], mag[:, 1].mean(dim=(0, 1)))
+
+
+def test_the_node_count_comes_from_the_input():
+    """Nodes join in the field: a head fitted at 6 nodes runs at 4 and 9, each node its own group."""
+    head, _, _ = head_case()
+    per_node = 16 + 16 + 8
+    for n in (4, 9):
+        latents = torch.randn(2, n * per_node, 16)
+        feats = head.scale_features(latents, torch.ones(2, n * per_node, dtype=torch.bool))
+        assert feats["sensor"][0].shape == (2, n, 16)
+        assert head(latents, torch.ones(2, n * per_node, dtype=torch.bool)).shape == (2, 5)
+    with pytest.raises(ValueError, match="not a multiple"):
+        head.scale_features(torch.randn(1, per_node + 3, 16), torch.ones(1, per_node + 3, dtype=torch.bool))
 
 
 def test_head_shapes_and_protocol():
@@ -328,8 +345,7 @@ def test_head_ignores_absent_nodes_latents():
     garbage[~valid] = torch.tensor(float("inf"))
     garbage[0, 16:32] = 1e6
     assert torch.allclose(head(garbage, valid), ref)
-    pooled, _ = pool_groups(garbage, valid, head.assignment("sensor"))
-    assert pooled[0, 1].abs().max() == 0 and torch.isfinite(pooled).all()
+    assert all(torch.isfinite(f).all() for f, _ in head.scale_features(garbage, valid).values())
     # the other windows do not depend on window 0
     assert torch.allclose(head(latents[1:2], valid[1:2]), ref[1:2], atol=1e-6)
 
@@ -342,7 +358,13 @@ def test_head_exports_to_onnx_and_matches_pytorch():
     f = io.BytesIO()
     torch.onnx.export(head, (latents[:2], valid[:2]), f, dynamo=False, opset_version=17,
                       input_names=["latents", "valid"], output_names=["logits"],
-                      dynamic_axes={"latents": {0: "B"}, "valid": {0: "B"}, "logits": {0: "B"}})
+                      dynamic_axes={"latents": {0: "B", 1: "L"}, "valid": {0: "B", 1: "L"}, "logits": {0: "B"}})
     session = ort.InferenceSession(f.getvalue())
     (got,) = session.run(None, {"latents": latents.numpy(), "valid": valid.numpy()})
     np.testing.assert_allclose(got, head(latents, valid).detach().numpy(), atol=1e-4, rtol=1e-4)
+    fewer = latents.shape[1] * 4 // 6  # 4 nodes instead of 6: the node axis is dynamic in the graph too
+    few_latents = torch.cat([latents[:, :64], latents[:, 96:160], latents[:, 192:224]], dim=1)
+    few_valid = torch.cat([valid[:, :64], valid[:, 96:160], valid[:, 192:224]], dim=1)
+    assert few_latents.shape[1] == fewer
+    (got,) = session.run(None, {"latents": few_latents.numpy(), "valid": few_valid.numpy()})
+    np.testing.assert_allclose(got, head(few_latents, few_valid).detach().numpy(), atol=1e-4, rtol=1e-4)

@@ -32,6 +32,29 @@ HEADS: dict[str, type[Head]] = {
 }
 
 
+# Alternative heads, chosen with ``spar-train finetune --head NAME``: name -> (task, "module:Class").
+# Their constructor kwargs depend on the data (token layout, floor plan) and are stored in the
+# fine-tune checkpoint, so a checkpoint rebuilds its head alone.
+HEAD_VARIANTS: dict[str, tuple[str, str]] = {
+    "fusion": ("classify", "train.heads.multiscale_fusion:MultiScaleFusionClassifier"),  # RobustHAR
+    "map": ("localize", "train.heads.map_localizer:MapAwareLocalizer"),  # AEMP
+}
+
+
+def make_head_variant(name: str, d: int, n_classes: int, out_dims: int, **kwargs) -> Head:
+    """Head ``name`` of HEAD_VARIANTS with its data-dependent ``kwargs``."""
+    import importlib
+
+    if name not in HEAD_VARIANTS:
+        raise ValueError(f"unknown head {name!r}; known: {', '.join(HEAD_VARIANTS)}")
+    task, target = HEAD_VARIANTS[name]
+    module_name, class_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if task == "classify":
+        return cls(d, n_classes, **kwargs)
+    return cls(d, out_dims=out_dims, **kwargs)
+
+
 def make_head(task: str, d: int, n_classes: int, out_dims: int, **kwargs) -> Head:
     """The head for ``task`` on latents of width ``d``.
 
@@ -48,5 +71,6 @@ def make_head(task: str, d: int, n_classes: int, out_dims: int, **kwargs) -> Hea
     return HEADS[task](d, out_dims=out_dims, **kwargs)
 
 
-__all__ = ["HEADS", "DecoderBlock", "DetrDetector", "Head", "LinearClassifier", "MaskedMultiheadAttention",
-           "QuakeLocalizer", "TransformerBlock", "TransformerLocalizer", "make_head", "masked_mean"]
+__all__ = ["HEADS", "HEAD_VARIANTS", "DecoderBlock", "DetrDetector", "Head", "LinearClassifier",
+           "MaskedMultiheadAttention", "QuakeLocalizer", "TransformerBlock", "TransformerLocalizer", "make_head",
+           "make_head_variant", "masked_mean"]
