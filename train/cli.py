@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another head than the task's default: fusion (RobustHAR's multi-scale feature fusion, "
                         "classify) or map (AEMP's localizer with distance and map-legality losses, localize; needs "
                         "a dataset with a floor plan)")
+    p.add_argument("--layerwise", action="store_true",
+                   help="layer-wise fine-tuning (AEMP): the head alone for the first fifth of the epochs, then the "
+                        "encoder too, each lower layer at a decayed learning rate (--layer-decay, default 0.5)")
+    p.add_argument("--layer-decay", type=float, help="learning-rate factor per layer below the head (default 0.5)")
     p.add_argument("--slots", choices=["site", "nearest", "mean", "random"],
                    help="structural positions for a layout the encoder was not pretrained on: site (node i "
                         "uses slot i, default), nearest (slot of the nearest pretraining node), mean (the mean "
@@ -136,7 +140,10 @@ def _finetune(args) -> int:
     from train.finetune import run_finetune
     from train.run_config import FinetuneConfig, load_run_config
 
-    overrides = _overrides(args, (*COMMON, "task", "encoder", "label_ratio", "steps", "slots", "head"))
+    overrides = _overrides(args, (*COMMON, "task", "encoder", "label_ratio", "steps", "slots", "head",
+                                  "layer_decay"))
+    if args.layerwise:
+        overrides["layerwise"] = True
     if args.unfreeze:
         overrides["freeze_encoder"] = False
     cfg = load_run_config(FinetuneConfig, args.config, "finetune", overrides)

@@ -21,13 +21,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from spar_wire.floor_plan import floor_plan_from_source
 from train.batch import Batch
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.data import WindowSet, iterate_batches, label_subset, load_windows, temporal_split, token_statistics
 from train.distributed import pick_device
 from train.errors import TrainError
-from spar_wire.floor_plan import floor_plan_from_source
 from train.heads import HEAD_VARIANTS, HEADS, make_head, make_head_variant
+from train.layerwise import apply_unfreezing, encoder_layers, layerwise_param_groups, unfrozen_depth
 from train.metrics import summarize
 from train.models.config import SparConfig, objective_config
 from train.models.positions import PositionFrame
@@ -148,7 +149,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     train_idx = label_subset(train_all, stratify_labels(windows, cfg.task, train_all), cfg.label_ratio, cfg.seed)
     model, source = build_task_model(cfg, windows, train_idx)
     model.to(device)
-    frozen = cfg.freeze_encoder and cfg.encoder is not None
+    frozen = cfg.freeze_encoder and cfg.encoder is not None and not cfg.layerwise
     log = open(out / "log.jsonl", "w")
     try:
         if frozen:
@@ -232,10 +233,20 @@ def _train_frozen(model: TaskModel, windows, train_idx, cfg: FinetuneConfig, dev
 
 
 def _train_end_to_end(model: TaskModel, windows, train_idx, cfg: FinetuneConfig, device, log) -> None:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    bar = tqdm(range(epochs_for(cfg, len(train_idx))), desc=f"train {cfg.task} (encoder + head)",
-               disable=not cfg.progress)
+    layers = None
+    if cfg.layerwise and cfg.encoder is not None:
+        # AEMP's layer-wise fine-tuning: the head alone for the first fifth of the epochs, then the
+        # encoder too, each layer below the head at a learning rate decayed by cfg.layer_decay.
+        layers = encoder_layers(model.encoder, model.head)
+        optimizer = torch.optim.AdamW(layerwise_param_groups(model.encoder, model.head, cfg.lr, cfg.layer_decay),
+                                      lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    epochs = epochs_for(cfg, len(train_idx))
+    bar = tqdm(range(epochs), desc=f"train {cfg.task} (encoder + head)", disable=not cfg.progress)
     for epoch in bar:
+        if layers is not None:
+            apply_unfreezing(layers, unfrozen_depth(epoch, len(layers), freeze_epochs=max(1, epochs // 5)))
         model.train()
         losses = []
         for index in iterate_batches(train_idx, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,

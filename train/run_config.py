@@ -67,11 +67,15 @@ class FinetuneConfig:
     # "mean" (every node gets the mean learned vector), "random" (a random learned slot per node).
     slots: str = "site"
     head: str = ""  # "" = the task's default head; fusion (RobustHAR, classify) | map (AEMP, localize)
+    layerwise: bool = False  # AEMP: head first, then the encoder unfrozen with per-layer decayed lr
+    layer_decay: float = 0.5  # lr of layer i below the head = lr * layer_decay ** i
 
     def validate(self) -> None:
         _require(self.data, "data")
         _require(self.out, "out")
         _positive(self, "epochs", "batch_size", "lr")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise TrainError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.slots not in SLOT_POLICIES:
             raise TrainError(f"slots must be one of {', '.join(SLOT_POLICIES)}, got {self.slots!r}")
         if self.steps is not None and self.steps < 1:

@@ -90,3 +90,19 @@ def test_alternative_objectives_export_and_run_in_the_aggregator(tiny_parking_da
     windows = load_windows(tiny_parking_dataset, progress=False)
     outputs = OnnxRuntimeBackend(manifest).run(window_inputs(windows, np.arange(3), [t.name for t in manifest.inputs]))
     assert all(np.isfinite(v).all() and v.shape[0] == 3 for v in outputs.values())
+
+
+def test_layerwise_finetuning_trains_the_head_first_then_the_encoder(tiny_parking_dataset, tmp_path):
+    pre = run_pretrain(PretrainConfig(data=str(tiny_parking_dataset), out=str(tmp_path / "pre"), epochs=1,
+                                      batch_size=8, progress=False, model=dict(TINY_MODEL)))
+    before, _ = load_encoder(pre.checkpoint)
+    short = run_finetune(FinetuneConfig(data=str(tiny_parking_dataset), out=str(tmp_path / "one"), task="localize",
+                                        encoder=str(pre.checkpoint), layerwise=True, epochs=1, progress=False))
+    long = run_finetune(FinetuneConfig(data=str(tiny_parking_dataset), out=str(tmp_path / "six"), task="localize",
+                                       encoder=str(pre.checkpoint), layerwise=True, epochs=6, progress=False))
+    frozen_phase, _ = load_encoder(short.checkpoint)
+    unfrozen, ckpt = load_encoder(long.checkpoint)
+    reference = before.state_dict()
+    assert all(torch.equal(reference[k], v) for k, v in frozen_phase.state_dict().items())  # epoch 0: head only
+    assert any(not torch.equal(reference[k], v) for k, v in unfrozen.state_dict().items())
+    assert ckpt["extra"]["frozen_encoder"] is False
