@@ -12,6 +12,10 @@ leaves a consistent folder:
     results.sqlite3  the aggregator's results, exactly as it stores them in the field
     field.json       the nodes' counters (messages, bytes, outage buffer, PUBACKs)
     aggregator.json  the aggregator's counters (accepted, rejected by reason, late, duplicates, ...)
+    placements.jsonl per window the aggregator assembled: the nodes and positions its tensor used
+
+Placement events (``TrialConfig.events``; see ``benchmarks.placement_events``) let nodes join or move
+while the trial runs; they are checked against the site and the model before anything starts.
 
 ``speed`` > 1 compresses the whole timeline (windows, link delays, outages and the aggregator's
 deadline alike), for benchmarks that need many windows; a field-like trial runs at 1.
@@ -29,18 +33,20 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from benchmarks.errors import BenchError
+from benchmarks.placement_events import check_events, parse_event
 from edge_runtime.config import AggregatorConfig
 from edge_runtime.errors import AggregatorError
 from node_firmware_sim.errors import NodeError
-from node_firmware_sim.field_runner import FieldConfig, FieldSummary, SourceSpec, run_field
+from node_firmware_sim.field_runner import FieldConfig, FieldSummary, PlacementEvent, SourceSpec, run_field
 from node_firmware_sim.firmware import FirmwareConfig
 from node_firmware_sim.link_model import LinkConfig, load_link_config
 from node_firmware_sim.scenarios import SCENARIOS
 from spar_wire.codecs import CodecSpec
 from spar_wire.errors import WireError
+from spar_wire.model_manifest import POSITIONS_INPUT, load_manifest
 from spar_wire.mqtt_settings import PROTOCOLS, MqttSettings
 from spar_wire.site_layout import SiteLayout, load_site_layout
 
@@ -51,6 +57,7 @@ DEFAULT_MODEL = REPO / "models" / "parking_lot" / "manifest.json"
 # The files of a trial folder (see the module docstring).
 CONFIG_FILE, LINK_LOG, TRUTH_LOG = "config.json", "link.jsonl", "truth.jsonl"
 DATABASE, FIELD_FILE, AGGREGATOR_FILE = "results.sqlite3", "field.json", "aggregator.json"
+PLACEMENT_LOG = "placements.jsonl"
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,8 @@ class TrialConfig:
     scale_deadline: bool = True
     clock_offset_std_ms: float = 0.0
     overwrite: bool = False
+    # Nodes joining or moving during the trial (PlacementEvent, or mappings with its fields).
+    events: tuple[PlacementEvent, ...] = ()
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -95,6 +104,12 @@ class TrialConfig:
             CodecSpec.parse(self.codec)
         except WireError as exc:
             raise BenchError(f"codec: {exc}") from None
+        events = tuple(parse_event(e, f"events[{i}]") for i, e in enumerate(self.events))
+        object.__setattr__(self, "events", events)
+        for event in events:  # the rest needs the site: check_events, before the trial starts
+            if event.at_s >= self.duration_s:
+                raise BenchError(f"{event.kind} of node {event.node} at {event.at_s:g} s: the trial lasts "
+                                 f"{self.duration_s:g} s; an event must happen during it")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -160,6 +175,8 @@ def run_trial(config: TrialConfig, monitor: TrialMonitor | None = None,
     """
     layout = monitor.layout if monitor is not None else load_layout(config.site)
     link = config.link_config or (_load_link(config.link) if config.link else LinkConfig())
+    if config.events:
+        check_events(config.events, layout, config.duration_s, _max_nodes(config.model))
     folder = _prepare_folder(config)
     monitor = monitor or TrialMonitor(layout, config)
     started = time.monotonic()
@@ -167,7 +184,10 @@ def run_trial(config: TrialConfig, monitor: TrialMonitor | None = None,
     with contextlib.ExitStack() as stack:
         broker_label, mqtt = _open_broker(config, folder, stack)
         progress(f"broker: {broker_label}")
+        # Opened before the aggregator starts, so it closes after the aggregator's last window.
+        placement_log = stack.enter_context(open(folder / PLACEMENT_LOG, "w"))
         aggregator = _start_aggregator(config, folder, mqtt, stack)
+        _record_placements(aggregator, placement_log)
         monitor.aggregator = aggregator
         monitor.stage = "running"
         field_config = _field_config(config, layout, link, mqtt, folder)
@@ -209,7 +229,7 @@ def _prepare_folder(config: TrialConfig) -> Path:
     if (folder / CONFIG_FILE).exists():
         if not config.overwrite:
             raise BenchError(f"{folder} already holds a trial; choose another --out or pass --overwrite")
-        for name in (CONFIG_FILE, LINK_LOG, TRUTH_LOG, DATABASE, FIELD_FILE, AGGREGATOR_FILE,
+        for name in (CONFIG_FILE, LINK_LOG, TRUTH_LOG, DATABASE, FIELD_FILE, AGGREGATOR_FILE, PLACEMENT_LOG,
                      DATABASE + "-wal", DATABASE + "-shm"):
             (folder / name).unlink(missing_ok=True)
     # A broker's persistence left by an earlier trial here would resume that trial's sessions and
@@ -266,6 +286,35 @@ def _start_aggregator(config: TrialConfig, folder: Path, mqtt: MqttSettings, sta
     return aggregator
 
 
+def _max_nodes(manifest_path: Path) -> int:
+    """The most nodes the model takes (a join beyond it would be refused by the aggregator)."""
+    try:
+        return load_manifest(manifest_path).node_range[1]
+    except WireError as exc:
+        raise BenchError(f"model: {exc}") from None
+
+
+def _record_placements(aggregator: Any, log: TextIO) -> None:
+    """Log the nodes and positions of every window the aggregator assembled (``placements.jsonl``).
+
+    The stored result names the nodes but not their positions; what the tensor used is what a move
+    changes. The inference worker hands every window it is done with to ``release``: we listen there,
+    in the worker's thread, before the window's messages are acknowledged.
+    """
+    release = aggregator.worker.release
+
+    def recording_release(window: Any, acknowledge: bool = True) -> None:
+        record = {"window_start_ns": window.window_start_ns, "nodes": list(window.node_ids),
+                  "positions": window.inputs[POSITIONS_INPUT].tolist()}
+        try:
+            log.write(json.dumps(record) + "\n")
+        except OSError:  # a full disk must not fail the window: the log is evidence, not the result
+            pass
+        release(window, acknowledge)
+
+    aggregator.worker.release = recording_release
+
+
 def _quiet_stop(aggregator: Any) -> None:
     # The end of a trial is a last stop: windows still open give their partial results now.
     with contextlib.suppress(Exception):  # stopped already on the normal path; stop() is idempotent
@@ -279,7 +328,7 @@ def _field_config(config: TrialConfig, layout: SiteLayout, link: LinkConfig, mqt
             layout=layout, source=SourceSpec(config.scenario, config.seed, dict(config.scenario_params)),
             duration_s=config.duration_s, link=link, firmware=FirmwareConfig(codec=CodecSpec.parse(config.codec)),
             clock_offset_std_s=config.clock_offset_std_ms / 1000.0, mqtt=mqtt, realtime=True, speed=config.speed,
-            link_log=str(folder / LINK_LOG), truth_log=str(folder / TRUTH_LOG))
+            link_log=str(folder / LINK_LOG), truth_log=str(folder / TRUTH_LOG), events=config.events)
     except NodeError as exc:
         raise BenchError(str(exc)) from None
 

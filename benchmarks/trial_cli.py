@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.errors import BenchError
+from benchmarks.placement_events import load_events
 from benchmarks.trial import DEFAULT_MODEL, REPO, TrialConfig, load_layout
 from node_firmware_sim.cli import DEFAULT_SITES, REPO_CONFIGS
 from node_firmware_sim.errors import NodeError
@@ -83,6 +84,9 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--deadline-fraction", type=float, default=0.5,
                    help="the aggregator closes a window this x window length after its first message "
                    "(default: %(default)s)")
+    p.add_argument("--events", type=Path, default=None, metavar="FILE",
+                   help="TOML of placement events: [[events]] tables with at_s, kind (join | move), node, "
+                   "position and optional description; e.g. configs/trials/join_and_move.toml")
     p.add_argument("--clock-offset-std-ms", type=float, default=0.0,
                    help="node clock offsets ~ N(0, this) in ms, seeded per node (default: 0)")
     p.add_argument("--out", type=Path, default=None,
@@ -103,13 +107,14 @@ def trial_config(args: argparse.Namespace) -> TrialConfig:
     params = parse_scenario_params(args.param)
     if not args.param and args.scenario == "parking_lot" and args.model is None:
         params = dict(SHIPPED_MODEL_PARAMS)
+    events = load_events(args.events) if args.events else ()
     out = args.out or Path("results") / "trials" / (
         f"{args.scenario}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     return TrialConfig(out=out, site=site, scenario=args.scenario, scenario_params=params, model=model,
                        link=args.link, duration_s=args.duration, codec=args.codec, seed=args.seed, speed=args.speed,
                        broker=args.broker, protocol=args.protocol, backend=args.backend,
                        deadline_fraction=args.deadline_fraction, clock_offset_std_ms=args.clock_offset_std_ms,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, events=events)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -7,7 +7,9 @@ time, also from a trial that was interrupted. Each count has one source:
   outage buffer, which never reaches the link);
 * what the aggregator made of it: ``results.sqlite3`` (tokens present in stored windows) and
   ``aggregator.json`` (late, duplicate, rejected messages);
-* what was true: ``truth.jsonl``.
+* what was true: ``truth.jsonl``;
+* placement events (nodes joining or moving): the events in ``config.json``, the stored windows'
+  nodes, and the positions their tensors used (``placements.jsonl``).
 
 End-to-end latency is node sample time -> result stored: the true wall-clock time at which window
 k was complete (trial start + (k + 1) x window / speed) to the row's ``created_ns``. Task metrics
@@ -27,7 +29,8 @@ import numpy as np
 
 from benchmarks.errors import BenchError
 from benchmarks.machine import describe_machine
-from benchmarks.trial import AGGREGATOR_FILE, CONFIG_FILE, DATABASE, FIELD_FILE, LINK_LOG, TRUTH_LOG
+from benchmarks.placement_events import EventOutcome, analyze_events, events_markdown, parse_event
+from benchmarks.trial import AGGREGATOR_FILE, CONFIG_FILE, DATABASE, FIELD_FILE, LINK_LOG, PLACEMENT_LOG, TRUTH_LOG
 from spar_wire.errors import WireError
 from spar_wire.model_manifest import load_manifest
 from spar_wire.site_layout import SiteLayout, load_site_layout
@@ -72,6 +75,7 @@ class TrialReport:
     metrics_complete: dict[str, float]  # the same on complete windows only
     positions: list[tuple[list[float], list[float]]] = field(default_factory=list)  # (true, estimated)
     layout: SiteLayout | None = None
+    events: list[EventOutcome] = field(default_factory=list)  # placement events, in time order
 
     # ------------------------------------------------------------------ headline numbers
     @property
@@ -124,7 +128,8 @@ class TrialReport:
                                         "interrupted": self.interrupted, "headline": self.headline(),
                                         "metrics_complete": self.metrics_complete,
                                         "traffic": [vars(r) for r in self.traffic],
-                                        "nodes_present": self.nodes_present, "stage_ms": self.stage_ms},
+                                        "nodes_present": self.nodes_present, "stage_ms": self.stage_ms,
+                                        "placement_events": [e.to_dict() for e in self.events]},
                                        indent=2, default=_json_default) + "\n")
         from benchmarks.trial_plots import plot_site_map, plot_trial
 
@@ -156,7 +161,9 @@ class TrialReport:
                  f"**{self.summary_line()}**",
                  "", "![trial](trial.png) ![site map](site_map.png)", ""]
         lines += self._traffic_section() + self._windows_section() + self._latency_section() + self._metric_section()
-        lines += ["", f"Reproduce: `{reproduce_command(c)}`", ""]
+        lines += events_markdown(self.events, tuple(m for m in HEADLINE_METRICS if m in self.metrics), self.window_s)
+        events = " (and the placement events recorded in config.json, as an --events file)" if self.events else ""
+        lines += ["", f"Reproduce: `{reproduce_command(c)}`{events}", ""]
         return "\n".join(lines)
 
     def _traffic_section(self) -> list[str]:
@@ -249,6 +256,9 @@ def analyze_trial(folder: str | Path) -> TrialReport:
     latency, stages = _latency(matched, truth, window_s, speed)
     scored = _scores(manifest, matched)
     complete = [(r, t) for r, t in matched if r.get("complete")]
+    events = analyze_events([parse_event(e, "config.json events") for e in config.get("events") or []], matched,
+                            _read_placements(folder / PLACEMENT_LOG), window_s,
+                            lambda pairs: _headline_scores(manifest, pairs))
     return TrialReport(
         folder=folder, config=config, machine=describe_machine(), model=f"{manifest.name}@{manifest.version}",
         window_s=window_s, speed=speed, interrupted=field_data is None, traffic=traffic,
@@ -258,7 +268,8 @@ def analyze_trial(folder: str | Path) -> TrialReport:
         windows_complete=sum(1 for r in results if r.get("complete")),
         nodes_present=dict(collections.Counter(int(r.get("nodes_present", 0)) for r in results)),
         latency_ms=latency, stage_ms=stages, metrics=scored.metrics,
-        metrics_complete=_scores(manifest, complete).metrics, positions=scored.positions, layout=layout)
+        metrics_complete=_scores(manifest, complete).metrics, positions=scored.positions, layout=layout,
+        events=events)
 
 
 # --------------------------------------------------------------------------- reading
@@ -294,6 +305,12 @@ def _read_results(path: Path) -> list[dict[str, Any]]:
 
     with ResultStore(path, readonly=True) as store:
         return store.query(limit=None, newest_first=False)
+
+
+def _read_placements(path: Path) -> dict[int, dict[str, list[float]]]:
+    """Window start (ns) -> node id -> position its tensor used, from ``placements.jsonl``."""
+    return {int(r["window_start_ns"]): dict(zip(r["nodes"], r["positions"], strict=True))
+            for r in _read_jsonl(path)}
 
 
 def _window_s(layout: SiteLayout) -> float:
@@ -394,6 +411,11 @@ def _scores(manifest: Any, matched: list[tuple[dict[str, Any], dict[str, Any]]])
         truth = {"label": labels, "target_class": true_class, "target_position": true_pos}
         out.update({f"detect/{k}": v for k, v in task_metrics.summarize("detect", predictions, truth).items()})
     return _Scored(out, positions)
+
+
+def _headline_scores(manifest: Any, matched: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, float]:
+    metrics = _scores(manifest, matched).metrics
+    return {k: v for k, v in metrics.items() if k in HEADLINE_METRICS}
 
 
 # --------------------------------------------------------------------------- formatting

@@ -5,6 +5,14 @@ source.window(k) -> per node and modality: firmware.encode -> uplink.send (outag
 model) -> delivery scheduler -> MQTT publish at the delivery time. In real time the loop waits for
 the wall clock; as fast as possible it runs on the simulated clock. ``run_field_parallel`` splits
 the nodes over several processes.
+
+Placement events (``PlacementEvent``) change the site while the trial runs: a node the layout does
+not list joins (powers on, connects, publishes its birth, then sends every window that starts after
+it), or a running node moves (publishes a new birth with its new position). The physics follows the
+nodes through one source for the whole trial, built on the site plus a receiver at every joined node
+and at every place a node moves to: the vehicles, quakes and ground truth stay one world across the
+events (re-creating the source at each event would redraw them), and each node reads its signals
+from the receiver where it stands in that window.
 """
 
 from __future__ import annotations
@@ -24,11 +32,17 @@ from node_firmware_sim.delivery_scheduler import DeliveryScheduler
 from node_firmware_sim.errors import NodeError
 from node_firmware_sim.firmware import EncodedFrame, FirmwareConfig, NodeFirmware
 from node_firmware_sim.link_model import LinkConfig, LinkModel, LinkStats
+from node_firmware_sim.mqtt_publisher import NodePublisher
 from node_firmware_sim.scenarios import make_scenario
-from node_firmware_sim.scenarios.base import Source, SourceWindow, episode_rng
+from node_firmware_sim.scenarios.base import Source, SourceWindow, episode_rng, site_window_s
 from node_firmware_sim.uplink import NodeUplink
+from spar_wire.errors import WireError
 from spar_wire.mqtt_settings import MqttSettings, publish_outcome, with_credentials
-from spar_wire.site_layout import SiteLayout
+from spar_wire.numbers import is_finite_number, is_finite_vector
+from spar_wire.site_layout import NodeSpec, SiteLayout
+from spar_wire.topics import birth_topic, check_id
+
+EVENT_KINDS = ("join", "move")
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,131 @@ class SourceSpec:
 
 
 @dataclass(frozen=True)
+class PlacementEvent:
+    """A node joining the site, or moving, at trial time ``at_s`` (seconds after the trial started).
+
+    join: a node the site layout does not list powers on at ``at_s``: it connects, publishes its birth
+    (``position``, ``description`` and the site's feature hashes) and sends every window that starts
+    at or after ``at_s`` (its first full window). move: a running node publishes a new birth with
+    ``position`` at ``at_s``; its signals come from the new place from the window in progress at
+    ``at_s`` on, the window the aggregator (which applies a birth to every window it closes after it)
+    first assembles with the new position.
+    """
+
+    kind: str  # "join" | "move"
+    node: str
+    at_s: float
+    position: tuple[float, ...]  # metres in the site frame, the site's dimension (2 or 3)
+    description: str | None = None  # placement text of the birth; None: "" for a join, unchanged for a move
+    modalities: tuple[str, ...] = ()  # join only: what the node senses; () = every modality of the site
+
+    def __post_init__(self) -> None:
+        where = f"{self.kind} event of node {self.node!r}"
+        if self.kind not in EVENT_KINDS:
+            raise NodeError(f"event of node {self.node!r}: kind must be one of {EVENT_KINDS}, got {self.kind!r}")
+        try:
+            check_id(self.node, "node")
+        except WireError as exc:
+            raise NodeError(f"{self.kind} event: {exc.detail}") from None
+        if not is_finite_number(self.at_s) or self.at_s <= 0:
+            raise NodeError(f"{where}: at_s must be a finite number of seconds > 0, got {self.at_s!r}")
+        if not is_finite_vector(self.position, (2, 3)):
+            raise NodeError(f"{where}: position must be 2 or 3 finite numbers (metres), got {self.position!r}")
+        if self.description is not None and not isinstance(self.description, str):
+            raise NodeError(f"{where}: description must be a string, got {self.description!r}")
+        if not isinstance(self.modalities, (list, tuple)) or not all(isinstance(m, str) for m in self.modalities):
+            raise NodeError(f"{where}: modalities must be a list of modality names, got {self.modalities!r}")
+        if self.kind == "move" and self.modalities:
+            raise NodeError(f"{where}: a moved node keeps its modalities; give modalities only for a join")
+        # TOML and JSON give lists: keep the event hashable and its numbers plain floats.
+        object.__setattr__(self, "at_s", float(self.at_s))
+        object.__setattr__(self, "position", tuple(float(v) for v in self.position))
+        object.__setattr__(self, "modalities", tuple(self.modalities))
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where a node's signals come from from window ``first_window`` on."""
+
+    first_window: int
+    receiver: str  # node id in the physics layout
+
+
+class EventPlan:
+    """The placement events of one trial, checked against the site; what they imply window by window.
+
+    ``nodes_layout``: the site plus every joined node (what the firmware and the births know).
+    ``physics_layout``: ``nodes_layout`` plus one receiver per move, at the new place (what the
+    source renders; receiver ids contain ``~``, which no node id may, so they never collide).
+    NodeError names the event and what is wrong with it.
+    """
+
+    def __init__(self, layout: SiteLayout, events: tuple[PlacementEvent, ...], duration_s: float):
+        self.window_s = site_window_s(layout)
+        self.windows = max(1, math.ceil(duration_s / self.window_s - 1e-9))
+        self.events = tuple(sorted(events, key=lambda e: e.at_s))  # stable: same-time events keep their order
+        self._placements = {n.id: [_Placement(0, n.id)] for n in layout.nodes}
+        joined: list[NodeSpec] = []
+        receivers: list[NodeSpec] = []
+        specs = {n.id: n for n in layout.nodes}
+        for number, event in enumerate(self.events, 1):
+            self._check(layout, event, duration_s, specs)
+            if event.kind == "join":
+                spec = NodeSpec(event.node, event.position, event.modalities or tuple(layout.modalities),
+                                event.description or "")
+                joined.append(spec)
+                specs[event.node] = spec
+                self._placements[event.node] = [_Placement(math.ceil(event.at_s / self.window_s - 1e-9), event.node)]
+            else:
+                receiver = NodeSpec(f"{event.node}~move{number}", event.position, specs[event.node].modalities)
+                receivers.append(receiver)
+                self._placements[event.node].append(_Placement(int(event.at_s // self.window_s), receiver.id))
+        self.nodes_layout = replace(layout, nodes=(*layout.nodes, *joined))
+        self.physics_layout = replace(layout, nodes=(*layout.nodes, *joined, *receivers))
+        self.joined = tuple(n.id for n in joined)
+
+    def _check(self, layout: SiteLayout, event: PlacementEvent, duration_s: float, known: dict[str, NodeSpec]) -> None:
+        where = f"{event.kind} of node {event.node} at {event.at_s:g} s"
+        if event.at_s >= duration_s:
+            raise NodeError(f"{where}: the trial lasts {duration_s:g} s; an event must happen during it")
+        if len(event.position) != layout.position_dim:
+            raise NodeError(f"{where}: a {len(event.position)}-D position in a site with "
+                            f"{layout.position_dim}-D positions")
+        if event.kind == "join":
+            if event.node in known:
+                listed = "the site layout lists it" if event.node in layout.node_ids else "it joined earlier"
+                raise NodeError(f"{where}: node {event.node} already exists ({listed}); a join needs a new id")
+            unknown = sorted(set(event.modalities) - set(layout.modalities))
+            if unknown:
+                raise NodeError(f"{where}: modalities {unknown} are not the site's {sorted(layout.modalities)}")
+            first = math.ceil(event.at_s / self.window_s - 1e-9)
+            if first >= self.windows:
+                raise NodeError(f"{where}: its first full window would start at {first * self.window_s:g} s, "
+                                f"after the trial's last window ({self.windows} windows of {self.window_s:g} s)")
+        elif event.node not in known:
+            raise NodeError(f"{where}: no node {event.node} in site {layout.site_id} and no earlier join of it")
+        same = [e for e in self.events if e.node == event.node and e.at_s == event.at_s]
+        if len(same) > 1:
+            raise NodeError(f"{where}: {len(same)} events for one node at the same time")
+
+    def receivers(self, window: int, nodes: tuple[str, ...]) -> dict[str, str]:
+        """Node id -> the physics receiver it reads in ``window``, for the ``nodes`` that sample it."""
+        out = {}
+        for node in nodes:
+            current = [p for p in self._placements[node] if p.first_window <= window]
+            if current:
+                out[node] = current[-1].receiver
+        return out
+
+    def nodes_window(self, window: SourceWindow, receivers: dict[str, str]) -> SourceWindow:
+        """The physics window with each node's signals under its own id."""
+        owner = {receiver: node for node, receiver in receivers.items()}
+        return replace(window, signals={(owner[receiver], modality): samples
+                                        for (receiver, modality), samples in window.signals.items()
+                                        if receiver in owner})
+
+
+@dataclass(frozen=True)
 class FieldConfig:
     layout: SiteLayout
     source: SourceSpec
@@ -66,6 +205,8 @@ class FieldConfig:
     ack_timeout_s: float = 30.0
     record_acks: bool = False  # list every acknowledged frame in NodeSummary.acked_frames (fault trials)
     credentials_dir: str | None = None  # site security folder: each node connects as itself (its id)
+    events: tuple[PlacementEvent, ...] = ()  # nodes joining or moving during the trial
+    plan: EventPlan = field(init=False, repr=False, compare=False)  # the events checked against the site
 
     def __post_init__(self) -> None:
         if not (isinstance(self.duration_s, (int, float)) and math.isfinite(self.duration_s)
@@ -73,12 +214,17 @@ class FieldConfig:
             raise NodeError(f"duration must be > 0 seconds, got {self.duration_s!r}")
         if not (isinstance(self.speed, (int, float)) and math.isfinite(self.speed) and self.speed > 0):
             raise NodeError(f"speed must be a finite number > 0, got {self.speed!r}")
+        object.__setattr__(self, "plan", EventPlan(self.layout, tuple(self.events), self.duration_s))
         for node in self.node_ids or ():
-            self.layout.node(node)
+            try:
+                self.plan.nodes_layout.node(node)
+            except WireError as exc:
+                raise NodeError(exc.detail) from None
 
     @property
     def nodes(self) -> tuple[str, ...]:
-        return self.node_ids or tuple(self.layout.node_ids)
+        """The nodes this runner simulates: the site's and the joined ones (or ``node_ids``)."""
+        return self.node_ids or tuple(self.plan.nodes_layout.node_ids)
 
 
 @dataclass
@@ -146,16 +292,19 @@ def run_field(config: FieldConfig, progress: Callable[[int, int], None] | None =
               on_truth: Callable[[dict[str, Any]], None] | None = None) -> FieldSummary:
     """Run one trial in this process. ``progress(done, total)`` is called after each window,
     ``on_truth(record)`` with each window's ground truth (the truth log's record) before it is sent."""
-    layout = config.layout
-    source = config.source.build(layout)
+    plan = config.plan
+    source = config.source.build(plan.physics_layout)
     windows = max(1, math.ceil(config.duration_s / source.window_s - 1e-9))
+    # This runner's share of the events (run_field_parallel splits the nodes, and their events with them).
+    events = [e for e in plan.events if e.node in config.nodes]
     with contextlib.ExitStack() as stack:
         link_log = stack.enter_context(open(config.link_log, "w")) if config.link_log else None
         truth_log = stack.enter_context(open(config.truth_log, "w")) if config.truth_log else None
         link = LinkModel(config.link, config.source.seed, log=link_log)
         scheduler = DeliveryScheduler(realtime=config.realtime, speed=config.speed)
         stack.callback(scheduler.close)
-        nodes = _start_nodes(config, link, scheduler, stack)
+        starting = tuple(n for n in config.nodes if n not in plan.joined)
+        nodes = _start_nodes(config, starting, link, scheduler, stack)
         # Trial time 0 is now, once every node is connected: window k is sampled over
         # [k W, (k+1) W) and sent at (k+1) W, on the wall clock in real time.
         started = scheduler.epoch = time.monotonic()
@@ -163,20 +312,25 @@ def run_field(config: FieldConfig, progress: Callable[[int, int], None] | None =
         start_ns = config.start_epoch_ns if config.start_epoch_ns is not None else wall_start_ns
         for k in range(windows):
             t_s = (k + 1) * source.window_s  # the window is complete: the node sends it now
+            # Events before this send time are set up now; one exactly at it comes after this window.
+            while events and events[0].at_s < t_s:
+                _apply_event(config, events.pop(0), nodes, link, scheduler, stack)
             if config.realtime:
                 _sleep_until(started + t_s / config.speed)
-            window = source.window(k, config.nodes)
+            receivers = plan.receivers(k, tuple(nodes))
+            window = source.window(k, tuple(receivers.values()))
             truth = _truth_record(window, start_ns, source.window_s)
             if truth_log is not None:
                 truth_log.write(json.dumps(truth) + "\n")
             if on_truth is not None:
                 on_truth(truth)
+            window = plan.nodes_window(window, receivers)
             # Every node encodes first, then all send: real nodes finish a window at the same moment,
             # and one simulated node's encoding time must not delay the next node's transmission.
             window_start_ns = start_ns + int(round(k * source.window_s * 1e9))
-            frames = {name: node.encode_window(window, window_start_ns) for name, node in nodes.items()}
-            for name, node in nodes.items():
-                node.send(frames[name], t_s)
+            frames = {name: nodes[name].encode_window(window, window_start_ns) for name in receivers}
+            for name, frame in frames.items():
+                nodes[name].send(frame, t_s)
             if not config.realtime:
                 scheduler.run_due(t_s)
             if progress:
@@ -188,6 +342,29 @@ def run_field(config: FieldConfig, progress: Callable[[int, int], None] | None =
         summaries = {name: node.finish(link, config.ack_timeout_s) for name, node in nodes.items()}
     return FieldSummary(summaries, windows, source.window_s, time.monotonic() - started,
                         config.realtime, config.link_log, start_ns, wall_start_ns, config.speed)
+
+
+def _apply_event(config: FieldConfig, event: PlacementEvent, nodes: dict[str, _RunningNode], link: LinkModel,
+                 scheduler: DeliveryScheduler, stack: contextlib.ExitStack) -> None:
+    """A join powers a node on (its connection publishes the birth); a move re-announces the node.
+
+    The birth goes out through the delivery scheduler at ``at_s``: ordered by trial time with the
+    token messages, it follows every message sent before it even when this loop runs late (rendering
+    a window takes time), and the aggregator sees the node set change where the trial says it does.
+    """
+    if event.kind == "join":
+        # The node exists now (its frames wait in its outage buffer until it is connected).
+        nodes.update(_start_nodes(config, (event.node,), link, scheduler, stack, connect=False))
+        publisher = nodes[event.node].publisher
+        if publisher is not None:
+            scheduler.schedule(event.at_s, publisher.start)
+        return
+    publisher = nodes[event.node].publisher
+    if publisher is not None:
+        spec = publisher.node
+        description = spec.description if event.description is None else event.description
+        moved = replace(spec, position=event.position, description=description)
+        scheduler.schedule(event.at_s, lambda: publisher.relocate(moved))
 
 
 def run_field_parallel(config: FieldConfig, procs: int,
@@ -239,6 +416,19 @@ def run_field_parallel(config: FieldConfig, procs: int,
                         config.realtime, config.link_log, result.start_epoch_ns, result.wall_start_ns, config.speed)
 
 
+class FieldPublisher(NodePublisher):
+    """A node's MQTT session that can also re-announce the node at a new place (a move)."""
+
+    def relocate(self, node: NodeSpec) -> None:
+        """Publish a new birth for ``node`` (this node at its new place) on this connection.
+
+        Retained like the first birth, so a subscriber that comes later sees the new place; a
+        reconnect re-announces ``self.node``, so it carries the new place too.
+        """
+        self.node = node
+        self._client.publish(birth_topic(self.layout.site_id, node.id), self.birth().to_json(), qos=1, retain=True)
+
+
 # --------------------------------------------------------------------------- internals
 class _RunningNode:
     """One node in a trial: firmware, uplink, MQTT session and counters."""
@@ -249,7 +439,8 @@ class _RunningNode:
         if config.clock_offset_std_s > 0:
             rng = episode_rng(config.source.seed, f"clock:{node_id}")
             offset = float(rng.normal(0, config.clock_offset_std_s))
-        self.firmware = NodeFirmware(config.layout, node_id, replace(config.firmware, clock_offset_s=offset))
+        self.firmware = NodeFirmware(config.plan.nodes_layout, node_id,
+                                     replace(config.firmware, clock_offset_s=offset))
         self.publisher = publisher
         publish = (lambda f: publisher.publish_token(f.modality, f.frame)) if publisher else None
         connected = (lambda: publisher.connected) if publisher else (lambda: True)
@@ -294,19 +485,20 @@ class _RunningNode:
         return s
 
 
-def _start_nodes(config: FieldConfig, link: LinkModel, scheduler: DeliveryScheduler,
-                 stack: contextlib.ExitStack) -> dict[str, _RunningNode]:
-    from node_firmware_sim.mqtt_publisher import NodePublisher  # paho only when a broker is used
-
+def _start_nodes(config: FieldConfig, node_ids: tuple[str, ...], link: LinkModel, scheduler: DeliveryScheduler,
+                 stack: contextlib.ExitStack, *, connect: bool = True) -> dict[str, _RunningNode]:
+    """The nodes' firmware, uplinks and MQTT sessions (connected now, or later by the caller)."""
     nodes = {}
-    for node_id in config.nodes:
+    for node_id in node_ids:
         publisher = None
         if config.mqtt is not None:
             settings = config.mqtt
             if config.credentials_dir is not None:
                 settings = with_credentials(settings, config.credentials_dir, node_id)
-            publisher = NodePublisher(config.layout, node_id, settings).start()
+            publisher = FieldPublisher(config.plan.nodes_layout, node_id, settings)
             stack.callback(_quiet_stop, publisher)
+            if connect:
+                publisher.start()
         nodes[node_id] = _RunningNode(config, node_id, link, scheduler, publisher)
     return nodes
 
