@@ -18,7 +18,7 @@ from spar_wire.site_layout import load_site_layout
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_SITES = {"parking_lot": "parking_lot.toml", "earthquakes": "ridgecrest_like.toml",
-                 "body_har": "body_har.toml", "sine": "parking_lot.toml"}
+                 "body_har": "body_har.toml", "indoor_csi": "indoor_csi.toml", "sine": "parking_lot.toml"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,7 +73,7 @@ class Shard:
         cfg = self.layout_modalities[modality]
         images = self.images(modality)
         w, n = images.shape[:2]
-        c, pf, pt = cfg.channels, cfg.patch_freq, cfg.patch_time
+        c, pf, pt = cfg.image_channels, cfg.patch_freq, cfg.patch_time
         gf, gt = cfg.patch_grid
         x = images.reshape(w, n, c, gf, pf, gt, pt).transpose(0, 1, 3, 5, 2, 4, 6)
         return np.ascontiguousarray(x.reshape(w, n, gf * gt, c * pf * pt))

@@ -5,6 +5,12 @@ time-frequency transform (linear STFT or log-mel), band-pass, frequency selectio
 into m tokens of dimension D, and the uint8 quantization rule. Its ``hash`` is stable across
 processes and machines; messages and model manifests carry it so a model never sees features
 computed differently from the ones it was trained on.
+
+Wi-Fi CSI is already a frequency axis: ``transform = "subcarrier_db"`` takes samples [K, S] (the
+amplitude of K subcarriers, "channels", over S packets) and makes the image [K, T] of 20 log10 of
+the mean amplitude over each ``hop`` packets. Its channels fold into the image rows (subcarrier =
+row), so the token grid is (subcarrier groups) x (time patches) and D = patch_freq * patch_time;
+``n_fft``, ``n_mels``, ``fmin_hz`` and ``fmax_hz`` play no part.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 from spar_wire.errors import WireError
 from spar_wire.numbers import is_finite_vector
 
-TRANSFORMS = ("stft", "logmel")
+TRANSFORMS = ("stft", "logmel", "subcarrier_db")
 QUANT_MODES = ("window", "fixed")
 
 
@@ -28,9 +34,9 @@ class FeatureConfig:
     sample_rate_hz: float  # samples per second of every channel
     channels: int  # channels per node for this modality (1 mic, 3 for a 3-axis sensor)
     window_s: float  # window length; window_s * sample_rate_hz must be a whole number
-    transform: str = "stft"  # "stft" (linear bins) or "logmel" (mel filterbank)
+    transform: str = "stft"  # "stft" (linear bins), "logmel" (mel filterbank) or "subcarrier_db" (CSI)
     n_fft: int = 256  # FFT size in samples (Hann window of the same length)
-    hop: int = 128  # hop between frames in samples; frames per window = samples // hop
+    hop: int = 128  # hop between frames in samples (packets for CSI); frames per window = samples // hop
     n_mels: int = 64  # mel bands (logmel only)
     fmin_hz: float = 0.0  # lowest frequency kept (STFT bins / lowest mel edge)
     fmax_hz: float | None = None  # highest frequency (exclusive for STFT bins); None = Nyquist
@@ -69,6 +75,8 @@ class FeatureConfig:
         """Frequency rows per channel before cropping to whole patches."""
         if self.transform == "logmel":
             return self.n_mels
+        if self.transform == "subcarrier_db":
+            return self.channels
         lo, hi = self.stft_bin_range
         return hi - lo
 
@@ -96,9 +104,15 @@ class FeatureConfig:
         return (self.n_frames // self.patch_time) * self.patch_time
 
     @property
+    def image_channels(self) -> int:
+        """Channel blocks stacked along the image rows: ``channels``, except 1 for subcarrier_db
+        (there the channels are the frequency rows themselves)."""
+        return 1 if self.transform == "subcarrier_db" else self.channels
+
+    @property
     def image_shape(self) -> tuple[int, int]:
         """Shape (H, W) of the token image: channels stacked along frequency, frames along W."""
-        return self.channels * self.freq_rows, self.time_cols
+        return self.image_channels * self.freq_rows, self.time_cols
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -114,7 +128,7 @@ class FeatureConfig:
     @property
     def token_dim(self) -> int:
         """D: values per token (all channels of one patch)."""
-        return self.channels * self.patch_freq * self.patch_time
+        return self.image_channels * self.patch_freq * self.patch_time
 
     # ----------------------------------------------------------------- identity
     def to_dict(self) -> dict[str, Any]:
@@ -184,10 +198,13 @@ def _validate(cfg: FeatureConfig) -> None:
         raise _fail("window_s", "window_s * sample_rate_hz must be a whole number of samples")
     if cfg.transform not in TRANSFORMS:
         raise _fail("transform", f"must be one of {TRANSFORMS}, got {cfg.transform!r}")
-    if cfg.hop > cfg.n_fft:
-        raise _fail("hop", f"must be <= n_fft ({cfg.n_fft}), got {cfg.hop}")
-    if cfg.n_fft > cfg.window_samples:
-        raise _fail("n_fft", f"must be <= samples per window ({cfg.window_samples})")
+    if cfg.transform == "subcarrier_db":
+        _validate_subcarrier_db(cfg)
+    else:
+        if cfg.hop > cfg.n_fft:
+            raise _fail("hop", f"must be <= n_fft ({cfg.n_fft}), got {cfg.hop}")
+        if cfg.n_fft > cfg.window_samples:
+            raise _fail("n_fft", f"must be <= samples per window ({cfg.window_samples})")
     _validate_frequencies(cfg)
     _validate_quantization(cfg)
     if cfg.freq_rows == 0:
@@ -196,6 +213,17 @@ def _validate(cfg: FeatureConfig) -> None:
         raise _fail("patch_time", f"{cfg.patch_time} is larger than the {cfg.n_frames} frames")
     if max(cfg.image_shape) > 65535:
         raise _fail("n_fft", f"token image {cfg.image_shape} exceeds 65535 on a side")
+
+
+def _validate_subcarrier_db(cfg: FeatureConfig) -> None:
+    # The mean amplitude level is the information (path loss, walls): a detrend or a band-pass
+    # across packets would remove it.
+    if cfg.detrend:
+        raise _fail("detrend", "must be false for subcarrier_db (it would remove the amplitude level)")
+    if cfg.bandpass_hz is not None:
+        raise _fail("bandpass_hz", "must be unset for subcarrier_db (amplitudes are averaged, not filtered)")
+    if cfg.hop > cfg.window_samples:
+        raise _fail("hop", f"must be <= packets per window ({cfg.window_samples}), got {cfg.hop}")
 
 
 def _validate_frequencies(cfg: FeatureConfig) -> None:
@@ -230,7 +258,8 @@ def _validate_quantization(cfg: FeatureConfig) -> None:
 
 
 # Defaults follow the papers: 2 s windows in the parking lot (log-mel audio, STFT geophone),
-# 30.72 s STFT with a 2-35 Hz band-pass for regional seismic, 4 s at 50 Hz for body IMUs.
+# 30.72 s STFT with a 2-35 Hz band-pass for regional seismic, 4 s at 50 Hz for body IMUs,
+# 2 s of 50 packets/s for indoor Wi-Fi CSI (AEMP-like: low packet rates of an ISAC platform).
 PRESETS: dict[str, FeatureConfig] = {
     # 16 kHz, 2 s -> 64 mel x 64 frames -> 32 tokens of 8x16 (D=128)
     "parking_lot_microphone": FeatureConfig(
@@ -252,6 +281,12 @@ PRESETS: dict[str, FeatureConfig] = {
     "har_imu": FeatureConfig(
         sample_rate_hz=50, channels=3, window_s=4.0, transform="stft", n_fft=32, hop=10,
         fmin_hz=0.0, fmax_hz=25.0, bandpass_hz=None, detrend=False, patch_freq=4, patch_time=5,
+    ),
+    # Wi-Fi CSI: 50 packets/s, 32 subcarriers, 2 s -> 32 subcarriers x 25 frames of 4 packets
+    # -> 20 tokens of 8x5 (grid 4 x 5, D=40). 60 dB per window keeps deep fades above the floor.
+    "indoor_csi": FeatureConfig(
+        sample_rate_hz=50, channels=32, window_s=2.0, transform="subcarrier_db", n_fft=4, hop=4,
+        detrend=False, patch_freq=8, patch_time=5, dynamic_range_db=60.0,
     ),
 }
 

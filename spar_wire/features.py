@@ -7,6 +7,9 @@ Pipeline for one node, one modality, one window::
 
 The token image is what travels on the wire (quantized to uint8 and compressed); patching is a
 pure reshape of it, so image codecs see the 2-D spectrogram and its spatial correlation.
+
+For Wi-Fi CSI (``transform = "subcarrier_db"``) the samples are already per frequency: C = K
+subcarrier amplitudes over S packets, and the image is [K, T] with no channel stacking.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ def compute_token_image(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
         samples: [C, S] raw samples (C = cfg.channels, S = cfg.window_samples); a 1-D array
             is accepted when C == 1.
     Returns:
-        [C * cfg.freq_rows, cfg.time_cols] float32 in dB, channels stacked along rows.
+        [C * cfg.freq_rows, cfg.time_cols] float32 in dB, channels stacked along rows
+        ([cfg.freq_rows, cfg.time_cols] for subcarrier_db, see :func:`subcarrier_db_image`).
     """
     x = _check_samples(samples, cfg)
+    if cfg.transform == "subcarrier_db":
+        return subcarrier_db_image(x, cfg)
     if cfg.detrend:
         x = _detrend_linear(x)
     if cfg.bandpass_hz is not None:
@@ -45,6 +51,20 @@ def compute_token_image(samples: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     return image.reshape(cfg.image_shape).astype(np.float32)
 
 
+def subcarrier_db_image(amplitudes: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """CSI amplitudes [K, S] (K subcarriers, S packets, linear) -> [cfg.freq_rows, cfg.time_cols]
+    float32: 20 log10 of the mean magnitude |x| of each run of ``hop`` packets (CSI amplitudes are
+    >= 0 already; the magnitude makes any signed input well defined).
+
+    Averaging amplitude (not dB) before the log keeps a deep fade on one packet from dominating
+    a frame; the floor ``power_floor_db`` keeps an all-zero frame finite.
+    """
+    rows, cols, hop = cfg.freq_rows, cfg.time_cols, cfg.hop
+    frames = np.abs(amplitudes[:rows, : cols * hop]).reshape(rows, cols, hop).mean(axis=-1)
+    image = 20.0 * np.log10(np.maximum(frames, 10.0 ** (cfg.power_floor_db / 20.0)))
+    return image.astype(np.float32)
+
+
 def patchify(image: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     """Cut a token image into tokens.
 
@@ -52,11 +72,12 @@ def patchify(image: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
         image: [C * F, T] token image (any dtype).
     Returns:
         [m, D] tokens, m = cfg.n_tokens in frequency-major order (row of patches, then column),
-        D = C * patch_freq * patch_time with the channel as the slowest axis.
+        D = C * patch_freq * patch_time with the channel as the slowest axis (C =
+        cfg.image_channels: 1 for subcarrier_db).
     """
     if image.shape != cfg.image_shape:
         raise WireError("shape_mismatch", f"token image {image.shape} != {cfg.image_shape}")
-    c, pf, pt = cfg.channels, cfg.patch_freq, cfg.patch_time
+    c, pf, pt = cfg.image_channels, cfg.patch_freq, cfg.patch_time
     gf, gt = cfg.patch_grid
     x = image.reshape(c, gf, pf, gt, pt).transpose(1, 3, 0, 2, 4)
     return x.reshape(gf * gt, c * pf * pt)
@@ -66,7 +87,7 @@ def unpatchify(tokens: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     """Inverse of :func:`patchify`: tokens [m, D] -> token image [C * F, T]."""
     if tokens.shape != (cfg.n_tokens, cfg.token_dim):
         raise WireError("shape_mismatch", f"tokens {tokens.shape} != {(cfg.n_tokens, cfg.token_dim)}")
-    c, pf, pt = cfg.channels, cfg.patch_freq, cfg.patch_time
+    c, pf, pt = cfg.image_channels, cfg.patch_freq, cfg.patch_time
     gf, gt = cfg.patch_grid
     x = tokens.reshape(gf, gt, c, pf, pt).transpose(2, 0, 3, 1, 4)
     return x.reshape(cfg.image_shape)

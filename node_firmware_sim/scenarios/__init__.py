@@ -18,6 +18,7 @@ SCENARIOS = {
     "parking_lot": "node_firmware_sim.scenarios.parking_lot:ParkingLotScenario",
     "earthquakes": "node_firmware_sim.scenarios.earthquakes:EarthquakeScenario",
     "body_har": "node_firmware_sim.scenarios.body_har:BodyHarScenario",
+    "indoor_csi": "node_firmware_sim.scenarios.indoor_csi:IndoorCsiScenario",
     "sine": "node_firmware_sim.scenarios.sine:SineScenario",
 }
 

@@ -14,6 +14,7 @@ PINNED_HASHES = {
     "parking_lot_geophone": "b1614c8eca678997",
     "ridgecrest_seismic": "a372d492084a2c0f",
     "har_imu": "971fab294e997d3d",
+    "indoor_csi": "e841e31d59cfcbeb",
 }
 
 EXPECTED_SHAPES = {  # (image H, image W, m tokens, D)
@@ -21,6 +22,7 @@ EXPECTED_SHAPES = {  # (image H, image W, m tokens, D)
     "parking_lot_geophone": (32, 16, 16, 32),
     "ridgecrest_seismic": (120, 48, 30, 192),
     "har_imu": (48, 20, 16, 60),
+    "indoor_csi": (32, 25, 20, 40),
 }
 
 
