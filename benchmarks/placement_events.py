@@ -114,11 +114,9 @@ class EventOutcome:
 
 
 def analyze_events(events: list[PlacementEvent], matched: list[tuple[dict[str, Any], dict[str, Any]]],
-                   placements: dict[int, dict[str, list[float]]], window_s: float,
-                   score: Any) -> list[EventOutcome]:
+                   window_s: float, score: Any) -> list[EventOutcome]:
     """Per event (in time order), from the (stored result, truth record) pairs of the trial.
 
-    ``placements``: stored window start (ns) -> node id -> the position its tensor used (metres).
     ``score(pairs)``: the headline metrics of some pairs (the report's scoring).
     """
     ordered = sorted(events, key=lambda e: e.at_s)
@@ -128,7 +126,7 @@ def analyze_events(events: list[PlacementEvent], matched: list[tuple[dict[str, A
     for i, event in enumerate(ordered):
         begin, end = (starts[i - 1] if i else 0), starts[i + 1]
         first = next((t["window"] for r, t in by_window if t["window"] >= starts[i]
-                      and _includes(event, r, placements)), None)
+                      and _includes(event, r)), None)
         between = [r for r, t in by_window if starts[i] <= t["window"] < (first if first is not None else end)]
         before = [(r, t) for r, t in by_window if begin <= t["window"] < starts[i]]
         after = [] if first is None else [(r, t) for r, t in by_window if first <= t["window"] < end]
@@ -140,23 +138,18 @@ def analyze_events(events: list[PlacementEvent], matched: list[tuple[dict[str, A
     return outcomes
 
 
-def _includes(event: PlacementEvent, result: dict[str, Any], placements: dict[int, dict[str, list[float]]]) -> bool:
+def _includes(event: PlacementEvent, result: dict[str, Any]) -> bool:
     """Whether this stored window used the event: the joined node's tokens / the moved node's new place."""
     if event.kind == "join":
         return any(event.node in nodes for nodes in result.get("present", {}).values())
-    position = result_positions(result, placements).get(event.node)
+    position = result_positions(result).get(event.node)
     return position is not None and np.allclose(position, event.position, atol=POSITION_TOLERANCE_M)
 
 
-def result_positions(result: dict[str, Any], placements: dict[int, dict[str, list[float]]]) -> dict[str, list[float]]:
-    """Node id -> position (metres) the window's placement tensor used.
-
-    From the stored result when it records ``positions`` ([N, d_S], node order of ``nodes``); else
-    from the trial's record of the assembled windows (``placements.jsonl``).
-    """
-    if "positions" in result:
-        return dict(zip(result.get("nodes", []), result["positions"], strict=False))
-    return placements.get(int(result["window_start_ns"]), {})
+def result_positions(result: dict[str, Any]) -> dict[str, list[float]]:
+    """Node id -> position (metres) the window's placement tensor used (the stored result's
+    ``positions`` [N, d_S], in the node order of ``nodes``)."""
+    return dict(zip(result.get("nodes", []), result.get("positions", []), strict=False))
 
 
 # --------------------------------------------------------------------------- formatting

@@ -12,7 +12,6 @@ leaves a consistent folder:
     results.sqlite3  the aggregator's results, exactly as it stores them in the field
     field.json       the nodes' counters (messages, bytes, outage buffer, PUBACKs)
     aggregator.json  the aggregator's counters (accepted, rejected by reason, late, duplicates, ...)
-    placements.jsonl per window the aggregator assembled: the nodes and positions its tensor used
 
 Placement events (``TrialConfig.events``; see ``benchmarks.placement_events``) let nodes join or move
 while the trial runs; they are checked against the site and the model before anything starts.
@@ -33,7 +32,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from benchmarks.errors import BenchError
 from benchmarks.placement_events import check_events, parse_event
@@ -46,7 +45,7 @@ from node_firmware_sim.link_model import LinkConfig, load_link_config
 from node_firmware_sim.scenarios import SCENARIOS
 from spar_wire.codecs import CodecSpec
 from spar_wire.errors import WireError
-from spar_wire.model_manifest import POSITIONS_INPUT, load_manifest
+from spar_wire.model_manifest import load_manifest
 from spar_wire.mqtt_settings import PROTOCOLS, MqttSettings
 from spar_wire.site_layout import SiteLayout, load_site_layout
 
@@ -57,7 +56,6 @@ DEFAULT_MODEL = REPO / "models" / "parking_lot" / "manifest.json"
 # The files of a trial folder (see the module docstring).
 CONFIG_FILE, LINK_LOG, TRUTH_LOG = "config.json", "link.jsonl", "truth.jsonl"
 DATABASE, FIELD_FILE, AGGREGATOR_FILE = "results.sqlite3", "field.json", "aggregator.json"
-PLACEMENT_LOG = "placements.jsonl"
 
 
 @dataclass(frozen=True)
@@ -184,10 +182,7 @@ def run_trial(config: TrialConfig, monitor: TrialMonitor | None = None,
     with contextlib.ExitStack() as stack:
         broker_label, mqtt = _open_broker(config, folder, stack)
         progress(f"broker: {broker_label}")
-        # Opened before the aggregator starts, so it closes after the aggregator's last window.
-        placement_log = stack.enter_context(open(folder / PLACEMENT_LOG, "w"))
         aggregator = _start_aggregator(config, folder, mqtt, stack)
-        _record_placements(aggregator, placement_log)
         monitor.aggregator = aggregator
         monitor.stage = "running"
         field_config = _field_config(config, layout, link, mqtt, folder)
@@ -229,7 +224,7 @@ def _prepare_folder(config: TrialConfig) -> Path:
     if (folder / CONFIG_FILE).exists():
         if not config.overwrite:
             raise BenchError(f"{folder} already holds a trial; choose another --out or pass --overwrite")
-        for name in (CONFIG_FILE, LINK_LOG, TRUTH_LOG, DATABASE, FIELD_FILE, AGGREGATOR_FILE, PLACEMENT_LOG,
+        for name in (CONFIG_FILE, LINK_LOG, TRUTH_LOG, DATABASE, FIELD_FILE, AGGREGATOR_FILE,
                      DATABASE + "-wal", DATABASE + "-shm"):
             (folder / name).unlink(missing_ok=True)
     # A broker's persistence left by an earlier trial here would resume that trial's sessions and
@@ -292,27 +287,6 @@ def _max_nodes(manifest_path: Path) -> int:
         return load_manifest(manifest_path).node_range[1]
     except WireError as exc:
         raise BenchError(f"model: {exc}") from None
-
-
-def _record_placements(aggregator: Any, log: TextIO) -> None:
-    """Log the nodes and positions of every window the aggregator assembled (``placements.jsonl``).
-
-    The stored result names the nodes but not their positions; what the tensor used is what a move
-    changes. The inference worker hands every window it is done with to ``release``: we listen there,
-    in the worker's thread, before the window's messages are acknowledged.
-    """
-    release = aggregator.worker.release
-
-    def recording_release(window: Any, acknowledge: bool = True) -> None:
-        record = {"window_start_ns": window.window_start_ns, "nodes": list(window.node_ids),
-                  "positions": window.inputs[POSITIONS_INPUT].tolist()}
-        try:
-            log.write(json.dumps(record) + "\n")
-        except OSError:  # a full disk must not fail the window: the log is evidence, not the result
-            pass
-        release(window, acknowledge)
-
-    aggregator.worker.release = recording_release
 
 
 def _quiet_stop(aggregator: Any) -> None:

@@ -9,7 +9,7 @@ time, also from a trial that was interrupted. Each count has one source:
   ``aggregator.json`` (late, duplicate, rejected messages);
 * what was true: ``truth.jsonl``;
 * placement events (nodes joining or moving): the events in ``config.json``, the stored windows'
-  nodes, and the positions their tensors used (``placements.jsonl``).
+  nodes, and the positions their tensors used (recorded in every stored result).
 
 End-to-end latency is node sample time -> result stored: the true wall-clock time at which window
 k was complete (trial start + (k + 1) x window / speed) to the row's ``created_ns``. Task metrics
@@ -30,7 +30,7 @@ import numpy as np
 from benchmarks.errors import BenchError
 from benchmarks.machine import describe_machine
 from benchmarks.placement_events import EventOutcome, analyze_events, events_markdown, parse_event
-from benchmarks.trial import AGGREGATOR_FILE, CONFIG_FILE, DATABASE, FIELD_FILE, LINK_LOG, PLACEMENT_LOG, TRUTH_LOG
+from benchmarks.trial import AGGREGATOR_FILE, CONFIG_FILE, DATABASE, FIELD_FILE, LINK_LOG, TRUTH_LOG
 from spar_wire.errors import WireError
 from spar_wire.model_manifest import load_manifest
 from spar_wire.site_layout import SiteLayout, load_site_layout
@@ -257,8 +257,7 @@ def analyze_trial(folder: str | Path) -> TrialReport:
     scored = _scores(manifest, matched)
     complete = [(r, t) for r, t in matched if r.get("complete")]
     events = analyze_events([parse_event(e, "config.json events") for e in config.get("events") or []], matched,
-                            _read_placements(folder / PLACEMENT_LOG), window_s,
-                            lambda pairs: _headline_scores(manifest, pairs))
+                            window_s, lambda pairs: _headline_scores(manifest, pairs))
     return TrialReport(
         folder=folder, config=config, machine=describe_machine(), model=f"{manifest.name}@{manifest.version}",
         window_s=window_s, speed=speed, interrupted=field_data is None, traffic=traffic,
@@ -305,12 +304,6 @@ def _read_results(path: Path) -> list[dict[str, Any]]:
 
     with ResultStore(path, readonly=True) as store:
         return store.query(limit=None, newest_first=False)
-
-
-def _read_placements(path: Path) -> dict[int, dict[str, list[float]]]:
-    """Window start (ns) -> node id -> position its tensor used, from ``placements.jsonl``."""
-    return {int(r["window_start_ns"]): dict(zip(r["nodes"], r["positions"], strict=True))
-            for r in _read_jsonl(path)}
 
 
 def _window_s(layout: SiteLayout) -> float:

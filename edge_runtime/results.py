@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.window_assembler import AssembledWindow
-from spar_wire.model_manifest import ModelManifest
+from spar_wire.model_manifest import POSITIONS_INPUT, ModelManifest
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ def build_result(site: str, window: AssembledWindow, outputs: dict[str, np.ndarr
         "model": f"{manifest.name}@{manifest.version}",
         "task": manifest.task,
         "nodes": list(window.node_ids),
+        # [N, d_S] metres, the positions the placement tensor used (a moved node's new place, a
+        # joined node's birth position): what the result means depends on them
+        "positions": np.asarray(window.inputs[POSITIONS_INPUT]).round(4).tolist(),
         "nodes_present": window.nodes_present,
         "present": {m: list(nodes) for m, nodes in window.present.items()},
         "complete": window.complete,

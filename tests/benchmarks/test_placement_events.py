@@ -42,8 +42,7 @@ def events_trial(tmp_path_factory):
     assert not outcome.interrupted
     with ResultStore(out / "results.sqlite3", readonly=True) as store:
         rows = store.query(limit=None, newest_first=False)
-    placements = {r["window_start_ns"]: dict(zip(r["nodes"], r["positions"], strict=True))
-                  for r in map(json.loads, (out / "placements.jsonl").read_text().splitlines())}
+    placements = {r["window_start_ns"]: dict(zip(r["nodes"], r["positions"], strict=True)) for r in rows}
     start_ns = outcome.field.start_epoch_ns
     return analyze_trial(out), rows, placements, start_ns
 
