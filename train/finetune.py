@@ -116,7 +116,8 @@ def head_settings(name: str, task: str, encoder_cfg: SparConfig, windows: Window
     plan = floor_plan_from_source(windows.source)
     if plan is None:
         raise TrainError("the map head needs a floor plan in the dataset (the indoor_csi scenario records one)")
-    return {"legal_grid": plan.legal_grid(LEGAL_CELL_M).to_dict()}
+    grid = plan.legal_grid(LEGAL_CELL_M)
+    return {"legal_grid": {"grid": grid.mask.astype(int).tolist(), "origin": list(grid.origin), "cell_m": grid.cell_m}}
 
 
 def build_head(name: str, task: str, d: int, n_classes: int, out_dims: int, kwargs: dict[str, Any]) -> nn.Module:
