@@ -13,6 +13,7 @@ process sees with batch size 2B, step by step.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -287,8 +288,7 @@ def drop_nodes(batch: Batch, rate: float, generator: torch.Generator, *, per_mod
         lost = (draw() if per_modality else shared).to(batch.present[name].device)
         present[name] = batch.present[name] & ~lost
         tokens[name] = batch.tokens[name] * present[name][:, :, None, None].to(batch.tokens[name].dtype)
-    return Batch(tokens=tokens, present=present, positions=batch.positions, node_index=batch.node_index,
-                 label=batch.label, target_class=batch.target_class, target_position=batch.target_position)
+    return dataclasses.replace(batch, tokens=tokens, present=present)
 
 
 # --------------------------------------------------------------------------- internals

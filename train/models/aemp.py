@@ -396,7 +396,7 @@ class AempPretrainer(nn.Module):
 
         return Batch({k: take(t) for k, t in batch.tokens.items()}, {k: take(t) for k, t in batch.present.items()},
                      take(batch.positions), take(batch.node_index), repeat(batch.label), repeat(batch.target_class),
-                     repeat(batch.target_position))
+                     repeat(batch.target_position), None if batch.node_text is None else take(batch.node_text))
 
     def mask(self, views: Batch, noise: AempNoise) -> dict[str, MaskResult]:
         """Span masks of every view-sample: modality -> MaskResult with masked [B', L].
