@@ -1,0 +1,308 @@
+"""``spar-bench objectives --dataset har|csi``: every pretraining objective on the data of the
+alternative objectives' papers, on the same backbone and budget.
+
+* har: simulated body-worn IMUs (configs/sites/body_har.toml, 6 positions x acc/gyro/mag), activity
+  classification: accuracy and macro-F1 with 0 / 5 / 10 / 15 % of the (node, sensor) streams of each
+  window missing at test time (RobustHAR's robustness table), at label ratios 1.0 and 0.15.
+* csi: simulated indoor Wi-Fi CSI (configs/sites/indoor_csi.toml, 7 access points), device
+  localization: median and 90th-percentile error in metres (AEMP's metric), same missing rates
+  (access points whose packets did not arrive).
+
+Every objective's encoder is pretrained on the training windows and frozen under the default head
+(linear classifier / one-block localizer), so the rows compare objectives, not heads. Two extra rows
+give each paper its own fine-tuning: RobustHAR with its multi-scale fusion head, and AEMP with the
+map-aware localizer and layer-wise fine-tuning (encoder unfrozen, so it gets the end-to-end budget).
+"Supervised" trains encoder + head from scratch on the labelled windows. Finished jobs are remembered
+in ``<workdir>/jobs.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.errors import BenchError
+from benchmarks.machine import describe_machine
+from benchmarks.objectives import _finished_jobs, _row
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    site: str  # file under configs/sites
+    scenario: str
+    task: str  # classify | localize
+    metrics: tuple[str, ...]  # headline metrics of the task (train.metrics.summarize names)
+    description: str
+
+
+DATASETS = {
+    "har": DatasetSpec("body_har.toml", "body_har", "classify", ("accuracy", "macro_f1"),
+                       "simulated body-worn IMUs: 6 positions x accelerometer, gyroscope, magnetometer; "
+                       "activity classification"),
+    "csi": DatasetSpec("indoor_csi.toml", "indoor_csi", "localize", ("median_distance", "p90_distance"),
+                       "simulated indoor Wi-Fi CSI: 7 access points, 32 subcarriers; device localization in a "
+                       "20 m x 12 m office"),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    objective: str  # pretraining objective ("supervised": none, encoder trained from scratch)
+    head: str = ""  # fine-tuning head variant ("" = the task's default)
+    layerwise: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "supervised": Method("supervised"),
+    "mae": Method("mae"),
+    "spar": Method("spar"),
+    "robusthar": Method("robusthar"),
+    "aemp": Method("aemp"),
+    "robusthar + fusion head": Method("robusthar", head="fusion"),
+    "aemp + map head, layer-wise": Method("aemp", head="map", layerwise=True),
+}
+EXTRA_ROW = {"har": "robusthar + fusion head", "csi": "aemp + map head, layer-wise"}
+
+
+@dataclass(frozen=True)
+class DatasetObjectivesConfig:
+    dataset: str = "har"
+    workdir: Path = Path("benchmarks/.work/objectives")
+    windows: int = 800
+    pretrain_epochs: int = 6
+    head_steps: int = 500  # frozen-encoder heads (lr 3e-3)
+    end_to_end_steps: int = 150  # supervised and layer-wise runs: the encoder trains too (lr 1e-3)
+    batch_size: int = 32
+    lr: float = 1e-3
+    label_ratios: tuple[float, ...] = (1.0, 0.15)
+    missing_rates: tuple[float, ...] = (0.0, 0.05, 0.10, 0.15)
+    seeds: tuple[int, ...] = (0,)
+    model: dict[str, Any] = field(default_factory=dict)  # SparConfig overrides for every encoder
+    # AEMP encodes one batch per view (N-1 of the top-N APs); two views per step keep its cost near
+    # the others' on two CPU cores. --full uses every view, as the paper.
+    aemp_params: dict[str, Any] = field(default_factory=lambda: {"views_per_step": 2})
+
+    @classmethod
+    def full(cls, **changes: Any) -> DatasetObjectivesConfig:
+        return replace(cls(windows=3000, pretrain_epochs=30, head_steps=1500, end_to_end_steps=1000,
+                           seeds=(0, 1, 2), aemp_params={}), **changes)
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return DATASETS[self.dataset]
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return ("supervised", "mae", "spar", "robusthar", "aemp", EXTRA_ROW[self.dataset])
+
+    def budget(self) -> str:
+        return (f"{self.windows} windows (75 % train / 25 % validation, temporal split); pretraining "
+                f"{self.pretrain_epochs} epochs (lr {self.lr:g}); frozen-encoder heads {self.head_steps} steps "
+                f"(lr 3e-3); from scratch and layer-wise {self.end_to_end_steps} steps (lr 1e-3); batch "
+                f"{self.batch_size}; label ratios {list(self.label_ratios)}; seeds {list(self.seeds)}")
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: str  # pretrain | finetune
+    method: str
+    seed: int
+    ratio: float = 1.0
+
+    def key(self, dataset: str) -> str:
+        if self.kind == "pretrain":
+            return f"{dataset}/pretrain/{METHODS[self.method].objective}/seed{self.seed}"
+        return f"{dataset}/finetune/{self.method}/{self.ratio:g}/seed{self.seed}"
+
+
+def plan(cfg: DatasetObjectivesConfig) -> list[Job]:
+    jobs: list[Job] = []
+    for seed in cfg.seeds:
+        pretrained = dict.fromkeys(METHODS[m].objective for m in cfg.methods if m != "supervised")
+        jobs += [Job("pretrain", next(m for m in cfg.methods if METHODS[m].objective == o), seed) for o in pretrained]
+        jobs += [Job("finetune", m, seed, r) for m in cfg.methods for r in cfg.label_ratios]
+    return jobs
+
+
+def ensure_dataset(cfg: DatasetObjectivesConfig, progress: Callable[[str], None]) -> Path:
+    from node_firmware_sim.dataset import DatasetSpec as ExportSpec
+    from node_firmware_sim.dataset import export_dataset
+
+    out = cfg.workdir / f"{cfg.dataset}-{cfg.windows}"
+    if not (out / "dataset.json").exists():
+        progress(f"generating {cfg.windows} {cfg.spec.scenario} windows -> {out}")
+        spec = ExportSpec(site=str(REPO / "configs" / "sites" / cfg.spec.site), scenario=cfg.spec.scenario,
+                          windows=cfg.windows, seed=2024, shard_size=500)
+        export_dataset(spec, out, workers=2, overwrite=True)
+    return out
+
+
+def run_job(job: Job, cfg: DatasetObjectivesConfig, data: Path) -> dict[str, Any]:
+    from train.finetune import run_finetune
+    from train.pretrain import run_pretrain
+    from train.run_config import FinetuneConfig, PretrainConfig
+
+    method = METHODS[job.method]
+    run_dir = cfg.workdir / "runs" / job.key(cfg.dataset)
+    started = time.monotonic()
+    if job.kind == "pretrain":
+        model = dict(cfg.model)
+        if method.objective == "aemp" and cfg.aemp_params:
+            model["objective_params"] = dict(cfg.aemp_params)
+        result = run_pretrain(PretrainConfig(
+            data=str(data), out=str(run_dir), objective=method.objective, epochs=cfg.pretrain_epochs,
+            batch_size=cfg.batch_size, lr=cfg.lr, seed=job.seed, progress=False, model=model))
+        return {"val_loss": result.val_loss, "seconds": time.monotonic() - started}
+    scratch = method.objective == "supervised"
+    end_to_end = scratch or method.layerwise
+    encoder = None if scratch else str(cfg.workdir / "runs" / Job("pretrain", job.method, job.seed).key(cfg.dataset))
+    result = run_finetune(FinetuneConfig(
+        data=str(data), out=str(run_dir), task=cfg.spec.task, encoder=encoder, label_ratio=job.ratio,
+        steps=cfg.end_to_end_steps if end_to_end else cfg.head_steps, batch_size=cfg.batch_size,
+        lr=1e-3 if end_to_end else 3e-3, seed=job.seed, progress=False, head=method.head,
+        layerwise=method.layerwise, model=dict(cfg.model) if scratch else {}))
+    return {"missing": missing_data_metrics(result.checkpoint, data, cfg), "seconds": time.monotonic() - started,
+            "train_windows": result.train_windows}
+
+
+def missing_data_metrics(checkpoint: Path, data: Path, cfg: DatasetObjectivesConfig) -> dict[str, dict[str, float]]:
+    """Validation metrics with each (node, modality) stream of a window lost at each missing rate
+    (the same losses for every method: a fixed generator per rate)."""
+    import torch
+
+    from train.data import drop_nodes, load_windows, temporal_split
+    from train.finetune import evaluate, load_task_model, task_indices
+
+    model, _ = load_task_model(checkpoint)
+    windows = load_windows(data, progress=False)
+    _, val_idx = temporal_split(len(windows), 0.25)
+    val_idx = task_indices(windows, cfg.spec.task, val_idx)
+    out = {}
+    for rate in cfg.missing_rates:
+        generator = torch.Generator().manual_seed(7)
+        transform = (lambda batch, r=rate, g=generator: drop_nodes(batch, r, g, per_modality=True)) if rate else None
+        out[f"{rate:g}"] = evaluate(model, windows, val_idx, cfg.batch_size, torch.device("cpu"), transform)
+    return out
+
+
+def run_dataset_objectives(cfg: DatasetObjectivesConfig, progress: Callable[[str], None] = print
+                           ) -> DatasetObjectivesReport:
+    """Run (or resume) every job of ``plan(cfg)`` and return the report."""
+    check_config(cfg)
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    data = ensure_dataset(cfg, progress)
+    ledger = cfg.workdir / "jobs.jsonl"
+    done = _finished_jobs(ledger)
+    jobs = plan(cfg)
+    settings = job_settings(cfg)
+    started = time.monotonic()
+    results: dict[str, dict[str, Any]] = {}
+    for n, job in enumerate(jobs, 1):
+        key = job.key(cfg.dataset)
+        if (key, settings) in done:
+            results[key] = done[key, settings]
+            continue
+        progress(f"[{n}/{len(jobs)}] {key} ({(time.monotonic() - started) / 60:.1f} min so far)")
+        results[key] = run_job(job, cfg, data)
+        with open(ledger, "a") as f:
+            f.write(json.dumps({"settings": settings, "key": key, "result": results[key]}) + "\n")
+    return DatasetObjectivesReport(cfg, results, describe_machine({}))
+
+
+def job_settings(cfg: DatasetObjectivesConfig) -> str:
+    values = asdict(cfg)
+    keys = ["dataset", "windows", "pretrain_epochs", "head_steps", "end_to_end_steps", "batch_size", "lr", "model",
+            "aemp_params", "missing_rates"]
+    return json.dumps({k: values[k] for k in keys}, sort_keys=True, default=str)
+
+
+def check_config(cfg: DatasetObjectivesConfig) -> None:
+    if cfg.dataset not in DATASETS:
+        raise BenchError(f"unknown dataset {cfg.dataset!r}; known: parking, {', '.join(DATASETS)}")
+    if cfg.windows < 80:
+        raise BenchError("--windows must be >= 80")
+    if any(not 0 < r <= 1 for r in cfg.label_ratios) or any(not 0 <= r < 1 for r in cfg.missing_rates):
+        raise BenchError("label ratios must be in (0, 1] and missing rates in [0, 1)")
+
+
+@dataclass
+class DatasetObjectivesReport:
+    cfg: DatasetObjectivesConfig
+    results: dict[str, dict[str, Any]]
+    machine: str
+
+    def metric(self, method: str, ratio: float, rate: float, name: str) -> tuple[float, float]:
+        """Mean and standard deviation over seeds."""
+        values = [float(self.results[Job("finetune", method, s, ratio).key(self.cfg.dataset)]["missing"][f"{rate:g}"]
+                        [name]) for s in self.cfg.seeds]
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per method: every metric at every (label ratio, missing rate)."""
+        rows = []
+        for method in self.cfg.methods:
+            row: dict[str, Any] = {"method": method}
+            for ratio in self.cfg.label_ratios:
+                for rate in self.cfg.missing_rates:
+                    for name in self.cfg.spec.metrics:
+                        row[f"{name}@labels{ratio:g}/missing{rate:g}"] = self.metric(method, ratio, rate, name)[0]
+            rows.append(row)
+        return rows
+
+    def to_markdown(self) -> str:
+        cfg, spec = self.cfg, self.cfg.spec
+        first, fmt = spec.metrics[0], ("{:.3f}" if spec.task == "classify" else "{:.2f}")
+        unit = "" if spec.task == "classify" else " (m, lower is better)"
+        lines = [f"# spar-bench objectives --dataset {cfg.dataset}", "", f"machine: {self.machine}", "",
+                 f"data: {spec.description}", "", f"budget: {cfg.budget()}; total "
+                 f"{sum(r.get('seconds', 0) for r in self.results.values()) / 60:.1f} min of training", ""]
+        for ratio in cfg.label_ratios:
+            lines += [f"## {first.replace('_', ' ')}{unit}, label ratio {ratio:g}, by share of missing streams", ""]
+            head = ["method"] + [f"{rate * 100:g} % missing" for rate in cfg.missing_rates] + \
+                   [f"{spec.metrics[1].replace('_', ' ')} @0 %"]
+            lines += [_row(head), _row(["---"] * len(head))]
+            for method in cfg.methods:
+                cells = [method] + [self._cell(method, ratio, rate, first, fmt) for rate in cfg.missing_rates]
+                cells.append(self._cell(method, ratio, 0.0, spec.metrics[1], fmt))
+                lines.append(_row(cells))
+            lines.append("")
+        lines += ["Missing streams: each (node, sensor) token message of a validation window is dropped with the "
+                  "given probability (the same drops for every method), as the aggregator would assemble a window "
+                  "whose messages did not arrive.", "",
+                  f"Reproduce: `spar-bench objectives --dataset {cfg.dataset}` (add `--full` for the longer "
+                  "budget).", ""]
+        return "\n".join(lines)
+
+    def _cell(self, method: str, ratio: float, rate: float, name: str, fmt: str) -> str:
+        mean, std = self.metric(method, ratio, rate, name)
+        return fmt.format(mean) + (f" ± {fmt.format(std)}" if len(self.cfg.seeds) > 1 else "")
+
+    def plot(self, path: Path) -> None:
+        """Headline metric against the share of missing streams, one line per method."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cfg = self.cfg
+        name = cfg.spec.metrics[0]
+        fig, axes = plt.subplots(1, len(cfg.label_ratios), figsize=(6 * len(cfg.label_ratios), 4), squeeze=False)
+        for ax, ratio in zip(axes[0], cfg.label_ratios, strict=True):
+            for method in cfg.methods:
+                values = [self.metric(method, ratio, rate, name)[0] for rate in cfg.missing_rates]
+                ax.plot([r * 100 for r in cfg.missing_rates], values, marker="o", label=method)
+            ax.set_xlabel("missing streams (%)")
+            ax.set_ylabel(name.replace("_", " ") + (" (m)" if cfg.spec.task == "localize" else ""))
+            ax.set_title(f"{cfg.dataset}: label ratio {ratio:g}")
+        axes[0][-1].legend(fontsize=8)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
