@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                         "encoders pretrained on B and with layout A. Target: unseen error <= 1.2x. Writes "
                         "placement.md/.json/.png. About 40 min on 2 idle cores with the defaults; finished jobs "
                         "are remembered, so an interrupted run resumes.")
-    pl.add_argument("--full", action="store_true", help="longer budget: 4000 + 1600 windows, 40 epochs, 3 seeds")
-    pl.add_argument("--windows-a", type=int, help="layout A windows (default 1600; --full 4000)")
-    pl.add_argument("--windows-b", type=int, help="layout B windows (default 800; --full 1600)")
+    pl.add_argument("--full", action="store_true", help="longer budget: 3000 windows per layout, 40 epochs, 3 seeds")
+    pl.add_argument("--windows-a", type=int, help="layout A windows (default 1200; --full 3000)")
+    pl.add_argument("--windows-b", type=int, help="layout B windows (default 1200; --full 3000)")
     pl.add_argument("--pretrain-epochs", type=int, help="default 10 (--full 40)")
     pl.add_argument("--head-steps", type=int, help="localization head steps (default 700; --full 1500)")
     pl.add_argument("--seeds", type=int, help="number of seeds (default 1; --full 3)")

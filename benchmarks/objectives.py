@@ -164,6 +164,24 @@ def _finished_jobs(ledger: Path) -> dict[tuple[str, str], dict[str, Any]]:
     return done
 
 
+def run_ledger(jobs: list[tuple[str, Any]], settings: str, ledger: Path, run: Callable[[Any], dict[str, Any]],
+               progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Run every (key, job) not already in ``ledger`` with the same ``settings``; append each result
+    as it finishes (an interrupted benchmark resumes after its last finished job)."""
+    done = _finished_jobs(ledger)
+    started = time.monotonic()
+    results: dict[str, dict[str, Any]] = {}
+    for n, (key, job) in enumerate(jobs, 1):
+        if (key, settings) in done:
+            results[key] = done[key, settings]
+            continue
+        progress(f"[{n}/{len(jobs)}] {key} ({(time.monotonic() - started) / 60:.1f} min so far)")
+        results[key] = run(job)
+        with open(ledger, "a") as f:
+            f.write(json.dumps({"settings": settings, "key": key, "result": results[key]}) + "\n")
+    return results
+
+
 def _versions() -> dict[str, str]:
     import torch
 

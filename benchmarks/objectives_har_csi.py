@@ -28,7 +28,7 @@ from typing import Any
 
 from benchmarks.errors import BenchError
 from benchmarks.machine import describe_machine
-from benchmarks.objectives import _finished_jobs, _row
+from benchmarks.objectives import _row, _versions, run_ledger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,22 +198,9 @@ def run_dataset_objectives(cfg: DatasetObjectivesConfig, progress: Callable[[str
     check_config(cfg)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     data = ensure_dataset(cfg, progress)
-    ledger = cfg.workdir / "jobs.jsonl"
-    done = _finished_jobs(ledger)
-    jobs = plan(cfg)
-    settings = job_settings(cfg)
-    started = time.monotonic()
-    results: dict[str, dict[str, Any]] = {}
-    for n, job in enumerate(jobs, 1):
-        key = job.key(cfg.dataset)
-        if (key, settings) in done:
-            results[key] = done[key, settings]
-            continue
-        progress(f"[{n}/{len(jobs)}] {key} ({(time.monotonic() - started) / 60:.1f} min so far)")
-        results[key] = run_job(job, cfg, data)
-        with open(ledger, "a") as f:
-            f.write(json.dumps({"settings": settings, "key": key, "result": results[key]}) + "\n")
-    return DatasetObjectivesReport(cfg, results, describe_machine({}))
+    results = run_ledger([(job.key(cfg.dataset), job) for job in plan(cfg)], job_settings(cfg),
+                         cfg.workdir / "jobs.jsonl", lambda job: run_job(job, cfg, data), progress)
+    return DatasetObjectivesReport(cfg, results, describe_machine(_versions()))
 
 
 def job_settings(cfg: DatasetObjectivesConfig) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 
 from benchmarks.errors import BenchError
 from benchmarks.machine import describe_machine
-from benchmarks.objectives import _finished_jobs, _row
+from benchmarks.objectives import _row, _versions, run_ledger
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = REPO / "configs" / "sites"
@@ -49,8 +49,10 @@ TARGET_RATIO = 1.2
 @dataclass(frozen=True)
 class PlacementConfig:
     workdir: Path = Path("benchmarks/.work/placement")  # datasets, checkpoints, finished jobs
-    windows_a: int = 1600  # layout A windows (the last quarter validates)
-    windows_b: int = 800  # layout B windows
+    # Both layouts get the same number of windows, so the B-pretrained reference and the A encoder
+    # see as much pretraining data (the ratio must not flatter the unseen layout).
+    windows_a: int = 1200  # layout A windows (the last quarter validates)
+    windows_b: int = 1200  # layout B windows
     pretrain_epochs: int = 10
     head_steps: int = 700
     batch_size: int = 32
@@ -63,7 +65,7 @@ class PlacementConfig:
     @classmethod
     def full(cls, **changes: Any) -> PlacementConfig:
         """The longer budget of ``--full``: more data, longer training, three seeds."""
-        return replace(cls(windows_a=4000, windows_b=1600, pretrain_epochs=40, head_steps=1500, seeds=(0, 1, 2)),
+        return replace(cls(windows_a=3000, windows_b=3000, pretrain_epochs=40, head_steps=1500, seeds=(0, 1, 2)),
                        **changes)
 
     def budget(self) -> str:
@@ -141,20 +143,8 @@ def run_placement(cfg: PlacementConfig, progress: Callable[[str], None] = print)
     check_config(cfg)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     data = ensure_datasets(cfg, progress)
-    ledger = cfg.workdir / "jobs.jsonl"
-    done = _finished_jobs(ledger)
-    jobs = plan(cfg)
-    started = time.monotonic()
-    results = {}
-    for n, job in enumerate(jobs, 1):
-        settings = job_settings(cfg)
-        if (job.key, settings) in done:
-            results[job.key] = done[job.key, settings]
-            continue
-        progress(f"[{n}/{len(jobs)}] {job.key} ({(time.monotonic() - started) / 60:.1f} min so far)")
-        results[job.key] = run_job(job, cfg, data)
-        with open(ledger, "a") as f:
-            f.write(json.dumps({"settings": settings, "key": job.key, "result": results[job.key]}) + "\n")
+    results = run_ledger([(job.key, job) for job in plan(cfg)], job_settings(cfg), cfg.workdir / "jobs.jsonl",
+                         lambda job: run_job(job, cfg, data), progress)
     return PlacementReport(cfg, results, describe_machine(_versions()))
 
 
@@ -172,12 +162,6 @@ def check_config(cfg: PlacementConfig) -> None:
         raise BenchError("--windows-a and --windows-b must be >= 40")
     if cfg.pretrain_epochs < 1 or cfg.head_steps < 1:
         raise BenchError("--epochs and --head-steps must be >= 1")
-
-
-def _versions() -> dict[str, str]:
-    import torch
-
-    return {"torch": torch.__version__.split("+")[0]}
 
 
 @dataclass

@@ -73,6 +73,7 @@ def placement_text_encoder(layout: SiteLayout, manifest: ModelManifest) -> Place
                               "version of wordllama")
     encoder = PlacementTextEncoder(default_cache_dir())
     try:
+        encoder.warm()
         encoder.embed([node.description for node in layout.nodes])
     except WireError as exc:
         raise AggregatorError(str(exc)) from None

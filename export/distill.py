@@ -52,7 +52,7 @@ from train.data import WindowSet, drop_nodes, iterate_batches, load_windows, ste
 from train.distributed import pick_device
 from train.errors import TrainError
 from train.finetune import TaskModel, evaluate, task_indices
-from train.heads import make_head
+from train.heads import make_head, make_head_variant
 from train.models.config import SparConfig
 from train.models.spar import SparEncoder
 from train.pretrain import lr_at
@@ -188,9 +188,15 @@ def student_config(teacher_cfg: SparConfig, overrides: dict[str, Any]) -> SparCo
 
 
 def head_settings(teacher: DeployModel) -> dict[str, dict[str, Any]]:
-    """Constructor settings the student's heads copy from the teacher's (detector: its query count)."""
-    return {task: ({"n_queries": int(head.n_queries)} if task == "detect" else {})
-            for task, head in teacher.heads.items()}
+    """Constructor settings the student's heads copy from the teacher's: a head variant and its data
+    kwargs (fusion layout, legal grid), the detector's query count."""
+    out: dict[str, dict[str, Any]] = {}
+    for task, head in teacher.heads.items():
+        if getattr(head, "variant", ""):
+            out[task] = {"variant": head.variant, **head.variant_kwargs}
+        else:
+            out[task] = {"n_queries": int(head.n_queries)} if task == "detect" else {}
+    return out
 
 
 def build_student(cfg: SparConfig, tasks: list[str], n_classes: int, out_dims: int,
@@ -198,10 +204,20 @@ def build_student(cfg: SparConfig, tasks: list[str], n_classes: int, out_dims: i
     """A fresh student DeployModel (weights from the current torch seed)."""
     try:
         encoder = SparEncoder(cfg)
-        heads = {task: make_head(task, cfg.dim, n_classes, out_dims, **head_kwargs.get(task, {})) for task in tasks}
+        heads = {task: _student_head(task, cfg.dim, n_classes, out_dims, dict(head_kwargs.get(task, {})))
+                 for task in tasks}
     except ValueError as exc:
         raise ExportError(f"cannot build the student (dim {cfg.dim}): {exc}") from None
     return DeployModel(encoder, heads, n_classes, out_dims)
+
+
+def _student_head(task: str, d: int, n_classes: int, out_dims: int, kwargs: dict[str, Any]):
+    variant = kwargs.pop("variant", "")
+    head = (make_head_variant(variant, d, n_classes, out_dims, **kwargs) if variant
+            else make_head(task, d, n_classes, out_dims, **kwargs))
+    if variant:
+        head.variant, head.variant_kwargs = variant, kwargs
+    return head
 
 
 def student_from_teacher(teacher: DeployModel, overrides: dict[str, Any], n_classes: int, out_dims: int,

@@ -73,6 +73,11 @@ class PlacementTextEncoder:
             return np.zeros((0, TEXT_DIMS), dtype=np.float32)
         return np.stack([self._memory[t] for t in texts])
 
+    def warm(self) -> None:
+        """Load the model now: a service calls this at start, so the first unseen description (a
+        node joining live) does not pay for it, or fail, on the data path."""
+        self._load()
+
     def _compute(self, texts: list[str]) -> np.ndarray:
         model = self._load()
         raw = np.asarray(model.embed(texts), dtype=np.float32).reshape(len(texts), TEXT_DIMS)
@@ -140,7 +145,11 @@ def _load_wordllama():
     tokenizer = home / "tokenizers" / f"{_CONFIG}_tokenizer_config.json"
     if not tokenizer.exists():
         tokenizer.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(package / "tokenizers" / tokenizer.name, tokenizer)
+        # copy-then-rename: processes starting together (DDP ranks, benchmark jobs) never read half a file
+        with (open(package / "tokenizers" / tokenizer.name, "rb") as source,
+              tempfile.NamedTemporaryFile(dir=tokenizer.parent, suffix=".tmp", delete=False) as tmp):
+            shutil.copyfileobj(source, tmp)
+        os.replace(tmp.name, tokenizer)
     try:
         return WordLlama.load(config=_CONFIG, dim=TEXT_DIMS, cache_dir=home, disable_download=True)
     except (FileNotFoundError, ValueError) as exc:

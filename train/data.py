@@ -68,7 +68,6 @@ class WindowSet:
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # scenario description from the manifest
     node_text: np.ndarray | None = None  # [N, E] embeddings of the nodes' descriptions (SPAR+LLM)
-    node_slots: np.ndarray | None = None  # [N] structural slot per node; None: 0..N-1 (site order)
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -120,15 +119,12 @@ class WindowSet:
             positions=self.positions[idx], label=self.label[idx], target_class=self.target_class[idx],
             target_position=self.target_position[idx], window_index=self.window_index[idx],
             class_names=self.class_names, feature_configs=self.feature_configs, site=self.site,
-            extras={k: v[idx] for k, v in self.extras.items()}, source=self.source, node_text=self.node_text,
-            node_slots=self.node_slots)
+            extras={k: v[idx] for k, v in self.extras.items()}, source=self.source, node_text=self.node_text)
 
     def batch(self, indices: Indices) -> Batch:
-        """The windows ``indices`` as a CPU Batch (B = len(indices)); node_index is ``self.node_slots``
-        (0..N-1 unless a benchmark maps the nodes onto another layout's slots) per row."""
+        """The windows ``indices`` as a CPU Batch (B = len(indices)); node_index is 0..N-1 per row."""
         idx = _as_indices(indices, len(self))
-        slots = torch.from_numpy(self.node_slots) if self.node_slots is not None else torch.arange(self.n_nodes)
-        node_index = slots.to(torch.int64).expand(len(idx), -1).contiguous()
+        node_index = torch.arange(self.n_nodes, dtype=torch.int64).expand(len(idx), -1).contiguous()
         node_text = None
         if self.node_text is not None:
             node_text = torch.from_numpy(self.node_text).expand(len(idx), -1, -1)

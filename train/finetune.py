@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from spar_wire.floor_plan import floor_plan_from_source
+from spar_wire.placement_text import text_model_id
 from train.batch import Batch
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.data import WindowSet, iterate_batches, label_subset, load_windows, temporal_split, token_statistics
@@ -122,17 +123,24 @@ def head_settings(name: str, task: str, encoder_cfg: SparConfig, windows: Window
 
 def build_head(name: str, task: str, d: int, n_classes: int, out_dims: int, kwargs: dict[str, Any]) -> nn.Module:
     """The task's default head, or variant ``name`` with its stored kwargs."""
-    if name:
-        return make_head_variant(name, d, n_classes, out_dims, **kwargs)
-    return make_head(task, d, n_classes, out_dims)
+    if not name:
+        return make_head(task, d, n_classes, out_dims)
+    head = make_head_variant(name, d, n_classes, out_dims, **kwargs)
+    head.variant, head.variant_kwargs = name, dict(kwargs)  # distillation gives the student the same head
+    return head
 
 
 def check_compatible(trained_on: dict[str, Any], windows: WindowSet, where: str) -> None:
-    """Refuse data whose features differ from what the encoder was pretrained on."""
+    """Refuse data whose features (or description embeddings) differ from what the encoder was
+    pretrained on."""
     theirs, ours = trained_on.get("feature_hashes", {}), dict(windows.feature_hashes)
     if theirs != ours:
         raise TrainError(f"{where} was pretrained on feature configs {theirs}, this dataset has {ours}; "
                          "tokens would not mean the same thing")
+    text_model = trained_on.get("text_model")
+    if text_model and windows.node_text is not None and text_model != text_model_id():
+        raise TrainError(f"{where} was pretrained with description embeddings from {text_model}, this machine "
+                         f"has {text_model_id()}")
 
 
 def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:

@@ -208,3 +208,23 @@ def test_bad_config_is_an_export_error(tmp_path, changes, message):
         cfg.validate()
     with pytest.raises(ExportError, match=message):
         run_distill(cfg)
+
+
+def test_a_student_keeps_the_teachers_head_variant(tiny_window_set):
+    """A RobustHAR fusion-head teacher gets a fusion-head student (with the same token layout)."""
+    from export.deploy_model import DeployModel
+    from export.distill import student_from_teacher
+    from train.finetune import build_head, head_settings
+    from train.heads.multiscale_fusion import MultiScaleFusionClassifier
+    from train.models.config import ModalitySpec, SparConfig
+    from train.models.spar import SparEncoder
+
+    windows = tiny_window_set
+    cfg = SparConfig(modalities=tuple(ModalitySpec(m, *s) for m, s in windows.token_shapes.items()), max_nodes=8,
+                     dim=16, heads=2, decoder_dim=16, modality_depth=1, joint_depth=1, structural_dims=2)
+    kwargs = head_settings("fusion", "classify", cfg, windows)
+    teacher = DeployModel(SparEncoder(cfg), {"classify": build_head("fusion", "classify", 16, 5, 2, kwargs)}, 5, 2)
+    student = student_from_teacher(teacher, {"dim": 8, "heads": 2}, 5, 2)
+    head = student.heads["classify"]
+    assert isinstance(head, MultiScaleFusionClassifier) and head.layout == kwargs["layout"]
+    assert head.variant == "fusion" and head.linear.in_features == 3 * 8

@@ -9,7 +9,21 @@ from torch.nn import functional as F
 from train.heads.blocks import Head, masked_mean
 
 
-class LinearClassifier(Head):
+class ClassLogits:
+    """Loss and prediction of every head that outputs class logits [B, C]."""
+
+    def loss(self, outputs: torch.Tensor, batch, frame=None) -> torch.Tensor:
+        """Cross entropy of logits [B, C] against batch.label [B] (class ids; 0 = background)."""
+        return F.cross_entropy(outputs, batch.label.to(outputs.device))
+
+    @torch.no_grad()
+    def predict(self, outputs: torch.Tensor, frame=None) -> dict:
+        """logits [B, C] -> {"label": [B] int64, "probs": [B, C] float32} (numpy)."""
+        probs = torch.softmax(outputs.float(), dim=-1)
+        return {"label": probs.argmax(dim=-1).cpu().numpy(), "probs": probs.cpu().numpy()}
+
+
+class LinearClassifier(ClassLogits, Head):
     """Masked mean-pool of the latents, then one ``nn.Linear`` to class logits.
 
     No normalisation or hidden layer: the paper evaluates the frozen encoder with a linear probe,
@@ -26,13 +40,3 @@ class LinearClassifier(Head):
     def forward(self, latents: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """latents [B, L, d], valid [B, L] bool -> logits [B, C]."""
         return self.linear(masked_mean(latents, valid))
-
-    def loss(self, outputs: torch.Tensor, batch, frame=None) -> torch.Tensor:
-        """Cross entropy of logits [B, C] against batch.label [B] (class ids; 0 = background)."""
-        return F.cross_entropy(outputs, batch.label.to(outputs.device))
-
-    @torch.no_grad()
-    def predict(self, outputs: torch.Tensor, frame=None) -> dict:
-        """logits [B, C] -> {"label": [B] int64, "probs": [B, C] float32} (numpy)."""
-        probs = torch.softmax(outputs.float(), dim=-1)
-        return {"label": probs.argmax(dim=-1).cpu().numpy(), "probs": probs.cpu().numpy()}

@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from train.heads.blocks import Head
+from train.heads.classifier import ClassLogits
 from train.models.config import SparConfig
 
 SCALES = ("sensor", "channel", "segment")
@@ -99,7 +100,7 @@ class CorrelationAttention(nn.Module):
         return (weights[..., None] * features).sum(dim=1)
 
 
-class MultiScaleFusionClassifier(Head):
+class MultiScaleFusionClassifier(ClassLogits, Head):
     """Sensor-, channel- and segment-wise pooled features of the frozen latents, fused pairwise by
     correlation-guided cross-attention (RobustHAR Sec. 3.3), then a linear classifier.
 
@@ -182,13 +183,3 @@ class MultiScaleFusionClassifier(Head):
         feats = self.scale_features(latents, valid)
         fused = [self.fuse(feats[a], feats[b], a, b) for a, b in itertools.combinations(SCALES, 2)]
         return self.linear(self.norm(torch.cat(fused, dim=-1)))
-
-    def loss(self, outputs: torch.Tensor, batch, frame=None) -> torch.Tensor:
-        """Cross entropy of logits [B, C] against batch.label [B] (class ids; 0 = background)."""
-        return F.cross_entropy(outputs, batch.label.to(outputs.device))
-
-    @torch.no_grad()
-    def predict(self, outputs: torch.Tensor, frame=None) -> dict:
-        """logits [B, C] -> {"label": [B] int64, "probs": [B, C] float32} (numpy)."""
-        probs = torch.softmax(outputs.float(), dim=-1)
-        return {"label": probs.argmax(dim=-1).cpu().numpy(), "probs": probs.cpu().numpy()}

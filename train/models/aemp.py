@@ -438,7 +438,7 @@ class AempPretrainer(nn.Module):
             b, n, m, _ = tokens.shape
             corrupted = self.corrupt(tokens, masks[name].masked.reshape(b, n, m),
                                      noise[f"{name}.corrupt"].flatten(0, 1), noise[f"{name}.random"].flatten(0, 1))
-            embedded[name] = emb(corrupted, views.present[name], positions, views.node_index)
+            embedded[name] = emb(corrupted, views.present[name], positions, self.encoder.structure_of(views))
             clean[name] = tokens
         return embedded, clean
 
