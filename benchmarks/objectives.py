@@ -11,6 +11,7 @@ picks up where it stopped.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -104,7 +105,7 @@ def run_job(job: Job, cfg: ObjectivesConfig, data: Path) -> dict[str, Any]:
     from train.pretrain import run_pretrain
     from train.run_config import FinetuneConfig, PretrainConfig
 
-    run_dir = cfg.workdir / "runs" / job.key
+    run_dir = fresh_run_dir(cfg.workdir / "runs" / job.key, job_settings(job, cfg))
     started = time.monotonic()
     if job.kind == "pretrain":
         result = run_pretrain(PretrainConfig(
@@ -162,6 +163,18 @@ def _finished_jobs(ledger: Path) -> dict[tuple[str, str], dict[str, Any]]:
                 continue  # a line torn by a crash mid-write: that job simply runs again
             done[record["key"], record["settings"]] = record["result"]
     return done
+
+
+def fresh_run_dir(run_dir: Path, settings: str) -> Path:
+    """``run_dir`` for a job with ``settings``: kept when it holds an interrupted run with the same
+    settings (pretraining resumes from its checkpoint), emptied when it holds another settings' run
+    (whose checkpoint would otherwise be resumed as if it were this one)."""
+    stamp = run_dir / "bench-settings.json"
+    if run_dir.exists() and (not stamp.exists() or stamp.read_text() != settings):
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(settings)
+    return run_dir
 
 
 def run_ledger(jobs: list[tuple[str, Any]], settings: str, ledger: Path, run: Callable[[Any], dict[str, Any]],

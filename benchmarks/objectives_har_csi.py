@@ -28,7 +28,7 @@ from typing import Any
 
 from benchmarks.errors import BenchError
 from benchmarks.machine import describe_machine
-from benchmarks.objectives import _row, _versions, run_ledger
+from benchmarks.objectives import _row, _versions, fresh_run_dir, run_ledger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,7 @@ def run_job(job: Job, cfg: DatasetObjectivesConfig, data: Path) -> dict[str, Any
     from train.run_config import FinetuneConfig, PretrainConfig
 
     method = METHODS[job.method]
-    run_dir = cfg.workdir / "runs" / job.key(cfg.dataset)
+    run_dir = fresh_run_dir(cfg.workdir / "runs" / job.key(cfg.dataset), job_settings(cfg))
     started = time.monotonic()
     if job.kind == "pretrain":
         model = dict(cfg.model)

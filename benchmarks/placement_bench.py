@@ -30,7 +30,7 @@ from typing import Any
 
 from benchmarks.errors import BenchError
 from benchmarks.machine import describe_machine
-from benchmarks.objectives import _row, _versions, run_ledger
+from benchmarks.objectives import _row, _versions, fresh_run_dir, run_ledger
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = REPO / "configs" / "sites"
@@ -124,7 +124,7 @@ def run_job(job: Job, cfg: PlacementConfig, data: dict[str, Path]) -> dict[str, 
     from train.pretrain import run_pretrain
     from train.run_config import FinetuneConfig, PretrainConfig
 
-    run_dir = cfg.workdir / "runs" / job.key
+    run_dir = fresh_run_dir(cfg.workdir / "runs" / job.key, job_settings(cfg))
     started = time.monotonic()
     if job.kind == "pretrain":
         result = run_pretrain(PretrainConfig(

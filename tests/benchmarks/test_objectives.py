@@ -84,3 +84,16 @@ def test_a_new_head_budget_reuses_the_pretrained_encoders(tmp_path):
     run_objectives(replace(cfg, head_steps=3), progress=messages.append)
     reran = [m.split()[1] for m in messages if m.startswith("[")]
     assert reran and all(k.startswith("finetune/") and "/supervised/" not in k for k in reran), reran
+
+
+def test_a_run_folder_from_other_settings_is_not_resumed(tmp_path):
+    from benchmarks.objectives import fresh_run_dir
+
+    run = fresh_run_dir(tmp_path / "run", "settings A")
+    (run / "checkpoint.pt").write_text("interrupted run with settings A")
+    assert (fresh_run_dir(tmp_path / "run", "settings A") / "checkpoint.pt").exists()  # same settings: resume
+    assert not (fresh_run_dir(tmp_path / "run", "settings B") / "checkpoint.pt").exists()  # other: start over
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "checkpoint.pt").write_text("unknown settings")
+    assert not (fresh_run_dir(legacy, "settings A") / "checkpoint.pt").exists()
