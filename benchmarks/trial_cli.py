@@ -33,6 +33,14 @@ def main(argv: list[str] | None = None) -> int:
                         "report.json, trial.png and site_map.png into it.")
     rp.add_argument("folder", type=Path, help="trial folder written by `spar-trial run`")
     rp.set_defaults(func=_cmd_report)
+    cp = sub.add_parser("compare", help="score a trial with placement events against a control trial",
+                        description="Score the windows before and after each placement event in the trial with "
+                        "events and in a control trial run with the same seed, site, model and link but no events "
+                        "(the same vehicles), so the effect of a join or a move is paired window by window. Prints "
+                        "the table and writes it to EVENTS/compare.md.")
+    cp.add_argument("events", type=Path, help="trial folder of a run with --events")
+    cp.add_argument("control", type=Path, help="trial folder of the same run without --events")
+    cp.set_defaults(func=_cmd_compare)
     args = parser.parse_args(argv)
     # SIGTERM (systemd, `kill`, a CI timeout) ends a run like Ctrl-C: brokers stopped, partial
     # results written, instead of dying with child processes left behind.
@@ -150,6 +158,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
     paths = report.write()
     print(report.summary_line())
     print(f"report: {paths[0]}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from benchmarks.placement_events import compare_with_control
+
+    text = "\n".join(compare_with_control(args.events, args.control))
+    (args.events / "compare.md").write_text(text)
+    print(text)
+    print(f"written: {args.events / 'compare.md'}")
     return 0
 
 

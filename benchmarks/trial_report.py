@@ -76,6 +76,8 @@ class TrialReport:
     positions: list[tuple[list[float], list[float]]] = field(default_factory=list)  # (true, estimated)
     layout: SiteLayout | None = None
     events: list[EventOutcome] = field(default_factory=list)  # placement events, in time order
+    matched: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list, repr=False)  # (result, truth)
+    manifest: Any = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ headline numbers
     @property
@@ -268,7 +270,13 @@ def analyze_trial(folder: str | Path) -> TrialReport:
         nodes_present=dict(collections.Counter(int(r.get("nodes_present", 0)) for r in results)),
         latency_ms=latency, stage_ms=stages, metrics=scored.metrics,
         metrics_complete=_scores(manifest, complete).metrics, positions=scored.positions, layout=layout,
-        events=events)
+        events=events, matched=matched, manifest=manifest)
+
+
+def scores_of_windows(report: TrialReport, first: int, stop: int | None) -> tuple[int, dict[str, float]]:
+    """(stored windows, headline metrics) of trial windows first..stop-1 (to the end when stop is None)."""
+    pairs = [(r, t) for r, t in report.matched if first <= t["window"] and (stop is None or t["window"] < stop)]
+    return len(pairs), _headline_scores(report.manifest, pairs)
 
 
 # --------------------------------------------------------------------------- reading

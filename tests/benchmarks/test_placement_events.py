@@ -172,3 +172,27 @@ def test_the_cli_refuses_bad_events_before_starting_anything(tmp_path, capsys):
 def test_the_example_events_fit_the_example_site():
     plan = check_events(load_events(EXAMPLE_EVENTS), load_layout(SEVEN_NODES), 120.0, max_nodes=8)
     assert plan.joined == ("n08",) and len(plan.physics_layout.nodes) == 9
+
+
+@pytest.mark.mosquitto
+def test_compare_scores_the_same_windows_in_a_control_trial(events_trial, tmp_path):
+    """The control (same seed, no events) sees the same world: before the first event both trials score
+    alike; after the join the table pairs the same windows of both trials."""
+    from benchmarks.placement_events import compare_with_control
+
+    report = events_trial[0]
+    control = tmp_path / "control"
+    run_trial(TrialConfig(out=control, site=SEVEN_NODES, duration_s=24.0, speed=2.0, seed=5, broker="mosquitto",
+                          scenario_params=PARAMS))
+    lines = compare_with_control(report.folder, control)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| join") or
+            line.startswith("| move")}
+    assert set(rows) == {"join n08, before", "join n08, after", "move n03, before", "move n03, after"}
+    assert "(3/3)" in rows["join n08, before"]  # windows 0-2 stored in both trials
+    assert trial_main(["compare", str(report.folder), str(control)]) == 0
+    assert (report.folder / "compare.md").exists()
+    other = tmp_path / "other-seed"
+    run_trial(TrialConfig(out=other, site=SEVEN_NODES, duration_s=4.0, speed=2.0, seed=6, broker="mosquitto",
+                          scenario_params=PARAMS))
+    with pytest.raises(BenchError, match="seed"):
+        compare_with_control(report.folder, other)
