@@ -33,7 +33,7 @@ def build_result(site: str, window: AssembledWindow, outputs: dict[str, np.ndarr
         "nodes": list(window.node_ids),
         # [N, d_S] metres, the positions the placement tensor used (a moved node's new place, a
         # joined node's birth position): what the result means depends on them
-        "positions": np.asarray(window.inputs[POSITIONS_INPUT]).round(4).tolist(),
+        "positions": np.asarray(window.inputs.get(POSITIONS_INPUT, np.zeros((0, 0)))).round(4).tolist(),
         "nodes_present": window.nodes_present,
         "present": {m: list(nodes) for m, nodes in window.present.items()},
         "complete": window.complete,
