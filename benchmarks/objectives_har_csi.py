@@ -4,7 +4,7 @@ alternative objectives' papers, on the same backbone and budget.
 * har: simulated body-worn IMUs (configs/sites/body_har.toml, 6 positions x acc/gyro/mag), activity
   classification: accuracy and macro-F1 with 0 / 5 / 10 / 15 % of the (node, sensor) streams of each
   window missing at test time (RobustHAR's robustness table), at label ratios 1.0 and 0.15.
-* csi: simulated indoor Wi-Fi CSI (configs/sites/indoor_csi.toml, 7 access points), device
+* csi: simulated indoor Wi-Fi CSI (configs/sites/indoor_csi.toml, 8 access points), device
   localization: median and 90th-percentile error in metres (AEMP's metric), same missing rates
   (access points whose packets did not arrive).
 
@@ -47,7 +47,7 @@ DATASETS = {
                        "simulated body-worn IMUs: 6 positions x accelerometer, gyroscope, magnetometer; "
                        "activity classification"),
     "csi": DatasetSpec("indoor_csi.toml", "indoor_csi", "localize", ("median_distance", "p90_distance"),
-                       "simulated indoor Wi-Fi CSI: 7 access points, 32 subcarriers; device localization in a "
+                       "simulated indoor Wi-Fi CSI: 8 access points, 32 subcarriers; device localization in a "
                        "20 m x 12 m office"),
 }
 
