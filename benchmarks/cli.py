@@ -75,14 +75,16 @@ def main(argv: list[str] | None = None) -> int:
                     "every objective (supervised, mae, spar, robusthar, aemp) on body-worn IMUs, accuracy/F1 with "
                     "0/5/10/15 %% of the streams missing; csi: the same on indoor Wi-Fi CSI, localization median "
                     "and 90th-percentile error")
-    ob.add_argument("--full", action="store_true", help="longer budget: 4000 windows, 40 pretraining epochs, 3 seeds")
-    ob.add_argument("--windows", type=int, help="generated windows (default 1600, har/csi 800; --full 4000, "
-                    "har/csi 3000)")
-    ob.add_argument("--pretrain-epochs", type=int, help="default 10, har/csi 6 (--full 40, har/csi 30)")
-    ob.add_argument("--head-steps", type=int, help="frozen-encoder head steps (default 700, har/csi 500; --full "
-                    "1500)")
-    ob.add_argument("--supervised-steps", type=int, help="from-scratch steps (default 150; --full 2000)")
-    ob.add_argument("--seeds", type=int, help="number of seeds (default 1; --full 3)")
+    ob.add_argument("--budget", choices=["smoke", "standard", "full"], default="smoke",
+                    help="budget preset (train/budgets.py). parking: smoke (default) 1600 windows, 10 pretraining "
+                    "epochs, 3 seeds, about 40 min without ablations; standard 4000 windows, 30 epochs (2-3 h); full "
+                    "20000 windows, 100 epochs (a GPU). har/csi: smoke 800 windows, 6 epochs, 1 seed; standard and "
+                    "full 3000 windows, 30 epochs, 3 seeds. The flags below change single settings")
+    ob.add_argument("--windows", type=int, help="generated windows")
+    ob.add_argument("--pretrain-epochs", type=int, help="pretraining epochs")
+    ob.add_argument("--head-steps", type=int, help="frozen-encoder head steps")
+    ob.add_argument("--supervised-steps", type=int, help="from-scratch steps")
+    ob.add_argument("--seeds", type=int, help="number of seeds")
     ob.add_argument("--ablations", help="comma-separated ablations, 'none' to skip (default: the six of Table 8)")
     ob.add_argument("--workdir", type=Path, default=Path("benchmarks/.work/objectives"),
                     help="dataset, checkpoints and finished-job ledger (default: %(default)s)")
@@ -349,7 +351,7 @@ def _cmd_objectives(args: argparse.Namespace) -> int:
         ("seeds", tuple(range(args.seeds)) if args.seeds else None),
         ("ablations", () if args.ablations == "none" else
          tuple(a.strip() for a in args.ablations.split(",")) if args.ablations else None)) if value is not None}
-    cfg = ObjectivesConfig.full(**changes) if args.full else ObjectivesConfig(**changes)
+    cfg = ObjectivesConfig.for_budget(args.budget, **changes)
     check_config(cfg)
     print(f"spar-bench objectives: {cfg.budget()}", file=sys.stderr)
     report = run_objectives(cfg, progress=lambda text: print(f"... {text}", file=sys.stderr, flush=True))
@@ -375,7 +377,7 @@ def _cmd_dataset_objectives(args: argparse.Namespace) -> int:
         ("head_steps", args.head_steps), ("seeds", tuple(range(args.seeds)) if args.seeds else None))
         if value is not None}
     changes["dataset"] = args.dataset
-    cfg = DatasetObjectivesConfig.full(**changes) if args.full else DatasetObjectivesConfig(**changes)
+    cfg = DatasetObjectivesConfig.full(**changes) if args.budget != "smoke" else DatasetObjectivesConfig(**changes)
     check_config(cfg)
     print(f"spar-bench objectives --dataset {cfg.dataset}: {cfg.budget()}", file=sys.stderr)
     report = run_dataset_objectives(cfg, progress=lambda text: print(f"... {text}", file=sys.stderr, flush=True))

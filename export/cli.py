@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("choose-teacher", help="pick frozen heads or full fine-tuning by validation metrics",
+                       description="Compare candidate teachers (each a set of fine-tuned checkpoints sharing one "
+                                   "encoder, one per task) on their validation metrics and print the chosen "
+                                   "candidate's checkpoints, one per line.")
+    p.add_argument("--candidate", action="append", required=True, metavar="NAME=DIR[,DIR...]",
+                   help="a candidate: its name and its fine-tuned run directories (repeat per candidate)")
+    p.add_argument("--report", help="write the comparison as Markdown here")
+
     p = sub.add_parser("onnx", help="export encoder + heads as one ONNX graph with a manifest",
                        description="Export fine-tuned checkpoints (sharing one encoder) or a distilled student as "
                                    "one ONNX graph (dynamic batch and node count, opset >= 17), check it against "
@@ -101,6 +109,16 @@ def _cmd_distill(args) -> int:
     return 0
 
 
+def _cmd_choose_teacher(args) -> int:
+    from export.teacher_choice import run_choice
+
+    winner = run_choice(args.candidate, args.report)
+    print(f"chose {winner.name}", file=sys.stderr)
+    for path in winner.checkpoints:
+        print(path)
+    return 0
+
+
 def _cmd_onnx(args) -> int:
     from export.exporter import export_checkpoints
 
@@ -145,7 +163,7 @@ def _cmd_engine(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"distill": _cmd_distill, "onnx": _cmd_onnx, "quantize": _cmd_quantize, "engine": _cmd_engine}
+    commands = {"distill": _cmd_distill, "choose-teacher": _cmd_choose_teacher, "onnx": _cmd_onnx, "quantize": _cmd_quantize, "engine": _cmd_engine}
     try:
         return commands[args.command](args)
     except ExportError as exc:

@@ -1,33 +1,99 @@
 #!/usr/bin/env bash
-# Rebuild the shipped models from nothing (`make models`): simulated dataset -> SPAR pretraining ->
-# classifier and localizer heads on the frozen encoder -> distilled student -> FP32 ONNX -> INT8 ONNX,
-# each ONNX with its manifest. Deterministic: fixed seeds and a fixed thread count (CPU float
-# reductions are reproducible for a given thread count). About 10 minutes on 2 CPU cores.
+# Rebuild the shipped parking-lot model from nothing (`make models BUDGET=standard`):
+#   simulated recording (webp:85 tokens, what the nodes send) -> SPAR pretraining -> two teacher
+#   candidates on that encoder: frozen-encoder heads (the paper's protocol) and full fine-tuning
+#   (encoder + both heads end to end, layer-wise lr decay) -> the better one on validation is the
+#   teacher -> loss-robust distillation into a small student -> FP32 ONNX -> INT8 ONNX, and the
+#   teacher's own ONNX in OUT/teacher/ for comparison. Every ONNX gets a manifest.
+#
+# BUDGET (train/budgets.py): smoke (default, ~10 min, a plumbing check, written to
+# build/models-smoke/out unless OUT is set) or standard (1-2 h on 2 cores: the shipped model,
+# written to models/parking_lot). Stages whose output exists are skipped, and pretraining resumes
+# from its last epoch, so an interrupted build continues where it stopped. Deterministic: fixed
+# seeds and a fixed thread count.
 set -euo pipefail
 
 BIN=${VENV:-.venv}/bin
-WORK=${WORK:-build/models}
-OUT=${OUT:-models/parking_lot}
+BUDGET=${BUDGET:-smoke}
+eval "$("$BIN/python" -m train.budgets "$BUDGET" --shell)"
+WORK=${WORK:-build/models-$BUDGET}
+if [ "$BUDGET" = standard ]; then OUT=${OUT:-models/parking_lot}; else OUT=${OUT:-$WORK/out}; fi
+VERSION=${VERSION:-0.3.0}
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
-
-rm -rf "$WORK"
 mkdir -p "$WORK" "$OUT"
-"$BIN/spar-node" dataset --scenario parking_lot --windows 1600 --seed 7 --out "$WORK/data" --shard-size 400 \
-    --param max_vehicles=1 --param empty_fraction=0.1
-"$BIN/spar-train" pretrain --data "$WORK/data" --out "$WORK/spar" --epochs 10 --seed 0 --no-progress
-for task in classify localize; do
-    "$BIN/spar-train" finetune --data "$WORK/data" --encoder "$WORK/spar" --task "$task" --steps 700 \
-        --seed 0 --out "$WORK/$task" --no-progress
-done
+LOG="$WORK/commands.log"
+
+run() {  # log every command with its start time, so the artifacts name what made them
+    echo "[$(date -u +%FT%TZ)] $*" >> "$LOG"
+    echo "+ $*" >&2
+    "$@"
+}
+
+dataset() {  # dataset DIR WINDOWS SEED
+    [ -f "$1/dataset.json" ] && return 0
+    run "$BIN/spar-node" dataset --scenario parking_lot --windows "$2" --seed "$3" --codec webp:85 --out "$1" \
+        --shard-size 1000 --param max_vehicles=1 --param empty_fraction=0.1 --overwrite
+}
+
+done_marker() { [ -f "$1/checkpoint.pt" ] || [ -f "$1/classify/checkpoint.pt" ]; }
+
+echo "# make models, $BUDGET_NAME budget ($BUDGET_NOTE)" | tee -a "$LOG"
+dataset "$WORK/data" "$BUDGET_WINDOWS" 11
+dataset "$WORK/test" "$BUDGET_TEST_WINDOWS" 1207   # another recording: never trained on
+# shellcheck disable=SC2086  # BUDGET_TEACHER_MODEL is a list of flags
+[ -f "$WORK/spar/done" ] || { run "$BIN/spar-train" pretrain --data "$WORK/data" --out "$WORK/spar" --objective spar \
+    --epochs "$BUDGET_PRETRAIN_EPOCHS" --seed 0 --batch-size 32 --lr 1e-3 --no-progress $BUDGET_TEACHER_MODEL \
+    && touch "$WORK/spar/done"; }
+
+# Candidate 1: heads on the frozen encoder (classification with SPAR's one-block transformer head).
+done_marker "$WORK/frozen/classify" || run "$BIN/spar-train" finetune --data "$WORK/data" --encoder "$WORK/spar" \
+    --task classify --head transformer --steps "$BUDGET_HEAD_STEPS" --seed 0 --out "$WORK/frozen/classify" --no-progress
+done_marker "$WORK/frozen/localize" || run "$BIN/spar-train" finetune --data "$WORK/data" --encoder "$WORK/spar" \
+    --task localize --steps "$BUDGET_HEAD_STEPS" --seed 0 --out "$WORK/frozen/localize" --no-progress
+# Candidate 2: full fine-tuning, one encoder shared by both heads.
+done_marker "$WORK/full" || run "$BIN/spar-train" finetune --data "$WORK/data" --encoder "$WORK/spar" \
+    --task classify,localize --head transformer --unfreeze --epochs "$BUDGET_FINETUNE_EPOCHS" --lr 5e-4 \
+    --seed 0 --out "$WORK/full" --no-progress
+
+mapfile -t TEACHER < <(run "$BIN/spar-export" choose-teacher --report "$WORK/teacher-choice.md" \
+    --candidate "frozen=$WORK/frozen/classify,$WORK/frozen/localize" \
+    --candidate "full=$WORK/full/classify,$WORK/full/localize")
+TEACHER_FLAGS=()
+for t in "${TEACHER[@]}"; do TEACHER_FLAGS+=(--teacher "$t"); done
+
 # Loss-robust distillation: the student learns the teacher's complete-window answers from windows
-# that lost up to 40 % of their token messages (spar-bench lossy: 20 % loss cost +23 % localization
-# error without it).
-"$BIN/spar-export" distill --teacher "$WORK/classify" --teacher "$WORK/localize" --data "$WORK/data" \
-    --out "$WORK/student" --seed 0 --message-loss 0.4 --no-progress
-rm -f "$OUT"/*
-"$BIN/spar-export" onnx --checkpoint "$WORK/student" --data "$WORK/data" --out "$OUT" \
-    --name spar-parking-lot --version 0.2.0
-"$BIN/spar-export" quantize --onnx "$OUT/model.onnx" --checkpoint "$WORK/student" --data "$WORK/data" \
-    --calibration-windows 64
+# that lost up to 40 % of their token messages (what a lossy link delivers).
+done_marker "$WORK/student" || run "$BIN/spar-export" distill "${TEACHER_FLAGS[@]}" --data "$WORK/data" \
+    --out "$WORK/student" --epochs "$BUDGET_DISTILL_EPOCHS" --seed 0 --message-loss 0.4 --no-progress
+
+rm -rf "${OUT:?}"/*
+run "$BIN/spar-export" onnx --checkpoint "$WORK/student" --data "$WORK/data" --out "$OUT" \
+    --name spar-parking-lot --version "$VERSION"
+run "$BIN/spar-export" quantize --onnx "$OUT/model.onnx" --checkpoint "$WORK/student" --data "$WORK/data" \
+    --calibration-windows "$BUDGET_CALIBRATION_WINDOWS"
+run "$BIN/spar-export" onnx "${TEACHER_FLAGS[@]/--teacher/--checkpoint}" --data "$WORK/data" --out "$OUT/teacher" \
+    --name spar-parking-lot-teacher --version "$VERSION"
 cp "$WORK/student/report.md" "$OUT/distillation.md"
+cp "$WORK/teacher-choice.md" "$OUT/teacher-choice.md"
+{
+    echo "# How this model was trained"
+    echo
+    echo "Budget \`$BUDGET_NAME\`: $BUDGET_NOTE. Built by \`make models BUDGET=$BUDGET_NAME\` at commit"
+    echo "$(git rev-parse --short HEAD 2>/dev/null || echo unknown) on $(uname -m), $(nproc) cores, finished $(date -u +%FT%TZ)."
+    echo
+    echo "Pretraining log (epoch, train loss, validation loss, seconds):"
+    echo
+    echo '```'
+    "$BIN/python" -c 'import json,sys
+for line in open(sys.argv[1]):
+    r = json.loads(line); print(r["epoch"], round(r["train_loss"], 4), round(r["val_loss"], 4), r["seconds"])' \
+        "$WORK/spar/log.jsonl"
+    echo '```'
+    echo
+    echo "Commands, in order:"
+    echo
+    echo '```'
+    cat "$LOG"
+    echo '```'
+} > "$OUT/TRAINING.md"
 ls -l "$OUT"

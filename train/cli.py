@@ -81,18 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--unfreeze); without it encoder and head train from scratch (the "
                                    "supervised baseline).")
     _common(p)
-    p.add_argument("--task", choices=["classify", "localize", "detect", "quake"])
+    p.add_argument("--task", help="classify, localize, detect or quake; several comma-separated (classify,localize) "
+                                  "train one shared encoder with a head each and write OUT/<task>/ per task")
     p.add_argument("--encoder", help="pretrain run directory or checkpoint")
     p.add_argument("--label-ratio", type=float, help="share of training labels used (default 1.0)")
-    p.add_argument("--unfreeze", action="store_true", help="train the pretrained encoder too")
-    p.add_argument("--head", choices=["fusion", "map"],
-                   help="another head than the task's default: fusion (RobustHAR's multi-scale feature fusion, "
+    p.add_argument("--unfreeze", action="store_true",
+                   help="full fine-tuning: train the pretrained encoder too, every layer from the start, layer i "
+                        "below the head at lr x layer-decay^i (default 0.75), warm-up then cosine decay")
+    p.add_argument("--node-identity", action="store_true",
+                   help="add a learnable per-node vector to the latents in the head (the fair MAE baseline: a "
+                        "placement-agnostic encoder whose head knows which node each token came from)")
+    p.add_argument("--head", choices=["transformer", "fusion", "map"],
+                   help="another head than the task's default: transformer (SPAR's classification head, one "
+                        "transformer block before the linear readout), fusion (RobustHAR's multi-scale feature fusion, "
                         "classify) or map (AEMP's localizer with distance and map-legality losses, localize; needs "
                         "a dataset with a floor plan)")
     p.add_argument("--layerwise", action="store_true",
                    help="layer-wise fine-tuning (AEMP): the head alone for the first fifth of the epochs, then the "
                         "encoder too, each lower layer at a decayed learning rate (--layer-decay, default 0.5)")
-    p.add_argument("--layer-decay", type=float, help="learning-rate factor per layer below the head (default 0.5)")
+    p.add_argument("--layer-decay", type=float, help="learning-rate factor per layer below the head (default 0.5 "
+                                                    "with --layerwise, 0.75 with --unfreeze)")
     p.add_argument("--slots", choices=["site", "nearest", "mean", "random"],
                    help="structural positions for a layout the encoder was not pretrained on: site (node i "
                         "uses slot i, default), nearest (slot of the nearest pretraining node), mean (the mean "
@@ -146,6 +154,8 @@ def _finetune(args) -> int:
         overrides["layerwise"] = True
     if args.unfreeze:
         overrides["freeze_encoder"] = False
+    if args.node_identity:
+        overrides["node_identity"] = True
     cfg = load_run_config(FinetuneConfig, args.config, "finetune", overrides)
     result = run_finetune(cfg)
     print(f"fine-tuned {cfg.task} on {result.train_windows} labelled windows; validation "

@@ -3,6 +3,13 @@
 With a frozen encoder the features of every window are computed once and cached, so the head's
 epochs cost almost nothing; this is what makes label-ratio sweeps cheap on a CPU. The supervised
 baseline (no --encoder) trains encoder and head together on the labelled windows.
+
+Full fine-tuning (``freeze_encoder=False`` with an encoder, ``spar-train finetune --unfreeze``)
+trains encoder and heads end to end as MAE fine-tuning does: every layer from the first step,
+layer i below the head at ``lr * layer_decay ** i`` (layer-wise learning-rate decay), one epoch of
+warm-up then cosine decay. Several tasks (``task="classify,localize"``) train one shared encoder
+with one head each (the sum of the heads' losses) and are written as one checkpoint per task in
+``out/<task>/``, so the heads deploy together on that encoder.
 """
 
 from __future__ import annotations
@@ -29,12 +36,13 @@ from train.data import WindowSet, iterate_batches, label_subset, load_windows, t
 from train.distributed import pick_device
 from train.errors import TrainError
 from train.heads import HEAD_VARIANTS, HEADS, make_head, make_head_variant
+from train.heads.node_identity import NodeIdentityHead
 from train.layerwise import apply_unfreezing, encoder_layers, layerwise_param_groups, unfrozen_depth
 from train.metrics import summarize
 from train.models.config import SparConfig, objective_config
 from train.models.positions import PositionFrame
 from train.models.spar import SparEncoder
-from train.pretrain import base_model_config, data_info, load_encoder
+from train.pretrain import base_model_config, data_info, load_encoder, lr_at
 from train.run_config import FinetuneConfig, as_dict
 from train.unseen_layout import assign_structural_slots
 
@@ -81,11 +89,27 @@ def stratify_labels(windows: WindowSet, task: str, indices: np.ndarray) -> np.nd
     return windows.label[indices]
 
 
-def build_task_model(cfg: FinetuneConfig, windows: WindowSet, train_idx: np.ndarray) -> tuple[TaskModel, dict]:
-    """The encoder (pretrained, or fresh for the supervised baseline) with a new head."""
-    if cfg.task not in HEADS:
-        raise TrainError(f"unknown task {cfg.task!r}; known: {', '.join(sorted(HEADS))}")
+def task_list(task: str) -> list[str]:
+    """``"classify,localize"`` -> ["classify", "localize"]; TrainError for an unknown or repeated task."""
+    tasks = [t.strip() for t in str(task).split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in HEADS]
+    if not tasks or unknown:
+        raise TrainError(f"unknown task {task!r}; known: {', '.join(sorted(HEADS))} (several: comma-separated)")
+    if len(set(tasks)) != len(tasks):
+        raise TrainError(f"task {task!r} names a task twice")
+    return tasks
+
+
+def build_task_model(cfg: FinetuneConfig, windows: WindowSet, train_idx: np.ndarray,
+                     task: str | None = None, encoder: SparEncoder | None = None) -> tuple[TaskModel, dict]:
+    """The encoder (pretrained, or fresh for the supervised baseline) with a new head for ``task``
+    (default ``cfg.task``); ``encoder`` shares an already built one (joint fine-tuning)."""
+    task = task or cfg.task
+    if task not in HEADS:
+        raise TrainError(f"unknown task {task!r}; known: {', '.join(sorted(HEADS))}")
     torch.manual_seed(cfg.seed)
+    if encoder is not None:
+        return _with_head(cfg, windows, task, encoder, _source(cfg, encoder))
     if cfg.encoder:
         encoder, ckpt = load_encoder(cfg.encoder)
         check_compatible(ckpt["data"], windows, cfg.encoder)
@@ -96,9 +120,31 @@ def build_task_model(cfg: FinetuneConfig, windows: WindowSet, train_idx: np.ndar
         encoder.cfg = _relabel(encoder.cfg, "supervised")
         encoder.set_token_statistics(token_statistics(windows.subset(train_idx)))
         source = {"encoder_checkpoint": None, "objective": "supervised"}
-    head_kwargs = head_settings(cfg.head, cfg.task, encoder.cfg, windows)
-    head = build_head(cfg.head, cfg.task, encoder.cfg.dim, len(windows.class_names), windows.target_dims, head_kwargs)
-    return TaskModel(encoder, head, cfg.task), {**source, "head": cfg.head, "head_kwargs": head_kwargs}
+    return _with_head(cfg, windows, task, encoder, source)
+
+
+def _source(cfg: FinetuneConfig, encoder: SparEncoder) -> dict[str, Any]:
+    return {"encoder_checkpoint": str(cfg.encoder) if cfg.encoder else None, "objective": encoder.cfg.objective}
+
+
+def _with_head(cfg: FinetuneConfig, windows: WindowSet, task: str, encoder: SparEncoder,
+               source: dict[str, Any]) -> tuple[TaskModel, dict]:
+    """``encoder`` with a fresh head of ``task``: cfg.head where that variant is a head of this task
+    (joint fine-tuning gives the other tasks their default head), wrapped with node identities for
+    the fair MAE baseline when cfg.node_identity."""
+    name = cfg.head if cfg.head and HEAD_VARIANTS.get(cfg.head, (task,))[0] == task else ""
+    head_kwargs = head_settings(name, task, encoder.cfg, windows)
+    head = build_head(name, task, encoder.cfg.dim, len(windows.class_names), windows.target_dims, head_kwargs)
+    identity = node_identity_settings(encoder.cfg) if cfg.node_identity else None
+    if identity:
+        head = NodeIdentityHead(head, identity["tokens_per_node"], identity["max_nodes"], encoder.cfg.dim)
+    return TaskModel(encoder, head, task), {**source, "head": name, "head_kwargs": head_kwargs,
+                                            "node_identity": identity}
+
+
+def node_identity_settings(encoder_cfg: SparConfig) -> dict[str, Any]:
+    """What NodeIdentityHead needs to rebuild: tokens per node of each modality, node table size."""
+    return {"tokens_per_node": [s.n_tokens for s in encoder_cfg.modalities], "max_nodes": encoder_cfg.max_nodes}
 
 
 def head_settings(name: str, task: str, encoder_cfg: SparConfig, windows: WindowSet) -> dict[str, Any]:
@@ -110,6 +156,8 @@ def head_settings(name: str, task: str, encoder_cfg: SparConfig, windows: Window
         raise TrainError(f"unknown head {name!r}; known: {', '.join(HEAD_VARIANTS)}")
     if HEAD_VARIANTS[name][0] != task:
         raise TrainError(f"head {name!r} is a {HEAD_VARIANTS[name][0]} head, the task is {task!r}")
+    if name == "transformer":
+        return {}
     if name == "fusion":
         from train.heads.multiscale_fusion import layout_of
 
@@ -144,40 +192,70 @@ def check_compatible(trained_on: dict[str, Any], windows: WindowSet, where: str)
 
 
 def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
-    """Train a head (and, from scratch, the encoder); writes checkpoint.pt, config.json, log.jsonl."""
+    """Train a head (and, from scratch or unfrozen, the encoder); writes checkpoint.pt, config.json,
+    log.jsonl and metrics.json under cfg.out (under cfg.out/<task>/ per task when several)."""
     started = time.monotonic()
     device = pick_device(cfg.device)
+    tasks = task_list(cfg.task)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     windows = load_windows(cfg.data, limit=cfg.max_windows, progress=cfg.progress)
-    train_all, val_idx = temporal_split(len(windows), cfg.val_fraction)
-    train_all, val_idx = task_indices(windows, cfg.task, train_all), task_indices(windows, cfg.task, val_idx)
-    if len(train_all) == 0 or len(val_idx) == 0:
+    train_all, val_all = temporal_split(len(windows), cfg.val_fraction)
+    # Joint tasks learn from the union of their usable windows (each head's loss skips the rest);
+    # each task is scored on its own usable validation windows.
+    train_all = np.unique(np.concatenate([task_indices(windows, t, train_all) for t in tasks]))
+    val_of = {t: task_indices(windows, t, val_all) for t in tasks}
+    if len(train_all) == 0 or any(len(v) == 0 for v in val_of.values()):
         raise TrainError(f"no windows usable for task {cfg.task!r} in {cfg.data} "
-                         f"(train {len(train_all)}, validation {len(val_idx)})")
-    train_idx = label_subset(train_all, stratify_labels(windows, cfg.task, train_all), cfg.label_ratio, cfg.seed)
-    model, source = build_task_model(cfg, windows, train_idx)
-    model.to(device)
+                         f"(train {len(train_all)}, validation {min(len(v) for v in val_of.values())})")
+    train_idx = label_subset(train_all, stratify_labels(windows, tasks[0], train_all), cfg.label_ratio, cfg.seed)
+    models, sources = {}, {}
+    encoder = None
+    for task in tasks:
+        models[task], sources[task] = build_task_model(cfg, windows, train_idx, task, encoder)
+        encoder = models[task].encoder
+    for model in models.values():
+        model.to(device)
     frozen = cfg.freeze_encoder and cfg.encoder is not None and not cfg.layerwise
     log = open(out / "log.jsonl", "w")
     try:
-        if frozen:
-            _train_frozen(model, windows, train_idx, cfg, device, log)
-        else:
-            _train_end_to_end(model, windows, train_idx, cfg, device, log)
+        for task, model in models.items():
+            if frozen:
+                _train_frozen(model, windows, train_idx, cfg, device, log)
+        if not frozen:
+            _train_end_to_end(encoder, {t: m.head for t, m in models.items()}, windows, train_idx, cfg, device, log)
     finally:
         log.close()
-    metrics = evaluate(model, windows, val_idx, cfg.batch_size, device)
-    info = data_info(windows, cfg.data, _stats_of(model.encoder), train_windows=len(train_idx),
-                     val_windows=len(val_idx), label_ratio=cfg.label_ratio)
-    save_checkpoint(out / CHECKPOINT, kind="finetune", model_config=model.encoder.cfg.to_dict(), model=model,
-                    run_config=as_dict(cfg), data_info=info, step=0, epoch=epochs_for(cfg, len(train_idx)),
-                    metrics=metrics,
-                    extra={"encoder_config": model.encoder.cfg.to_dict(), "task": cfg.task,
-                           "n_classes": len(windows.class_names), "out_dims": windows.target_dims,
-                           "frozen_encoder": frozen, **source})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return FinetuneResult(out / CHECKPOINT, metrics, len(train_idx), len(val_idx), time.monotonic() - started)
+    info = data_info(windows, cfg.data, _stats_of(encoder), train_windows=len(train_idx),
+                     val_windows=min(len(v) for v in val_of.values()), label_ratio=cfg.label_ratio)
+    metrics = {}
+    for task, model in models.items():
+        metrics[task] = evaluate(model, windows, val_of[task], cfg.batch_size, device)
+        where = out if len(tasks) == 1 else out / task
+        where.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(where / CHECKPOINT, kind="finetune", model_config=encoder.cfg.to_dict(), model=model,
+                        run_config=as_dict(replace(cfg, task=task)), data_info=info, step=0,
+                        epoch=epochs_for(cfg, len(train_idx)), metrics=metrics[task],
+                        extra={"encoder_config": encoder.cfg.to_dict(), "task": task,
+                               "n_classes": len(windows.class_names), "out_dims": windows.target_dims,
+                               "frozen_encoder": frozen, "fine_tuning": _mode(cfg, frozen),
+                               "joint_tasks": tasks, **sources[task]})
+        (where / "metrics.json").write_text(json.dumps(metrics[task], indent=2) + "\n")
+    flat = metrics[tasks[0]] if len(tasks) == 1 else {f"{t}/{k}": v for t, m in metrics.items() for k, v in m.items()}
+    if len(tasks) > 1:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    checkpoint = out / CHECKPOINT if len(tasks) == 1 else out / tasks[0] / CHECKPOINT
+    return FinetuneResult(checkpoint, flat, len(train_idx), min(len(v) for v in val_of.values()),
+                          time.monotonic() - started)
+
+
+def _mode(cfg: FinetuneConfig, frozen: bool) -> str:
+    """How the encoder was treated: frozen | layerwise (AEMP) | full (end to end, LLRD) | scratch."""
+    if cfg.encoder is None:
+        return "scratch"
+    if frozen:
+        return "frozen"
+    return "layerwise" if cfg.layerwise else "full"
 
 
 def epochs_for(cfg: FinetuneConfig, windows: int) -> int:
@@ -241,32 +319,47 @@ def _train_frozen(model: TaskModel, windows, train_idx, cfg: FinetuneConfig, dev
         _log_epoch(log, bar, epoch, losses)
 
 
-def _train_end_to_end(model: TaskModel, windows, train_idx, cfg: FinetuneConfig, device, log) -> None:
+def _train_end_to_end(encoder: SparEncoder, heads: dict[str, nn.Module], windows, train_idx,
+                      cfg: FinetuneConfig, device, log) -> None:
+    """Encoder + heads together: from scratch, AEMP's layer-wise unfreezing (cfg.layerwise), or
+    full fine-tuning of a pretrained encoder with layer-wise learning-rate decay. One epoch of
+    linear warm-up, then cosine decay (every group keeps its ``lr_scale``)."""
     layers = None
-    if cfg.layerwise and cfg.encoder is not None:
-        # AEMP's layer-wise fine-tuning: the head alone for the first fifth of the epochs, then the
-        # encoder too, each layer below the head at a learning rate decayed by cfg.layer_decay.
-        layers = encoder_layers(model.encoder, model.head)
-        optimizer = torch.optim.AdamW(layerwise_param_groups(model.encoder, model.head, cfg.lr, cfg.layer_decay),
-                                      lr=cfg.lr, weight_decay=cfg.weight_decay)
+    head_stack = nn.ModuleList(heads.values())
+    if cfg.encoder is not None:
+        decay = cfg.layer_decay if cfg.layer_decay is not None else (0.5 if cfg.layerwise else 0.75)
+        groups = layerwise_param_groups(encoder, head_stack, cfg.lr, decay)
+        if cfg.layerwise:
+            # AEMP: the heads alone for the first fifth of the epochs, then the encoder too.
+            layers = encoder_layers(encoder, head_stack)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups = [{"params": [*encoder.parameters(), *head_stack.parameters()], "lr": cfg.lr, "lr_scale": 1.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     epochs = epochs_for(cfg, len(train_idx))
-    bar = tqdm(range(epochs), desc=f"train {cfg.task} (encoder + head)", disable=not cfg.progress)
+    per_epoch = max(1, math.ceil(len(train_idx) / cfg.batch_size))
+    total, warmup = epochs * per_epoch, per_epoch if epochs > 1 else max(1, per_epoch // 10)
+    step = 0
+    tasks = "+".join(heads)
+    bar = tqdm(range(epochs), desc=f"train {tasks} (encoder + head)", disable=not cfg.progress)
     for epoch in bar:
         if layers is not None:
             apply_unfreezing(layers, unfrozen_depth(epoch, len(layers), freeze_epochs=max(1, epochs // 5)))
-        model.train()
+        encoder.train()
+        head_stack.train()
         losses = []
         for index in iterate_batches(train_idx, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
                                      drop_last=False):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, warmup, cfg.lr) * group["lr_scale"]
             batch = windows.batch(index).to(device)
-            outputs, frame = model(batch)
-            loss = model.head.loss(outputs, batch, frame)
+            features = encoder.forward_features(batch)
+            loss = sum(head.loss(head(features.latents, features.valid), batch, features.frame)
+                       for head in heads.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+            step += 1
         _log_epoch(log, bar, epoch, losses)
 
 
@@ -308,6 +401,9 @@ def load_task_model(path: str | Path) -> tuple[TaskModel, dict[str, Any]]:
     encoder = SparEncoder(SparConfig.from_dict(extra["encoder_config"]))
     head = build_head(extra.get("head", ""), extra["task"], encoder.cfg.dim, extra["n_classes"], extra["out_dims"],
                       extra.get("head_kwargs", {}))
+    identity = extra.get("node_identity")
+    if identity:
+        head = NodeIdentityHead(head, identity["tokens_per_node"], identity["max_nodes"], encoder.cfg.dim)
     model = TaskModel(encoder, head, extra["task"])
     model.load_state_dict(ckpt["state_dict"])
     return model, ckpt

@@ -47,10 +47,10 @@ class PretrainConfig:
 class FinetuneConfig:
     data: str = ""  # spar-node dataset directory
     out: str = ""  # run directory
-    task: str = "classify"  # classify | localize | detect | quake
+    task: str = "classify"  # classify | localize | detect | quake; several comma-separated train jointly
     encoder: str | None = None  # pretrain checkpoint; None trains the encoder from scratch (supervised)
     label_ratio: float = 1.0  # share of the training windows whose labels are used (class-stratified)
-    freeze_encoder: bool = True  # False: fine-tune the encoder too (always False from scratch)
+    freeze_encoder: bool = True  # False: full fine-tuning, encoder too (always False from scratch)
     epochs: int = 100  # frozen heads train on cached features, so epochs are cheap
     steps: int | None = None  # instead of epochs: train until this many optimiser steps (whole epochs)
     batch_size: int = 32
@@ -66,15 +66,21 @@ class FinetuneConfig:
     # (SPAR Table 7): "site" (slot i = node i), "nearest" (slot of the nearest pretraining node),
     # "mean" (every node gets the mean learned vector), "random" (a random learned slot per node).
     slots: str = "site"
-    head: str = ""  # "" = the task's default head; fusion (RobustHAR, classify) | map (AEMP, localize)
+    # "" = the task's default head; transformer (SPAR's one-block head, classify) | fusion (RobustHAR,
+    # classify) | map (AEMP, localize)
+    head: str = ""
     layerwise: bool = False  # AEMP: head first, then the encoder unfrozen with per-layer decayed lr
-    layer_decay: float = 0.5  # lr of layer i below the head = lr * layer_decay ** i
+    # lr of layer i below the head = lr * layer_decay ** i; None = 0.5 layer-wise (AEMP), 0.75 full (MAE)
+    layer_decay: float | None = None
+    # Fair MAE baseline: a learnable per-node vector added to the latents inside the head, so a
+    # placement-agnostic encoder's head still knows which node each token came from.
+    node_identity: bool = False
 
     def validate(self) -> None:
         _require(self.data, "data")
         _require(self.out, "out")
         _positive(self, "epochs", "batch_size", "lr")
-        if not 0.0 < self.layer_decay <= 1.0:
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
             raise TrainError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.slots not in SLOT_POLICIES:
             raise TrainError(f"slots must be one of {', '.join(SLOT_POLICIES)}, got {self.slots!r}")

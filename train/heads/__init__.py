@@ -38,6 +38,8 @@ HEADS: dict[str, type[Head]] = {
 HEAD_VARIANTS: dict[str, tuple[str, str]] = {
     "fusion": ("classify", "train.heads.multiscale_fusion:MultiScaleFusionClassifier"),  # RobustHAR
     "map": ("localize", "train.heads.map_localizer:MapAwareLocalizer"),  # AEMP
+    # SPAR's classification head: the localizer's one transformer block, then a linear readout.
+    "transformer": ("classify", "train.heads.classifier:TransformerClassifier"),
 }
 
 

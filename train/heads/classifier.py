@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from train.heads.blocks import Head, masked_mean
+from train.heads.blocks import Head, TransformerBlock, masked_mean, zero_invalid
 
 
 class ClassLogits:
@@ -40,3 +40,28 @@ class LinearClassifier(ClassLogits, Head):
     def forward(self, latents: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """latents [B, L, d], valid [B, L] bool -> logits [B, C]."""
         return self.linear(masked_mean(latents, valid))
+
+
+class TransformerClassifier(ClassLogits, Head):
+    """The paper's classification head: the localization head's one pre-norm transformer block over
+    the latents, masked mean-pool, one ``nn.Linear`` to class logits.
+
+    The linear probe pools every token of every node into one vector before it can weigh them, so
+    it cannot compare nodes (which node is loud, which one hears the engine's harmonics): a floor
+    that reads per-node band energies beats it. One attention block lets the head do that.
+    """
+
+    task = "classify"
+
+    def __init__(self, d: int, n_classes: int, heads: int = 4, layers: int = 1, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.n_classes = n_classes
+        self.blocks = nn.ModuleList(TransformerBlock(d, heads, mlp_ratio) for _ in range(layers))
+        self.linear = nn.Linear(d, n_classes)
+
+    def forward(self, latents: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """latents [B, L, d], valid [B, L] bool -> logits [B, C]."""
+        x = zero_invalid(latents, valid)
+        for block in self.blocks:
+            x = block(x, valid)
+        return self.linear(masked_mean(x, valid))
