@@ -92,6 +92,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="where objectives.md/.json/.png go (default: %(default)s)")
     ob.set_defaults(func=_cmd_objectives)
 
+    mc = sub.add_parser("model", help="the shipped model against the floors on a recording it never trained on",
+                        description="Run every artifact of a model folder (INT8 student, FP32 student, teacher/) in "
+                        "ONNX Runtime on a test recording, beside the floors (softmax / kNN / energy centroid on band "
+                        "energies, fitted on the model's training recording), with complete windows and with lost "
+                        "messages, and check the shipped model's targets. Writes a markdown report and JSON.")
+    mc.add_argument("--model", type=Path, default=Path("models/parking_lot"), help="model folder (default: %(default)s)")
+    mc.add_argument("--test", type=Path, default=Path("build/models-standard/test"),
+                    help="test recording, never trained on (default: %(default)s, written by `make models "
+                    "BUDGET=standard`)")
+    mc.add_argument("--train", type=Path, default=Path("build/models-standard/data"),
+                    help="the model's training recording, for the floors (default: %(default)s)")
+    mc.add_argument("--loss", type=float, action="append", help="message loss rates (repeatable; default 0 and 0.2)")
+    mc.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default: %(default)s)")
+    mc.add_argument("--out", type=Path, default=Path("benchmarks/results/model.md"),
+                    help="markdown report; JSON beside it (default: %(default)s)")
+    mc.set_defaults(func=_cmd_model)
+
     pl = sub.add_parser("placement", help="frozen encoders on a sensor layout unseen in pretraining (paper Table 7)",
                         description="Generate two simulated lots with the same sensors in different places "
                         "(layout A: 8 perimeter nodes, layout B: 6 other places), pretrain SPAR, SPAR+LLM and MAE "
@@ -362,6 +379,31 @@ def _cmd_objectives(args: argparse.Namespace) -> int:
     report.plot(args.out / "objectives.png")
     print(report.to_markdown())
     print(f"report: {args.out / 'objectives.md'}, plot: {args.out / 'objectives.png'}")
+    return 0
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    import json
+
+    from benchmarks.model_check import ModelCheckConfig, run_model_check
+
+    for path in (args.test, args.train):
+        if not (path / "dataset.json").exists():
+            raise BenchError(f"{path} is not a dataset folder; `make models BUDGET=standard` writes both recordings, "
+                             "or give --test/--train from `spar-node dataset`")
+    rates = tuple(args.loss) if args.loss else (0.0, 0.2)
+    if any(not 0 <= r < 1 for r in rates):
+        raise BenchError("--loss rates must be in [0, 1)")
+    cfg = ModelCheckConfig(model_dir=args.model, test_data=args.test, train_data=args.train, loss_rates=rates,
+                           threads=args.threads)
+    report = run_model_check(cfg, progress=lambda text: print(f"... {text}", file=sys.stderr, flush=True))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report.to_markdown())
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"machine": report.machine, "model": report.manifest.get("model"), "training": report.manifest.get("training"),
+         "rows": {f"{r:g}": v for r, v in report.rows.items()},
+         "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in report.targets]}, indent=2) + "\n")
+    print(report.to_markdown())
     return 0
 
 

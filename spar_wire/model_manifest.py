@@ -93,6 +93,8 @@ class ModelManifest:
     class_names: tuple[str, ...] = ()
     metric: dict[str, Any] = field(default_factory=dict)
     text_model: str = ""  # SPAR+LLM: the description encoder (spar_wire.placement_text.text_model_id)
+    # How the model was made (budget preset, teacher fine-tuning, commit): read by people and reports.
+    training: dict[str, Any] = field(default_factory=dict)
     source: str = field(default="<memory>", compare=False)
 
     @property
@@ -132,6 +134,7 @@ class ModelManifest:
             "inputs": [spec(t, False) for t in self.inputs],
             "outputs": [spec(t, True) for t in self.outputs],
             "class_names": list(self.class_names), "metric": dict(self.metric),
+            **({"training": dict(self.training)} if self.training else {}),
         }
 
     def write(self, path: str | Path) -> None:
@@ -187,7 +190,8 @@ def _parse(data: dict[str, Any], source: str) -> ModelManifest:
         precision=str(artifact.get("precision", "fp32")), sha256=str(artifact["sha256"]),
         position_dim=int(site["position_dim"]), node_range=(low, high), modalities=modalities,
         inputs=inputs, outputs=outputs, class_names=tuple(str(c) for c in data.get("class_names", ())),
-        metric=dict(data.get("metric", {})), text_model=text_model, source=source,
+        metric=dict(data.get("metric", {})), text_model=text_model, training=dict(data.get("training", {})),
+        source=source,
     )
 
 
