@@ -7,6 +7,9 @@ PY     := $(VENV)/bin/python
 # elsewhere set TORCH_SPEC, e.g. TORCH_SPEC='torch' on a CUDA workstation.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_SECONDS ?= 60
+# Training budget of `make models` (train/budgets.py): smoke (fast path, ~10 min, a plumbing check)
+# or standard (1-2 h on 2 cores: rebuilds the shipped models/parking_lot).
+BUDGET ?= smoke
 # The stamp is rebuilt whenever pyproject.toml changes, so new dependencies are picked up.
 STAMP  := $(VENV)/.installed-dev
 
@@ -17,7 +20,8 @@ help:
 	@echo "make demo   - create .venv, install deps (and mosquitto), run a live parking-lot site for a minute"
 	@echo "make bench  - run every benchmark with its default budget, refresh benchmarks/results/"
 	@echo "make soak   - long reliability runs: 10 broker restarts, 100 000 fuzz messages, 30 s of 10x load"
-	@echo "make models - retrain the shipped models under models/ (about 10 min on 2 cores)"
+	@echo "make models - smoke-budget build of the parking-lot model pipeline into build/ (about 10 min)"
+	@echo "make models BUDGET=standard - retrain the shipped models/parking_lot (1-2 h on 2 cores)"
 	@echo "make lint   - ruff over the code"
 	@echo "make clean  - remove .venv and caches"
 
@@ -50,7 +54,7 @@ soak: venv mosquitto
 	VENV=$(VENV) bash scripts/soak.sh
 
 models: venv
-	VENV=$(VENV) bash scripts/make_models.sh
+	VENV=$(VENV) BUDGET=$(BUDGET) bash scripts/make_models.sh
 
 lint: venv
 	$(VENV)/bin/ruff check .

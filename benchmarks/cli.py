@@ -137,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
                         "p50/p99 at batch 1 and 8 with 8 nodes (real windows), task metric on the validation "
                         "windows; all in one process with the same thread count. Defaults point at what "
                         "`make models` builds.")
-    qb.add_argument("--teacher", action="append", help="fine-tuned teacher checkpoint(s) (default: "
-                    "build/models/classify and build/models/localize)")
-    qb.add_argument("--student", default="build/models/student", help="distilled checkpoint (default: %(default)s)")
+    qb.add_argument("--teacher", action="append", help="fine-tuned teacher checkpoint(s) (default: the ones "
+                    "`make models BUDGET=standard` chose, listed in build/models-standard/teacher.txt)")
+    qb.add_argument("--student", default="build/models-standard/student",
+                    help="distilled checkpoint (default: %(default)s)")
     qb.add_argument("--models", type=Path, default=Path("models/parking_lot"),
                     help="folder with model.onnx, model.int8.onnx (default: %(default)s)")
-    qb.add_argument("--data", default="build/models/data", help="dataset (default: %(default)s)")
+    qb.add_argument("--data", default="build/models-standard/data", help="dataset (default: %(default)s)")
     qb.add_argument("--threads", type=int, default=1, help="torch and ORT intra-op threads (default: %(default)s)")
     qb.add_argument("--repeats", type=int, default=100, help="timed runs per entry and batch (default: %(default)s)")
     qb.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where quant.md/.png go")
@@ -461,6 +462,13 @@ def _cmd_placement(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chosen_teacher(listing: Path) -> list[str]:
+    """The teacher checkpoints `make models` chose (one path per line of ``listing``)."""
+    if not listing.exists():
+        raise BenchError(f"{listing} does not exist: run `make models BUDGET=standard` first, or give --teacher")
+    return [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+
+
 def _cmd_quant(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -471,7 +479,7 @@ def _cmd_quant(args: argparse.Namespace) -> int:
     from export.exporter import load_deployable
     from train.data import load_windows, temporal_split
 
-    teachers = args.teacher or ["build/models/classify", "build/models/localize"]
+    teachers = args.teacher or _chosen_teacher(Path(args.student).parent / "teacher.txt")
     try:
         teacher, _ = load_deployable(teachers)
         student, _ = load_deployable([args.student])

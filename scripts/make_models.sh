@@ -58,6 +58,7 @@ done_marker "$WORK/full" || run "$BIN/spar-train" finetune --data "$WORK/data" -
 mapfile -t TEACHER < <(run "$BIN/spar-export" choose-teacher --report "$WORK/teacher-choice.md" \
     --candidate "frozen=$WORK/frozen/classify,$WORK/frozen/localize" \
     --candidate "full=$WORK/full/classify,$WORK/full/localize")
+printf '%s\n' "${TEACHER[@]}" > "$WORK/teacher.txt"   # spar-bench quant reads the choice
 TEACHER_FLAGS=()
 for t in "${TEACHER[@]}"; do TEACHER_FLAGS+=(--teacher "$t"); done
 
@@ -73,6 +74,18 @@ run "$BIN/spar-export" quantize --onnx "$OUT/model.onnx" --checkpoint "$WORK/stu
     --calibration-windows "$BUDGET_CALIBRATION_WINDOWS"
 run "$BIN/spar-export" onnx "${TEACHER_FLAGS[@]/--teacher/--checkpoint}" --data "$WORK/data" --out "$OUT/teacher" \
     --name spar-parking-lot-teacher --version "$VERSION"
+# Every manifest names the budget and the teacher's fine-tuning, so results measured on it can say so.
+TEACHER_MODE=$(head -n1 < <(grep -o '^| [a-z]* (chosen)' "$WORK/teacher-choice.md" | tr -d '|' | awk '{print $1}'))
+"$BIN/python" - "$OUT" "$BUDGET_NAME" "$TEACHER_MODE" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" <<'PY'
+import json, pathlib, sys
+out, budget, teacher, commit = sys.argv[1:]
+for path in pathlib.Path(out).rglob("*manifest.json"):
+    data = json.loads(path.read_text())
+    data["training"] = {"budget": budget, "teacher_fine_tuning": teacher, "commit": commit,
+                        "scenario": "parking_lot, max_vehicles=1, empty_fraction=0.1, webp:85 tokens",
+                        "student": "teacher" not in path.parts}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+PY
 cp "$WORK/student/report.md" "$OUT/distillation.md"
 cp "$WORK/teacher-choice.md" "$OUT/teacher-choice.md"
 {

@@ -3,7 +3,8 @@
 # Each table carries the machine description and the date. Leave some out with SKIP, e.g.
 #   SKIP="objectives quant" make bench
 # objectives is the long one (about 40 min on 2 idle cores; it resumes from benchmarks/.work).
-# quant needs the training checkpoints of `make models` (built here first when missing, ~10 min).
+# quant and model need the checkpoints and recordings of `make models BUDGET=standard` (1-2 h; built
+# here first when missing).
 set -euo pipefail
 
 BIN=${VENV:-.venv}/bin
@@ -22,10 +23,11 @@ run bandwidth "$BIN/spar-bench" bandwidth
 run lossy     "$BIN/spar-bench" lossy
 run latency   "$BIN/spar-bench" latency
 run runtime   "$BIN/spar-bench" runtime
-if [[ "$SKIP" != *" quant "* && ! -d build/models/student ]]; then
-  echo "=== quant needs build/models: running make models first"
-  VENV=${VENV:-.venv} bash scripts/make_models.sh
+if [[ "$SKIP" != *" quant "* && ! -f build/models-standard/teacher.txt ]]; then
+  echo "=== quant needs build/models-standard: running make models BUDGET=standard first"
+  VENV=${VENV:-.venv} BUDGET=standard bash scripts/make_models.sh
 fi
 run quant      "$BIN/spar-bench" quant
+run model      "$BIN/spar-bench" model
 run objectives "$BIN/spar-bench" objectives
 echo "results in benchmarks/results/"
