@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                         "ONNX Runtime on a test recording, beside the floors (softmax / kNN / energy centroid on band "
                         "energies, fitted on the model's training recording), with complete windows and with lost "
                         "messages, and check the shipped model's targets. Writes a markdown report and JSON.")
-    mc.add_argument("--model", type=Path, default=Path("models/parking_lot"), help="model folder (default: %(default)s)")
+    mc.add_argument("--model", type=Path, default=Path("models/parking_lot"),
+                    help="model folder (default: %(default)s)")
     mc.add_argument("--test", type=Path, default=Path("build/models-standard/test"),
                     help="test recording, never trained on (default: %(default)s, written by `make models "
                     "BUDGET=standard`)")

@@ -124,7 +124,8 @@ class ModelCheckReport:
                     "accuracy", "macro_f1", "mean_distance", "median_distance", "p90_distance",
                     "median_inside_lot")]) + " |")
             lines.append("")
-        lines += ["## Targets (INT8 student, complete windows)", "", "| target | measured | met |", "| --- | --- | --- |"]
+        lines += ["## Targets (INT8 student, complete windows)", "", "| target | measured | met |",
+                  "| --- | --- | --- |"]
         lines += [f"| {what} | {measured} | {'yes' if met else '**no**'} |" for what, measured, met in self.targets]
         lines += ["", f"Reproduce: `spar-bench model --model {self.cfg.model_dir} --test {self.cfg.test_data} "
                   f"--train {self.cfg.train_data}`.", ""]

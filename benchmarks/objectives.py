@@ -80,7 +80,8 @@ class ObjectivesConfig:
         return replace(cls(**BENCH_BUDGETS[name], preset=preset), **changes)
 
     def budget(self) -> str:
-        return (f"preset `{self.preset}`: {self.windows} windows (75 % train / 25 % validation, temporal split); pretraining "
+        return (f"preset `{self.preset}`: {self.windows} windows (75 % train / 25 % validation, temporal split); "
+                f"pretraining "
                 f"{self.pretrain_epochs} epochs (lr {self.lr:g}); frozen-encoder heads {self.head_steps} steps "
                 f"(lr 3e-3); supervised from scratch {self.supervised_steps} steps (lr 1e-3); batch "
                 f"{self.batch_size}; seeds {list(self.seeds)}")

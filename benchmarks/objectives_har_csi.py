@@ -12,8 +12,14 @@ Every objective's encoder is pretrained on the training windows and frozen under
 (linear classifier / one-block localizer), so the rows compare objectives, not heads. Two extra rows
 give each paper its own fine-tuning: RobustHAR with its multi-scale fusion head, and AEMP with the
 map-aware localizer and layer-wise fine-tuning (encoder unfrozen, so it gets the end-to-end budget).
-"Supervised" trains encoder + head from scratch on the labelled windows. Finished jobs are remembered
-in ``<workdir>/jobs.jsonl``.
+"Supervised" trains encoder + head from scratch on the labelled windows.
+
+Floors (``train.floors``) sit under the learned rows: softmax regression on band energies (har), kNN
+on the same features and the energy-weighted centroid of the access points (csi). They are fitted on
+exactly the labelled training windows the heads get (same ``label_subset`` per label ratio and seed)
+and scored on the same validation windows with the same missing streams (``missing_streams``: one
+generator per rate, drawn batch by batch as the models are scored). Every learned row gets its margin
+against the best floor. Finished jobs are remembered in ``<workdir>/jobs.jsonl``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from benchmarks.errors import BenchError
 from benchmarks.machine import describe_machine
@@ -69,6 +77,14 @@ METHODS: dict[str, Method] = {
     "aemp + map head, layer-wise": Method("aemp", head="map", layerwise=True),
 }
 EXTRA_ROW = {"har": "robusthar + fusion head", "csi": "aemp + map head, layer-wise"}
+# Floors of each task (train.floors names) and their rows; the guess is shown, never the best floor.
+FLOORS = {"classify": ("softmax",), "localize": ("knn", "centroid")}
+FLOOR_ROWS = {"softmax": "Floor: softmax on band energies", "knn": "Floor: kNN on band energies",
+              "centroid": "Floor: energy-weighted centroid", "mean_position": "Guess: mean position"}
+SHOWN_FLOORS = {"classify": ("softmax",), "localize": ("knn", "centroid", "mean_position")}
+SEPARATES_BELOW = 0.98  # a floor at or above this accuracy leaves no room to tell methods apart
+VAL_FRACTION = 0.25  # the fine-tuning default: the last quarter of windows validates
+DROP_SEED = 7  # one generator per missing rate, the same for every method and floor
 
 
 @dataclass(frozen=True)
@@ -111,20 +127,23 @@ class DatasetObjectivesConfig:
 
 @dataclass(frozen=True)
 class Job:
-    kind: str  # pretrain | finetune
-    method: str
+    kind: str  # pretrain | finetune | floors
+    method: str  # a METHODS name, or "floors"
     seed: int
     ratio: float = 1.0
 
     def key(self, dataset: str) -> str:
         if self.kind == "pretrain":
             return f"{dataset}/pretrain/{METHODS[self.method].objective}/seed{self.seed}"
+        if self.kind == "floors":
+            return f"{dataset}/floors/{self.ratio:g}/seed{self.seed}"
         return f"{dataset}/finetune/{self.method}/{self.ratio:g}/seed{self.seed}"
 
 
 def plan(cfg: DatasetObjectivesConfig) -> list[Job]:
     jobs: list[Job] = []
     for seed in cfg.seeds:
+        jobs += [Job("floors", "floors", seed, r) for r in cfg.label_ratios]  # seconds each: first
         pretrained = dict.fromkeys(METHODS[m].objective for m in cfg.methods if m != "supervised")
         jobs += [Job("pretrain", next(m for m in cfg.methods if METHODS[m].objective == o), seed) for o in pretrained]
         jobs += [Job("finetune", m, seed, r) for m in cfg.methods for r in cfg.label_ratios]
@@ -149,6 +168,9 @@ def run_job(job: Job, cfg: DatasetObjectivesConfig, data: Path) -> dict[str, Any
     from train.pretrain import run_pretrain
     from train.run_config import FinetuneConfig, PretrainConfig
 
+    if job.kind == "floors":
+        started = time.monotonic()
+        return {**floor_job(job, cfg, data), "seconds": time.monotonic() - started}
     method = METHODS[job.method]
     run_dir = fresh_run_dir(cfg.workdir / "runs" / job.key(cfg.dataset), job_settings(cfg))
     started = time.monotonic()
@@ -174,22 +196,70 @@ def run_job(job: Job, cfg: DatasetObjectivesConfig, data: Path) -> dict[str, Any
 
 def missing_data_metrics(checkpoint: Path, data: Path, cfg: DatasetObjectivesConfig) -> dict[str, dict[str, float]]:
     """Validation metrics with each (node, modality) stream of a window lost at each missing rate
-    (the same losses for every method: a fixed generator per rate)."""
+    (the same losses for every method and floor: ``missing_streams``)."""
     import torch
 
-    from train.data import drop_nodes, load_windows, temporal_split
-    from train.finetune import evaluate, load_task_model, task_indices
+    from train.data import load_windows
+    from train.finetune import evaluate, load_task_model
 
     model, _ = load_task_model(checkpoint)
     windows = load_windows(data, progress=False)
-    _, val_idx = temporal_split(len(windows), 0.25)
-    val_idx = task_indices(windows, cfg.spec.task, val_idx)
+    val_idx = validation_indices(windows, cfg.spec.task)
     out = {}
     for rate in cfg.missing_rates:
-        generator = torch.Generator().manual_seed(7)
-        transform = (lambda batch, r=rate, g=generator: drop_nodes(batch, r, g, per_modality=True)) if rate else None
-        out[f"{rate:g}"] = evaluate(model, windows, val_idx, cfg.batch_size, torch.device("cpu"), transform)
+        seen = missing_streams(windows, val_idx, rate, cfg.batch_size)
+        out[f"{rate:g}"] = evaluate(model, seen, np.arange(len(seen)), cfg.batch_size, torch.device("cpu"))
     return out
+
+
+def validation_indices(windows, task: str) -> np.ndarray:
+    """The validation windows the fine-tuned heads are scored on (temporal split, usable for the task)."""
+    from train.data import temporal_split
+    from train.finetune import task_indices
+
+    return task_indices(windows, task, temporal_split(len(windows), VAL_FRACTION)[1])
+
+
+def missing_streams(windows, indices: np.ndarray, rate: float, batch_size: int):
+    """The WindowSet of ``indices`` with each (node, modality) token message lost with probability
+    ``rate``: ``train.data.drop_nodes`` per batch of ``batch_size`` (in order, as the models are
+    scored) from a generator seeded ``DROP_SEED``, so models and floors see identical inputs. Lost
+    streams have present False and zero tokens (the floors mask them out)."""
+    import torch
+
+    from train.data import drop_nodes, iterate_batches
+
+    out = windows.subset(indices)  # a copy: edited in place below
+    if not rate:
+        return out
+    generator = torch.Generator().manual_seed(DROP_SEED)
+    for rows in iterate_batches(np.arange(len(out)), batch_size, shuffle=False, seed=0, epoch=0, drop_last=False):
+        batch = drop_nodes(out.batch(rows), rate, generator, per_modality=True)
+        for name in batch.modalities:
+            out.tokens[name][rows] = batch.tokens[name].numpy()
+            out.present[name][rows] = batch.present[name].numpy()
+    return out
+
+
+def floor_job(job: Job, cfg: DatasetObjectivesConfig, data: Path) -> dict[str, Any]:
+    """The task's floors fitted on the labelled training windows of (ratio, seed), the very subset
+    ``run_finetune`` gives the heads, and scored on the validation windows at every missing rate:
+    {"missing": {"0.1": {"softmax/accuracy": ..., ...}, ...}, "train_windows": ...}."""
+    from train.data import label_subset, load_windows, temporal_split
+    from train.finetune import stratify_labels, task_indices
+    from train.floors import floor_metrics
+
+    task = cfg.spec.task
+    windows = load_windows(data, progress=False)
+    train_all = task_indices(windows, task, temporal_split(len(windows), VAL_FRACTION)[0])
+    train_idx = label_subset(train_all, stratify_labels(windows, task, train_all), job.ratio, job.seed)
+    train, val_idx = windows.subset(train_idx), validation_indices(windows, task)
+    missing = {}
+    for rate in cfg.missing_rates:
+        metrics = floor_metrics(train, missing_streams(windows, val_idx, rate, cfg.batch_size))
+        missing[f"{rate:g}"] = {f"{floor}/{name}": value for floor in SHOWN_FLOORS[task]
+                                for name, value in metrics[floor].items()}
+    return {"missing": missing, "train_windows": len(train_idx)}
 
 
 def run_dataset_objectives(cfg: DatasetObjectivesConfig, progress: Callable[[str], None] = print
@@ -226,20 +296,55 @@ class DatasetObjectivesReport:
     machine: str
 
     def metric(self, method: str, ratio: float, rate: float, name: str) -> tuple[float, float]:
-        """Mean and standard deviation over seeds."""
-        values = [float(self.results[Job("finetune", method, s, ratio).key(self.cfg.dataset)]["missing"][f"{rate:g}"]
+        """Mean and standard deviation over seeds (``method`` "floors": ``name`` is "softmax/accuracy",
+        "knn/median_distance" etc.)."""
+        kind = "floors" if method == "floors" else "finetune"
+        values = [float(self.results[Job(kind, method, s, ratio).key(self.cfg.dataset)]["missing"][f"{rate:g}"]
                         [name]) for s in self.cfg.seeds]
         return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
+    def best_floor(self, ratio: float, rate: float = 0.0) -> tuple[str, float]:
+        """(floor, headline metric) of the best floor: the highest accuracy, or the lowest median error."""
+        task, name = self.cfg.spec.task, self.cfg.spec.metrics[0]
+        scores = [(f, self.metric("floors", ratio, rate, f"{f}/{name}")[0]) for f in FLOORS[task]]
+        return (max if task == "classify" else min)(scores, key=lambda fv: fv[1])
+
+    def margin(self, method: str, ratio: float, rate: float = 0.0) -> str:
+        """A learned row against the best floor: accuracy change in points, or the relative change of
+        the median error in % (positive: more error than the floor)."""
+        floor, value = self.best_floor(ratio, rate)
+        mine = self.metric(method, ratio, rate, self.cfg.spec.metrics[0])[0]
+        if self.cfg.spec.task == "classify":
+            return f"{(mine - value) * 100:+.1f} pts vs {floor}" + (" (below the floor)" if mine < value else "")
+        return f"{(mine / value - 1) * 100:+.0f} % vs {floor}" + (" (below the floor)" if mine > value else "")
+
+    def separation(self) -> str:
+        """Whether the task can tell the methods apart: a floor near perfect leaves no room."""
+        ratio = min(self.cfg.label_ratios)
+        floor, value = self.best_floor(ratio)
+        if self.cfg.spec.task == "classify":
+            if value >= SEPARATES_BELOW:
+                return (f"This task does not separate the methods: the {floor} floor already reaches {value:.3f} "
+                        f"accuracy at label ratio {ratio:g} (>= {SEPARATES_BELOW:g}).")
+            return (f"This task can separate the methods: the best floor ({floor}) reaches {value:.3f} accuracy at "
+                    f"label ratio {ratio:g}, below {SEPARATES_BELOW:g}, so there is room above it.")
+        guess = self.metric("floors", ratio, 0.0, f"mean_position/{self.cfg.spec.metrics[0]}")[0]
+        return (f"This task can separate the methods: the best floor ({floor}) leaves a median error of {value:.2f} m "
+                f"at label ratio {ratio:g} (the mean-position guess: {guess:.2f} m), far from zero.")
+
     def table(self) -> list[dict[str, Any]]:
-        """One row per method: every metric at every (label ratio, missing rate)."""
+        """One row per method, then one per floor: every metric at every (label ratio, missing rate)."""
         rows = []
-        for method in self.cfg.methods:
-            row: dict[str, Any] = {"method": method}
-            for ratio in self.cfg.label_ratios:
-                for rate in self.cfg.missing_rates:
-                    for name in self.cfg.spec.metrics:
-                        row[f"{name}@labels{ratio:g}/missing{rate:g}"] = self.metric(method, ratio, rate, name)[0]
+        cfg = self.cfg
+        for method in (*cfg.methods, *SHOWN_FLOORS[cfg.spec.task]):
+            floor = method not in cfg.methods
+            row: dict[str, Any] = {"method": FLOOR_ROWS[method] if floor else method}
+            for ratio in cfg.label_ratios:
+                for rate in cfg.missing_rates:
+                    for name in cfg.spec.metrics:
+                        value = self.metric("floors", ratio, rate, f"{method}/{name}") if floor else \
+                            self.metric(method, ratio, rate, name)
+                        row[f"{name}@labels{ratio:g}/missing{rate:g}"] = value[0]
             rows.append(row)
         return rows
 
@@ -253,16 +358,27 @@ class DatasetObjectivesReport:
         for ratio in cfg.label_ratios:
             lines += [f"## {first.replace('_', ' ')}{unit}, label ratio {ratio:g}, by share of missing streams", ""]
             head = ["method"] + [f"{rate * 100:g} % missing" for rate in cfg.missing_rates] + \
-                   [f"{spec.metrics[1].replace('_', ' ')} @0 %"]
+                   [f"{spec.metrics[1].replace('_', ' ')} @0 %", "vs best floor @0 %"]
             lines += [_row(head), _row(["---"] * len(head))]
             for method in cfg.methods:
                 cells = [method] + [self._cell(method, ratio, rate, first, fmt) for rate in cfg.missing_rates]
-                cells.append(self._cell(method, ratio, 0.0, spec.metrics[1], fmt))
+                cells += [self._cell(method, ratio, 0.0, spec.metrics[1], fmt), self.margin(method, ratio)]
+                lines.append(_row(cells))
+            for floor in SHOWN_FLOORS[spec.task]:
+                cells = [FLOOR_ROWS[floor]] + [self._cell("floors", ratio, rate, f"{floor}/{first}", fmt)
+                                               for rate in cfg.missing_rates]
+                cells += [self._cell("floors", ratio, 0.0, f"{floor}/{spec.metrics[1]}", fmt), ""]
                 lines.append(_row(cells))
             lines.append("")
+        margin = ("accuracy points" if spec.task == "classify" else
+                  "relative change of the median error, negative is better")
         lines += ["Missing streams: each (node, sensor) token message of a validation window is dropped with the "
-                  "given probability (the same drops for every method), as the aggregator would assemble a window "
-                  "whose messages did not arrive.", "",
+                  "given probability (the same drops for every method and floor), as the aggregator would assemble "
+                  "a window whose messages did not arrive.", "",
+                  "Floors (train.floors, on per-node band energies) are fitted on exactly the labelled windows the "
+                  "heads get and see the same missing streams (absent streams are masked out). "
+                  f"\"vs best floor\": {margin}, against the best floor of the same label ratio at 0 % missing.", "",
+                  self.separation(), "",
                   f"Reproduce: `spar-bench objectives --dataset {cfg.dataset}` (add `--full` for the longer "
                   "budget).", ""]
         return "\n".join(lines)
@@ -285,6 +401,10 @@ class DatasetObjectivesReport:
             for method in cfg.methods:
                 values = [self.metric(method, ratio, rate, name)[0] for rate in cfg.missing_rates]
                 ax.plot([r * 100 for r in cfg.missing_rates], values, marker="o", label=method)
+            for floor, style in zip(FLOORS[cfg.spec.task], ("--", ":"), strict=False):
+                values = [self.metric("floors", ratio, rate, f"{floor}/{name}")[0] for rate in cfg.missing_rates]
+                ax.plot([r * 100 for r in cfg.missing_rates], values, color="k", linestyle=style, linewidth=1,
+                        label=FLOOR_ROWS[floor])
             ax.set_xlabel("missing streams (%)")
             ax.set_ylabel(name.replace("_", " ") + (" (m)" if cfg.spec.task == "localize" else ""))
             ax.set_title(f"{cfg.dataset}: label ratio {ratio:g}")

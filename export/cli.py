@@ -163,7 +163,8 @@ def _cmd_engine(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"distill": _cmd_distill, "choose-teacher": _cmd_choose_teacher, "onnx": _cmd_onnx, "quantize": _cmd_quantize, "engine": _cmd_engine}
+    commands = {"distill": _cmd_distill, "choose-teacher": _cmd_choose_teacher, "onnx": _cmd_onnx,
+                "quantize": _cmd_quantize, "engine": _cmd_engine}
     try:
         return commands[args.command](args)
     except ExportError as exc:

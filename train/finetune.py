@@ -219,10 +219,10 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     frozen = cfg.freeze_encoder and cfg.encoder is not None and not cfg.layerwise
     log = open(out / "log.jsonl", "w")
     try:
-        for task, model in models.items():
-            if frozen:
+        if frozen:
+            for model in models.values():
                 _train_frozen(model, windows, train_idx, cfg, device, log)
-        if not frozen:
+        else:
             _train_end_to_end(encoder, {t: m.head for t, m in models.items()}, windows, train_idx, cfg, device, log)
     finally:
         log.close()

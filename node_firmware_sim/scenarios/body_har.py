@@ -1,10 +1,31 @@
 """Body-worn IMUs (accelerometer, gyroscope, magnetometer) during everyday activities, RealWorld-HAR style.
 
-Windows are grouped into episodes of ``episode_windows`` consecutive windows that share one subject
-and one activity, drawn from ``episode_rng(seed, "body_har", episode)``; signals are analytic in the
-episode time, so consecutive windows of an episode join without a seam. Subject traits (height ->
-cadence, motion amplitude, sensor mounting, gyro bias) come from ``episode_rng(seed, "subject", id)``
-and stay the same across episodes.
+Recording plan (as a HAR study is recorded): subjects come one after the other. Each records
+``sessions_per_subject`` sessions in a row; a session puts the sensors on once and performs every
+activity once, in an order drawn per (subject, session), one episode of ``episode_windows`` windows
+each. So window order is subject order: subject k owns windows [k S, (k + 1) S), S =
+``describe()["subject_windows"]`` (4 x 8 x 6 = 192 by default), and a temporal split holds out
+whole later subjects (cross-subject evaluation, as RealWorld-HAR is reported); only after
+``n_subjects`` subjects do ids repeat (new sessions of the same people). Signals are analytic in
+the episode time, so consecutive windows of an episode join without a seam.
+
+What makes it as hard as real data (each a parameter; 0 switches it off):
+
+* subjects: height -> cadence, motion amplitude, sensor mounting, gyro bias, and a movement style
+  (``style_sigma`` x ``STYLE``: arm and leg swing, bounce, impacts, trunk lean, knee lift, ...) from
+  ``episode_rng(seed, "subject", id)``, the same in every episode of the subject;
+* sensor displacement: each session the sensor sits elsewhere on its body part, turned about the
+  segment's long axis (uniform +- ``displacement_deg``), tilted (``displacement_tilt_deg`` std) and
+  slid along the limb (lever arm +- ``displacement_m``);
+* orientation changes: with ``reorient_prob`` per episode and sensor it has been turned about the
+  long axis (uniform, any angle) for that episode, as a phone re-pocketed or a strap pushed round;
+* transitions: with ``transition_prob`` an episode (not a session's first) starts with the end of
+  the previous activity inside its first window; the body changes over ``transition_s`` (posture
+  slerped, specific force and heading cross-faded). The label is the activity that fills most of
+  the window; extras name the other one;
+* confusable activities: walking, stairs up and stairs down move their profiles
+  (``CONFUSABLE``) towards the group mean by ``confusion`` (0: distinct textbook profiles, 1:
+  identical), as real gait on stairs and on the level differs by less than its cadence spread.
 
 Kinematics, one function per step, in a heading frame (X forward, Y left, Z up):
 
@@ -22,15 +43,21 @@ Kinematics, one function per step, in a heading frame (X forward, Y left, Z up):
 
 Sensor frame: z along the segment towards the head (up when standing), x out of the body's front,
 y to the left. Units: acc m/s^2, gyro rad/s, mag uT.
+
+Ground truth per window: label = activity; extras subject_id, session (the subject's session
+number), transition_share (share of the window in the other activity, 0 when none), and in
+transition windows other_label (that activity; datasets hold NaN elsewhere).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from scipy.signal import lfilter
+from scipy.spatial.transform import Rotation
 
 from node_firmware_sim.errors import NodeError
 from node_firmware_sim.scenarios.base import (
@@ -99,6 +126,49 @@ ACTIVITIES: tuple[ActivityProfile, ...] = (
 )
 
 
+# Activities whose profiles ``confusion`` pulls towards their group mean, and the fields it pulls.
+CONFUSABLE: tuple[tuple[str, ...], ...] = (("walk", "stairs_up", "stairs_down"),)
+_BLENDED = ("cadence_hz", "bounce", "bounce2", "asymmetry_rad", "forward", "lateral", "leg_swing", "arm_swing",
+            "impact_g", "trunk_lean", "thigh_bias", "arm_bias", "twist", "turn_rate")
+# A subject's movement style, drawn once per subject (x style_sigma): "mul" scales the activity's
+# value by exp(sigma z), "add" adds sigma z (rad). Sizes: the person-to-person spread of gait.
+STYLE: dict[str, tuple[str, float]] = {
+    "leg_swing": ("mul", 0.15), "arm_swing": ("mul", 0.35), "bounce": ("mul", 0.25), "bounce2": ("mul", 0.3),
+    "forward": ("mul", 0.25), "lateral": ("mul", 0.3), "impact_g": ("mul", 0.35), "twist": ("mul", 0.35),
+    "trunk_lean": ("add", 0.06), "thigh_bias": ("add", 0.08), "arm_bias": ("add", 0.2),
+}
+_STYLE_CADENCE = 0.06  # relative std of a subject's cadence beyond what height explains (x style_sigma)
+
+
+@lru_cache(maxsize=16)
+def confusable_profiles(confusion: float) -> tuple[ActivityProfile, ...]:
+    """ACTIVITIES with each CONFUSABLE group's _BLENDED fields moved towards the group mean by
+    ``confusion`` (0: ACTIVITIES unchanged, 1: the group's members move alike)."""
+    out = list(ACTIVITIES)
+    names = [a.name for a in ACTIVITIES]
+    for group in CONFUSABLE:
+        members = [names.index(n) for n in group]
+        changes: dict[int, dict[str, Any]] = {i: {} for i in members}
+        for name in (*_BLENDED, "cadence_range_hz"):
+            values = np.array([getattr(ACTIVITIES[i], name) for i in members], dtype=float)
+            mixed = (1 - confusion) * values + confusion * values.mean(axis=0)
+            for i, v in zip(members, mixed, strict=True):
+                changes[i][name] = tuple(float(x) for x in v) if v.ndim else float(v)
+        for i in members:
+            out[i] = replace(ACTIVITIES[i], **changes[i])
+    return tuple(out)
+
+
+def styled_profile(profile: ActivityProfile, style: dict[str, float]) -> ActivityProfile:
+    """``profile`` as one subject moves: STYLE fields scaled or offset by the subject's ``style``
+    (field -> sigma z, already times style_sigma)."""
+    changes = {}
+    for name, (kind, _) in STYLE.items():
+        value = getattr(profile, name)
+        changes[name] = value * float(np.exp(style[name])) if kind == "mul" else value + style[name]
+    return replace(profile, **changes)
+
+
 @dataclass(frozen=True)
 class SegmentProfile:
     """How a body segment carrying a sensor moves (see ActivityProfile for the activity's amplitudes)."""
@@ -139,7 +209,16 @@ class BodyHarParams:
     """Scenario constants (SI units; field in uT)."""
 
     episode_windows: int = 6
-    n_subjects: int = 15
+    n_subjects: int = 15  # RealWorld-HAR's 15; more windows than n_subjects subjects hold repeat the people
+    sessions_per_subject: int = 4  # 4 x 8 activities x 6 windows: 192 windows (12.8 min) per subject
+    style_sigma: float = 1.0  # scale of the subjects' movement styles (STYLE)
+    confusion: float = 0.5  # walk / stairs up / stairs down profiles this far towards their mean
+    displacement_deg: float = 35.0  # per session: sensor turned about the segment's long axis, uniform +-
+    displacement_tilt_deg: float = 4.0  # per session: std of its tilt off the long axis
+    displacement_m: float = 0.06  # per session: slid along the limb, lever arm uniform +-
+    reorient_prob: float = 0.15  # per episode and sensor: turned about the long axis by any angle
+    transition_prob: float = 0.5  # an episode after a session's first starts with the end of the previous
+    transition_s: float = 1.5  # duration of a transition (centred on a switch time inside the first window)
     gravity_m_s2: float = 9.81
     field_ut: float = 50.0
     inclination_deg: float = 60.0  # field dips below the horizon towards magnetic north
@@ -154,8 +233,13 @@ class BodyHarParams:
     noise_scale: float = 1.0  # 0: noise-free (tests)
 
     def __post_init__(self) -> None:
-        if self.episode_windows < 1 or self.n_subjects < 1:
-            raise NodeError("body_har: episode_windows and n_subjects must be >= 1")
+        if self.episode_windows < 1 or self.n_subjects < 1 or self.sessions_per_subject < 1:
+            raise NodeError("body_har: episode_windows, n_subjects and sessions_per_subject must be >= 1")
+        if not (0 <= self.confusion <= 1 and 0 <= self.reorient_prob <= 1 and 0 <= self.transition_prob <= 1):
+            raise NodeError("body_har: confusion, reorient_prob and transition_prob must be in [0, 1]")
+        if min(self.style_sigma, self.displacement_deg, self.displacement_tilt_deg, self.displacement_m,
+               self.transition_s) < 0:
+            raise NodeError("body_har: style_sigma, displacement_* and transition_s must be >= 0")
         if not (self.gravity_m_s2 > 0 and self.field_ut > 0 and self.noise_scale >= 0):
             raise NodeError("body_har: gravity_m_s2 and field_ut must be > 0, noise_scale >= 0")
 
@@ -165,12 +249,17 @@ class _Subject:
     subject_id: int
     cadence_factor: float  # taller people step more slowly (pendulum legs: f ~ 1 / sqrt(length))
     amplitude: float
+    style: dict[str, float]  # STYLE field -> sigma z (times style_sigma)
 
 
 @dataclass(frozen=True)
 class _Episode:
     subject: _Subject
+    session: int  # the subject's session number
+    slot: int  # place in the session (0: the sensors were just put on)
     activity: int
+    profile: ActivityProfile  # the activity as this subject moves (confusion, style)
+    transition_at: float | None  # switch time (s) inside the first window from the previous episode
     cadence_hz: float
     amplitude: float
     phase0: float
@@ -188,6 +277,9 @@ class _Kinematics:
     specific_force: np.ndarray  # [S, 3] m/s^2
     angular_velocity: np.ndarray  # [S, 3] rad/s
     field: np.ndarray  # [S, 3] uT
+    rotation: np.ndarray  # [S, 3, 3] sensor -> heading frame
+    force_heading: np.ndarray  # [S, 3] specific force in the heading frame
+    heading: np.ndarray  # [S] rad
 
 
 class BodyHarScenario:
@@ -211,6 +303,14 @@ class BodyHarScenario:
         self.sensor_kinds = {name: _sensor_kind(name, spec.channels)
                              for name, spec in layout.modalities.items()}
         self.segments = {n.id: segment_profile(n, layout.frame) for n in layout.nodes}
+        if self.params.transition_s >= self.window_s:
+            raise NodeError(f"body_har: transition_s must be shorter than the {self.window_s:g} s window")
+        self.profiles = confusable_profiles(float(self.params.confusion))
+
+    @property
+    def subject_episodes(self) -> int:
+        """Consecutive episodes of one subject."""
+        return self.params.sessions_per_subject * len(ACTIVITIES)
 
     # ------------------------------------------------------------------ public API
     def episode_of(self, index: int) -> tuple[int, int]:
@@ -221,12 +321,21 @@ class BodyHarScenario:
         """Window ``index`` for ``node_ids`` (default: all nodes). Deterministic."""
         episode_index, offset = self.episode_of(index)
         episode = self._episode(episode_index)
+        previous = self._episode(episode_index - 1) if offset == 0 and episode.transition_at is not None else None
         nodes = self.layout.nodes if node_ids is None else tuple(self._node(n) for n in node_ids)
         signals: dict[tuple[str, str], np.ndarray] = {}
         for node in nodes:
-            signals.update(self._node_signals(index, offset, episode, node))
-        truth = GroundTruth(label=episode.activity, extras={"subject_id": float(episode.subject.subject_id)})
-        return SourceWindow(index=index, start_s=index * self.window_s, signals=signals, truth=truth)
+            signals.update(self._node_signals(index, offset, episode_index, episode, previous, node))
+        label, extras = episode.activity, {"subject_id": float(episode.subject.subject_id),
+                                           "session": float(episode.session), "transition_share": 0.0}
+        if previous is not None:
+            share_new = 1.0 - episode.transition_at / self.window_s  # the ramp is symmetric about the switch
+            other = previous.activity
+            if share_new < 0.5:
+                label, other = previous.activity, episode.activity
+            extras.update(transition_share=min(share_new, 1.0 - share_new), other_label=float(other))
+        return SourceWindow(index=index, start_s=index * self.window_s, signals=signals,
+                            truth=GroundTruth(label=label, extras=extras))
 
     def describe(self) -> dict[str, Any]:
         """JSON-able parameters for manifests."""
@@ -234,7 +343,8 @@ class BodyHarScenario:
                 "class_names": list(self.class_names),
                 "units": {"acc": "m/s^2", "gyro": "rad/s", "mag": "uT"},
                 "modalities": dict(self.sensor_kinds),
-                "cadence_range_hz": {a.name: list(a.cadence_range_hz) for a in ACTIVITIES},
+                "subject_windows": self.subject_episodes * self.params.episode_windows,
+                "cadence_range_hz": {a.name: list(a.cadence_range_hz) for a in self.profiles},
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.params).items()}}
 
     # ------------------------------------------------------------------ internals
@@ -249,14 +359,28 @@ class BodyHarScenario:
         rng = episode_rng(self.seed, "subject", subject_id)
         height = max(1.4, p.height_m[0] + p.height_m[1] * rng.standard_normal())
         amplitude = float(np.clip(1.0 + p.amplitude_sigma * rng.standard_normal(), 0.6, 1.4))
-        return _Subject(subject_id, float((height / p.height_m[0]) ** -0.5), amplitude)
+        z = rng.standard_normal(len(STYLE) + 1)  # always drawn: style_sigma only scales them
+        style = {name: p.style_sigma * sigma * float(zi)
+                 for (name, (_, sigma)), zi in zip(STYLE.items(), z, strict=False)}
+        cadence = float((height / p.height_m[0]) ** -0.5 * np.exp(p.style_sigma * _STYLE_CADENCE * z[-1]))
+        return _Subject(subject_id, cadence, amplitude, style)
+
+    def _schedule(self, episode: int) -> tuple[int, int, int, int]:
+        """(subject id, session, slot in the session, activity) of an episode (see the module doc)."""
+        p, n = self.params, len(ACTIVITIES)
+        block, within = divmod(episode, self.subject_episodes)
+        subject_id, rounds = block % p.n_subjects, block // p.n_subjects
+        session = rounds * p.sessions_per_subject + within // n
+        slot = within % n
+        order = episode_rng(self.seed, "body_har.session", subject_id, session).permutation(n)
+        return subject_id, session, slot, int(order[slot])
 
     def _episode(self, episode: int) -> _Episode:
         p = self.params
         rng = episode_rng(self.seed, "body_har", episode)
-        subject = self._subject(int(rng.integers(p.n_subjects)))
-        activity = int(rng.integers(len(ACTIVITIES)))
-        profile = ACTIVITIES[activity]
+        subject_id, session, slot, activity = self._schedule(episode)
+        subject = self._subject(subject_id)
+        profile = styled_profile(self.profiles[activity], subject.style)
         jitter = 1.0 + p.cadence_jitter * rng.standard_normal()
         cadence = profile.cadence_hz * subject.cadence_factor * jitter
         cadence = float(np.clip(cadence, *profile.cadence_range_hz))
@@ -265,26 +389,47 @@ class BodyHarScenario:
         sway = np.stack([profile.sway * rng.uniform(0.5, 1.0, 3), rng.uniform(0.1, 0.6, 3),
                          rng.uniform(0, 2 * np.pi, 3)])
         episode_amplitude = float(np.clip(1 + 0.05 * rng.standard_normal(), 0.8, 1.2))
-        return _Episode(subject=subject, activity=activity, cadence_hz=cadence,
-                        amplitude=subject.amplitude * episode_amplitude,
-                        phase0=float(rng.uniform(0, 2 * np.pi)), wobble=wobble.T, sway=sway.T,
-                        heading0=float(rng.uniform(0, 2 * np.pi)),
-                        turn_rate=float(profile.turn_rate * rng.standard_normal()),
-                        lie_roll=float(rng.integers(4) * np.pi / 2 + 0.15 * rng.standard_normal()))
+        phase0, heading0 = float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0, 2 * np.pi))
+        turn_rate = float(profile.turn_rate * rng.standard_normal())
+        lie_roll = float(rng.integers(4) * np.pi / 2 + 0.15 * rng.standard_normal())
+        # drawn whatever the parameters, so switching one effect off leaves the others as they were
+        transition, switch = rng.random() < p.transition_prob, rng.uniform(0.0, 1.0)
+        half = 0.5 * p.transition_s
+        transition_at = half + switch * (self.window_s - 2 * half) if transition and slot > 0 else None
+        return _Episode(subject=subject, session=session, slot=slot, activity=activity, profile=profile,
+                        transition_at=transition_at, cadence_hz=cadence,
+                        amplitude=subject.amplitude * episode_amplitude, phase0=phase0, wobble=wobble.T,
+                        sway=sway.T, heading0=heading0, turn_rate=turn_rate, lie_roll=lie_roll)
 
-    def _mounting(self, subject_id: int, node_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """Mounting rotation [3, 3] (sensor -> segment) and gyro bias [3] of a subject's sensor."""
+    def _mounting(self, episode_index: int, episode: _Episode, node_id: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """Mounting rotation [3, 3] (sensor -> segment), gyro bias [3] and lever-arm change (m) of a
+        sensor in an episode: the subject's own misalignment, then the session's displacement, then
+        the episode's re-orientation (if any)."""
+        p = self.params
+        subject_id = episode.subject.subject_id
         rng = episode_rng(self.seed, "subject", subject_id, node_key(node_id))
         axis = rng.standard_normal(3)
-        angle = np.deg2rad(self.params.mount_jitter_deg) * rng.standard_normal()
-        bias = self.params.gyro_bias_rad_s * rng.standard_normal(3)
-        return axis_angle(axis, angle), bias
+        angle = np.deg2rad(p.mount_jitter_deg) * rng.standard_normal()
+        bias = p.gyro_bias_rad_s * rng.standard_normal(3)
+        mount = axis_angle(axis, angle)
+        placed = episode_rng(self.seed, "body_har.displacement", subject_id, episode.session, node_key(node_id))
+        turn, tilt_axis, tilt, slide = (placed.uniform(-1, 1), placed.uniform(0, 2 * np.pi),
+                                        placed.standard_normal(), placed.uniform(-1, 1))
+        tilt_rotation = axis_angle(np.array([np.cos(tilt_axis), np.sin(tilt_axis), 0.0]),
+                                   np.deg2rad(p.displacement_tilt_deg) * tilt)
+        mount = rot_z(np.array(np.deg2rad(p.displacement_deg) * turn)) @ tilt_rotation @ mount
+        turned = episode_rng(self.seed, "body_har.reorient", episode_index, node_key(node_id))
+        if turned.random() < p.reorient_prob:
+            mount = rot_z(np.array(turned.uniform(-np.pi, np.pi))) @ mount
+        return mount, bias, p.displacement_m * slide
 
-    def _node_signals(self, index: int, offset: int, episode: _Episode,
-                      node: NodeSpec) -> dict[tuple[str, str], np.ndarray]:
+    def _node_signals(self, index: int, offset: int, episode_index: int, episode: _Episode,
+                      previous: _Episode | None, node: NodeSpec) -> dict[tuple[str, str], np.ndarray]:
         p = self.params
-        mount, bias = self._mounting(episode.subject.subject_id, node.id)
+        mount, bias, slide = self._mounting(episode_index, episode, node.id)
         segment = self.segments[node.id]
+        if segment.lever_m > 0:
+            segment = replace(segment, lever_m=max(0.02, segment.lever_m + slide))
         noise = episode_rng(self.seed, "body_har.sensor", index, node_key(node.id))
         cache: dict[tuple[float, int], _Kinematics] = {}
         out = {}
@@ -293,7 +438,14 @@ class BodyHarScenario:
             grid = (float(cfg.sample_rate_hz), cfg.window_samples)
             if grid not in cache:
                 t = offset * self.window_s + np.arange(grid[1]) / grid[0]
-                cache[grid] = segment_kinematics(t, grid[0], episode, segment, mount, p)
+                kin = segment_kinematics(t, grid[0], episode, segment, mount, p)
+                if previous is not None:  # the previous activity goes on until the switch, in its own time
+                    before_mount, _, _ = self._mounting(episode_index - 1, previous, node.id)
+                    before = segment_kinematics(t + p.episode_windows * self.window_s, grid[0], previous, segment,
+                                                before_mount, p)
+                    w, w_dot = transition_weight(t, episode.transition_at, p.transition_s)
+                    kin = blend_kinematics(before, kin, w, w_dot, p)
+                cache[grid] = kin
             kin, kind = cache[grid], self.sensor_kinds[modality]
             # one draw per modality in the node's fixed modality order keeps every stream reproducible
             white = noise.standard_normal((grid[1], 3))
@@ -417,7 +569,7 @@ def earth_field(heading: np.ndarray, field_ut: float, inclination_deg: float) ->
 def segment_kinematics(t: np.ndarray, fs: float, episode: _Episode, segment: SegmentProfile,
                        mount: np.ndarray, p: BodyHarParams) -> _Kinematics:
     """Sensor-frame specific force, angular velocity and field of one segment at episode times ``t`` [S]."""
-    activity = ACTIVITIES[episode.activity]
+    activity = episode.profile
     warm = int(round(_WARMUP_S * fs))
     te = np.concatenate([t[0] - np.arange(warm, 0, -1) / fs, t])  # settle the low-pass filters
     phi, phi_dot, phi_ddot = gait_phase(te, episode.cadence_hz, episode.phase0, episode.wobble)
@@ -457,7 +609,55 @@ def segment_kinematics(t: np.ndarray, fs: float, episode: _Episode, segment: Seg
     sensor = slice(warm, None)
     return _Kinematics(specific_force=np.einsum("sji,sj->si", rotation, force)[sensor],
                        angular_velocity=omega[sensor],
-                       field=np.einsum("sji,sj->si", rotation, field)[sensor])
+                       field=np.einsum("sji,sj->si", rotation, field)[sensor],
+                       rotation=rotation[sensor], force_heading=force[sensor], heading=heading[sensor])
+
+
+def transition_weight(t: np.ndarray, switch_s: float, duration_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Share w [S] of the new activity at times ``t`` (s, same origin as ``switch_s``): a smoothstep
+    from 0 to 1 over ``duration_s`` centred on the switch; and its rate dw/dt."""
+    if duration_s <= 0:
+        return (t >= switch_s).astype(float), np.zeros(t.size)
+    u = np.clip((t - switch_s) / duration_s + 0.5, 0.0, 1.0)
+    return u * u * (3 - 2 * u), 6 * u * (1 - u) / duration_s
+
+
+def blend_kinematics(a: _Kinematics, b: _Kinematics, w: np.ndarray, w_dot: np.ndarray,
+                     p: BodyHarParams) -> _Kinematics:
+    """Activity ``a`` turning into ``b`` with share ``w`` [S] of ``b``: the sensor orientation is
+    slerped (R = R_a exp(w log(R_a^T R_b))), specific force (gravity common to both) and heading are
+    cross-faded, so |gravity| and |field| hold through the change. Angular velocity: both rates seen
+    from the blended frame plus the turn of the slerp itself, w' log(R_a^T R_b) (the slow change of
+    the relative rotation during the ramp is left out)."""
+    relative = np.einsum("sji,sjk->sik", a.rotation, b.rotation)  # R_a^T R_b
+    axis_angle_vec = _unwrap_rotvec(Rotation.from_matrix(relative).as_rotvec())
+    step = Rotation.from_rotvec(w[:, None] * axis_angle_vec).as_matrix()  # [S, 3, 3]
+    rest = Rotation.from_rotvec((1.0 - w)[:, None] * axis_angle_vec).as_matrix()  # R^T R_b
+    rotation = a.rotation @ step
+    force = (1 - w)[:, None] * a.force_heading + w[:, None] * b.force_heading
+    turn = np.angle(np.exp(1j * (b.heading - a.heading)))
+    heading = a.heading + w * turn
+    field = earth_field(heading, p.field_ut, p.inclination_deg)
+    omega = (np.einsum("sji,sj->si", step, (1 - w)[:, None] * a.angular_velocity)
+             + np.einsum("sij,sj->si", rest, w[:, None] * b.angular_velocity)
+             + w_dot[:, None] * axis_angle_vec
+             + np.einsum("sji,j->si", rotation, np.array([0.0, 0.0, 1.0])) * (w_dot * turn)[:, None])
+    return _Kinematics(specific_force=np.einsum("sji,sj->si", rotation, force), angular_velocity=omega,
+                       field=np.einsum("sji,sj->si", rotation, field), rotation=rotation, force_heading=force,
+                       heading=heading)
+
+
+def _unwrap_rotvec(v: np.ndarray) -> np.ndarray:
+    """[S, 3] rotation vectors made continuous in time: near 180 degrees a rotation has two
+    vectors (v and -v (2 pi - |v|) / |v|); keep the one nearer the previous sample's."""
+    out = v.copy()
+    for i in range(1, len(out)):
+        angle = np.linalg.norm(out[i])
+        if angle > 1e-9:
+            other = -out[i] / angle * (2 * np.pi - angle)
+            if np.linalg.norm(other - out[i - 1]) < np.linalg.norm(out[i] - out[i - 1]):
+                out[i] = other
+    return out
 
 
 # ---------------------------------------------------------------------- helpers

@@ -64,7 +64,8 @@ def test_toy_run_writes_the_tables_and_resumes(tmp_path):
 def test_cli_writes_markdown_json_and_png(tmp_path, monkeypatch):
     import benchmarks.objectives as objectives
 
-    monkeypatch.setattr(objectives.ObjectivesConfig, "for_budget", classmethod(lambda cls, name, **kw: toy_config(kw["workdir"])))
+    monkeypatch.setattr(objectives.ObjectivesConfig, "for_budget",
+                        classmethod(lambda cls, name, **kw: toy_config(kw["workdir"])))
     out = tmp_path / "results"
     assert main(["objectives", "--workdir", str(tmp_path / "w"), "--out", str(out)]) == 0
     assert "SPAR vs the fair MAE" in (out / "objectives.md").read_text()

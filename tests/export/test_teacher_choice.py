@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from export.errors import ExportError
-from export.teacher_choice import Candidate, choose, choice_markdown, parse_candidate, task_error
+from export.teacher_choice import Candidate, choice_markdown, choose, parse_candidate, task_error
 
 
 def cand(name, acc, mse):
