@@ -110,10 +110,10 @@ class ModelCheckReport:
         model = self.manifest.get("model", {})
         lines = ["# spar-bench model", "", f"machine: {self.machine}", "",
                  f"model: {model.get('name', '?')} {model.get('version', '?')} ({self.cfg.model_dir}); "
-                 f"{self.manifest.get('training', {}).get('budget', 'budget not recorded')}", "",
+                 f"{training_summary(self.manifest.get('training', {}))}", "",
                  f"Test recording: {self.test_windows} windows of `{self.cfg.test_data}` (another seed; never "
                  f"trained on). Floors fitted on the {self.train_windows} labelled training windows of "
-                 f"`{self.cfg.train_data}`. Every model runs in ONNX Runtime ({self.cfg.threads} threads), as "
+                 f"`{self.cfg.train_data}`. Every model runs in ONNX Runtime ({self.cfg.threads} thread(s)), as "
                  "the aggregator runs it. Lost messages: each (node, modality) message dropped independently.", ""]
         for rate, rows in self.rows.items():
             lines += [f"## {rate:.0%} of messages lost", "",
@@ -130,6 +130,14 @@ class ModelCheckReport:
         lines += ["", f"Reproduce: `spar-bench model --model {self.cfg.model_dir} --test {self.cfg.test_data} "
                   f"--train {self.cfg.train_data}`.", ""]
         return "\n".join(lines)
+
+
+def training_summary(training: dict[str, Any]) -> str:
+    """The manifest's training block in words."""
+    if not training:
+        return "budget not recorded in the manifest"
+    return (f"trained with the `{training.get('budget', '?')}` budget, teacher fine-tuning "
+            f"`{training.get('teacher_fine_tuning', '?')}`, commit {training.get('commit', '?')}")
 
 
 def _fmt(metrics: dict[str, float], key: str) -> str:
