@@ -139,6 +139,9 @@ def _pretrain(args) -> int:
 
     cfg = load_run_config(PretrainConfig, args.config, "pretrain", _overrides(args, (*COMMON, "objective")))
     result = run_pretrain(cfg)
+    if result.windows_per_s == 0:  # resumed a run that had already finished every epoch
+        print(f"{result.checkpoint} already holds all {cfg.epochs} epochs ({result.steps} steps); nothing to do")
+        return 0
     print(f"pretrained {cfg.objective}: {result.steps} steps, train loss {result.train_loss:.4f}, "
           f"val loss {result.val_loss:.4f}, {result.windows_per_s:.0f} windows/s -> {result.checkpoint}")
     return 0

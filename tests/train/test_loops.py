@@ -78,6 +78,19 @@ def test_resume_continues_exactly_where_it_stopped(tiny_parking_dataset, tmp_pat
     assert len(log_of(tmp_path / "resumed")) == 3
 
 
+def test_rerunning_a_finished_pretraining_changes_nothing(tiny_parking_dataset, tmp_path, capsys):
+    run = tmp_path / "done"
+    run_pretrain(pretrain_config(tiny_parking_dataset, run, epochs=1))
+    before = load_checkpoint(run / "checkpoint.pt")
+    flags = ["pretrain", "--data", str(tiny_parking_dataset), "--out", str(run), "--epochs", "1", "--batch-size", "8",
+             "--lr", "3e-3", "--no-progress"] + [f"--model={k}={v}" for k, v in TINY_MODEL.items()]
+    capsys.readouterr()
+    assert main(flags) == 0
+    assert "already holds all 1 epochs" in capsys.readouterr().out
+    after = load_checkpoint(run / "checkpoint.pt")
+    assert after["step"] == before["step"] and states_close(after["state_dict"], before["state_dict"], 0) == 0
+
+
 def test_resume_refuses_another_model(tiny_parking_dataset, tmp_path):
     run_pretrain(pretrain_config(tiny_parking_dataset, tmp_path / "run", epochs=1))
     with pytest.raises(TrainError, match="another model config"):
