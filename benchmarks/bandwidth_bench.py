@@ -16,7 +16,7 @@ from pathlib import Path
 
 from benchmarks.errors import BenchError
 from benchmarks.machine import describe_machine
-from benchmarks.trial import TrialConfig
+from benchmarks.trial import TrialConfig, model_label
 from benchmarks.trial_series import METRICS, SeriesRow, compared_metrics, run_series, worst_relative_loss
 from spar_wire.codecs import CodecSpec
 from spar_wire.errors import WireError
@@ -137,7 +137,7 @@ def run_bandwidth(base: TrialConfig, codecs: tuple[str, ...] = DEFAULT_CODECS, *
         raise BenchError("the model's outputs give no metric against this scenario's truth")
     windows = rows[0].headline["windows_sampled"]
     budget = (f"{windows} windows of {base.scenario} per codec, seed {base.seed}, perfect link, timeline "
-              f"{base.speed:g}x, model {Path(base.model).parent.name}")
+              f"{base.speed:g}x, model {model_label(base.model)}")
     return BandwidthReport(rows, metrics, describe_machine(), budget, tolerance)
 
 

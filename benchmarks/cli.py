@@ -476,6 +476,7 @@ def _cmd_quant(args: argparse.Namespace) -> int:
     import torch
 
     from benchmarks.quant_bench import run_quant_benchmark, standard_entries
+    from benchmarks.trial import model_label
     from export.errors import ExportError
     from export.exporter import load_deployable
     from train.data import load_windows, temporal_split
@@ -495,6 +496,7 @@ def _cmd_quant(args: argparse.Namespace) -> int:
                                    threads=args.threads, workdir=work,
                                    student_int8_dynamic=dynamic if dynamic.exists() else None)
         report = run_quant_benchmark(entries, windows, val_idx, repeats=args.repeats, threads=args.threads)
+    report.model = model_label(args.models / "manifest.json")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quant.md").write_text(report.to_markdown())
     report.plot(args.out / "quant.png")

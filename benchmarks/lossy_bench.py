@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import describe_machine
-from benchmarks.trial import TrialConfig
+from benchmarks.trial import TrialConfig, model_label
 from benchmarks.trial_series import SeriesRow, compared_metrics, run_series, worst_relative_loss
 from node_firmware_sim.link_model import BurstLoss, LinkConfig
 
@@ -151,5 +151,5 @@ def run_lossy(base: TrialConfig, conditions: list[Condition] | None = None, *, t
     metrics = compared_metrics(rows)
     budget = (f"{rows[0].headline['windows_sampled']} windows of {base.scenario} per condition, seed {base.seed}, "
               f"codec {base.codec}, timeline {base.speed:g}x (outages and jitter {timing_speed:g}x), "
-              f"model {Path(base.model).parent.name}")
+              f"model {model_label(base.model)}")
     return LossyReport(conditions, rows, metrics, describe_machine(), budget)

@@ -77,6 +77,7 @@ class QuantBenchReport:
     metric_key: str | None
     machine: str
     ratios: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> batch -> speed-up
+    model: str = ""  # which model folder the ONNX entries come from (name, version, budget)
 
     def entry(self, label: str) -> EntryResult:
         for e in self.entries:
@@ -86,6 +87,7 @@ class QuantBenchReport:
 
     def to_markdown(self) -> str:
         lines = ["# spar-bench quant: teacher / student, FP32 / INT8", "", f"machine: {self.machine}", "",
+                 *([f"model: {self.model}", ""] if self.model else []),
                  f"{self.threads} thread(s) for torch and ONNX Runtime alike; {self.nodes} nodes per window; "
                  f"latency over {self.repeats} repeats per batch size (entries interleaved); task metric on "
                  f"{self.eval_windows} held-out real windows.", ""]

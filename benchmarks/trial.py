@@ -235,6 +235,18 @@ def _prepare_folder(config: TrialConfig) -> Path:
     return folder
 
 
+def model_label(manifest_path: Path) -> str:
+    """``name version (folder, budget)`` from a manifest, for results files: a figure must say which
+    model it was measured with."""
+    try:
+        data = json.loads(Path(manifest_path).read_text())
+        model, training = data["model"], data.get("training", {})
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{Path(manifest_path).parent.name} (manifest unreadable)"
+    budget = f", `{training['budget']}` budget" if "budget" in training else ""
+    return f"{model.get('name', '?')} {model.get('version', '?')} ({Path(manifest_path).parent.name}{budget})"
+
+
 def model_digest(manifest_path: Path) -> str | None:
     """The sha256 of the model artifact as its manifest records it (None when unreadable): a
     retrained model under the same path is a different trial."""
