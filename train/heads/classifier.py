@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from train.heads.blocks import Head, TransformerBlock, masked_mean, zero_invalid
+from train.heads.blocks import Head, masked_mean
+from train.heads.localizer import PooledRegressor
 
 
 class ClassLogits:
@@ -42,9 +43,10 @@ class LinearClassifier(ClassLogits, Head):
         return self.linear(masked_mean(latents, valid))
 
 
-class TransformerClassifier(ClassLogits, Head):
+class TransformerClassifier(ClassLogits, PooledRegressor):
     """The paper's classification head: the localization head's one pre-norm transformer block over
-    the latents, masked mean-pool, one ``nn.Linear`` to class logits.
+    the latents, masked mean-pool, one ``nn.Linear`` to class logits (PooledRegressor's forward,
+    ClassLogits' loss and predict).
 
     The linear probe pools every token of every node into one vector before it can weigh them, so
     it cannot compare nodes (which node is loud, which one hears the engine's harmonics): a floor
@@ -54,14 +56,5 @@ class TransformerClassifier(ClassLogits, Head):
     task = "classify"
 
     def __init__(self, d: int, n_classes: int, heads: int = 4, layers: int = 1, mlp_ratio: float = 4.0):
-        super().__init__()
+        super().__init__(d, n_classes, heads=heads, layers=layers, mlp_ratio=mlp_ratio)
         self.n_classes = n_classes
-        self.blocks = nn.ModuleList(TransformerBlock(d, heads, mlp_ratio) for _ in range(layers))
-        self.linear = nn.Linear(d, n_classes)
-
-    def forward(self, latents: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """latents [B, L, d], valid [B, L] bool -> logits [B, C]."""
-        x = zero_invalid(latents, valid)
-        for block in self.blocks:
-            x = block(x, valid)
-        return self.linear(masked_mean(x, valid))
