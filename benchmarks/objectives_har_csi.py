@@ -102,7 +102,7 @@ class DatasetObjectivesConfig:
     seeds: tuple[int, ...] = (0,)
     model: dict[str, Any] = field(default_factory=dict)  # SparConfig overrides for every encoder
     # AEMP encodes one batch per view (N-1 of the top-N APs); two views per step keep its cost near
-    # the others' on two CPU cores. --full uses every view, as the paper.
+    # the others' on two CPU cores. The standard and full budgets use every view, as the paper.
     aemp_params: dict[str, Any] = field(default_factory=lambda: {"views_per_step": 2})
 
     @classmethod
@@ -379,8 +379,8 @@ class DatasetObjectivesReport:
                   "heads get and see the same missing streams (absent streams are masked out). "
                   f"\"vs best floor\": {margin}, against the best floor of the same label ratio at 0 % missing.", "",
                   self.separation(), "",
-                  f"Reproduce: `spar-bench objectives --dataset {cfg.dataset}` (add `--full` for the longer "
-                  "budget).", ""]
+                  f"Reproduce: `spar-bench objectives --dataset {cfg.dataset}` (add `--budget standard` for the "
+                  "longer budget: 3000 windows, 30 epochs, 3 seeds).", ""]
         return "\n".join(lines)
 
     def _cell(self, method: str, ratio: float, rate: float, name: str, fmt: str) -> str:
