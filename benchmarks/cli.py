@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                     "and 90th-percentile error")
     ob.add_argument("--budget", choices=["smoke", "standard", "full"], default="smoke",
                     help="budget preset (train/budgets.py). parking: smoke (default) 1600 windows, 10 pretraining "
-                    "epochs, 3 seeds, about 40 min without ablations; standard 4000 windows, 30 epochs (2-3 h); full "
+                    "epochs, 3 seeds, about an hour without ablations; standard 4000 windows, 30 epochs (hours); full "
                     "20000 windows, 100 epochs (a GPU). har/csi: smoke 800 windows, 6 epochs, 1 seed; standard and "
                     "full 3000 windows, 30 epochs, 3 seeds. The flags below change single settings")
     ob.add_argument("--windows", type=int, help="generated windows")
