@@ -30,8 +30,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from benchmarks.errors import BenchError
 from benchmarks.machine import describe_machine
 
@@ -175,20 +173,17 @@ def floor_job(data: Path, job: Job, val_fraction: float = 0.25) -> dict[str, Any
     """Every floor fitted on the labelled training windows of (ratio, seed), the very subset the
     heads get, and scored on the validation windows: {"softmax/accuracy": ..., "knn/mse": ...}."""
     from train.data import label_subset, load_windows, temporal_split
+    from train.finetune import stratify_labels, task_indices
     from train.floors import floor_metrics
 
     windows = load_windows(data, progress=False)
     train_idx, val_idx = temporal_split(len(windows), val_fraction)
     out: dict[str, Any] = {}
-    # Classification floors learn from the class-stratified subset, localization floors from the
-    # subset of windows with a target (as the heads do).
+    # Each task's floors learn from the windows and label subset run_finetune gives its heads.
     for task in ("classify", "localize"):
-        usable = train_idx
-        if task == "localize":
-            usable = train_idx[np.isfinite(windows.target_position[train_idx, 0]).all(axis=-1)]
-        labels = windows.label[usable] if task == "classify" else windows.target_class[usable, 0]
-        subset = label_subset(usable, labels, job.ratio, job.seed)
-        val = val_idx if task == "classify" else val_idx[np.isfinite(windows.target_position[val_idx, 0]).all(-1)]
+        usable = task_indices(windows, task, train_idx)
+        subset = label_subset(usable, stratify_labels(windows, task, usable), job.ratio, job.seed)
+        val = task_indices(windows, task, val_idx)
         for floor, metrics in floor_metrics(windows.subset(subset), windows.subset(val)).items():
             if (floor == "softmax") == (task == "classify"):
                 out.update({f"{floor}/{k}": v for k, v in metrics.items()})
