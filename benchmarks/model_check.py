@@ -66,34 +66,24 @@ def localization_summary(pred: np.ndarray, truth: np.ndarray, box: tuple[np.ndar
             "inside_lot_targets": int(inside.sum())}
 
 
-def run_artifact(path: Path, windows, present: dict[str, np.ndarray], threads: int,
-                 batch: int = 64) -> dict[str, np.ndarray]:
-    """Output name -> outputs of the ONNX model at ``path`` over every window (presence overridden)."""
-    import onnxruntime as ort
+def run_artifact(path: Path, windows, threads: int, batch: int = 64) -> dict[str, np.ndarray]:
+    """Output name -> outputs of the ONNX model at ``path`` over every window of ``windows``, fed
+    as the exporter's parity check feeds it (``export.parity.window_inputs``)."""
+    from export.errors import ExportError
+    from export.parity import onnx_runner, window_inputs
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    outputs: dict[str, list[np.ndarray]] = {o.name: [] for o in session.get_outputs()}
-    n = len(windows)
-    for start in range(0, n, batch):
-        idx = np.arange(start, min(n, start + batch))
-        feed = {}
-        for name in names:
-            if name == "positions":
-                feed[name] = windows.positions[idx].astype(np.float32)
-            elif name == "node_index":
-                feed[name] = np.tile(np.arange(windows.n_nodes, dtype=np.int64), (len(idx), 1))
-            elif name.startswith("tokens_"):
-                feed[name] = windows.tokens[name[len("tokens_"):]][idx].astype(np.float32)
-            elif name.startswith("present_"):
-                feed[name] = present[name[len("present_"):]][idx].astype(bool)
-            else:
-                raise BenchError(f"{path}: input {name!r} cannot be fed from the dataset")
-        for output, value in zip(outputs, session.run(list(outputs), feed), strict=True):
-            outputs[output].append(value)
-    return {k: np.concatenate(v) for k, v in outputs.items()}
+    run = onnx_runner(path, threads)
+    names = [i.name for i in run.session.get_inputs()]
+    outputs = [o.name for o in run.session.get_outputs()]
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+    for start in range(0, len(windows), batch):
+        try:
+            feed = window_inputs(windows, np.arange(start, min(len(windows), start + batch)), names)
+        except ExportError as exc:
+            raise BenchError(f"{path}: {exc}") from None
+        for name, value in zip(outputs, run(feed), strict=True):
+            parts[name].append(value)
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 @dataclass
@@ -196,20 +186,21 @@ def run_model_check(cfg: ModelCheckConfig, progress: Callable[[str], None] = pri
     rows: dict[float, dict[str, dict[str, float]]] = {}
     for rate in cfg.loss_rates:
         present = drop_messages(test.present, rate, cfg.seed) if rate > 0 else test.present
+        seen = _with_present(test, present)
         rows[rate] = {}
         for name, rel in ARTIFACTS:
             path = cfg.model_dir / rel
             if not path.exists():
                 continue
             progress(f"{name} ({rel}), {rate:.0%} lost")
-            out = run_artifact(path, test, present, cfg.threads)
+            out = run_artifact(path, seen, cfg.threads)
             metrics: dict[str, float] = {}
             if "logits" in out:
                 metrics.update(summarize("classify", {"label": out["logits"].argmax(-1)}, label_truth))
             if "position" in out:
                 metrics.update(localization_summary(out["position"][:, :2], truth, box))
             rows[rate][name] = metrics
-        x_test, m_test = window_features(_with_present(test, present))
+        x_test, m_test = window_features(seen)
         rows[rate]["Floor: softmax"] = summarize("classify", {"label": softmax.predict(x_test, m_test)}, label_truth)
         rows[rate]["Floor: kNN"] = localization_summary(knn.predict(x_test, m_test), truth, box)
         rows[rate]["Floor: energy centroid"] = localization_summary(
