@@ -220,8 +220,12 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     log = open(out / "log.jsonl", "w")
     try:
         if frozen:
+            for p in encoder.parameters():
+                p.requires_grad_(False)
+            # One shared frozen encoder: its features are computed once for every head.
+            cache = encode_windows(encoder, windows, train_idx, cfg.batch_size, device, cfg.progress)
             for model in models.values():
-                _train_frozen(model, windows, train_idx, cfg, device, log)
+                _train_frozen(model, cache, windows, train_idx, cfg, device, log)
         else:
             _train_end_to_end(encoder, {t: m.head for t, m in models.items()}, windows, train_idx, cfg, device, log)
     finally:
@@ -295,10 +299,9 @@ def _targets(windows: WindowSet, index: np.ndarray, device: torch.device) -> Sim
                               for name in ("label", "target_class", "target_position")})
 
 
-def _train_frozen(model: TaskModel, windows, train_idx, cfg: FinetuneConfig, device, log) -> None:
-    for p in model.encoder.parameters():
-        p.requires_grad_(False)
-    cache = encode_windows(model.encoder, windows, train_idx, cfg.batch_size, device, cfg.progress)
+def _train_frozen(model: TaskModel, cache: dict[str, torch.Tensor], windows, train_idx, cfg: FinetuneConfig,
+                  device, log) -> None:
+    """The head of ``model`` on cached frozen features (``encode_windows`` of ``train_idx``)."""
     position = {int(w): i for i, w in enumerate(train_idx)}
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     bar = tqdm(range(epochs_for(cfg, len(train_idx))), desc=f"finetune {cfg.task} (frozen encoder)",
