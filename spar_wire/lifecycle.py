@@ -16,6 +16,10 @@ from spar_wire.numbers import is_finite_vector
 from spar_wire.topics import check_id
 
 MAX_LIFECYCLE_BYTES = 16 * 1024
+# A placement description is a sentence or two ("north-west corner, on a lamp post"). Each distinct
+# one is embedded and cached (spar_wire.placement_text), so the cap also bounds what one birth costs.
+MAX_DESCRIPTION_CHARS = 512
+MAX_TEXT_CHARS = 4096  # other free-text fields (firmware)
 STATES = ("online", "offline")
 
 
@@ -57,7 +61,10 @@ class StateMessage:
 
 
 def parse_birth(payload: bytes) -> BirthMessage:
-    """Validate a birth payload; WireError("bad_birth") naming the field otherwise."""
+    """Validate a birth payload; WireError("bad_birth") naming the field otherwise.
+
+    A description longer than MAX_DESCRIPTION_CHARS is refused like any other bad field (not
+    truncated: a cut description would embed to a placement the node never described)."""
     body = _load_json(payload, "bad_birth")
     try:
         modalities = body.get("modalities")
@@ -70,7 +77,7 @@ def parse_birth(payload: bytes) -> BirthMessage:
             position=_position(body.get("position")),
             modalities={check_id(name, "modality"): _modality(info, name)
                         for name, info in modalities.items()},
-            description=_str(body.get("description", ""), "description"),
+            description=_str(body.get("description", ""), "description", MAX_DESCRIPTION_CHARS),
             firmware=_str(body.get("firmware", ""), "firmware"),
         )
     except (ValueError, WireError) as exc:
@@ -110,9 +117,9 @@ def _int(value: Any, name: str, low: int = 0, high: int = 2**31 - 1) -> int:
     return value
 
 
-def _str(value: Any, name: str) -> str:
-    if not isinstance(value, str) or len(value) > 4096:
-        raise ValueError(f"{name}: expected a string of at most 4096 characters")
+def _str(value: Any, name: str, limit: int = MAX_TEXT_CHARS) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise ValueError(f"{name}: expected a string of at most {limit} characters")
     return value
 
 

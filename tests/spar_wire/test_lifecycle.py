@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from spar_wire.errors import WireError
 from spar_wire.lifecycle import (
+    MAX_DESCRIPTION_CHARS,
     BirthMessage,
     ModalityInfo,
     StateMessage,
@@ -29,7 +30,7 @@ def test_birth_and_state_round_trip():
     {"modalities": {"m": {"feature_hash": "XYZ", "sample_rate_hz": 1, "channels": 1}}},
     {"modalities": {"m": {"feature_hash": "0" * 16, "sample_rate_hz": -1, "channels": 1}}},
     {"modalities": {"m": {"feature_hash": "0" * 16, "sample_rate_hz": 1, "channels": 0}}},
-    {"description": 5},
+    {"description": 5}, {"description": "d" * 513}, {"description": "d" * 4096},
     {"position": [10**400, 1.0]},  # an int JSON allows but no float holds (found by the fuzzer)
 ])
 def test_bad_birth_fields(change):
@@ -38,6 +39,17 @@ def test_bad_birth_fields(change):
     with pytest.raises(WireError) as info:
         parse_birth(json.dumps(body).encode())
     assert info.value.reason == "bad_birth"
+
+
+def test_description_cap_is_512_characters():
+    body = json.loads(BIRTH.to_json())
+    body["description"] = "é" * MAX_DESCRIPTION_CHARS  # characters, not bytes
+    assert parse_birth(json.dumps(body).encode()).description == "é" * 512
+    body["description"] += "x"
+    with pytest.raises(WireError, match="description: expected a string of at most 512 characters"):
+        parse_birth(json.dumps(body).encode())
+    body["description"], body["firmware"] = "", "f" * 4096  # other text fields keep their 4096
+    assert parse_birth(json.dumps(body).encode()).firmware == "f" * 4096
 
 
 @pytest.mark.parametrize("payload", [b"online", b"{}", b'{"state":"gone","bdSeq":1}', b"[1]",
