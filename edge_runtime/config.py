@@ -51,6 +51,10 @@ class AggregatorConfig:
     metrics_port: int | None = 9108  # None: no HTTP endpoint
     client_id: str = "aggregator"  # MQTT client id is "{site}.{client_id}"
     log_interval_s: float = 10.0  # rate limit of repeated warnings per reason
+    # A birth may place a node at most this far (metres) outside the bounding box of the site
+    # layout's positions; further is refused (refused.position_out_of_site) and the node keeps its
+    # last good position: a typo or a GPS glitch in one retained birth must not poison every result.
+    max_node_distance_m: float = 1000.0
     mqtt: MqttSettings = field(default_factory=MqttSettings)
 
     def __post_init__(self) -> None:
@@ -65,6 +69,10 @@ class AggregatorConfig:
         if not (isinstance(self.backlog_after_s, (int, float)) and math.isfinite(self.backlog_after_s)
                 and self.backlog_after_s >= 0):
             raise AggregatorError(f"backlog_after_s must be a number >= 0, got {self.backlog_after_s!r}")
+        if not (isinstance(self.max_node_distance_m, (int, float)) and not isinstance(self.max_node_distance_m, bool)
+                and math.isfinite(self.max_node_distance_m) and self.max_node_distance_m > 0):
+            raise AggregatorError(f"max_node_distance_m must be a finite number of metres > 0, got "
+                                  f"{self.max_node_distance_m!r}")
         if self.backend not in ("auto", "onnxruntime", "tensorrt"):
             raise AggregatorError(f"backend must be auto, onnxruntime or tensorrt, got {self.backend!r}")
 

@@ -30,6 +30,7 @@ from edge_runtime.errors import AggregatorError
 from edge_runtime.inference_worker import InferenceWorker, result_payload
 from edge_runtime.ingest import MessageProcessor, MqttIngest
 from edge_runtime.node_registry import NodeRegistry
+from edge_runtime.node_store import NodeStore
 from edge_runtime.service_metrics import ServiceMetrics
 from edge_runtime.window_assembler import WindowAssembler
 from spar_wire.errors import WireError
@@ -94,7 +95,10 @@ class Aggregator:
         window_s = _site_window_s(self.layout, self.manifest)
         features = {m: self.layout.modalities[m].features for m in self.manifest.modalities}
         self.metrics = ServiceMetrics()
-        self.registry = NodeRegistry(self.layout, self.manifest)
+        # Joined and moved nodes come back from the database before the first message: the backlog
+        # after a restart arrives before the retained births (see edge_runtime/node_store.py).
+        self.registry = NodeRegistry(self.layout, self.manifest, store=NodeStore(config.database),
+                                     max_node_distance_m=config.max_node_distance_m)
         self.assembler = WindowAssembler(features, window_s, deadline_s=config.deadline_fraction * window_s,
                                          max_open=config.max_open_windows,
                                          node_text=placement_text_encoder(self.layout, self.manifest))
@@ -190,6 +194,7 @@ class Aggregator:
         self._publisher.loop_stop()
         self.metrics.stop_server()
         self.store.close()
+        self.registry.close()
         close = getattr(self.backend, "close", None)
         if close:
             close()

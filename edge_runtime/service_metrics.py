@@ -46,6 +46,9 @@ class ServiceMetrics:
         self.overload = r.counter("spar_overload_dropped_total",
                                   "Oldest work dropped because a queue was full", ["item"])
         self.results = r.counter("spar_results_total", "Results stored and published")
+        self.node_store_failures = r.counter("spar_node_store_failures_total",
+                                             "Writes of joined or moved nodes to SQLite that failed "
+                                             "(the running registry is right; a restart would miss them)")
         self.queue_depth = r.gauge("spar_queue_depth", "Items waiting in a queue", ["queue"])
         self.open_windows = r.gauge("spar_open_windows", "Windows being assembled")
         self.nodes = r.gauge("spar_nodes", "Nodes by state", ["state"])
@@ -100,6 +103,7 @@ class ServiceMetrics:
             worker = agg.worker.snapshot_counts()
             self._advance(self.windows, "win", "failed", worker.get("windows_failed", 0), outcome="failed")
             self._advance(self.results, "res", "results", worker.get("results", 0))
+            self._advance(self.node_store_failures, "nsf", "failed", agg.registry.counts.get("node_store_failed", 0))
             self.queue_depth.set(agg.window_queue.qsize(), queue="windows")
             self.queue_depth.set(agg.window_queue.weight(), queue="window_messages")
             self.queue_depth.set(agg.message_queue.qsize(), queue="messages")
