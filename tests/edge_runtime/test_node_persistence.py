@@ -343,7 +343,6 @@ def test_a_poisoned_retained_birth_leaves_every_result_finite(mosquitto, parking
 
 
 @pytest.mark.mosquitto
-@pytest.mark.slow
 def test_backlog_of_joined_and_moved_nodes_after_a_restart(mosquitto, parking_lot, model_dir, tmp_path):
     """The aggregator learns a joined n09 and a moved n03 from their births and stops. While it is
     away every node, n09 included, sends a window (no new births: the nodes stayed connected). After
