@@ -51,6 +51,10 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default=None,
                    help="override the inference backend")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--strict-layout", action="store_true",
+                   help="refuse to start when the site is not the one the model was trained on (other node ids, "
+                   "moved nodes, or a manifest that does not record its training site); default: log the "
+                   "slot binding and warn ([aggregator] strict_layout)")
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default: INFO)")
     p.set_defaults(func=_cmd_run)
@@ -69,6 +73,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["metrics_port"] = args.metrics_port
     if args.backend is not None:
         overrides["backend"] = args.backend
+    if args.strict_layout:  # the flag only tightens: without it the config file's strict_layout holds
+        overrides["strict_layout"] = True
     if args.host is not None or args.port is not None:
         mqtt = config.mqtt
         overrides["mqtt"] = MqttSettings(**{**mqtt.__dict__, "host": args.host or mqtt.host,

@@ -55,6 +55,9 @@ class AggregatorConfig:
     # layout's positions; further is refused (refused.position_out_of_site) and the node keeps its
     # last good position: a typo or a GPS glitch in one retained birth must not poison every result.
     max_node_distance_m: float = 1000.0
+    # Refuse to start when the site is not the one the model was trained on (other node ids, nodes
+    # moved, or a manifest without training_site); false: log the slot binding and warn.
+    strict_layout: bool = False
     mqtt: MqttSettings = field(default_factory=MqttSettings)
 
     def __post_init__(self) -> None:
@@ -69,6 +72,8 @@ class AggregatorConfig:
         if not (isinstance(self.backlog_after_s, (int, float)) and math.isfinite(self.backlog_after_s)
                 and self.backlog_after_s >= 0):
             raise AggregatorError(f"backlog_after_s must be a number >= 0, got {self.backlog_after_s!r}")
+        if not isinstance(self.strict_layout, bool):
+            raise AggregatorError(f"strict_layout must be true or false, got {self.strict_layout!r}")
         if not (isinstance(self.max_node_distance_m, (int, float)) and not isinstance(self.max_node_distance_m, bool)
                 and math.isfinite(self.max_node_distance_m) and self.max_node_distance_m > 0):
             raise AggregatorError(f"max_node_distance_m must be a finite number of metres > 0, got "

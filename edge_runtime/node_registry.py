@@ -6,9 +6,11 @@ with a reason; a birth from a node the layout does not know admits a new node (p
 in the field); a moved node's new position is used from its next window on. A will or state
 ``offline`` from an older connection (lower bdSeq) is ignored.
 
-Slots: layout nodes keep their layout order; a node that is not in the layout takes the
-structural slot (``node_index``) of the nearest layout node, as the SPAR paper does for unseen
-nodes, and is appended to the tensor after the layout nodes.
+Slots (``node_index``, see ``edge_runtime.site_binding``): a layout node takes the trained slot of
+its id in the manifest's training site, else that of the nearest trained node; a node that is not
+in the layout takes the slot of the nearest trained node (the nearest layout node's when the
+manifest does not record its training site), as the SPAR paper does for unseen nodes, and is
+appended to the tensor after the layout nodes.
 
 Bounds: a birth's position must lie within ``MAX_COORDINATE_M`` on every axis (so it stays finite,
 and precise enough, in the float32 placement tensor) and within ``max_node_distance_m`` of the
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from edge_runtime.node_store import NodeStore, StoredNode
+from edge_runtime.site_binding import bind_site, nearest_trained_slot
 from spar_wire.lifecycle import BirthMessage, StateMessage
 from spar_wire.model_manifest import ModelManifest
 from spar_wire.site_layout import NodeSpec, SiteLayout
@@ -112,9 +115,12 @@ class NodeRegistry:
         # nodes are never "far" whatever the bound.
         self._site_low = positions.min(axis=0) if len(positions) else None
         self._site_high = positions.max(axis=0) if len(positions) else None
-        for index, node in enumerate(layout.nodes):
+        # By id from the manifest's training site, not by layout order: another site's node i is not
+        # the node whose slot i the model learned (layout order only when the manifest cannot tell).
+        slots = bind_site(layout, manifest).slots
+        for node in layout.nodes:
             mods = tuple(m for m in node.modalities if m in manifest.modalities)
-            self._state.nodes[node.id] = RegisteredNode(node.id, node.position, mods, index,
+            self._state.nodes[node.id] = RegisteredNode(node.id, node.position, mods, slots[node.id],
                                                         description=node.description)
         if store is not None:
             self._restore(store.load(layout.site_id))
@@ -248,6 +254,9 @@ class NodeRegistry:
         return None
 
     def _nearest_slot(self, position: tuple[float, ...]) -> int:
+        trained = nearest_trained_slot(self.manifest, position)  # the slots belong to the training nodes
+        if trained is not None:
+            return trained
         layout_positions = self.layout.positions()
         distances = np.linalg.norm(layout_positions - np.asarray(position), axis=1)
         return int(np.argmin(distances))

@@ -32,6 +32,7 @@ from edge_runtime.ingest import MessageProcessor, MqttIngest
 from edge_runtime.node_registry import NodeRegistry
 from edge_runtime.node_store import NodeStore
 from edge_runtime.service_metrics import ServiceMetrics
+from edge_runtime.site_binding import check_site_binding
 from edge_runtime.window_assembler import WindowAssembler
 from spar_wire.errors import WireError
 from spar_wire.message import window_start_of
@@ -91,6 +92,7 @@ class Aggregator:
         except WireError as exc:
             raise AggregatorError(str(exc)) from None
         check_compatibility(self.layout, self.manifest)
+        self.site_binding = check_site_binding(self.layout, self.manifest, strict=config.strict_layout)
         self.site = self.layout.site_id
         window_s = _site_window_s(self.layout, self.manifest)
         features = {m: self.layout.modalities[m].features for m in self.manifest.modalities}

@@ -15,7 +15,9 @@ a model whose feature hashes or modalities do not match the site. JSON, e.g.::
                   {"name": "node_index", "dtype": "int64", "shape": ["batch", "nodes"]}],
       "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 5], "kind": "class_logits"}],
       "class_names": ["none", "motorcycle", "car", "van", "truck"],
-      "metric": {"name": "accuracy", "value": 0.91}
+      "metric": {"name": "accuracy", "value": 0.91},
+      "training_site": {"site_id": "parking_lot",
+                        "nodes": [{"id": "n01", "position": [0.0, 0.0]}, {"id": "n02", "position": [13.0, 1.5]}]}
     }
 
 Input convention (one placement tensor per window, batched): per modality ``m``
@@ -26,12 +28,19 @@ int64 (structural slot of each node). N is the node count, dynamic within ``node
 A SPAR+LLM model takes ``node_text`` [B, N, E] float32 instead of ``node_index``: the embeddings of
 each node's placement description (spar_wire.placement_text), and names the text encoder that made
 its training embeddings in ``site.text_model``; the aggregator refuses to feed it another one.
+
+``training_site`` (optional) is the layout the model was trained on, in slot order: node i of its
+``nodes`` is the node whose rows the model learned as structural slot ``node_index`` = i. With it
+the aggregator binds another site's nodes to trained slots by id (else by the nearest trained
+position) instead of by layout order; manifests written before it existed still load (binding
+unknown).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +86,29 @@ class ModalityRequirement:
 
 
 @dataclass(frozen=True)
+class TrainedNode:
+    """One structural slot's training node: its id and position (metres, ``position_dim`` values)."""
+
+    id: str
+    position: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class TrainingSite:
+    """The layout a model was trained on; ``nodes[i]`` is the node of structural slot i (node_index i)."""
+
+    site_id: str
+    nodes: tuple[TrainedNode, ...]
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(n.id for n in self.nodes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site_id": self.site_id, "nodes": [{"id": n.id, "position": list(n.position)} for n in self.nodes]}
+
+
+@dataclass(frozen=True)
 class ModelManifest:
     name: str
     version: str
@@ -95,6 +127,8 @@ class ModelManifest:
     text_model: str = ""  # SPAR+LLM: the description encoder (spar_wire.placement_text.text_model_id)
     # How the model was made (budget preset, teacher fine-tuning, commit): read by people and reports.
     training: dict[str, Any] = field(default_factory=dict)
+    # Which nodes (ids, positions) the structural slots were trained on; None in older manifests.
+    training_site: TrainingSite | None = None
     source: str = field(default="<memory>", compare=False)
 
     @property
@@ -135,6 +169,7 @@ class ModelManifest:
             "outputs": [spec(t, True) for t in self.outputs],
             "class_names": list(self.class_names), "metric": dict(self.metric),
             **({"training": dict(self.training)} if self.training else {}),
+            **({"training_site": self.training_site.to_dict()} if self.training_site else {}),
         }
 
     def write(self, path: str | Path) -> None:
@@ -181,6 +216,9 @@ def _parse(data: dict[str, Any], source: str) -> ModelManifest:
     outputs = tuple(_tensor(t, True, fail) for t in data["outputs"])
     if not outputs:
         raise fail("outputs is empty")
+    position_dim = int(site["position_dim"])
+    training_site = _training_site(data["training_site"], position_dim, high, fail) \
+        if data.get("training_site") is not None else None
     text_model = str(site.get("text_model", ""))
     if any(t.name == NODE_TEXT_INPUT for t in inputs) and not text_model:
         raise fail(f"input {NODE_TEXT_INPUT!r} needs site.text_model (which encoder made the embeddings)")
@@ -188,10 +226,10 @@ def _parse(data: dict[str, Any], source: str) -> ModelManifest:
         name=str(model["name"]), version=str(model["version"]), task=model["task"],
         artifact_file=str(artifact["file"]), artifact_format=artifact["format"],
         precision=str(artifact.get("precision", "fp32")), sha256=str(artifact["sha256"]),
-        position_dim=int(site["position_dim"]), node_range=(low, high), modalities=modalities,
+        position_dim=position_dim, node_range=(low, high), modalities=modalities,
         inputs=inputs, outputs=outputs, class_names=tuple(str(c) for c in data.get("class_names", ())),
         metric=dict(data.get("metric", {})), text_model=text_model, training=dict(data.get("training", {})),
-        source=source,
+        training_site=training_site, source=source,
     )
 
 
@@ -206,3 +244,44 @@ def _tensor(raw: dict[str, Any], output: bool, fail) -> TensorSpec:
     if kind not in OUTPUT_KINDS:
         raise fail(f"output {name!r}: kind must be one of {OUTPUT_KINDS}, got {kind!r}")
     return TensorSpec(name, dtype, shape, kind)
+
+
+def _training_site(raw: Any, position_dim: int, max_nodes: int, fail) -> TrainingSite:
+    """Parse ``training_site``: a site id and 1..max_nodes nodes with unique ids and finite positions of
+    ``position_dim`` values, in slot order."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("nodes"), list):
+        raise fail("training_site must be an object with 'site_id' and a list 'nodes'")
+    try:
+        site_id = check_id(raw.get("site_id"), "training_site.site_id")
+    except WireError as exc:
+        raise fail(exc.detail) from None
+    nodes: list[TrainedNode] = []
+    for slot, node in enumerate(raw["nodes"]):
+        where = f"training_site.nodes[{slot}]"
+        if not isinstance(node, dict):
+            raise fail(f"{where} must be an object with 'id' and 'position'")
+        try:
+            node_id = check_id(node.get("id"), f"{where}.id")
+        except WireError as exc:
+            raise fail(exc.detail) from None
+        position = node.get("position")
+        if not isinstance(position, list) or len(position) != position_dim or not all(map(_finite, position)):
+            raise fail(f"{where} ({node_id}): position must be {position_dim} finite numbers, got {position!r}")
+        nodes.append(TrainedNode(node_id, tuple(float(v) for v in position)))
+    if not 1 <= len(nodes) <= max_nodes:
+        raise fail(f"training_site has {len(nodes)} nodes, the model has 1..{max_nodes} slots (site.node_range)")
+    ids = [n.id for n in nodes]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise fail(f"training_site: node ids must be unique, repeated: {', '.join(duplicates)}")
+    return TrainingSite(site_id, tuple(nodes))
+
+
+def _finite(value: Any) -> bool:
+    """A finite JSON number (not true/false, which Python counts as ints; not an int beyond float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False

@@ -72,3 +72,20 @@ def test_derived_manifest_keeps_the_contract(trained_model, tiny_window_set, art
     assert loaded.artifact_file == "model.int8.onnx" and loaded.metric == {"accuracy": 0.49}
     kept = derive_manifest(base, int8, artifact_format="onnx", precision="int8")
     assert kept.metric == base.metric  # no new metric: the base's is carried over
+
+
+def test_manifest_records_the_training_site_in_slot_order(trained_model, tiny_window_set, artifact):
+    # The checkpoint's site record (from the dataset, node i = structural slot i) becomes training_site,
+    # so an aggregator can bind another site's nodes to the slots the model learned.
+    info = {"feature_hashes": tiny_window_set.feature_hashes, "class_names": list(tiny_window_set.class_names),
+            "site": tiny_window_set.site}
+    manifest_for(trained_model, info, artifact, name="tiny-parking", version="1.2.3").write(manifest_path_for(artifact))
+    loaded = load_manifest(manifest_path_for(artifact))
+    site = loaded.training_site
+    assert site.site_id == "parking_lot" and site.node_ids == tuple(tiny_window_set.site["node_ids"])
+    assert [list(n.position) for n in site.nodes] == tiny_window_set.site["positions"]
+    int8 = artifact.with_name("model.int8.onnx")
+    int8.write_bytes(artifact.read_bytes())
+    assert derive_manifest(loaded, int8, artifact_format="onnx", precision="int8").training_site == site
+    # A checkpoint without a site record (older ones): no training_site, the aggregator warns instead.
+    assert _manifest(trained_model, tiny_window_set, artifact).training_site is None
