@@ -4,8 +4,16 @@ A seeded generator turns the site's valid traffic (births and token frames of it
 by the node firmware) into hostile messages of named classes: truncated, bit-flipped, wrong CRC,
 huge shape headers, decompression bombs, non-finite quantization, wrong feature hash, spoofed node
 ids, unicode and malformed topics, random bytes, empty payloads, malformed birth/state JSON,
-corrupt header fields and oversize payloads. A small, known share of valid traffic ("valid") runs
-alongside, so the run also shows the aggregator still accepting real nodes.
+corrupt header fields and oversize payloads; and what a field site really sees (issue 19): window
+starts far in the future or the past with a valid CRC (a node that booted without NTP or a GPS fix),
+births with huge but finite positions or a position 50 km away, and a stream of births with
+distinct 500-character descriptions. A small, known share of valid traffic ("valid") runs
+alongside, so the run also shows the aggregator still accepting real nodes and producing results.
+
+Valid traffic is stamped with this machine's clock (the window grid follows it, one window per valid
+block at least), as real nodes stamp theirs: the aggregator refuses starts far from its own clock and
+from the other nodes'. The wrong clocks come from a minority of the nodes (``clock_nodes``): a site
+where most nodes disagree with one correct node is not "one node with a wrong clock".
 
 The runner starts a private Mosquitto and the real aggregator as a subprocess (``spar-aggregator
 run`` with the shipped parking-lot model), publishes everything at QoS 1 with a bounded number in
@@ -18,18 +26,25 @@ through a throwaway connection each and are counted as refused by the broker.
 
 It checks: the aggregator never exits (zero crashes), logs no traceback and counts nothing as
 ``internal_error``; every delivered message is counted under exactly one outcome (unaccounted 0);
-no hostile message is accepted; resident memory (VmRSS) after warm-up grows by a bounded amount;
-SIGTERM ends the process with exit code 0.
+no hostile message is accepted (description churn excepted: those births are valid, the class is
+about what accepting them costs); resident memory (VmRSS) after warm-up grows by a bounded amount;
+SIGTERM ends the process with exit code 0; and valid traffic keeps producing results during the
+fuzz: every valid window sent after the first hostile message has a stored result (read from the
+aggregator's SQLite database after its shutdown), and no stored result holds NaN or infinity. The
+valid window after a huge-position block sends its data before its births, so a poisoned position
+that was accepted would reach a stored result.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import json
 import math
 import random
 import re
+import sqlite3
 import struct
 import sys
 import threading
@@ -69,8 +84,18 @@ HOSTILE_WEIGHTS: dict[str, float] = {
     "truncated": 8, "bitflip": 10, "wrong_crc": 6, "huge_shape": 6, "decompression_bomb": 5,
     "non_finite_scale": 6, "wrong_feature_hash": 6, "spoofed_node": 8, "unicode_topic": 8,
     "random_bytes": 8, "empty_payload": 4, "malformed_lifecycle": 10, "header_field": 8, "oversize": 1,
+    "far_future": 4, "far_past": 4, "huge_position": 4, "description_churn": 3,
 }
 CLASSES = (VALID, *HOSTILE_WEIGHTS)
+# Classes whose messages are valid on the wire and meant to be accepted: what they test is what
+# accepting them costs (memory, disk), not that they are refused.
+ACCEPTED_CLASSES = frozenset({VALID, "description_churn"})
+# Birth classes after which a valid block follows: malformed births refuse their node (the valid
+# births re-admit it), and after huge positions the valid data (sent before its births) shows whether
+# a poisoned position reached the model.
+FOLLOWED_BY_VALID = ("malformed_lifecycle", "huge_position")
+CHURN_DESCRIPTION_CHARS = 500  # under the wire's 512-character cap: accepted, and each one new
+YEAR_S = 365.25 * 86_400
 VALID_SHARE = 0.02  # of all messages
 OVERSIZE_MAX = 100  # oversize messages are up to 2 MiB each: a few are enough
 ACCEPTED = frozenset({"accepted", "birth", "state"})
@@ -101,6 +126,14 @@ EXPECTED: dict[str, frozenset[str]] = {
     "header_field": frozenset({_R + r for r in ("unknown_codec", "bad_field", "bad_version", "bad_magic", "bad_id",
                                                 "size_mismatch", "bad_payload", "non_finite", "refused_node")}),
     "oversize": frozenset({_R + r for r in ("oversize", "bad_payload", "bad_birth", "bad_state", "refused_node")}),
+    # The clock guard compares a start with the other nodes' recent starts (clock_skew), or with
+    # this box's clock when too few were heard (clock_ahead / clock_behind); clock_absurd: beyond
+    # any clock (after 2116, or not positive).
+    "far_future": frozenset({_R + r for r in ("clock_skew", "clock_ahead", "clock_absurd", "refused_node")}),
+    "far_past": frozenset({_R + r for r in ("clock_skew", "clock_behind", "clock_absurd", "refused_node")}),
+    # Not finite in float32: the wire parser may refuse it (bad_birth); else the registry's site bound.
+    "huge_position": frozenset({_R + "bad_birth", "refused.position_out_of_site"}),
+    "description_churn": frozenset({"birth"}),
 }
 # At least one of these per class shows the check the class aims at was reached.
 PRIMARY: dict[str, frozenset[str]] = {
@@ -119,6 +152,10 @@ PRIMARY: dict[str, frozenset[str]] = {
     "malformed_lifecycle": frozenset({_R + "bad_birth"}),
     "header_field": frozenset({_R + "unknown_codec", _R + "bad_field"}),
     "oversize": frozenset({_R + "oversize"}),
+    "far_future": frozenset({_R + "clock_skew", _R + "clock_ahead"}),
+    "far_past": frozenset({_R + "clock_skew", _R + "clock_behind"}),
+    "huge_position": frozenset({"refused.position_out_of_site"}),
+    "description_churn": frozenset({"birth"}),
 }
 
 
@@ -207,10 +244,17 @@ class FuzzGenerator:
     """Seeded hostile messages for one site, derived from its real nodes' valid traffic.
 
     Deterministic for a seed: :meth:`plan` and the messages of each block depend only on the seed
-    and the order blocks are asked for (always the plan's order).
+    and the order blocks are asked for (always the plan's order). Time: without ``clock_ns`` the
+    windows start at ``BASE_EPOCH_NS`` and advance one window per valid block (deterministic, for
+    tests of the generator; ``epoch_ns`` moves that start); with ``clock_ns`` (a run: ``time.time_ns``)
+    they start at that clock's window and keep up with it, so the aggregator's clock checks see nodes
+    whose clocks are right.
+    Token messages of the hostile classes are stamped "now" too, so each is refused for the defect it
+    carries, not for its age.
     """
 
-    def __init__(self, layout: SiteLayout, seed: int = 0, limits: WireLimits = WireLimits()):
+    def __init__(self, layout: SiteLayout, seed: int = 0, limits: WireLimits = WireLimits(),
+                 clock_ns: Callable[[], int] | None = None, epoch_ns: int = BASE_EPOCH_NS):
         self.layout = layout
         self.site = layout.site_id
         self.seed = seed
@@ -220,6 +264,18 @@ class FuzzGenerator:
         self.pairs = [(n, m) for n in self.nodes for m in layout.node(n).modalities]
         self.window = 0  # next valid window index
         self.window_ns = int(round(max(s.features.window_s for s in layout.modalities.values()) * 1e9))
+        self.clock_ns = clock_ns
+        # On the window grid of the clock: the aggregator's grid is set by the first valid window.
+        self.epoch_ns = epoch_ns if clock_ns is None else clock_ns() // self.window_ns * self.window_ns
+        self.valid_starts: list[int] = []  # window start of every valid block so far, in order
+        # Wrong clocks come from fewer than half of the nodes (see the module docstring).
+        self.clock_nodes = self.nodes[:max(1, (len(self.nodes) - 1) // 3)]
+        self.clock_pairs = [(n, m) for n, m in self.pairs if n in self.clock_nodes]
+        self._churned = 0  # description churn births made, numbered so every description is new
+        self._last_block = ""
+        # A malformed birth block may have refused layout nodes, until a valid block's births
+        # re-admit them: a valid block then sends its births first, or its data would be refused.
+        self._maybe_refused = False
         self.births = {n: self._birth(n).to_json() for n in self.nodes}
         self.frames = self._seed_frames()
         self.valid_pairs = self._valid_pairs()
@@ -247,7 +303,7 @@ class FuzzGenerator:
                 firmware = NodeFirmware(self.layout, node, FirmwareConfig(codec=CodecSpec.parse(codec)))
                 for modality in self.layout.node(node).modalities:
                     cfg = self.layout.modalities[modality].features
-                    frame = firmware.encode(modality, sine_window(cfg, node, 0.0, seed=self.seed), BASE_EPOCH_NS)
+                    frame = firmware.encode(modality, sine_window(cfg, node, 0.0, seed=self.seed), self.epoch_ns)
                     frames[node, modality, codec] = decode_message(frame.frame, decode_image=False)
         return frames
 
@@ -261,8 +317,16 @@ class FuzzGenerator:
         return (message.topic, message.payload) in self.valid_pairs
 
     def _pick(self, codec: str | None = None) -> TokenMessage:
+        """A valid frame of a random (node, modality) in ``codec`` (default: a random one), stamped now."""
         node, modality = self.rng.choice(self.pairs)
-        return self.frames[node, modality, codec or self.rng.choice(("webp:85", "webp:85", "png", "raw"))]
+        frame = self.frames[node, modality, codec or self.rng.choice(("webp:85", "webp:85", "png", "raw"))]
+        return dataclasses.replace(frame, window_start_ns=self.now_ns())
+
+    def now_ns(self) -> int:
+        """Start of the current valid window: the next one a valid block sends (at least)."""
+        if self.clock_ns is not None:
+            self.window = max(self.window, (self.clock_ns() - self.epoch_ns) // self.window_ns)
+        return self.epoch_ns + self.window * self.window_ns
 
     def _data(self, msg: TokenMessage, variant: str, cls: str, payload: bytes | None = None) -> FuzzMessage:
         """A message on ``msg``'s own data topic."""
@@ -275,14 +339,19 @@ class FuzzGenerator:
 
         First a warm-up round (one small block of every class, valid first), then the rest in rounds
         of blocks of at most ``block_size``, classes in a seeded order per round. A valid block
-        follows every malformed_lifecycle block while valid messages are left: its births re-admit
-        the nodes that hostile births refused, so the next data classes reach the checks behind the
-        registry instead of stopping at ``refused_node``.
+        follows every malformed_lifecycle and huge_position block while valid messages are left: its
+        births re-admit the nodes that hostile births refused, so the next data classes reach the
+        checks behind the registry instead of stopping at ``refused_node``. The last block is valid
+        (when the quota has two blocks or more): the aggregator must still produce results after
+        everything else.
         """
         quotas = self._quotas(total)
+        self._last_block, self._maybe_refused = "", False
         plan_rng = random.Random(self.seed ^ 0x5EED)
         blocks: list[tuple[str, int]] = []
         self._add_block(blocks, quotas, VALID, self.valid_block_size)
+        final = quotas[VALID] >= self.valid_block_size
+        quotas[VALID] -= self.valid_block_size if final else 0
         for cls in HOSTILE_WEIGHTS:
             self._add_block(blocks, quotas, cls, warmup_block)
         while any(q > 0 for q in quotas.values()):
@@ -290,6 +359,8 @@ class FuzzGenerator:
             plan_rng.shuffle(order)
             for cls in order:
                 self._add_block(blocks, quotas, cls, block_size)
+        if final:
+            blocks.append((VALID, self.valid_block_size))
         return blocks
 
     def _add_block(self, blocks: list[tuple[str, int]], quotas: dict[str, int], cls: str, size: int) -> None:
@@ -298,7 +369,7 @@ class FuzzGenerator:
         n = self.valid_block_size if cls == VALID else min(size, quotas[cls])
         blocks.append((cls, n))
         quotas[cls] -= n
-        if cls == "malformed_lifecycle":
+        if cls in FOLLOWED_BY_VALID:
             self._add_block(blocks, quotas, VALID, self.valid_block_size)
 
     @property
@@ -318,8 +389,12 @@ class FuzzGenerator:
 
     def block(self, cls: str, count: int) -> list[FuzzMessage]:
         """``count`` messages of ``cls`` (a valid block is always a full set of births + one window)."""
+        after, self._last_block = self._last_block, cls
         if cls == VALID:
-            return self._valid_block()
+            births_first = after != "huge_position" or self._maybe_refused
+            self._maybe_refused &= not births_first
+            return self._valid_block(births_first)
+        self._maybe_refused |= cls == "malformed_lifecycle"
         make = self._makers[cls]
         return [make() for _ in range(count)]
 
@@ -329,14 +404,20 @@ class FuzzGenerator:
             for message in self.block(cls, count):
                 yield index, message
 
-    def _valid_block(self) -> list[FuzzMessage]:
-        out = [FuzzMessage(VALID, "birth", birth_topic(self.site, n), b) for n, b in self.births.items()]
-        start = BASE_EPOCH_NS + self.window * self.window_ns
+    def _valid_block(self, births_first: bool = True) -> list[FuzzMessage]:
+        """Births of every node and one full window of data, in that order unless ``births_first`` is
+        False: then the data goes first, and its window closes under whatever positions the
+        registry holds after the previous (hostile) block."""
+        births = [FuzzMessage(VALID, "birth", birth_topic(self.site, n), b) for n, b in self.births.items()]
+        start = self.now_ns()
+        window = []
         for node, modality in self.pairs:
-            msg = dataclasses.replace(self.frames[node, modality, "webp:85"], window_start_ns=start, seq=self.window)
-            out.append(self._data(msg, "window", VALID))
+            msg = dataclasses.replace(self.frames[node, modality, "webp:85"], window_start_ns=start,
+                                      seq=self.window)
+            window.append(self._data(msg, "window", VALID))
+        self.valid_starts.append(start)
         self.window += 1
-        return out
+        return births + window if births_first else window + births
 
     def _variant(self, table: dict[str, float]) -> str:
         names = list(table)
@@ -471,6 +552,55 @@ class FuzzGenerator:
         payload = self.rng.randbytes(64) * ((target - overhead) // 64 + 1)
         frame = dataclasses.replace(raw, payload=payload[:target - overhead]).pack()
         return self._data(msg, variant, "oversize", frame)
+
+    # ---------------------------------------------------------------- wrong clocks, poisoned births
+    def _make_far_future(self) -> FuzzMessage:
+        offsets = {"plus_10min": 600.0, "plus_1h": 3600.0, "plus_1d": 86_400.0, "plus_10y": 10 * YEAR_S}
+        variant = self._variant({"plus_10min": 1, "plus_1h": 3, "plus_1d": 1, "plus_10y": 2, "after_2116": 1,
+                                 "int64_max": 1})
+        now = self.now_ns()
+        start = {"after_2116": 2**62 + self.rng.randrange(1, 10**18), "int64_max": 2**63 - 1}.get(variant)
+        if start is None:
+            start = now + int(offsets[variant] * 1e9)
+        return self._clock_message("far_future", variant, start)
+
+    def _make_far_past(self) -> FuzzMessage:
+        offsets = {"minus_10min": 600.0, "minus_1h": 3600.0, "minus_3d": 3 * 86_400.0, "minus_10y": 10 * YEAR_S}
+        variant = self._variant({"minus_10min": 1, "minus_1h": 3, "minus_3d": 1, "minus_10y": 2, "epoch_zero": 1,
+                                 "epoch_1s": 1})
+        start = {"epoch_zero": 0, "epoch_1s": 10**9}.get(variant)
+        if start is None:
+            start = self.now_ns() - int(offsets[variant] * 1e9)
+        return self._clock_message("far_past", variant, start)
+
+    def _clock_message(self, cls: str, variant: str, start_ns: int) -> FuzzMessage:
+        """A valid frame (CRC and all) from one of ``clock_nodes``, stamped ``start_ns``."""
+        node, modality = self.rng.choice(self.clock_pairs)
+        frame = self.frames[node, modality, self.rng.choice(("webp:85", "png"))]
+        return self._data(dataclasses.replace(frame, window_start_ns=start_ns), variant, cls)
+
+    def _make_huge_position(self) -> FuzzMessage:
+        node = self.rng.choice(self.nodes)
+        x, y = self.layout.node(node).position[:2]
+        positions = {"x_1e39": (1e39, y),  # finite in JSON and float64, inf in float32
+                     "y_minus_3e38": (x, -3e38),  # finite in float32; squared distances are not
+                     "both_1e30": (1e30, 1e30), "float32_max": (3.4e38, 3.4e38),
+                     "km_50": (x + 50_000.0, y), "km_50_diagonal": (x - 35_400.0, y + 35_400.0)}
+        variant = self._variant({name: 1 for name in positions})
+        position = positions[variant] + tuple(self.layout.node(node).position[2:])
+        return FuzzMessage("huge_position", variant, birth_topic(self.site, node),
+                           self._birth(node, position=position).to_json())
+
+    def _make_description_churn(self) -> FuzzMessage:
+        node = self.rng.choice(self.nodes)
+        self._churned += 1
+        head = f"churn {self._churned:07d}: "
+        words = []
+        while sum(len(w) + 1 for w in words) < CHURN_DESCRIPTION_CHARS:
+            words.append("".join(self.rng.choices("abcdefghijklmnopqrstuvwxyz", k=self.rng.randint(2, 9))))
+        text = (head + " ".join(words))[:CHURN_DESCRIPTION_CHARS]
+        return FuzzMessage("description_churn", "distinct_500_chars", birth_topic(self.site, node),
+                           self._birth(node, description=text).to_json())
 
     # ---------------------------------------------------------------- identity and topics
     def _make_spoofed_node(self) -> FuzzMessage:
@@ -880,6 +1010,15 @@ class FuzzReport:
     baseline: dict[str, int] = field(default_factory=dict)  # counters before the first fuzz message
     final_counts: dict[str, int] = field(default_factory=dict)  # the aggregator's own, printed at exit
     aborted: str = ""  # why the run stopped early, if it did
+    epoch_ns: int = BASE_EPOCH_NS  # the generator's first window start (triage regenerates from it)
+    # One per valid block: block index, messages sent before it, its window start, whether a result
+    # for that window was stored (filled from the database after shutdown).
+    valid_windows: list[dict[str, Any]] = field(default_factory=list)
+    first_hostile_block: int | None = None
+    results_stored: int = 0  # rows in the aggregator's result database after shutdown
+    results_non_finite: int = 0  # of those, with NaN or +-inf anywhere in the payload
+    results_unmatched: int = 0  # of those, for a window no valid block sent
+    results_error: str = ""  # why the database could not be read
 
     # ---------------------------------------------------------------- totals
     def total(self, name: str) -> int:
@@ -924,10 +1063,30 @@ class FuzzReport:
         return self.total("sent") / self.duration_s if self.duration_s > 0 else 0.0
 
     def hostile_accepted(self) -> dict[str, int]:
-        """Hostile messages the aggregator accepted, per class (should be none)."""
+        """Hostile messages the aggregator accepted, per class (should be none; classes of valid
+        messages, ACCEPTED_CLASSES, are not counted)."""
         out = {c: sum(n for o, n in t.outcomes.items() if not is_rejection(o))
-               for c, t in self.classes.items() if c != VALID}
+               for c, t in self.classes.items() if c not in ACCEPTED_CLASSES}
         return {c: n for c, n in out.items() if n}
+
+    @property
+    def valid_during_fuzz(self) -> list[dict[str, Any]]:
+        """Valid windows sent after the first hostile block."""
+        first = self.first_hostile_block
+        return [] if first is None else [w for w in self.valid_windows if w["block"] > first]
+
+    @property
+    def valid_missing(self) -> list[dict[str, Any]]:
+        """Valid windows sent during the fuzz with no stored result (should be none)."""
+        return [w for w in self.valid_during_fuzz if not w["stored"]]
+
+    def _missing_text(self) -> str:
+        missing = self.valid_missing
+        if not missing:
+            return ""
+        return (f"{len(missing)} of {len(self.valid_during_fuzz)} valid windows sent during the fuzz have no "
+                f"stored result (first missing: block {missing[0]['block']}, after {missing[0]['sent_before']:,} "
+                "messages)")
 
     def unexpected(self) -> dict[str, dict[str, int]]:
         """Outcomes outside each class's expected set (``shed``, the overload policy's, fits any class)."""
@@ -954,6 +1113,9 @@ class FuzzReport:
             (self.publisher_disconnects > 0, f"publisher lost its session {self.publisher_disconnects} time(s)"),
             (self.rss_growth_mib is None or self.rss_growth_mib > rss_bound_mib,
              f"RSS growth {_mib(self.rss_growth_mib)} MiB (bound {rss_bound_mib:g})"),
+            (bool(self.results_error), f"result database not readable: {self.results_error}"),
+            (bool(self.valid_missing), self._missing_text()),
+            (self.results_non_finite > 0, f"{self.results_non_finite} stored result(s) hold NaN or infinity"),
         ]
         return [text for failed, text in checks if failed]
 
@@ -976,6 +1138,12 @@ class FuzzReport:
             "baseline": self.baseline, "final_counts": self.final_counts, "exit_counted": self.exit_counted,
             "hostile_accepted": self.hostile_accepted(),
             "unexpected": self.unexpected(), "aborted": self.aborted, "problems": self.problems(),
+            "epoch_ns": self.epoch_ns, "valid_windows": self.valid_windows,
+            "first_hostile_block": self.first_hostile_block,
+            "results": {"stored": self.results_stored, "non_finite": self.results_non_finite,
+                        "unmatched": self.results_unmatched, "error": self.results_error,
+                        "valid_during_fuzz": len(self.valid_during_fuzz),
+                        "valid_during_fuzz_stored": len(self.valid_during_fuzz) - len(self.valid_missing)},
         }
 
     def to_json(self) -> str:
@@ -1017,6 +1185,10 @@ class FuzzReport:
                 ("exit code after SIGTERM", str(self.exit_code)),
                 ("RSS idle / after warm-up / peak / end (MiB)", rss),
                 ("RSS growth after warm-up (MiB)", _mib(self.rss_growth_mib)),
+                ("valid windows sent during the fuzz / with a stored result",
+                 f"{len(self.valid_during_fuzz)} / {len(self.valid_during_fuzz) - len(self.valid_missing)}"),
+                ("stored results / with NaN or inf / for no valid window",
+                 f"{self.results_stored} / {self.results_non_finite} / {self.results_unmatched}"),
                 ("duration (s)", f"{self.duration_s:.1f}"), ("messages/s", f"{self.messages_per_s:,.0f}")]
         return ["| | |", "|---|---:|", *[f"| {k} | {v} |" for k, v in rows]]
 
@@ -1071,13 +1243,14 @@ class _Run:
     """State of one run: the broker, the aggregator, the publisher, the tallies."""
 
     def __init__(self, config: FuzzConfig, generator: FuzzGenerator, broker: LocalBroker,
-                 aggregator: AggregatorProcess, publisher: FuzzPublisher):
+                 aggregator: AggregatorProcess, publisher: FuzzPublisher, workdir: Path):
         self.config, self.generator, self.broker = config, generator, broker
+        self.workdir = workdir
         self.aggregator, self.publisher = aggregator, publisher
         # The aggregator's subscriptions: what they match is what the broker must deliver.
         self.filters = [site_filter(generator.site, kind) for kind in ("birth", "state", "data")]
         self.report = FuzzReport(config.seed, config.messages, describe_machine(),
-                                 {c: ClassTally() for c in CLASSES})
+                                 {c: ClassTally() for c in CLASSES}, epoch_ns=generator.epoch_ns)
         self.baseline: Counter[str] = Counter()
         self.delivered_total = 0
         self.deadline = time.monotonic() + config.budget_s
@@ -1186,7 +1359,7 @@ def run_fuzz(config: FuzzConfig, workdir: Path, progress: Callable[[str], None] 
     except WireError as exc:
         raise BenchError(str(exc)) from None
     progress("building seed messages from the site's nodes")
-    generator = FuzzGenerator(layout, config.seed)
+    generator = FuzzGenerator(layout, config.seed, clock_ns=time.time_ns)
     settings = BrokerSettings(persistence=False, message_size_limit=BROKER_MESSAGE_LIMIT)
     with contextlib.ExitStack() as stack:
         broker = stack.enter_context(LocalBroker(settings, workdir=workdir / "broker"))
@@ -1195,7 +1368,7 @@ def run_fuzz(config: FuzzConfig, workdir: Path, progress: Callable[[str], None] 
         stack.callback(aggregator.kill)
         publisher = FuzzPublisher(broker.host, broker.port, config.max_inflight).start()
         stack.callback(publisher.stop)
-        run = _Run(config, generator, broker, aggregator, publisher)
+        run = _Run(config, generator, broker, aggregator, publisher, workdir)
         run.settle_baseline()
         run.report.rss_idle_mib = run.sample_rss(0)
         _fuzz(run, progress)
@@ -1217,8 +1390,15 @@ def _fuzz(run: _Run, progress: Callable[[str], None]) -> None:
             if time.monotonic() > run.deadline:
                 run.report.aborted = f"time budget of {run.config.budget_s:.0f} s spent after {index} blocks"
                 break
+            sent_before = run.report.total("sent")
+            messages = run.generator.block(cls, count)
+            if cls == VALID:
+                run.report.valid_windows.append({"block": index, "sent_before": sent_before,
+                                                 "window_start_ns": run.generator.valid_starts[-1], "stored": False})
+            elif run.report.first_hostile_block is None:
+                run.report.first_hostile_block = index
             try:
-                run.send_block(run.generator.block(cls, count), bar)
+                run.send_block(messages, bar)
             except (BenchError, OSError) as exc:  # PUBACKs stopped, or the broker is gone
                 run.report.aborted = f"block {index} ({cls}): {exc}"
                 break
@@ -1256,8 +1436,52 @@ def _finish(run: _Run) -> None:
     report.exit_code = run.aggregator.stop()
     report.final_counts = run.aggregator.final_counts()
     report.log_problems = log_problems(run.aggregator.log_text())
+    check_results(report, run.workdir / "results.sqlite3", run.generator.window_ns)
     if report.by_reason.get("rejected.internal_error") or report.hostile_accepted():
-        report.reproducers = triage(run.generator.layout, run.config, run.aggregator.workdir / "reproducers")
+        report.reproducers = triage(run.generator.layout, run.config, run.workdir / "reproducers",
+                                    epoch_ns=report.epoch_ns)
+
+
+def check_results(report: FuzzReport, database: Path, window_ns: int) -> None:
+    """Fill the report's result fields from the aggregator's database (read after its shutdown, so
+    every window it closed is in): which valid windows have a result (a stored start within half a
+    window of the one sent), and which results hold a non-finite number."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as conn:
+            rows = conn.execute("SELECT window_start_ns, payload FROM results").fetchall()
+    except sqlite3.Error as exc:
+        report.results_error = f"{database}: {exc}"
+        return
+    starts = sorted(int(start) for start, _ in rows)
+    report.results_stored = len(rows)
+    for window in report.valid_windows:
+        window["stored"] = _near(starts, window["window_start_ns"], window_ns // 2)
+    sent = sorted(w["window_start_ns"] for w in report.valid_windows)
+    report.results_unmatched = sum(not _near(sent, start, window_ns // 2) for start in starts)
+    for _, payload in rows:
+        try:
+            finite = _all_finite(json.loads(payload))  # Python's json reads NaN and Infinity
+        except (ValueError, TypeError, RecursionError):
+            finite = False  # not even JSON: as bad as NaN for whoever reads it
+        report.results_non_finite += not finite
+
+
+def _near(ordered: list[int], value: int, tolerance: int) -> bool:
+    i = bisect.bisect_left(ordered, value - tolerance)
+    return i < len(ordered) and ordered[i] <= value + tolerance
+
+
+def _all_finite(value: Any) -> bool:
+    """Whether every number in a JSON value is finite (strings "NaN"/"Infinity" count as not)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        return value not in ("NaN", "Infinity", "-Infinity", "nan", "inf", "-inf")
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_all_finite(v) for v in value)
+    return True
 
 
 def log_problems(text: str, limit: int = 50) -> list[str]:
@@ -1301,16 +1525,20 @@ def local_verdict(message: FuzzMessage) -> str | None:
     return None
 
 
-def triage(layout: SiteLayout, config: FuzzConfig, folder: Path) -> list[dict[str, Any]]:
+def triage(layout: SiteLayout, config: FuzzConfig, folder: Path, epoch_ns: int = BASE_EPOCH_NS
+           ) -> list[dict[str, Any]]:
     """Replay the run's messages through the wire parsers in this process: one reproducer per class,
-    variant and problem, its payload saved under ``folder``. The generator is deterministic, so
-    these are messages the aggregator received."""
+    variant and problem, its payload saved under ``folder``. The generator is deterministic from the
+    run's seed and first window start (``epoch_ns``), so these are messages the aggregator received,
+    except for window starts: the run's followed the wall clock, the replay's advance one window per
+    valid block."""
     import warnings
 
     found: dict[tuple[str, str, str], FuzzMessage] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numpy's overflow warnings are the point here
-        for _, message in FuzzGenerator(layout, config.seed).messages(config.messages, config.block_size):
+        generator = FuzzGenerator(layout, config.seed, epoch_ns=epoch_ns)
+        for _, message in generator.messages(config.messages, config.block_size):
             verdict = None if message.cls == VALID else local_verdict(message)
             if verdict:
                 found.setdefault((message.cls, message.variant, verdict), message)
