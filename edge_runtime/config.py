@@ -40,6 +40,19 @@ class AggregatorConfig:
     # overload itself, where nothing bounds its latency.
     max_held_messages: int = 400
     broker_max_inflight: int = 1000  # the broker's max_inflight_messages; the service warns if the above exceed it
+    # Clock sanity (edge_runtime/clock_guard.py): a token message whose window start is further than
+    # max_clock_skew_s from the site's other nodes, or (before two other nodes were heard) more than
+    # max_clock_ahead_s ahead of / max_clock_behind_s behind this box's clock, is refused and counted.
+    max_clock_ahead_s: float = 60.0
+    max_clock_behind_s: float = 2 * 86_400.0  # older than this cannot be backlog (session expiry: 1 day)
+    max_clock_skew_s: float = 30.0
+    # SQLite commit durability: FULL (fsync per batch; an acknowledged window survives a power cut) or
+    # NORMAL (fsync at checkpoints only: faster on slow SD cards, may lose acknowledged windows on power
+    # loss). `spar-bench runtime` measures both.
+    synchronous: str = "FULL"
+    # /healthz says "stalled" when token messages were accepted but no result was stored for this many
+    # window lengths.
+    stall_windows: int = 10
     max_batch: int = 8  # windows per inference call when a backlog has formed
     # ... and at most this many node-windows per call: activation memory grows with batch x
     # (nodes x tokens)^2, and ONNX Runtime's arena keeps its peak. Measured with the student at 64
@@ -65,7 +78,7 @@ class AggregatorConfig:
                 and 0 < self.deadline_fraction <= 10):
             raise AggregatorError(f"deadline_fraction must be in (0, 10], got {self.deadline_fraction!r}")
         for name in ("max_open_windows", "ingest_queue_size", "queue_size", "max_batch", "max_batch_nodes",
-                     "max_held_messages", "broker_max_inflight"):
+                     "max_held_messages", "broker_max_inflight", "stall_windows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise AggregatorError(f"{name} must be an integer >= 1, got {value!r}")
@@ -78,6 +91,12 @@ class AggregatorConfig:
                 and math.isfinite(self.max_node_distance_m) and self.max_node_distance_m > 0):
             raise AggregatorError(f"max_node_distance_m must be a finite number of metres > 0, got "
                                   f"{self.max_node_distance_m!r}")
+        for name in ("max_clock_ahead_s", "max_clock_behind_s", "max_clock_skew_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+                raise AggregatorError(f"{name} must be a number > 0 (seconds), got {value!r}")
+        if self.synchronous not in ("FULL", "NORMAL"):
+            raise AggregatorError(f"synchronous must be FULL or NORMAL, got {self.synchronous!r}")
         if self.backend not in ("auto", "onnxruntime", "tensorrt"):
             raise AggregatorError(f"backend must be auto, onnxruntime or tensorrt, got {self.backend!r}")
 

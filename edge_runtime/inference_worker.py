@@ -6,6 +6,13 @@ than ``max_batch_nodes`` node-windows (large sites go one window at a time). Eac
 is committed to SQLite before it is published, so what subscribers see is always on disk, and only
 then are the window's messages released (acknowledged to the broker). A window already stored (the
 broker redelivered its messages after a restart) is neither stored nor published again.
+
+A failed store (disk full, I/O error) is retried with backoff until it succeeds, holding the batch:
+its messages are neither acknowledged nor let go, so copies the broker redelivers meanwhile join the
+window (see ``WindowAssembler``) and are acknowledged with it once it is stored. Meanwhile the
+queue ahead sheds live windows as under any overload; backlog is kept. A result that can never be
+stored (an invalid value) is counted and released alone, not with its batch. Only at shutdown is an
+unstored batch let go unacknowledged, for the broker to hand to the next process.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from edge_runtime.window_assembler import AssembledWindow
 from spar_wire.model_manifest import ModelManifest
 
 log = logging.getLogger(__name__)
+RETRY_FIRST_S = 0.2  # first wait after a failed store; doubles up to RETRY_MAX_S
+RETRY_MAX_S = 5.0
 
 
 class InferenceWorker:
@@ -49,10 +58,14 @@ class InferenceWorker:
         self.counts: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
         self.last_result: dict[str, Any] | None = None
+        self.last_stored_s: float | None = None  # monotonic time of the last committed store
+        self.storage_failing_since: float | None = None  # monotonic; None while stores succeed
         self._carry: AssembledWindow | None = None  # a window of another node count, taken next
+        self._stop = threading.Event()
 
     def run(self, stop: threading.Event) -> None:
         """Process windows until ``stop`` is set and none is left."""
+        self._stop = stop
         while True:
             window = self._carry or self.windows.get(timeout=0.05)
             self._carry = None
@@ -88,17 +101,9 @@ class InferenceWorker:
                             end_to_end_s=end_to_end)
             results.append(build_result(self.site, window, {k: v[row] for k, v in outputs.items()},
                                         self.manifest, timing, len(batch)))
-        # Half a window either way is the same window: node clocks differ, so the median start of a
-        # window assembled again from redelivered messages can differ from the stored one.
-        try:
-            new = self.store.insert_new(results, same_window_ns=self.window_ns // 2)
-        except AggregatorError as exc:
-            # Disk full, I/O error: the messages stay with the broker (not acknowledged), which
-            # redelivers them to the next session; nothing is lost, nothing published.
-            log.error("storing %d result(s) failed, their messages stay with the broker: %s", len(batch), exc)
-            self._count("windows_unstored", len(batch))
-            for window in batch:
-                self.release(window, acknowledge=False)
+        results, batch = self._valid(results, batch)
+        new = self._store(results, batch)
+        if new is None:
             return []
         for result, window, is_new in zip(results, batch, new, strict=True):
             if is_new:
@@ -112,6 +117,49 @@ class InferenceWorker:
         self._count("batches")
         self.last_result = results[-1]
         return results
+
+    def _valid(self, results: list[dict[str, Any]], batch: list[AssembledWindow]
+               ) -> tuple[list[dict[str, Any]], list[AssembledWindow]]:
+        """The results that can be stored; the others are released alone (retrying cannot help them,
+        and they must not take their batch down)."""
+        keep = []
+        for result, window in zip(results, batch, strict=True):
+            try:
+                self.store.validate(result)
+                keep.append((result, window))
+            except AggregatorError as exc:
+                log.error("window %s cannot be stored: %s", result.get("window_index"), exc)
+                self._count("windows_invalid")
+                self.release(window)
+        return [r for r, _ in keep], [w for _, w in keep]
+
+    def _store(self, results: list[dict[str, Any]], batch: list[AssembledWindow]) -> list[bool] | None:
+        """Commit ``results``, retrying a failed store (see module doc); per result whether it was
+        new, or None when shutdown came first and the batch was let go unacknowledged."""
+        wait_s = RETRY_FIRST_S
+        while True:
+            try:
+                new = self.store.insert_new(results, window_ns=self.window_ns) if results else []
+            except AggregatorError as exc:
+                if self.storage_failing_since is None:
+                    self.storage_failing_since = time.monotonic()
+                    log.error("storing %d result(s) failed; retrying until it works, their messages stay "
+                              "unacknowledged meanwhile: %s", len(results), exc)
+                self._count("store_failures")
+                if self._stop.wait(wait_s):
+                    log.error("stopping with %d result(s) unstored: their messages stay with the broker "
+                              "for the next process", len(results))
+                    self._count("windows_unstored", len(batch))
+                    for window in batch:
+                        self.release(window, acknowledge=False)
+                    return None
+                wait_s = min(RETRY_MAX_S, 2 * wait_s)
+                continue
+            if self.storage_failing_since is not None:
+                log.warning("storing results works again after %.1f s", time.monotonic() - self.storage_failing_since)
+                self.storage_failing_since = None
+            self.last_stored_s = time.monotonic()
+            return new
 
     def _publish(self, result: dict[str, Any]) -> None:
         try:

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from edge_runtime.clock_guard import ClockGuard
 from edge_runtime.node_registry import NodeRegistry
 from edge_runtime.window_assembler import AssembledWindow, WindowAssembler
 from spar_wire.errors import WireError
@@ -71,9 +72,10 @@ class MessageProcessor:
     def __init__(self, site_id: str, registry: NodeRegistry, assembler: WindowAssembler,
                  features: dict[str, FeatureConfig], emit: Callable[[AssembledWindow], None], *,
                  limits: WireLimits = WireLimits(), warn: Callable[[str, str], None] | None = None,
-                 release: Release = lambda receipts: None):
+                 release: Release = lambda receipts: None, clock: ClockGuard | None = None):
         """``emit`` takes each closed window (its receipts with it); ``release`` acknowledges the
-        receipts of messages no window holds."""
+        receipts of messages no window holds; ``clock`` refuses window starts no sane clock stamped
+        before they reach the assembler."""
         self.site_id = site_id
         self.registry = registry
         self.assembler = assembler
@@ -81,8 +83,12 @@ class MessageProcessor:
         self.emit = emit
         self.release = release
         self.limits = limits
+        self.clock = clock or ClockGuard()
         self.warn = warn or (lambda reason, message: log.warning("%s: %s", reason, message))
         self.counts: collections.Counter[str] = collections.Counter()
+        self.last_accepted_s: float | None = None  # monotonic arrival of the last token message accepted
+        self.accepting_since_s: float | None = None  # monotonic start of the current stretch of traffic
+        self.quiet_s = 60.0  # a gap this long between accepted messages ends a stretch (set by the service)
         self.received_messages = 0  # every message handed to us, good or bad (live traffic views)
         self.received_bytes = 0  # their payload bytes
         self.lock = threading.Lock()  # guards counts and traffic for readers in other threads
@@ -146,6 +152,11 @@ class MessageProcessor:
         with self.lock:
             return dict(self.counts)
 
+    def clock_report(self, now_s: float, now_ns: int) -> tuple[dict[str, dict[str, float]], float | None]:
+        """(nodes whose clocks are off, the site's clock minus this box's in seconds) for /healthz."""
+        with self._processing:
+            return self.clock.off_nodes(now_s), self.clock.box_offset_s(now_ns, now_s)
+
     def traffic(self) -> tuple[int, int]:
         """(messages, payload bytes) received so far, whatever became of them."""
         with self.lock:
@@ -183,11 +194,17 @@ class MessageProcessor:
         decision = self.registry.check_data(node, modality, message.feature_hash)
         if not decision.accepted:
             raise WireError(decision.reason, decision.detail)
+        verdict = self.clock.check(node, message.window_start_ns, raw.arrival_ns, raw.arrival_s)
+        if not verdict.accepted:
+            raise WireError(verdict.reason, verdict.detail)
         cfg = self.features[modality]
         if message.shape != cfg.image_shape:
             raise WireError("shape_mismatch", f"{node}/{modality}: image {message.shape} != {cfg.image_shape}")
         tokens = patchify(message.image(self.limits), cfg)
         self._count("accepted")
+        if self.last_accepted_s is None or raw.arrival_s - self.last_accepted_s > self.quiet_s:
+            self.accepting_since_s = raw.arrival_s  # traffic resumes after a quiet spell
+        self.last_accepted_s = raw.arrival_s
         added = self.assembler.add(node, modality, message.window_start_ns, tokens, self.registry.snapshot(),
                                    raw.arrival_s, receipt=raw.receipt)
         for window in added.closed:
@@ -205,14 +222,29 @@ class MessageProcessor:
 
 class MqttIngest:
     """The aggregator's subscriber session: every message goes to ``deliver`` in paho's thread, and
-    is acknowledged to the broker only when ``ack`` is called with its receipt (any thread)."""
+    is acknowledged to the broker only when ``ack`` is called with its receipt (any thread).
 
-    def __init__(self, client: Any, site_id: str, deliver: Callable[[RawMessage], None]):
+    Two broker answers that would otherwise leave a "healthy" aggregator that silently misses data
+    are recorded for /healthz: a SUBACK that refuses a subscription (an ACL that does not let this
+    user read the node topics: nothing would ever arrive), and a CONNACK without our session when
+    we had one (the broker restarted without persistence or expired the session: the messages it
+    kept for us are gone).
+    """
+
+    def __init__(self, client: Any, site_id: str, deliver: Callable[[RawMessage], None], *,
+                 expect_session: bool = False):
+        """``expect_session``: this site's aggregator ran before (its store has results), so even the
+        first connection should find the persistent session."""
         self.client = client
         self.site_id = site_id
         self.deliver = deliver
         self.connected = threading.Event()
         self.subscribed = threading.Event()
+        self.refused_subscriptions: list[str] = []  # "topic: reason" of the latest SUBACK's refusals
+        self.sessions_lost = 0
+        self.session_lost_s: float | None = None  # monotonic time of the latest loss
+        self._expect_session = expect_session
+        self._topics: list[str] = []
         self.connects = 0
         self.connection = 0  # bumped on every connect and disconnect: receipts of older ones are stale
         self.acks: collections.Counter[str] = collections.Counter()  # sent | stale
@@ -232,16 +264,32 @@ class MqttIngest:
                 return
             with self._ack_lock:
                 self.connection += 1
+            if self._expect_session and not getattr(flags, "session_present", True):
+                self.sessions_lost += 1
+                self.session_lost_s = time.monotonic()
+                log.error("the broker did not keep this aggregator's session: messages it queued for us while "
+                          "we were away are lost (broker restarted without persistence, or session expired)")
+            self._expect_session = True  # from now on we have a session to lose
             self.connects += 1
             # Node topics only: not "#", which would also bring back our own results and state.
-            client.subscribe([(site_filter(self.site_id, kind), 1) for kind in ("birth", "state", "data")])
+            self._topics = [site_filter(self.site_id, kind) for kind in ("birth", "state", "data")]
+            client.subscribe([(topic, 1) for topic in self._topics])
             self.connected.set()
             log.info("connected to the broker (connection %d)", self.connects)
         except Exception:  # noqa: BLE001
             log.exception("on_connect failed")
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        self.subscribed.set()
+        try:
+            refused = [f"{topic}: {code}" for topic, code in zip(self._topics, reason_codes, strict=False)
+                       if getattr(code, "is_failure", False)]
+            self.refused_subscriptions = refused
+            if refused:
+                log.error("the broker refused %d subscription(s), nothing will arrive on them (does the ACL "
+                          "let this user read the node topics?): %s", len(refused), "; ".join(refused))
+            self.subscribed.set()
+        except Exception:  # noqa: BLE001
+            log.exception("on_subscribe failed")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         try:

@@ -381,7 +381,12 @@ class _Handler(BaseHTTPRequestHandler):
                 body = b"error\n"
         elif path == "/healthz":
             try:
-                status, body = HTTPStatus.OK, json.dumps(dict(self.server.health()), default=str).encode()
+                report = dict(self.server.health())
+                # A load balancer or watchdog reads the code, not the body: 503 when failing ("degraded":
+                # the service works, some of its inputs do not; restarting it would not help).
+                ok = report.get("status", "ok") in ("ok", "degraded")
+                status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
+                body = json.dumps(report, default=str).encode()
             except Exception as exc:  # the health callable is someone else's code
                 log.warning("metrics: health check failed: %s", exc)
                 status, body = HTTPStatus.INTERNAL_SERVER_ERROR, json.dumps(

@@ -3,8 +3,14 @@
 One row per (site, window): the aggregator stores a batch of results in one transaction and
 acknowledges the MQTT messages of those windows only after :meth:`ResultStore.store` has returned,
 so a crash between "inferred" and "stored" makes the broker redeliver instead of losing the window.
-A redelivered (replayed) window hits ``UNIQUE(site, window_start_ns)`` and is ignored, never
-duplicated.
+A window is named by its ``grid_start_ns`` (the site's window grid, whose phase this store keeps
+in ``site_grid`` so it survives restarts): a redelivered (replayed) window has the same grid start
+and is ignored, never duplicated. Results without a grid start (older callers) fall back to
+``UNIQUE(site, window_start_ns)``.
+
+Commits are ``synchronous=FULL`` by default: the aggregator acknowledges a window to the broker once
+this returns, so the commit must survive a power cut, not only a crash of the process (see
+``_configure`` for the trade-off; ``spar-bench runtime`` measures its cost).
 
 Readers may be other threads (the metrics thread) or other processes (``spar-aggregator query``):
 WAL mode lets them read committed rows while the aggregator keeps writing.
@@ -33,7 +39,7 @@ log = logging.getLogger(__name__)
 
 #: Version of the schema this code writes, kept in ``PRAGMA user_version``. To change the schema,
 #: bump it and append a migration to ``_MIGRATIONS`` (index i migrates version i to i + 1).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 0 -> 1: the first schema.
@@ -52,9 +58,23 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX IF NOT EXISTS results_window_start ON results (window_start_ns)",
         "CREATE INDEX IF NOT EXISTS results_created ON results (created_ns)",
     ),
+    # 1 -> 2: windows named by their start on the site's grid (median starts of two different partial
+    # windows can be closer than half a window), and the grid's phase per site.
+    (
+        "ALTER TABLE results ADD COLUMN grid_start_ns INTEGER",
+        "CREATE UNIQUE INDEX IF NOT EXISTS results_grid ON results (site, grid_start_ns) "
+        "WHERE grid_start_ns IS NOT NULL",
+        """CREATE TABLE IF NOT EXISTS site_grid (
+               site TEXT NOT NULL,
+               window_ns INTEGER NOT NULL,
+               phase_ns INTEGER NOT NULL,
+               PRIMARY KEY (site, window_ns)
+           )""",
+    ),
 )
 
 _NS_PER_DAY = 86_400 * 1_000_000_000
+_Row = tuple[str, int, int, str, "int | None"]  # site, window_start_ns, nodes_present, payload, grid_start_ns
 
 
 class ResultStore:
@@ -65,8 +85,8 @@ class ResultStore:
         retention_rows: keep at most this many rows (the oldest inserted go first); ``None``: no limit.
         retention_days: delete rows created longer ago than this; ``None``: no limit.
         retention_interval_s: run the retention sweep after a store at most this often.
-        synchronous: ``"NORMAL"`` (default, see the comment in ``_configure``) or ``"FULL"`` for a
-            deployment that must not lose an acknowledged window even on power loss.
+        synchronous: ``"FULL"`` (default: an acknowledged window survives a power cut) or
+            ``"NORMAL"`` (one fsync less per batch; see ``_configure`` for what it risks).
         readonly: open an existing store for reading only (for ``spar-aggregator query``): nothing
             is created or changed, :meth:`store` is refused.
         clock_ns: wall clock for ``created_ns`` and age retention (injectable for tests).
@@ -79,7 +99,7 @@ class ResultStore:
 
     def __init__(self, path: str | Path, *, retention_rows: int | None = 100_000,
                  retention_days: float | None = 30.0, retention_interval_s: float = 60.0,
-                 synchronous: Literal["NORMAL", "FULL"] = "NORMAL", readonly: bool = False,
+                 synchronous: Literal["NORMAL", "FULL"] = "FULL", readonly: bool = False,
                  busy_timeout_s: float = 5.0, clock_ns: Callable[[], int] = time.time_ns,
                  monotonic: Callable[[], float] = time.monotonic):
         if retention_rows is not None and retention_rows < 0:
@@ -147,14 +167,13 @@ class ResultStore:
             return str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
         mode = str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
         if mode == "wal":
-            # synchronous=NORMAL in WAL mode: a commit appends to the WAL file but does not fsync it;
-            # the fsync happens at checkpoints. Risk: after an OS crash or power loss the last
-            # transactions committed since the previous checkpoint may be rolled back; the database
-            # itself is never corrupted. A crash of this *process* (exception, SIGKILL, OOM) loses
-            # nothing, because the committed WAL frames are already in the OS page cache. That is the
-            # failure the MQTT ack protocol guards against, and the broker itself (Mosquitto saves
-            # its store periodically) offers no more than this on power loss; it also saves one fsync
-            # per batch on eMMC/SD storage. Deployments promising more pass synchronous="FULL".
+            # FULL in WAL mode: every commit fsyncs the WAL, so a window acknowledged to the broker
+            # (which then forgets its messages) survives a power cut, the likeliest failure of a box
+            # in a parking lot. NORMAL skips that fsync (it happens at checkpoints): a crash of this
+            # process still loses nothing (committed frames are in the OS page cache), but a power
+            # cut or OS crash may roll back the transactions since the last checkpoint, i.e. lose
+            # acknowledged windows; the file is never corrupted. NORMAL saves one fsync per batch,
+            # which matters on slow SD cards: `spar-bench runtime` measures both.
             conn.execute(f"PRAGMA synchronous={synchronous}")
         else:
             # No WAL (":memory:" or a file system without shared-memory support): NORMAL with a
@@ -209,15 +228,19 @@ class ResultStore:
         """
         return sum(self.insert_new(results))
 
-    def insert_new(self, results: list[dict[str, Any]], same_window_ns: int = 0) -> list[bool]:
+    def insert_new(self, results: list[dict[str, Any]], same_window_ns: int = 0,
+                   window_ns: int | None = None) -> list[bool]:
         """Insert a batch of results in one committed transaction; per result, True if it was new.
 
         Each result needs ``site`` (str), ``window_start_ns`` (int) and ``nodes_present`` (int); the
-        whole dict is stored as compact JSON. A window already stored for that site, i.e. a row whose
-        start lies within ``same_window_ns`` of this one (strictly), is left as it is (replays after a
-        redelivery are harmless). The batch is validated before anything is written, so an invalid
-        result rejects the whole batch. When this returns, the rows are committed (see
-        ``_configure`` for what "durable" means with synchronous=NORMAL).
+        whole dict is stored as compact JSON. With ``grid_start_ns`` (int) and ``window_ns``, a window
+        is already stored when a row of that site has the same grid start, and the site's grid phase
+        (``grid_start_ns mod window_ns``) is recorded with it, in the same transaction. Without a
+        grid start, a window is already stored when a row's start lies within ``same_window_ns`` of
+        this one (strictly). An already stored window is left as it is (replays after a redelivery
+        are harmless). The batch is validated before anything is written (see :meth:`validate`), so
+        an invalid result rejects the whole batch. When this returns, the rows are committed (see
+        ``_configure`` for what "durable" means).
 
         Raises:
             AggregatorError: an invalid result, a read-only or closed store, or SQLite failed (disk
@@ -227,6 +250,9 @@ class ResultStore:
             raise AggregatorError(f"result store {self.path}: opened read-only, cannot store")
         if same_window_ns < 0:
             raise AggregatorError(f"result store: same_window_ns must be >= 0, got {same_window_ns}")
+        if window_ns is not None and (isinstance(window_ns, bool) or not isinstance(window_ns, int)
+                                      or window_ns <= 0):
+            raise AggregatorError(f"result store: window_ns must be an integer > 0, got {window_ns!r}")
         rows = [self._row(i, result) for i, result in enumerate(results)]
         if not rows:
             return []
@@ -236,28 +262,50 @@ class ResultStore:
             try:
                 with _immediate_transaction(conn):
                     new = [self._insert_if_new(conn, row, created_ns, same_window_ns) for row in rows]
-            except sqlite3.Error as exc:
+                    if window_ns is not None:
+                        self._record_grids(conn, rows, window_ns)
+            except (sqlite3.Error, OverflowError) as exc:  # OverflowError: an int SQLite cannot hold
                 raise AggregatorError(f"result store {self.path}: storing {len(rows)} results failed: "
                                       f"{exc}") from exc
             self._maybe_apply_retention()
         return new
 
+    def validate(self, result: Mapping[str, Any]) -> None:
+        """AggregatorError unless ``result`` can be stored (what :meth:`insert_new` checks first)."""
+        self._row(0, result)
+
+    def grid_phase(self, site: str, window_ns: int) -> int | None:
+        """The phase of ``site``'s window grid of this length recorded by an earlier run, or None."""
+        rows = self._read("SELECT phase_ns FROM site_grid WHERE site = ? AND window_ns = ?", (site, window_ns))
+        return int(rows[0][0]) if rows else None
+
     @staticmethod
-    def _insert_if_new(conn: sqlite3.Connection, row: tuple[str, int, int, str], created_ns: int,
-                       same_window_ns: int) -> bool:
-        site, start, present, payload = row
+    def _record_grids(conn: sqlite3.Connection, rows: list[_Row], window_ns: int) -> None:
+        for site in {row[0] for row in rows if row[4] is not None}:
+            grid = next(row[4] for row in rows if row[0] == site and row[4] is not None)
+            conn.execute("INSERT OR IGNORE INTO site_grid (site, window_ns, phase_ns) VALUES (?, ?, ?)",
+                         (site, window_ns, grid % window_ns))
+
+    @staticmethod
+    def _insert_if_new(conn: sqlite3.Connection, row: _Row, created_ns: int, same_window_ns: int) -> bool:
+        site, start, present, payload, grid = row
+        if grid is not None:
+            # Served by the unique (site, grid_start_ns) index.
+            if conn.execute("SELECT 1 FROM results WHERE site = ? AND grid_start_ns = ?", (site, grid)).fetchone():
+                return False
         # Served by the UNIQUE (site, window_start_ns) index: one range probe per result.
-        if same_window_ns and conn.execute(
+        elif same_window_ns and conn.execute(
                 "SELECT 1 FROM results WHERE site = ? AND window_start_ns > ? AND window_start_ns < ? LIMIT 1",
                 (site, start - same_window_ns, start + same_window_ns)).fetchone():
             return False
         before = conn.total_changes
-        conn.execute("INSERT OR IGNORE INTO results (site, window_start_ns, created_ns, nodes_present, payload)"
-                     " VALUES (?, ?, ?, ?, ?)", (site, start, created_ns, present, payload))
+        conn.execute("INSERT OR IGNORE INTO results (site, window_start_ns, created_ns, nodes_present, payload, "
+                     "grid_start_ns) VALUES (?, ?, ?, ?, ?, ?)", (site, start, created_ns, present, payload, grid))
         return conn.total_changes > before
 
-    def _row(self, index: int, result: Mapping[str, Any]) -> tuple[str, int, int, str]:
-        """Validate one result and turn it into (site, window_start_ns, nodes_present, payload)."""
+    def _row(self, index: int, result: Mapping[str, Any]) -> _Row:
+        """Validate one result and turn it into (site, window_start_ns, nodes_present, payload,
+        grid_start_ns or None)."""
         where = f"result store: result #{index}"
         if not isinstance(result, Mapping):
             raise AggregatorError(f"{where}: expected a dict, got {type(result).__name__}")
@@ -269,15 +317,22 @@ class ResultStore:
             raise AggregatorError(f"{where}: site must be a non-empty string, got {site!r}")
         start = _as_int(result["window_start_ns"], f"{where}: window_start_ns")
         present = _as_int(result["nodes_present"], f"{where}: nodes_present")
-        if not -(2**63) <= start < 2**63:
-            raise AggregatorError(f"{where}: window_start_ns {start} does not fit in 64 bits")
+        # Half the 64-bit range: sums and ranges built from a start must still fit SQLite's integers.
+        if not -(2**62) <= start < 2**62:
+            raise AggregatorError(f"{where}: window_start_ns {start} is outside +-2^62 ns")
+        grid = result.get("grid_start_ns")
+        if grid is not None:
+            grid = _as_int(grid, f"{where}: grid_start_ns")
+            if not -(2**62) <= grid < 2**62:
+                raise AggregatorError(f"{where}: grid_start_ns {grid} is outside +-2^62 ns")
         if present < 0:
             raise AggregatorError(f"{where}: nodes_present must be >= 0, got {present}")
         try:
-            payload = json.dumps(dict(result), separators=(",", ":"), default=_json_default)
+            # allow_nan=False: NaN is not JSON, and a NaN output means a poisoned input to find.
+            payload = json.dumps(dict(result), separators=(",", ":"), default=_json_default, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise AggregatorError(f"{where}: not JSON-serialisable: {exc}") from exc
-        return site, start, present, payload
+        return site, start, present, payload, grid
 
     # -- retention ---------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ def build_result(site: str, window: AssembledWindow, outputs: dict[str, np.ndarr
         "site": site,
         "window_start_ns": window.window_start_ns,
         "window_index": window.window_index,
+        "grid_start_ns": window.grid_start_ns,  # the window's identity on the site's grid
         "model": f"{manifest.name}@{manifest.version}",
         "task": manifest.task,
         "nodes": list(window.node_ids),

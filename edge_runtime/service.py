@@ -24,7 +24,9 @@ import threading
 import time
 from typing import Any
 
+from edge_runtime import service_health
 from edge_runtime.bounded_queue import BoundedQueue
+from edge_runtime.clock_guard import ClockGuard, ClockLimits
 from edge_runtime.config import AggregatorConfig
 from edge_runtime.errors import AggregatorError
 from edge_runtime.inference_worker import InferenceWorker, result_payload
@@ -101,15 +103,26 @@ class Aggregator:
         # after a restart arrives before the retained births (see edge_runtime/node_store.py).
         self.registry = NodeRegistry(self.layout, self.manifest, store=NodeStore(config.database),
                                      max_node_distance_m=config.max_node_distance_m)
-        self.assembler = WindowAssembler(features, window_s, deadline_s=config.deadline_fraction * window_s,
-                                         max_open=config.max_open_windows,
-                                         node_text=placement_text_encoder(self.layout, self.manifest))
-        self.window_queue = BoundedQueue(config.queue_size, self._drop_window, weight=lambda w: w.message_count,
-                                         max_weight=config.max_held_messages)
-        self.processor = MessageProcessor(self.site, self.registry, self.assembler, features,
-                                          self.window_queue.put, warn=self.metrics.warn, release=self._release)
+        self.window_ns = int(round(window_s * 1e9))
         self.backend = backend if backend is not None else self._load_backend()
         self.store = store if store is not None else self._open_store()
+        # The grid phase of an earlier run: a window keeps its identity (grid start) across restarts,
+        # which is how a window assembled again from redelivered messages is recognised as stored.
+        self.assembler = WindowAssembler(features, window_s, deadline_s=config.deadline_fraction * window_s,
+                                         max_open=config.max_open_windows,
+                                         node_text=placement_text_encoder(self.layout, self.manifest),
+                                         phase_ns=self.store.grid_phase(self.site, self.window_ns))
+        self._backlog_ns = int(round((config.backlog_after_s + window_s) * 1e9))
+        # Backlog windows are never shed (their messages are what the broker kept while we were away);
+        # the broker's in-flight limit bounds how many can be held, hence the hard limit.
+        self.window_queue = BoundedQueue(config.queue_size, self._drop_window, weight=lambda w: w.message_count,
+                                         max_weight=config.max_held_messages, keep=self._keep_window,
+                                         hard_limit=config.queue_size + config.broker_max_inflight)
+        clock = ClockGuard(ClockLimits(max_ahead_s=config.max_clock_ahead_s, max_behind_s=config.max_clock_behind_s,
+                                       max_skew_s=config.max_clock_skew_s))
+        self.processor = MessageProcessor(self.site, self.registry, self.assembler, features,
+                                          self.window_queue.put, warn=self.metrics.warn, release=self._release,
+                                          clock=clock)
         self._publisher = make_client(config.mqtt, f"{self.site}.{config.client_id}-results", persistent=False,
                                       will=(aggregator_topic(self.site, "state"), self._health("offline")))
         self._publisher.on_connect = self._on_publisher_connect
@@ -128,12 +141,14 @@ class Aggregator:
         # lose the very messages persistence kept, and the in-flight limit already bounds it.
         self.message_queue = BoundedQueue(config.ingest_queue_size, self._drop_message, keep=self._keep_message,
                                           hard_limit=config.ingest_queue_size + config.broker_max_inflight)
-        self._backlog_ns = int(round((config.backlog_after_s + window_s) * 1e9))
-        self.ingest = MqttIngest(subscriber, self.site, self.message_queue.put)
+        # A store with results of this site means we ran before: the broker should still hold our session.
+        self.processor.quiet_s = config.stall_windows * window_s
+        self.ingest = MqttIngest(subscriber, self.site, self.message_queue.put,
+                                 expect_session=self.store.count(self.site) > 0)
         self.worker = InferenceWorker(self.backend, self.manifest, self.site, self.window_queue, self.store,
                                       self._publish_result, max_batch=config.max_batch,
                                       max_batch_nodes=config.max_batch_nodes,
-                                      window_ns=int(round(window_s * 1e9)), observe=self.metrics.observe,
+                                      window_ns=self.window_ns, observe=self.metrics.observe,
                                       release=self._release_window)
         self._pending: list[Any] = []
         self._pending_lock = threading.Lock()
@@ -142,6 +157,9 @@ class Aggregator:
         self._stop_ingest = threading.Event()  # the deadline thread: end (closing the open windows if flushing)
         self._stop_worker = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._thread_errors: dict[str, str] = {}  # thread name -> what killed it
+        self._started_s: float | None = None  # monotonic, once start() returned
+        self._stopping = False
         self.metrics.bind(self)
         self._check_inflight_budget()
 
@@ -149,10 +167,9 @@ class Aggregator:
     def start(self, timeout_s: float = 15.0) -> Aggregator:
         """Connect both sessions, start the threads and the metrics endpoint."""
         self.metrics.start_server(self.config.metrics_host, self.config.metrics_port)
-        self._threads = [threading.Thread(target=self._ingest_loop, name="ingest", daemon=True),
-                         threading.Thread(target=self._deadline_loop, name="deadlines", daemon=True),
-                         threading.Thread(target=self.worker.run, args=(self._stop_worker,), name="inference",
-                                          daemon=True)]
+        self._threads = [threading.Thread(target=self._guarded, args=(name, target), name=name, daemon=True)
+                         for name, target in (("ingest", self._ingest_loop), ("deadlines", self._deadline_loop),
+                                              ("inference", lambda: self.worker.run(self._stop_worker)))]
         for thread in self._threads:
             thread.start()
         connect_async(self._publisher, self.config.mqtt, persistent=False)
@@ -163,6 +180,13 @@ class Aggregator:
             self.stop()
             raise AggregatorError(f"could not connect to the broker at {self.config.mqtt.host}:"
                                   f"{self.config.mqtt.port} within {timeout_s:.0f} s")
+        if self.ingest.refused_subscriptions:
+            refused = "; ".join(self.ingest.refused_subscriptions)
+            self.stop()
+            raise AggregatorError(f"the broker refused the subscriptions {refused}: this aggregator would receive "
+                                  f"nothing. Let user {self.config.mqtt.username or '(anonymous)'} read "
+                                  f"spar/v1/{self.site}/+/... in the broker's ACL")
+        self._started_s = time.monotonic()
         log.info("aggregator for site %s running model %s@%s on %s", self.site, self.manifest.name,
                  self.manifest.version, getattr(self.backend, "name", type(self.backend).__name__))
         return self
@@ -176,6 +200,7 @@ class Aggregator:
         (the end of a trial), as any of their messages that come later can no longer be stored.
         """
         self._flush_open = flush_open
+        self._stopping = True
         self.ingest.pause()
         deadline = time.monotonic() + timeout_s
         self._stop_intake.set()
@@ -208,6 +233,21 @@ class Aggregator:
         self.stop()
 
     # ------------------------------------------------------------------ threads
+    def _guarded(self, name: str, target: Any) -> None:
+        """Run a thread's loop; if it dies, say so in the log and in /healthz (the others go on)."""
+        try:
+            target()
+        except BaseException as exc:  # noqa: BLE001 - recorded for /healthz, then the thread ends
+            self._thread_errors[name] = repr(exc)[:500]
+            log.critical("the %s thread died; the aggregator cannot work without it: %r", name, exc,
+                         exc_info=True)
+
+    def dead_threads(self) -> dict[str, str]:
+        """Threads that ended while the service runs, name -> what killed it (for /healthz)."""
+        if self._started_s is None or self._stopping:
+            return {}
+        return {t.name: self._thread_errors.get(t.name, "ended") for t in self._threads if not t.is_alive()}
+
     def _ingest_loop(self) -> None:
         """Decode and assemble queued messages until told to stop and none is left."""
         while True:
@@ -251,6 +291,10 @@ class Aggregator:
         if acknowledge:
             self._release(receipts)
 
+
+    def _keep_window(self, window: Any) -> bool:
+        """Not to be shed: a window that ended long ago by this box's clock (backlog)."""
+        return window.window_start_ns < time.time_ns() - self._backlog_ns
 
     def _keep_message(self, raw: Any) -> bool:
         """Not to be shed: lifecycle messages, and token messages of windows long over (backlog)."""
@@ -312,14 +356,13 @@ class Aggregator:
                            f"{self.manifest.version}", "pid": os.getpid(), "started_ns": self.started_ns,
                            "time_ns": time.time_ns()}).encode()
 
+    def problems(self) -> dict[str, str]:
+        """What is wrong now (see ``service_health``)."""
+        return service_health.problems(self)
+
     def health(self) -> dict[str, Any]:
-        """What /healthz reports."""
-        return {"status": "ok" if self.ingest.connected.is_set() else "disconnected", "site": self.site,
-                "model": f"{self.manifest.name}@{self.manifest.version}",
-                "open_windows": self.assembler.open_windows, "queued_windows": self.window_queue.qsize(),
-                "queued_messages": self.window_queue.weight(), "undecoded_messages": self.message_queue.qsize(),
-                "nodes": {n.id: ("online" if n.online else "offline") for n in self.registry.nodes()},
-                "refused_nodes": self.registry.refused()}
+        """What /healthz reports (see ``service_health``)."""
+        return service_health.health_report(self)
 
     # ------------------------------------------------------------------ construction helpers
     def _check_inflight_budget(self) -> None:
@@ -347,7 +390,8 @@ class Aggregator:
 
         self.config.database.parent.mkdir(parents=True, exist_ok=True)
         return ResultStore(self.config.database, retention_rows=self.config.retention_rows,
-                           retention_days=self.config.retention_days)
+                           retention_days=self.config.retention_days,
+                           synchronous=self.config.synchronous)  # type: ignore[arg-type]
 
 
 def _site_window_s(layout: SiteLayout, manifest: ModelManifest) -> float:

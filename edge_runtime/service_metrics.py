@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from edge_runtime.metrics import MetricsServer, RateLimitedLogger, Registry
+from edge_runtime.service_health import HEALTH_PROBLEMS
 
 if TYPE_CHECKING:
     from edge_runtime.service import Aggregator
@@ -49,6 +51,13 @@ class ServiceMetrics:
         self.node_store_failures = r.counter("spar_node_store_failures_total",
                                              "Writes of joined or moved nodes to SQLite that failed "
                                              "(the running registry is right; a restart would miss them)")
+        self.store_failures = r.counter("spar_store_failures_total",
+                                        "Failed SQLite stores of results (each is retried until it works)")
+        self.sessions_lost = r.counter("spar_broker_sessions_lost_total",
+                                       "Connections on which the broker no longer had our persistent session")
+        self.problems = r.gauge("spar_health_problem", "1 while /healthz reports this problem", ["problem"])
+        self.clock_off = r.gauge("spar_node_clock_off", "1 while a node's window starts are refused for its clock",
+                                 ["node"])
         self.queue_depth = r.gauge("spar_queue_depth", "Items waiting in a queue", ["queue"])
         self.open_windows = r.gauge("spar_open_windows", "Windows being assembled")
         self.nodes = r.gauge("spar_nodes", "Nodes by state", ["state"])
@@ -63,6 +72,7 @@ class ServiceMetrics:
         self.rate_log = RateLimitedLogger(log, log_interval_s)
         self._aggregator: Aggregator | None = None
         self._seen: dict[tuple[str, str], float] = {}
+        self._clock_off_nodes: set[str] = set()  # nodes ever reported (site nodes only: bounded)
         self._sync_lock = threading.Lock()
         self._server: MetricsServer | None = None
 
@@ -103,6 +113,15 @@ class ServiceMetrics:
             worker = agg.worker.snapshot_counts()
             self._advance(self.windows, "win", "failed", worker.get("windows_failed", 0), outcome="failed")
             self._advance(self.results, "res", "results", worker.get("results", 0))
+            self._advance(self.store_failures, "sf", "failed", worker.get("store_failures", 0))
+            self._advance(self.sessions_lost, "sl", "lost", agg.ingest.sessions_lost)
+            problems = agg.problems()
+            for problem in HEALTH_PROBLEMS:
+                self.problems.set(int(problem in problems), problem=problem)
+            off, _ = agg.processor.clock_report(time.monotonic(), time.time_ns())
+            for node in set(off) | self._clock_off_nodes:  # a node that recovered reads 0
+                self.clock_off.set(int(node in off), node=node)
+            self._clock_off_nodes |= set(off)
             self._advance(self.node_store_failures, "nsf", "failed", agg.registry.counts.get("node_store_failed", 0))
             self.queue_depth.set(agg.window_queue.qsize(), queue="windows")
             self.queue_depth.set(agg.window_queue.weight(), queue="window_messages")

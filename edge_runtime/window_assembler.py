@@ -10,6 +10,16 @@ are zero-padded with their presence flag cleared. A message for a window that al
 late (counted, dropped); a second message for the same (node, modality) is a duplicate (counted,
 ignored). At most ``max_open`` windows are open: a new one beyond that force-closes the oldest.
 
+The grid (its phase) is kept by the caller across restarts (the result store), so a window keeps its
+index, and ``grid_start_ns`` = phase + index x window length names it exactly: the store recognises a
+window assembled again from redelivered messages by that, not by comparing median starts (node clocks
+differ by up to half a window, so medians of two different partial windows can be that close).
+
+Clock errors that get past ``ClockGuard`` (a node a minute ahead before the site had a reference)
+can still close a window ahead of the site and make every later message look late. The grid then
+recovers by itself: once only far-late messages arrive, two windows' worth of them from two nodes or
+more (or the only node), the memory of closed windows is reset (counted as ``grid_reset``).
+
 Each message may carry a ``receipt`` (what the ingest needs to acknowledge it to the broker). A
 window keeps the receipts of every message it absorbed, duplicates included, and hands them on
 when it closes: the aggregator acknowledges them only once the window's result is stored. Until then
@@ -42,6 +52,7 @@ class AssembledWindow:
 
     window_index: int
     window_start_ns: int  # median of the node-stamped starts of its messages
+    grid_start_ns: int  # the grid's start of this window: its identity across restarts
     node_ids: tuple[str, ...]
     inputs: dict[str, np.ndarray]  # tokens_{m} [N, m, D], present_{m} [N], positions [N, d], node_index [N]
     # (or node_text [N, E] for a SPAR+LLM model)
@@ -84,10 +95,12 @@ class AddResult:
 
 class WindowAssembler:
     def __init__(self, modalities: dict[str, FeatureConfig], window_s: float, *, deadline_s: float,
-                 max_open: int = 16, node_text: PlacementTextEncoder | None = None):
+                 max_open: int = 16, node_text: PlacementTextEncoder | None = None,
+                 phase_ns: int | None = None):
         """``modalities``: the model's modalities with the feature config of each. ``node_text``:
         for a SPAR+LLM model, the encoder of the nodes' placement descriptions; windows then carry
-        ``node_text`` [N, E] instead of ``node_index``."""
+        ``node_text`` [N, E] instead of ``node_index``. ``phase_ns``: the site's grid offset from an
+        earlier run (None: taken from the first message; read it back from ``phase_ns``)."""
         self.modalities = modalities
         self.node_text = node_text
         self.window_ns = int(round(window_s * 1e9))
@@ -97,9 +110,15 @@ class WindowAssembler:
         self._closed: collections.deque[int] = collections.deque(maxlen=4 * max_open + 16)
         self._closed_set: set[int] = set()
         self._newest_closed = -(2**62)
-        self._phase_ns: int | None = None  # the window grid's offset, from the first message
+        self._phase_ns: int | None = None if phase_ns is None else phase_ns % self.window_ns
+        self._far_late: list[str] = []  # nodes of the far-late messages since the last on-time one
         self._unreleased: dict[int, AssembledWindow] = {}  # closed, receipts not yet taken (see module doc)
         self.counts: collections.Counter[str] = collections.Counter()
+
+    @property
+    def phase_ns(self) -> int | None:
+        """The window grid's offset in [0, window length) ns; None until the first message."""
+        return self._phase_ns
 
     def window_index(self, window_start_ns: int) -> int:
         """Grid index of a window start (half a window either side rounds to it)."""
@@ -112,13 +131,17 @@ class WindowAssembler:
             snapshot: RegistrySnapshot, now_s: float, receipt: Any = None) -> AddResult:
         """Add one message's tokens [m, D]; the windows this closed (complete or forced) come back."""
         index = self.window_index(window_start_ns)
-        if index in self._closed_set or index <= self._newest_closed - 2 * self.max_open:
+        far_late = index <= self._newest_closed - 2 * self.max_open
+        if far_late and self._grid_moved_on(node_id, snapshot):
+            far_late = False
+        if index in self._closed_set or far_late:
             self.counts["late"] += 1
             unreleased = self._unreleased.get(index)
             if unreleased is not None and receipt is not None:
                 unreleased.receipts.append(receipt)
                 return AddResult([], held=True)
             return AddResult([], held=False)
+        self._far_late.clear()
         closed: list[AssembledWindow] = []
         window = self._open.get(index)
         if window is None:
@@ -171,6 +194,22 @@ class WindowAssembler:
         return receipts
 
     # ------------------------------------------------------------------ internals
+    def _grid_moved_on(self, node_id: str, snapshot: RegistrySnapshot) -> bool:
+        """Count a far-late message; True once so many came in a row (two windows' worth, from two
+        nodes or the only one) that the frontier must be wrong: it is then reset (see module doc)."""
+        needed = max(4, 2 * len(snapshot.expected))
+        self._far_late.append(node_id)
+        del self._far_late[:-needed]  # one node's far-late stream alone must not grow this
+        if len(self._far_late) < needed or len(set(self._far_late)) < min(2, len(snapshot.node_ids)):
+            return False
+        self._far_late.clear()
+        self._closed.clear()
+        self._closed.extend(sorted(self._unreleased))  # still being stored: a copy must still join it
+        self._closed_set = set(self._closed)
+        self._newest_closed = max(self._unreleased, default=-(2**62))
+        self.counts["grid_reset"] += 1
+        return True
+
     def _close(self, index: int, snapshot: RegistrySnapshot, now_s: float, reason: str) -> AssembledWindow:
         window = self._open.pop(index)
         self._remember_closed(index)
@@ -181,7 +220,8 @@ class WindowAssembler:
         self.counts[f"windows_{'complete' if complete else 'partial'}"] += 1
         self.counts[f"closed_{reason}"] += 1
         closed = AssembledWindow(
-            window_index=index, window_start_ns=_median_ns(window.starts), node_ids=snapshot.node_ids,
+            window_index=index, window_start_ns=_median_ns(window.starts),
+            grid_start_ns=(self._phase_ns or 0) + index * self.window_ns, node_ids=snapshot.node_ids,
             inputs=inputs, present=present, expected=expected, received=received, complete=complete,
             reason=reason, first_arrival_s=window.first_arrival_s, closed_s=now_s,
             message_count=len(window.tokens), receipts=window.receipts,

@@ -1,5 +1,6 @@
 """How the inference worker groups queued windows into backend calls."""
 
+import time
 from dataclasses import dataclass
 
 from edge_runtime.bounded_queue import BoundedQueue
@@ -45,10 +46,10 @@ def assembled(index):
 
     from edge_runtime.window_assembler import AssembledWindow
 
-    return AssembledWindow(window_index=index, window_start_ns=index * 10**9, node_ids=("n01",),
-                           inputs={"x": np.zeros((1, 2), np.float32)}, present={"m": ("n01",)}, expected=1,
-                           received=1, complete=True, reason="complete", first_arrival_s=0.0, closed_s=0.0,
-                           message_count=1, receipts=[f"r{index}"])
+    return AssembledWindow(window_index=index, window_start_ns=index * 10**9, grid_start_ns=index * 10**9,
+                           node_ids=("n01",), inputs={"x": np.zeros((1, 2), np.float32)}, present={"m": ("n01",)},
+                           expected=1, received=1, complete=True, reason="complete", first_arrival_s=0.0,
+                           closed_s=0.0, message_count=1, receipts=[f"r{index}"])
 
 
 class Backend:
@@ -56,23 +57,92 @@ class Backend:
         return {"y": inputs["x"].sum(axis=(1, 2))}
 
 
-class FailingStore:
-    def insert_new(self, results, same_window_ns=0):
-        from edge_runtime.errors import AggregatorError
+def failing_writes(path):
+    """Make every INSERT into the real SQLite store at ``path`` fail (as a full disk does) until the
+    returned function is called."""
+    import sqlite3
 
-        raise AggregatorError("disk full")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TRIGGER fail BEFORE INSERT ON results BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    conn.commit()
+
+    def heal():
+        conn.execute("DROP TRIGGER fail")
+        conn.commit()
+        conn.close()
+    return heal
 
 
-def test_a_failed_store_leaves_the_messages_with_the_broker_and_publishes_nothing():
-    """Disk full: not acknowledging lets the broker redeliver them later; acknowledging would lose them."""
+def worker_on(store, released, published, stop):
     from types import SimpleNamespace
 
-    released, published = [], []
     manifest = SimpleNamespace(name="m", version="1", task="t", outputs=(), class_names=())
-    worker = InferenceWorker(Backend(), manifest, "s", BoundedQueue(4, lambda item: None), FailingStore(),
+    worker = InferenceWorker(Backend(), manifest, "s", BoundedQueue(4, lambda item: None), store,
                              published.append, max_batch=4, window_ns=10**9,
                              release=lambda window, acknowledge=True: released.append((window.window_index,
                                                                                         acknowledge)))
+    worker._stop = stop
+    return worker
+
+
+def test_a_failed_store_is_retried_and_nothing_is_acknowledged_until_it_is_stored(tmp_path, monkeypatch):
+    """Disk full for a while: the batch waits (its messages unacknowledged), then is stored and only
+    then acknowledged and published; nothing is lost, nothing acknowledged unstored."""
+    import threading
+
+    from edge_runtime import inference_worker
+    from edge_runtime.result_store import ResultStore
+
+    monkeypatch.setattr(inference_worker, "RETRY_FIRST_S", 0.02)
+    store = ResultStore(tmp_path / "r.sqlite3")
+    heal = failing_writes(tmp_path / "r.sqlite3")
+    released, published = [], []
+    worker = worker_on(store, released, published, threading.Event())
+    done = threading.Thread(target=worker.process, args=([assembled(1), assembled(2)],))
+    done.start()
+    deadline = time.monotonic() + 5
+    while worker.snapshot_counts().get("store_failures", 0) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.storage_failing_since is not None
+    assert released == [] and published == [] and store.count() == 0
+    heal()
+    done.join(10)
+    assert not done.is_alive()
+    assert released == [(1, True), (2, True)] and len(published) == 2 and store.count() == 2
+    assert worker.storage_failing_since is None and worker.snapshot_counts()["results"] == 2
+    assert store.grid_phase("s", 10**9) == 0  # the grid is recorded with the first results
+
+
+def test_at_shutdown_an_unstored_batch_stays_with_the_broker(tmp_path):
+    """Stopping while the disk still fails: the messages are let go unacknowledged, for the broker to
+    hand to the next process (acknowledging them would lose them)."""
+    import threading
+
+    from edge_runtime.result_store import ResultStore
+
+    store = ResultStore(tmp_path / "r.sqlite3")
+    failing_writes(tmp_path / "r.sqlite3")
+    released, published = [], []
+    stop = threading.Event()
+    stop.set()
+    worker = worker_on(store, released, published, stop)
     assert worker.process([assembled(1), assembled(2)]) == []
     assert released == [(1, False), (2, False)] and published == []
     assert worker.snapshot_counts()["windows_unstored"] == 2
+
+
+def test_a_result_that_cannot_be_stored_does_not_take_its_batch_down(tmp_path):
+    """A window whose start no SQLite integer holds (2^63 - 1) is counted and released alone; the
+    other windows of its batch are stored (the whole batch used to fail with an OverflowError)."""
+    import threading
+
+    from edge_runtime.result_store import ResultStore
+
+    store = ResultStore(tmp_path / "r.sqlite3")
+    released, published = [], []
+    worker = worker_on(store, released, published, threading.Event())
+    bad = assembled(3)
+    bad.window_start_ns = bad.grid_start_ns = 2**63 - 1
+    worker.process([assembled(1), bad, assembled(2)])
+    assert sorted(released) == [(1, True), (2, True), (3, True)]
+    assert store.count() == 2 and worker.snapshot_counts()["windows_invalid"] == 1
