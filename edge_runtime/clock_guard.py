@@ -7,15 +7,17 @@ reach the assembler, with their own counted reason, and remembers which nodes ar
 
 Two references, the site first:
 
-* **The site's recent starts.** Each node's latest window start (accepted or not) is remembered for
-  ``memory_s`` of this box's monotonic clock. When at least two other nodes have been heard, a
-  message is accepted only if it is within ``max_skew_s`` of at least half of them: one node against
-  the rest is outvoted, whatever this box's clock says. The comparison is between node stamps of the
-  same stream, so it holds during a backlog after a restart too (the broker delivers queued messages
-  in publish order, so the other nodes' latest stamps are from the same part of the backlog).
-* **This box's clock**, when fewer than two other nodes have been heard (the first messages after a
-  start, a one-node site): a start more than ``max_ahead_s`` ahead of the box's wall clock, or more
-  than ``max_behind_s`` behind it (older than the broker could have kept for us), is refused.
+* **The site's recent starts.** Each node's latest window start is remembered for ``memory_s`` of
+  this box's monotonic clock, moved on by the time since it was heard (a site-wide pause is no clock
+  error). Once two other nodes whose latest messages were accepted have been heard, a message is
+  accepted only if it is within ``max_skew_s`` of at least half of them: one node against the rest
+  is outvoted, whatever this box's clock says. The comparison is between node stamps of one stream,
+  so it holds during a backlog after a restart too (the broker delivers queued messages in publish
+  order, so the other nodes' latest stamps are from the same part of the backlog).
+* **This box's clock**, until then (the first messages after a start, a one-node site): a start
+  more than ``max_ahead_s`` ahead of the box's wall clock, or more than ``max_behind_s`` behind it
+  (older than the broker could have kept for us), is refused, unless two or more nodes heard so far
+  (refused by the box clock too) agree with it: then the box's clock is the wrong one.
 
 A site whose nodes agree with each other but not with this box (the box's own clock is wrong) keeps
 producing results; :meth:`ClockGuard.box_offset_s` tells /healthz how far the site is from the box.
@@ -110,18 +112,33 @@ class ClockGuard:
         if not 0 < start_ns <= MAX_START_NS:
             return ClockVerdict(False, "clock_absurd", (start_ns - arrival_ns) / 1e9,
                                 f"{node}: window start {start_ns} ns is not a time any clock shows")
-        others = [s.start_ns for s in self._recent(now_s, exclude=node)]
-        if len(others) >= 2:
-            skew_ns = self.limits.max_skew_s * 1e9
-            agree = sum(abs(start_ns - other) <= skew_ns for other in others)
-            ordered = sorted(others)
-            median = ordered[len(ordered) // 2]
-            offset_s = (start_ns - median) / 1e9
-            if 2 * agree >= len(others):
-                return ClockVerdict(True, offset_s=offset_s)
-            return ClockVerdict(False, "clock_skew", offset_s,
-                                f"{node}: window start {offset_s:+.1f} s from the site's other "
-                                f"{len(others)} nodes (agrees with {agree}); is its clock set?")
+        # Where each other node's clock stands now: its latest start plus the time since we heard it
+        # (after a site-wide pause, a node's next start is that much later, not a clock error).
+        recent = self._recent(now_s, exclude=node)
+        trusted = [s.start_ns + int((now_s - s.seen_s) * 1e9) for s in recent if not s.off]
+        if len(trusted) >= 2:
+            return self._by_site(node, start_ns, trusted)
+        by_box = self._by_box(node, start_ns, arrival_ns)
+        heard = [s.start_ns + int((now_s - s.seen_s) * 1e9) for s in recent]
+        if by_box.accepted or len(heard) < 2:
+            return by_box
+        # The box clock says no, but the nodes heard so far (all refused by it) agree with this one:
+        # this box's clock is what is wrong, and the site goes on.
+        by_site = self._by_site(node, start_ns, heard)
+        return by_site if by_site.accepted else by_box
+
+    def _by_site(self, node: str, start_ns: int, others: list[int]) -> ClockVerdict:
+        skew_ns = self.limits.max_skew_s * 1e9
+        agree = sum(abs(start_ns - other) <= skew_ns for other in others)
+        ordered = sorted(others)
+        offset_s = (start_ns - ordered[len(ordered) // 2]) / 1e9
+        if 2 * agree >= len(others):
+            return ClockVerdict(True, offset_s=offset_s)
+        return ClockVerdict(False, "clock_skew", offset_s,
+                            f"{node}: window start {offset_s:+.1f} s from the site's other {len(others)} nodes "
+                            f"(agrees with {agree}); is its clock set?")
+
+    def _by_box(self, node: str, start_ns: int, arrival_ns: int) -> ClockVerdict:
         offset_s = (start_ns - arrival_ns) / 1e9
         if offset_s > self.limits.max_ahead_s:
             return ClockVerdict(False, "clock_ahead", offset_s,

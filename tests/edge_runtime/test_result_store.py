@@ -323,3 +323,50 @@ def test_concurrent_writer_and_reader_threads(db):
         assert not errors, errors
         assert store.count() == 150 and store.deleted_rows == 250
         assert counts and max(counts) <= 160 and store.integrity_check() == "ok"
+
+
+def test_windows_are_told_apart_by_grid_start_not_by_median_start(db):
+    """Two different partial windows whose median starts are closer than half a window (node clocks
+    off by up to half a window) used to merge: the second was acknowledged but never stored. By grid
+    start they are two windows; a redelivered copy (same grid start, other median) is one."""
+    window = 2_000_000_000
+    with ResultStore(db) as store:
+        first = result(start=10 * window + 900_000_000, grid_start_ns=10 * window)
+        second = result(start=11 * window - 900_000_000, grid_start_ns=11 * window)  # 200 ms apart
+        assert store.insert_new([first, second], window_ns=window) == [True, True]
+        again = result(start=10 * window + 100_000_000, grid_start_ns=10 * window, label="again")
+        assert store.insert_new([again], window_ns=window) == [False]
+        assert store.count() == 2 and all("label" not in r for r in store.query())
+        assert store.grid_phase("lot", window) == 0 and store.grid_phase("lot", 2 * window) is None
+        with pytest.raises(AggregatorError, match="window_ns"):
+            store.insert_new([first], window_ns=0)
+
+
+def test_the_grid_phase_is_kept_for_the_next_run(db):
+    window = 2_000_000_000
+    with ResultStore(db) as store:
+        store.insert_new([result(start=5 * window + 300, grid_start_ns=5 * window + 300)], window_ns=window)
+        store.insert_new([result(start=6 * window + 700, grid_start_ns=6 * window + 700)], window_ns=window)
+    with ResultStore(db) as store:
+        assert store.grid_phase("lot", window) == 300  # the first grid wins
+
+
+def test_a_version_1_store_is_migrated_and_keeps_its_rows(db):
+    conn = sqlite3.connect(db)
+    conn.execute("""CREATE TABLE results (id INTEGER PRIMARY KEY, site TEXT NOT NULL,
+                    window_start_ns INTEGER NOT NULL, created_ns INTEGER NOT NULL, nodes_present INTEGER NOT NULL,
+                    payload TEXT NOT NULL, UNIQUE (site, window_start_ns))""")
+    conn.execute("INSERT INTO results (site, window_start_ns, created_ns, nodes_present, payload) "
+                 "VALUES ('lot', 1, 1, 3, '{\"site\": \"lot\"}')")
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+    with ResultStore(db) as store:
+        assert store.count() == 1
+        assert store.insert_new([result(start=2, grid_start_ns=2)], window_ns=10) == [True]
+        assert store._read("PRAGMA user_version", [])[0][0] == SCHEMA_VERSION == 2
+
+
+def test_non_finite_outputs_are_refused(db):
+    with ResultStore(db) as store, pytest.raises(AggregatorError, match="JSON"):
+        store.store([result(start=1, outputs={"logits": [float("nan")]})])

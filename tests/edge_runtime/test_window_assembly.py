@@ -229,3 +229,38 @@ def test_spar_llm_windows_carry_each_nodes_description_embedding(parking_lot, tm
     # a later birth without a description keeps the node's known one
     registry.on_birth(birth(parking_lot, "n02", position=(12.0, 4.0), bd_seq=1))
     assert registry.snapshot().descriptions[slot["n02"]] == moved.description
+
+
+def test_the_grid_recovers_when_the_whole_site_jumps_back_in_time(parts):
+    """A window closed far ahead of the site (a clock error that got past the guard, or every node
+    correcting its clock at once) used to make every later message late for good: after two windows'
+    worth of far-late messages from several nodes the grid resets itself and windows close again."""
+    layout, _, registry, assembler = parts
+    feed(layout, registry, assembler, 1000, layout.node_ids, now=1.0)  # a window far ahead closes
+    closed = []
+    for k in range(4):
+        closed += feed(layout, registry, assembler, 10 + k, layout.node_ids, now=2.0 + k)
+    assert assembler.counts["grid_reset"] == 1
+    # Windows 10 and 11 are the two windows' worth it takes to notice; from 12 on the site is back.
+    assert [w.window_index for w in closed if w.complete] == [12, 13]
+    # A single node far behind never resets the grid (its messages stay late).
+    before = assembler.counts["late"]
+    for k in range(40):
+        feed(layout, registry, assembler, 5, ["n01"], now=10.0 + k)
+    assert assembler.counts["grid_reset"] == 1 and assembler.counts["late"] > before
+
+
+def test_a_window_keeps_its_grid_start_across_a_restart(parts):
+    """The grid phase comes back from the store: after a restart whose first message is from a node
+    half a window off, windows keep the grid starts they had (which is how the store recognises a
+    window assembled again from redelivered messages)."""
+    layout, _, registry, first = parts
+    phase = 300_000_000
+    [window] = feed(layout, registry, first, 0, layout.node_ids, now=1.0, start_ns=7 * W_NS + phase)
+    features = {m: s.features for m, s in layout.modalities.items()}
+    again = WindowAssembler(features, 2.0, deadline_s=1.0, max_open=3, phase_ns=first.phase_ns)
+    [redelivered] = feed(layout, registry, again, 0, layout.node_ids, now=1.0, start_ns=7 * W_NS + phase + 900_000_000)
+    assert window.grid_start_ns == redelivered.grid_start_ns == 7 * W_NS + phase
+    fresh = WindowAssembler(features, 2.0, deadline_s=1.0, max_open=3)  # without the stored phase
+    [moved] = feed(layout, registry, fresh, 0, layout.node_ids, now=1.0, start_ns=7 * W_NS + phase + 900_000_000)
+    assert moved.grid_start_ns != window.grid_start_ns
