@@ -207,9 +207,11 @@ def _add_fuzz(sub: Any) -> None:
                         "parking-lot model) as a subprocess; publish seeded hostile messages made from the site's "
                         "valid traffic (truncated, bit flips, wrong CRC, huge shape headers, decompression bombs, "
                         "NaN/overflowing scales, wrong feature hash, spoofed node ids, unicode and malformed topics, "
-                        "random bytes, empty payloads, malformed birth/state JSON, bad header fields, oversize) plus "
-                        "2 % valid traffic, one class per block at QoS 1. Checks: no crash, no internal_error or "
-                        "traceback, every delivered message counted under a reason, no hostile message accepted, "
+                        "random bytes, empty payloads, malformed birth/state JSON, bad header fields, oversize; "
+                        "far-future and far-past window starts with a valid CRC, huge or far-away birth positions, "
+                        "description churn) plus 2 % valid traffic, one class per block at QoS 1. Checks: no crash, no "
+                        "internal_error or traceback, every delivered message counted under a reason, no hostile "
+                        "message accepted, every valid window sent during the fuzz stored, no NaN in results, "
                         "resident memory growth after warm-up within --rss-bound, exit code 0 on SIGTERM. Writes "
                         "fuzz.md and fuzz.json; exits 1 if a check failed. About 10 s per 10 000 messages on 2 cores.")
     fz.add_argument("--messages", type=int, default=10_000, help="messages to send (default: %(default)s)")
