@@ -9,12 +9,28 @@
         ca.key                         0600; only needed to add nodes: keep it off the broker box if you can
         broker/server.crt, server.key  the broker's TLS identity (SAN: the hostnames / IPs given)
         broker/passwd, broker/acl      Mosquitto's password file ($7$ PBKDF2-SHA512) and ACL
+        broker/crl.pem                 revoked client certificates (remove-node), signed by the site CA
         clients/<user>.crt, .key       one per node, the aggregator (and the monitor); CN = MQTT username
         credentials/<user>.password    0600; the MQTT password in clear, for that user's config only
         data/                          Mosquitto's persistence database
 
 Mosquitto reads the files under ``broker/`` plus ``ca.crt``; a node needs ``ca.crt``, its own
 ``clients/<node>.*`` and ``credentials/<node>.password``. Stdlib + ``cryptography`` only.
+
+Who a client is, on the generated TLS listener, is decided by its certificate alone:
+``use_identity_as_username`` makes the certificate's CN the MQTT username, so the ACL applies to the
+certificate's owner whatever username and password the client sends, and ``use_username_as_clientid``
+makes it the client id too, so no client can take over another's session. Without it, Mosquitto checks the
+certificate only against the CA and the password against *any* user, so node n01's certificate plus a
+leaked aggregator password logged in as the aggregator. Mosquitto 2.0 skips the password check
+entirely on such a listener (src/handle_connect.c: "Authentication assumed to be cleared"), so:
+
+- revoking a client means revoking its certificate: ``remove-node`` adds it to ``broker/crl.pem``
+  (Mosquitto rebuilds the listener's TLS context with the CRL on SIGHUP) and denies its username
+  everything in the ACL (which also covers a connection it still has open);
+- the password file and the per-user passwords gate only a listener without client certificates that
+  an operator adds (e.g. loopback-only, for local tools); clients send the password anyway, so the
+  same credentials work on both.
 """
 
 from __future__ import annotations
@@ -30,7 +46,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,6 +96,9 @@ class SecurityManifest:
     monitor: bool
     broker_user: str
     nodes: list[str] = field(default_factory=list)
+    # Removed nodes whose certificates are on the CRL. Kept so the ACL keeps denying their usernames:
+    # Mosquitto checks the CRL only in a new TLS handshake, never for a connection already open.
+    revoked: list[str] = field(default_factory=list)
     format: int = MANIFEST_FORMAT
 
     @property
@@ -125,6 +143,10 @@ class SiteFolder:
     @property
     def acl(self) -> Path:
         return self.root / "broker" / "acl"
+
+    @property
+    def crl(self) -> Path:
+        return self.root / "broker" / "crl.pem"
 
     # A user's own files follow the layout clients read (spar_wire.mqtt_settings.with_credentials).
     def client_cert(self, user: str) -> Path:
@@ -196,12 +218,14 @@ def init_site(site_layout: str | Path, out: str | Path, options: BrokerOptions =
     ca_key, ca_cert = _make_ca(layout.site_id)
     _write_key(folder.ca_key, ca_key)
     _write_atomic(folder.ca_cert, _cert_pem(ca_cert), 0o644)
+    # An empty CRL from the start: mosquitto.conf names it, and remove-node only has to rewrite it.
+    _write_atomic(folder.crl, _crl_pem(ca_key, ca_cert, []), 0o644)
     server_key = _new_key()
     _write_key(folder.server_key, server_key)
     _write_atomic(folder.server_cert, _cert_pem(_server_cert(server_key, ca_key, ca_cert, options.hostnames)), 0o644)
     passwords = {user: _issue_user(folder, user, ca_key, ca_cert) for user in manifest.users}
     write_password_file(folder.passwd, {user: hash_password(pw) for user, pw in passwords.items()})
-    _write_atomic(folder.acl, acl_text(manifest.site, monitor=manifest.monitor), 0o644)
+    _write_acl(folder, manifest)
     _write_atomic(folder.conf, mosquitto_conf_text(manifest), 0o644)
     (folder.root / "data").mkdir(mode=0o700, exist_ok=True)
     _save_manifest(folder, manifest)
@@ -212,8 +236,9 @@ def init_site(site_layout: str | Path, out: str | Path, options: BrokerOptions =
 def add_node(folder_path: str | Path, node_id: str) -> Provisioned:
     """Certificate and password for one more node; appended to the password file.
 
-    The ACL needs no change: its ``%u`` pattern already covers any username. Send SIGHUP to Mosquitto
-    so it reloads the password file.
+    The ACL needs no change (its ``%u`` pattern already covers any username), unless the id was
+    removed before: then its deny entry goes, and only the old certificate stays revoked (CRL).
+    Send SIGHUP to Mosquitto so it reloads the ACL and password file.
     """
     folder, manifest = _open(folder_path)
     _check_new_node(manifest, node_id)
@@ -224,13 +249,27 @@ def add_node(folder_path: str | Path, node_id: str) -> Provisioned:
     password = _issue_user(folder, node_id, ca_key, ca_cert)
     write_password_file(folder.passwd, {**entries, node_id: hash_password(password)})
     manifest.nodes.append(node_id)
+    notes: tuple[str, ...] = ()
+    if node_id in manifest.revoked:
+        manifest.revoked = [n for n in manifest.revoked if n != node_id]
+        _write_acl(folder, manifest)
+        # The ACL works by username: a connection the old certificate still has open would get the
+        # new node's rights back. A restart closes it, and the CRL keeps it from coming back.
+        notes = (f"{node_id} was removed before: restart Mosquitto (not only reload) if that node's old "
+                 "certificate may still have a connection open",)
     _save_manifest(folder, manifest)
-    return Provisioned(folder, manifest.site, {node_id: password})
+    return Provisioned(folder, manifest.site, {node_id: password}, notes)
 
 
 def rotate_password(folder_path: str | Path, user: str) -> Provisioned:
-    """New random password for one user; the password file is rewritten atomically, other entries
-    byte for byte as they were. Mosquitto uses it after SIGHUP (and then drops sessions of the old one)."""
+    """New random password for one user; the password file is rewritten atomically (0600, whatever
+    the old file's mode), other entries byte for byte as they were.
+
+    The generated TLS listener logs clients in by certificate and never checks a password (see the
+    module docstring): the new password matters on a listener without client certificates. There
+    Mosquitto uses it after SIGHUP and drops sessions of the old one. To replace a node's leaked key,
+    remove the node and add it again (its old certificate is revoked).
+    """
     folder, manifest = _open(folder_path)
     entries = read_password_file(folder.passwd)
     if user not in entries:
@@ -244,23 +283,41 @@ def rotate_password(folder_path: str | Path, user: str) -> Provisioned:
 
 
 def remove_node(folder_path: str | Path, node_id: str) -> Provisioned:
-    """Remove a node's password entry, certificate, key and credentials.
+    """Revoke a node: its certificate goes on the CRL, its username is denied everything in the ACL,
+    and its password entry, certificate, key and credentials are deleted. Needs ``ca.key`` (the CRL
+    is signed by the site CA) and the node's certificate in ``clients/``.
 
-    Its certificate stays cryptographically valid until it expires (no CRL is published), but without
-    a password entry the broker refuses the node after the next SIGHUP.
+    After SIGHUP Mosquitto refuses the certificate in the TLS handshake and the node's open
+    connection, if any, can publish and read nothing; a restart also closes that connection.
     """
     folder, manifest = _open(folder_path)
     if node_id in (AGGREGATOR, MONITOR):
-        raise AggregatorError(f"{node_id!r} is not a node; rotate its password instead")
+        raise AggregatorError(f"{node_id!r} is not a node; it cannot be removed")
     entries = read_password_file(folder.passwd)
     if node_id not in entries and node_id not in manifest.nodes:
         raise AggregatorError(f"unknown node {node_id!r}: {folder.passwd} has {', '.join(entries) or 'no users'}")
+    # Revoke first: if anything below fails, the node is still listed and a second run finishes the job.
+    ca_key, ca_cert = _load_ca(folder)
+    cert = folder.client_cert(node_id)
+    if cert.exists() or node_id not in manifest.revoked:  # else revoked by a run that stopped half way
+        _revoke(folder, ca_key, ca_cert, _cert_serial(cert, node_id))
+    if node_id not in manifest.revoked:
+        manifest.revoked.append(node_id)
+    _write_acl(folder, manifest)
     write_password_file(folder.passwd, {u: h for u, h in entries.items() if u != node_id})
     for path in (folder.client_cert(node_id), folder.client_key(node_id), folder.password_file(node_id)):
         path.unlink(missing_ok=True)
     manifest.nodes = [n for n in manifest.nodes if n != node_id]
     _save_manifest(folder, manifest)
-    return Provisioned(folder, manifest.site, {})
+    notes: tuple[str, ...] = ()
+    crlfile = f"crlfile {manifest.install_dir.rstrip('/')}/broker/crl.pem"
+    if crlfile not in _read_text(folder.conf).splitlines():
+        # A folder from before revocation existed: its listener ignores the CRL and checks passwords
+        # only, so the deleted password entry is what keeps the node out, until the config is fixed.
+        notes = (f"{folder.conf} does not name the CRL: add `use_identity_as_username true`, "
+                 f"`use_username_as_clientid true` and `{crlfile}` under its listener "
+                 "(see configs/mosquitto/mosquitto.conf)",)
+    return Provisioned(folder, manifest.site, {}, notes)
 
 
 def credentials(folder_path: str | Path, user: str) -> Credentials:
@@ -324,8 +381,9 @@ def write_password_file(path: Path, entries: dict[str, str]) -> None:
     _write_atomic(path, "".join(f"{user}:{hashed}\n" for user, hashed in entries.items()), 0o600)
 
 
-def acl_text(site: str, *, monitor: bool = False) -> str:
-    """The site's Mosquitto ACL: nodes write their own subtree and read nothing."""
+def acl_text(site: str, *, monitor: bool = False, revoked: tuple[str, ...] | list[str] = ()) -> str:
+    """The site's Mosquitto ACL: nodes write their own subtree and read nothing; removed nodes
+    (``revoked``) nothing at all."""
     base = f"{PREFIX}/{check_id(site, 'site')}"
     lines = [
         f"# Mosquitto 2 ACL for spar-edge site {site!r} (spar-aggregator secure init). Reloaded on SIGHUP.",
@@ -352,6 +410,14 @@ def acl_text(site: str, *, monitor: bool = False) -> str:
             f"topic read {base}/{AGGREGATOR}/#",
             f"topic deny {base}/{MONITOR}/#",
         ]
+    if revoked:
+        lines += [
+            "",
+            "# Removed nodes (secure remove-node): their certificates are on the CRL, which Mosquitto checks",
+            "# only when a connection starts. These lines take everything from a connection still open.",
+        ]
+        for node in revoked:
+            lines += [f"user {_checked_id(node)}", "topic deny #"]
     return "\n".join(lines) + "\n"
 
 
@@ -367,8 +433,10 @@ def mosquitto_conf_text(manifest: SecurityManifest) -> str:
         "",
         "# One set of security settings for all listeners (password_file and acl_file below apply to each).",
         "per_listener_settings false",
-        "# Every client must log in with a username and password from password_file.",
+        "# No client without an identity: on the TLS listener its certificate, elsewhere a password.",
         "allow_anonymous false",
+        "# Not checked on the TLS listener below (use_identity_as_username: the certificate is the login);",
+        "# it gates a listener without client certificates, should you add one (e.g. loopback, local tools).",
         f"password_file {root}/broker/passwd",
         "# Nodes may write only under their own topic; the aggregator reads node traffic and writes results.",
         f"acl_file {root}/broker/acl",
@@ -382,9 +450,19 @@ def mosquitto_conf_text(manifest: SecurityManifest) -> str:
         f"cafile {root}/ca.crt",
         f"certfile {root}/broker/server.crt",
         f"keyfile {root}/broker/server.key",
-        "# Mutual TLS: a client without a certificate of the site CA fails the handshake before any password",
-        "# is tried, so a leaked password alone is not enough.",
+        "# Mutual TLS: a client without a certificate of the site CA fails the handshake, so a leaked",
+        "# password alone is not enough.",
         "require_certificate true",
+        "# The certificate's CN (= node id, aggregator, monitor) is the username, whatever username and",
+        "# password the client sends, so the ACL applies to the certificate's owner. Without it any node's",
+        "# certificate logs in with another user's password. Mosquitto then checks no password here.",
+        "use_identity_as_username true",
+        "# ... and the client id: a session belongs to one certificate. Otherwise a node connecting with the",
+        "# aggregator's client id takes over the aggregator's persistent session: the aggregator is cut off",
+        "# and the messages queued for it are lost (checked with 2.0.11). One connection per identity.",
+        "use_username_as_clientid true",
+        "# Certificates of removed nodes (secure remove-node); re-read on SIGHUP, checked at each handshake.",
+        f"crlfile {root}/broker/crl.pem",
         "# The lowest TLS version accepted: 1.0 and 1.1 are refused.",
         "tls_version tlsv1.2",
         "",
@@ -501,6 +579,56 @@ def _client_cert(key, user: str, ca_key, ca_cert):
     return _leaf(key.public_key(), _name(user), ca_key, ca_cert, ExtendedKeyUsageOID.CLIENT_AUTH)
 
 
+def _crl_pem(ca_key, ca_cert, revoked) -> bytes:
+    """The site CRL listing ``revoked`` (``x509.RevokedCertificate``s), signed by the CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    # OpenSSL refuses *every* client while the CRL is "not yet valid" or expired, so its validity is
+    # the CA's: a broker box whose clock is behind (booted without NTP) or a CRL never refreshed must
+    # not lock the whole site out. Issued from the CA's start, valid until the CA expires.
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(ca_cert.not_valid_before_utc).next_update(ca_cert.not_valid_after_utc)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+               .add_extension(x509.CRLNumber(len(revoked)), critical=False))
+    for entry in revoked:
+        builder = builder.add_revoked_certificate(entry)
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def _revoke(folder: SiteFolder, ca_key, ca_cert, serial: int) -> None:
+    """Add one certificate serial to ``broker/crl.pem`` (created when a folder predates it)."""
+    from cryptography import x509
+
+    revoked = []
+    if folder.crl.exists():
+        try:
+            crl = x509.load_pem_x509_crl(folder.crl.read_bytes())
+        except ValueError as exc:
+            raise AggregatorError(f"{folder.crl}: not a CRL: {exc}") from None
+        if not crl.is_signature_valid(ca_cert.public_key()):
+            raise AggregatorError(f"{folder.crl} is not signed by this site's CA; refusing to extend it")
+        revoked = list(crl)
+    if any(entry.serial_number == serial for entry in revoked):
+        return
+    revoked.append(x509.RevokedCertificateBuilder().serial_number(serial)
+                   .revocation_date(dt.datetime.now(dt.timezone.utc)).build())
+    _write_atomic(folder.crl, _crl_pem(ca_key, ca_cert, revoked), 0o644)
+
+
+def _cert_serial(path: Path, user: str) -> int:
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+    except OSError as exc:
+        raise AggregatorError(f"cannot revoke {user!r}: its certificate {path} is unreadable ({exc.strerror}); "
+                              "put the node's copy of it back there and run again") from None
+    except ValueError as exc:
+        raise AggregatorError(f"cannot revoke {user!r}: {path} is not a certificate: {exc}") from None
+
+
 def _cert_pem(cert) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
@@ -578,11 +706,15 @@ def _check_options(options: BrokerOptions) -> None:
         raise AggregatorError(f"broker user {options.broker_user!r} is not a valid Unix user name")
 
 
-def _check_new_node(manifest: SecurityManifest, node_id: str) -> None:
+def _checked_id(node_id: str) -> str:
     try:
-        check_id(node_id, "node id")
+        return check_id(node_id, "node id")
     except WireError as exc:
         raise AggregatorError(exc.detail) from None
+
+
+def _check_new_node(manifest: SecurityManifest, node_id: str) -> None:
+    _checked_id(node_id)
     if node_id in (AGGREGATOR, MONITOR):
         raise AggregatorError(f"node id {node_id!r} is reserved for the {node_id} user")
     if node_id in manifest.nodes:
@@ -646,33 +778,57 @@ def _open(folder_path: str | Path) -> tuple[SiteFolder, SecurityManifest]:
         raise AggregatorError(f"{folder.manifest}: {exc}") from None
 
 
+def _write_acl(folder: SiteFolder, manifest: SecurityManifest) -> None:
+    _write_atomic(folder.acl, acl_text(manifest.site, monitor=manifest.monitor, revoked=manifest.revoked), 0o644)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise AggregatorError(f"cannot read {path}: {exc.strerror}") from None
+
+
 def _save_manifest(folder: SiteFolder, manifest: SecurityManifest) -> None:
     _write_atomic(folder.manifest, json.dumps(asdict(manifest), indent=2) + "\n", 0o644)
 
 
 def _write_atomic(path: Path, data: str | bytes, mode: int) -> None:
-    """Write through a temporary file and rename: a reader (Mosquitto on SIGHUP) never sees half a file.
+    """Write through a temporary file in the same folder and rename: a reader (Mosquitto on SIGHUP)
+    never sees half a file, and a crash leaves the old file or the new one.
 
-    A file being replaced keeps its owner and mode (minus any access for others that ``mode`` does not
-    grant), so a password file chown'ed to the broker's user stays readable by it after a rewrite.
+    The new file gets exactly ``mode``, whatever the old one had: a password file someone made 0640
+    must not stay group-readable after a rewrite (secrets are 0600; the broker reads its files as
+    their owner, see _grant_broker_access). The owner and group of a file being replaced are kept, so a
+    password file chown'ed to the broker's user stays readable by it. Mode and owner are set before
+    the first byte is written, so the content is never readable by anyone the final file excludes.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode() if isinstance(data, str) else data
     old = path.stat() if path.exists() else None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # created 0600
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # created 0600, owned by us
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            if old is not None:
+                # Only root may give a file away; anyone else writes files it owns already.
+                with contextlib.suppress(PermissionError):
+                    os.fchown(handle.fileno(), old.st_uid, old.st_gid)
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
-        if old is None:
-            os.chmod(tmp, mode)
-        else:
-            os.chmod(tmp, stat.S_IMODE(old.st_mode) & ~(0o007 & ~mode))
-            with contextlib.suppress(PermissionError):
-                os.chown(tmp, old.st_uid, old.st_gid)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable: without it a power cut can bring back the old file (or none)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

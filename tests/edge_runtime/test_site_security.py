@@ -3,11 +3,16 @@
 Observed with Mosquitto 2.0.11 and MQTT 5: a refused login gets CONNACK 0x87 (not authorised); a QoS 1
 publish outside the node's own topic gets PUBACK 0x87 and is dropped; a SUBSCRIBE without read access
 is granted (SUBACK 0x01) but nothing is ever delivered on it; a will on another node's topic is dropped.
+On the generated TLS listener the certificate's CN is the username and the client id
+(use_identity_as_username, use_username_as_clientid) and no password is checked; passwords gate a
+listener without client certificates (``plain_broker``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime as dt
 import itertools
 import shutil
 import ssl
@@ -46,6 +51,28 @@ def broker(site, tmp_path) -> LocalBroker:
         pytest.fail("mosquitto is not installed: run `make test` or `sudo apt-get install mosquitto`")
     with LocalBroker(workdir=tmp_path / "broker", config_file=site / "mosquitto.conf") as running:
         yield running
+
+
+# What the generated config's TLS listener needs and a password listener does not have.
+_TLS_OPTIONS = ("cafile", "certfile", "keyfile", "require_certificate", "use_identity_as_username",
+                "use_username_as_clientid", "crlfile", "tls_version")
+
+
+@pytest.fixture
+def plain_broker(site, tmp_path) -> LocalBroker:
+    """Mosquitto with the generated config, its listener without TLS: where passwords are checked (an
+    operator's loopback listener for local tools). Same password file, ACL and reload behaviour."""
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto is not installed: run `make test` or `sudo apt-get install mosquitto`")
+    lines = (site / "mosquitto.conf").read_text().splitlines()
+    text = "\n".join(line for line in lines if line.split()[:1] not in [[o] for o in _TLS_OPTIONS]) + "\n"
+    with LocalBroker(workdir=tmp_path / "plain-broker", config_text=text) as running:
+        yield running
+
+
+def plain(site: Path, broker: LocalBroker, user: str, **overrides) -> MqttSettings:
+    """``user``'s username and password, no TLS."""
+    return settings(site, broker, user, tls_ca=None, tls_cert=None, tls_key=None, **overrides)
 
 
 def settings(site: Path, broker: LocalBroker, user: str, **overrides) -> MqttSettings:
@@ -158,7 +185,14 @@ def test_init_writes_keys_0600_and_certificates_for_every_user(site):
     ca = x509.load_pem_x509_certificate(folder.ca_cert.read_bytes())
     node = x509.load_pem_x509_certificate(folder.client_cert("n03").read_bytes())
     server = x509.load_pem_x509_certificate(folder.server_cert.read_bytes())
-    assert node.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "n03"
+    # use_identity_as_username: the CN is the username the ACL and the password file know.
+    for user in users:
+        cert = x509.load_pem_x509_certificate(folder.client_cert(user).read_bytes())
+        assert [a.value for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)] == [user]
+    crl = x509.load_pem_x509_crl(folder.crl.read_bytes())
+    assert len(crl) == 0 and crl.is_signature_valid(ca.public_key())
+    assert crl.last_update_utc <= ca.not_valid_before_utc + dt.timedelta(seconds=1)
+    assert crl.next_update_utc >= ca.not_valid_after_utc - dt.timedelta(seconds=1)
     assert node.issuer == ca.subject and isinstance(node.public_key().curve, ec.SECP256R1)
     assert 700 <= (node.not_valid_after_utc - node.not_valid_before_utc).days <= 731
     assert 3640 <= (ca.not_valid_after_utc - ca.not_valid_before_utc).days <= 3651
@@ -217,8 +251,92 @@ def test_hash_format_matches_mosquitto_passwd(tmp_path):
 
 # --------------------------------------------------------------------------- against Mosquitto
 @pytest.mark.mosquitto
-def test_logins_without_or_with_a_wrong_password_are_refused(site, broker, sessions):
+def test_a_node_certificate_with_the_aggregator_password_gets_no_aggregator_rights(site, broker, sessions):
+    """Issue 19: n01's certificate + username "aggregator" + the aggregator's password. Without
+    use_identity_as_username Mosquitto logged that in as the aggregator: it read every node's data and
+    published results. Now the certificate's CN (n01) is the username, whatever the client sends."""
+    agg = aggregator_listening(site, broker, sessions)
+    monitor = sessions(settings(site, broker, "monitor"))
+    monitor.subscribe(f"{BASE}/aggregator/#")
+    aggregator = sec.credentials(site, "aggregator")
+    impostor = sessions(settings(site, broker, "n01", username="aggregator", password=aggregator.password))
+    assert impostor.accepted
+    impostor.subscribe(f"{BASE}/+/birth", f"{BASE}/+/state", f"{BASE}/+/data/+", f"{BASE}/#")
+    assert impostor.publish(f"{BASE}/aggregator/results", b"forged result").value == NOT_AUTHORIZED
+    assert impostor.publish(f"{BASE}/n02/data/microphone", b"as n02").value == NOT_AUTHORIZED
+    assert impostor.publish(f"{BASE}/n01/state", b"as itself").value == 0  # it is n01, nothing more
+    node = sessions(settings(site, broker, "n02"))
+    assert node.publish(f"{BASE}/n02/data/microphone", b"n02 data").value == 0
+    assert agg.publish(f"{BASE}/aggregator/results", b"real result").value == 0
+    assert wait_for(lambda: agg.received(f"{BASE}/n02/data/microphone") == [b"n02 data"])
+    assert wait_for(lambda: monitor.received(f"{BASE}/aggregator/results") == [b"real result"])
+    assert agg.received(f"{BASE}/n01/state") == [b"as itself"]
+    assert impostor.messages == []
+
+
+@pytest.mark.mosquitto
+def test_a_node_cannot_take_over_the_aggregators_session(site, broker):
+    """Found with issue 19: n01 connecting with the aggregator's client id took over its persistent
+    session; the aggregator was cut off and the messages queued for it were gone. The client id is
+    the certificate's CN now (use_username_as_clientid), so the two sessions stay apart."""
+    agg_id = "parking_lot.aggregator"  # what the aggregator uses: "{site}.{client_id}"
+    received: list[bytes] = []
+    dropped: list[str] = []
+
+    @contextlib.contextmanager
+    def connected(user: str, client_id: str, subscribe: str | None = None):
+        """A persistent MQTT 5 session, connected (and subscribed) on entry, disconnected on exit."""
+        mqtt = settings(site, broker, user)
+        client = make_client(mqtt, client_id, persistent=True)
+        client.reconnect_delay_set(30, 30)
+        ready = threading.Event()
+        client.on_connect = lambda c, u, f, rc, p: c.subscribe(subscribe, qos=1) if subscribe else ready.set()
+        client.on_subscribe = lambda c, u, mid, rcs, p: ready.set()
+        client.on_message = lambda c, u, m: received.append(m.payload)
+        client.on_disconnect = lambda c, u, f, rc, p: None if rc.value == 0 else dropped.append(user)
+        connect_async(client, mqtt, persistent=True)
+        client.loop_start()
+        try:
+            assert ready.wait(5), f"{user}: no CONNACK / SUBACK"
+            yield client
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+    with connected("aggregator", agg_id, subscribe=f"{BASE}/+/data/+"):
+        with connected("n01", agg_id):  # while the aggregator is connected
+            time.sleep(0.5)
+        assert dropped == [], "a node using the aggregator's client id cut the aggregator off"
+    # The aggregator is away: the broker keeps its session and queues what arrives for it.
+    with connected("n02", "parking_lot.n02") as node:
+        node.publish(f"{BASE}/n02/data/microphone", b"queued", qos=1).wait_for_publish(5)
+    with connected("n01", agg_id):  # while the aggregator is away
+        time.sleep(0.5)
+    assert received == []
+    with connected("aggregator", agg_id):
+        assert wait_for(lambda: received == [b"queued"]), f"the aggregator's queued message is gone: {received}"
+
+
+@pytest.mark.mosquitto
+def test_the_certificate_is_the_login_on_the_tls_listener(site, broker, sessions):
+    """Username and password are not checked on the TLS listener: n01's certificate is n01 with no
+    password, a wrong one or another user's name, and never more than n01."""
+    agg = aggregator_listening(site, broker, sessions)
     node = settings(site, broker, "n01")
+    for mqtt in (dataclasses.replace(node, username=None, password=None),
+                 dataclasses.replace(node, password="wrong"),
+                 dataclasses.replace(node, username="n02")):
+        session = sessions(mqtt)
+        assert session.accepted, session.connack
+        assert session.publish(f"{BASE}/n02/birth", b"spoof").value == NOT_AUTHORIZED
+        assert session.publish(f"{BASE}/n01/birth", b"own").value == 0
+    assert wait_for(lambda: agg.received(f"{BASE}/n01/birth") == [b"own"] * 3)
+    assert agg.received(f"{BASE}/n02/birth") == []
+
+
+@pytest.mark.mosquitto
+def test_passwords_gate_a_listener_without_certificates(site, plain_broker, sessions):
+    node = plain(site, plain_broker, "n01")
     assert sessions(node).accepted
     for mqtt in (dataclasses.replace(node, username=None, password=None),
                  dataclasses.replace(node, password="wrong"),
@@ -239,6 +357,10 @@ def test_tls_needs_the_site_ca_and_a_client_certificate(site, broker, tmp_path):
     foreign = dataclasses.replace(good, tls_cert=str(other.client_cert("n01")), tls_key=str(other.client_key("n01")))
     assert tls_outcome(foreign) in ("closed", "tls-error")
     assert tls_outcome(dataclasses.replace(good, tls_ca=None, tls_cert=None, tls_key=None)) in ("closed", "no answer")
+    # The broker's own certificate (CN localhost, server use only) is no client identity.
+    folder = sec.SiteFolder(site)
+    server = dataclasses.replace(good, tls_cert=str(folder.server_cert), tls_key=str(folder.server_key))
+    assert tls_outcome(server) in ("closed", "tls-error")
 
 
 @pytest.mark.mosquitto
@@ -277,20 +399,63 @@ def test_a_node_reads_nothing_and_cannot_fake_another_nodes_will(site, broker, s
 
 
 @pytest.mark.mosquitto
-def test_rotate_password_takes_effect_on_sighup(site, broker, sessions):
-    before = sec.read_password_file(sec.SiteFolder(site).passwd)
-    old = settings(site, broker, "n03")
+def test_rotate_password_takes_effect_on_sighup(site, plain_broker, sessions):
+    folder = sec.SiteFolder(site)
+    before = sec.read_password_file(folder.passwd)
+    old = plain(site, plain_broker, "n03")
     connected = sessions(old)
     assert connected.accepted
     done = sec.rotate_password(site, "n03")
-    after = sec.read_password_file(sec.SiteFolder(site).passwd)
+    after = sec.read_password_file(folder.passwd)
     assert {u: h for u, h in after.items() if u != "n03"} == {u: h for u, h in before.items() if u != "n03"}
     assert sec.credentials(site, "n03").password == done.passwords["n03"] != old.password
-    broker.reload()
-    new = settings(site, broker, "n03")
+    plain_broker.reload()
+    new = plain(site, plain_broker, "n03")
     assert wait_for(lambda: tls_outcome(new, 2.0) == "accepted", 5.0), "new password not accepted after SIGHUP"
     assert tls_outcome(old) == "refused"
     assert wait_for(lambda: connected.disconnects > 0), "the session of the old password was not dropped"
+
+
+@pytest.mark.mosquitto
+def test_rotate_password_leaves_no_group_readable_secret(site, plain_broker):
+    """Issue 19: a password file (or credential) someone made 0640 stayed 0640 after a rotation.
+    Secrets come out 0600 whatever the old mode, owner kept, and the broker still reads them."""
+    folder = sec.SiteFolder(site)
+    folder.passwd.chmod(0o640)
+    folder.password_file("n03").chmod(0o644)
+    sec.rotate_password(site, "n03")
+    assert stat.S_IMODE(folder.passwd.stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.password_file("n03").stat().st_mode) == 0o600
+    assert not [p for p in folder.passwd.parent.iterdir() if p.name.startswith(".")], "temporary file left"
+    plain_broker.reload()
+    assert wait_for(lambda: tls_outcome(plain(site, plain_broker, "n03"), 2.0) == "accepted", 5.0)
+
+
+def test_secrets_get_their_mode_before_their_content(site, monkeypatch):
+    """An atomic rewrite of a secret: the temporary file is 0600 when its content is fsync'ed and
+    when it replaces the old file (0664 here), never wider in between."""
+    import os
+
+    modes: list[tuple[str, int]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode):
+            assert info.st_size > 0
+            modes.append(("fsync", stat.S_IMODE(info.st_mode)))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        modes.append(("replace", stat.S_IMODE(os.stat(src).st_mode)))
+        return real_replace(src, dst)
+
+    folder = sec.SiteFolder(site)
+    folder.passwd.chmod(0o664)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    sec.rotate_password(site, "n05")
+    assert modes == [("fsync", 0o600), ("replace", 0o600)] * 2, modes
 
 
 @pytest.mark.mosquitto
@@ -310,12 +475,52 @@ def test_add_node_then_remove_node(site, broker, sessions, tmp_path):
     assert wait_for(lambda: agg.received(f"{BASE}/n09/data/geophone") == [b"hello"])
     assert node.publish(f"{BASE}/n01/data/geophone", b"spoof").value == NOT_AUTHORIZED
 
-    sec.remove_node(site, "n09")
+    done = sec.remove_node(site, "n09")
+    assert done.notes == ()
     assert "n09" not in sec.read_password_file(folder.passwd)
     assert not folder.client_key("n09").exists() and not folder.password_file("n09").exists()
     broker.reload()
-    assert wait_for(lambda: node.disconnects > 0), "removed node still connected after SIGHUP"
-    assert tls_outcome(new) == "refused"
+    # The connection still open may do nothing. Polled on a topic nobody reads, until the reload is
+    # done: a probe with n09's certificate before that would take its client id over (and cut it off).
+    assert wait_for(lambda: node.publish(f"{BASE}/n09/probe", b"?") == NOT_AUTHORIZED), "ACL not reloaded"
+    # The CRL refuses the certificate in the handshake.
+    assert tls_outcome(new, 2.0) in ("closed", "tls-error"), "removed node got in"
+    assert node.publish(f"{BASE}/n09/data/geophone", b"after removal").value == NOT_AUTHORIZED
+    assert node.publish(f"{BASE}/n09/state", b"after removal").value == NOT_AUTHORIZED
+    assert agg.received(f"{BASE}/n09/data/geophone") == [b"hello"] and agg.received(f"{BASE}/n09/state") == []
+
+    # The id can come back with a new certificate; the old one stays revoked.
+    again = sec.add_node(site, "n09")
+    assert again.notes and "restart" in again.notes[0]
+    broker.restart()  # as the note says: closes the old certificate's connection
+    renewed = settings(site, broker, "n09")
+    assert wait_for(lambda: tls_outcome(renewed, 2.0) == "accepted", 5.0), "re-added node refused"
+    assert tls_outcome(new) in ("closed", "tls-error")
+    assert not sessions(renewed).publish(f"{BASE}/n09/state", b"back").is_failure  # 0x10: nobody listens now
+
+
+def test_remove_node_in_a_folder_from_before_revocation(site):
+    """An older folder: no crl.pem, and a mosquitto.conf without the CRL. remove-node creates the CRL
+    with the node's serial and says what the config lacks."""
+    from cryptography import x509
+
+    folder = sec.SiteFolder(site)
+    serial = x509.load_pem_x509_certificate(folder.client_cert("n02").read_bytes()).serial_number
+    folder.crl.unlink()
+    lines = folder.conf.read_text().splitlines()
+    folder.conf.write_text("\n".join(line for line in lines if not line.startswith(("crlfile", "use_"))) + "\n")
+    done = sec.remove_node(site, "n02")
+    assert len(done.notes) == 1 and "use_identity_as_username true" in done.notes[0]
+    assert [entry.serial_number for entry in x509.load_pem_x509_crl(folder.crl.read_bytes())] == [serial]
+    assert "user n02\ntopic deny #" in folder.acl.read_text()
+
+
+def test_remove_node_needs_the_certificate_it_revokes(site):
+    folder = sec.SiteFolder(site)
+    folder.client_cert("n04").unlink()
+    with pytest.raises(AggregatorError, match=r"cannot revoke 'n04'.*put the node's copy"):
+        sec.remove_node(site, "n04")
+    assert "n04" in sec.read_password_file(folder.passwd)  # nothing changed
 
 
 @pytest.mark.mosquitto
