@@ -196,7 +196,11 @@ class MessageProcessor:
             raise WireError(decision.reason, decision.detail)
         verdict = self.clock.check(node, message.window_start_ns, raw.arrival_ns, raw.arrival_s)
         if not verdict.accepted:
-            raise WireError(verdict.reason, verdict.detail)
+            # Warned per node (only registered nodes get here, so the keys are bounded): two nodes with
+            # wrong clocks are both named in the log, not only the first within the rate limit.
+            self._count(f"rejected.{verdict.reason}")
+            self.warn(f"rejected.{verdict.reason}.{node}", verdict.detail)
+            return False
         cfg = self.features[modality]
         if message.shape != cfg.image_shape:
             raise WireError("shape_mismatch", f"{node}/{modality}: image {message.shape} != {cfg.image_shape}")
