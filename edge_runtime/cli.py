@@ -76,9 +76,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.strict_layout:  # the flag only tightens: without it the config file's strict_layout holds
         overrides["strict_layout"] = True
     if args.host is not None or args.port is not None:
-        mqtt = config.mqtt
-        overrides["mqtt"] = MqttSettings(**{**mqtt.__dict__, "host": args.host or mqtt.host,
-                                            "port": args.port or mqtt.port})
+        # Both sessions go to the same broker: the results publisher's own settings move with it.
+        for name in ("mqtt", "results_mqtt"):
+            mqtt = getattr(config, name)
+            if mqtt is not None:
+                overrides[name] = MqttSettings(**{**mqtt.__dict__, "host": args.host or mqtt.host,
+                                                  "port": args.port or mqtt.port})
     config = config.replace(**overrides)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -192,22 +195,25 @@ def _add_secure(sub: Any) -> None:
     p = sub.add_parser(
         "secure", help="provision the site broker's TLS certificates, passwords and ACL",
         description="Create and maintain a site's broker security folder: a local CA, the broker's TLS "
-        "certificate, a client certificate + key and a random MQTT password per node and for the aggregator, "
-        "a Mosquitto password file, an ACL (a node may only publish under spar/v1/{site}/{node}/ and read "
-        "nothing) and a mosquitto.conf with a single TLS listener. Passwords go to "
-        "credentials/<user>.password (0600) and are never printed unless asked.")
+        "certificate, a client certificate + key and a random MQTT password per node and for the aggregator's "
+        "two sessions ('aggregator' reads node traffic, 'aggregator-results' publishes results), a Mosquitto "
+        "password file, an ACL (a node may only publish under spar/v1/{site}/{node}/ and read nothing), a "
+        "revocation list and a mosquitto.conf with a single TLS listener, where the client certificate is the "
+        "login. Passwords go to credentials/<user>.password (0600) and are never printed unless asked.")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     _add_secure_init(actions)
     _add_secure_add_node(actions)
     _add_secure_rotate(actions)
     _add_secure_remove_node(actions)
+    _add_secure_upgrade(actions)
 
 
 def _add_secure_init(actions: Any) -> None:
     p = actions.add_parser(
         "init", help="generate everything for a site layout",
-        description="Generate the CA, broker certificate, per-node and aggregator certificates and passwords, "
-        "password file, ACL and mosquitto.conf for every node of a site layout. Refuses an existing, "
+        description="Generate the CA, broker certificate, revocation list, certificates and passwords for every "
+        "node of a site layout and for the aggregator's two identities, password file, ACL and mosquitto.conf. "
+        "Refuses an existing, "
         "non-empty folder unless --force. Run as root on the broker box, it hands broker/ and data/ to "
         "--broker-user; otherwise it says what to chown.")
     p.add_argument("--site", type=Path, required=True, help="site layout TOML, e.g. configs/sites/parking_lot.toml")
@@ -245,10 +251,12 @@ def _add_secure_add_node(actions: Any) -> None:
 def _add_secure_rotate(actions: Any) -> None:
     p = actions.add_parser(
         "rotate-password", help="new password for one user",
-        description="Generate a new password for a node, 'aggregator' or 'monitor'. The password file is "
-        "rewritten atomically, other entries unchanged. After SIGHUP Mosquitto refuses the old password and "
-        "disconnects sessions that logged in with it.")
-    p.add_argument("user", metavar="USER", help="node id, 'aggregator' or 'monitor'")
+        description="Generate a new password for a node, 'aggregator', 'aggregator-results' or 'monitor'. The "
+        "password file is rewritten atomically, other entries unchanged. The generated TLS listener never "
+        "checks passwords (the client certificate is the login), so this matters only on a listener without "
+        "client certificates that you added: there, after SIGHUP, Mosquitto refuses the old password and "
+        "disconnects sessions that logged in with it. To lock out a leaked key, use remove-node (and add-node).")
+    p.add_argument("user", metavar="USER", help="node id, 'aggregator', 'aggregator-results' or 'monitor'")
     p.add_argument("--dir", type=Path, required=True, help="the site's security folder (from secure init)")
     p.add_argument("--show-password", action="store_true", help="also print the new password")
     p.set_defaults(func=_cmd_secure_rotate)
@@ -257,12 +265,29 @@ def _add_secure_rotate(actions: Any) -> None:
 def _add_secure_remove_node(actions: Any) -> None:
     p = actions.add_parser(
         "remove-node", help="revoke one node's access",
-        description="Delete a node's password entry, certificate, key and credentials. After SIGHUP "
-        "Mosquitto disconnects the node and refuses it. Its certificate remains signed by the site CA until "
-        "it expires, but a certificate alone does not let a client in.")
+        description="Revoke a node: its certificate goes on the site's revocation list (broker/crl.pem), its "
+        "username is denied everything in the ACL, and its password entry, certificate, key and credentials "
+        "are deleted. Needs ca.key in the folder (the revocation list is signed by the site CA) and the "
+        "node's certificate in clients/. After SIGHUP Mosquitto refuses the certificate in the TLS handshake, "
+        "and a connection the node still has open may publish and read nothing; a restart also closes it.")
     p.add_argument("node", metavar="NODE_ID", help="the node to remove")
     p.add_argument("--dir", type=Path, required=True, help="the site's security folder (from secure init)")
     p.set_defaults(func=_cmd_secure_remove_node)
+
+
+def _add_secure_upgrade(actions: Any) -> None:
+    p = actions.add_parser(
+        "upgrade", help="bring a security folder from an older version up to date",
+        description="Issue what a folder made by an older version lacks: the identity of the aggregator's "
+        "results publisher, 'aggregator-results' (certificate, key, password), so that the aggregator's two "
+        "sessions no longer share one identity and close each other. Rewrites the ACL: 'aggregator-results' "
+        "publishes results, 'aggregator' only reads node traffic. Needs ca.key in the folder. Then copy the "
+        "new files to the aggregator's credentials folder, reload Mosquitto and start the aggregator: after "
+        "the reload an aggregator of the older version can no longer publish results. Nothing to do on a "
+        "current folder.")
+    p.add_argument("--dir", type=Path, required=True, help="the site's security folder (from secure init)")
+    p.add_argument("--show-password", action="store_true", help="also print the new password")
+    p.set_defaults(func=_cmd_secure_upgrade)
 
 
 def _cmd_secure_init(args: argparse.Namespace) -> int:
@@ -276,7 +301,8 @@ def _cmd_secure_init(args: argparse.Namespace) -> int:
     print(f"site {done.site}: {len(done.passwords)} users ({', '.join(done.passwords)}) in {root}")
     print(f"  broker:  mosquitto -c {args.install_dir or root.resolve()}/mosquitto.conf   (TLS on port {args.port})")
     print(f"  clients: {root}/ca.crt, {root}/clients/<user>.crt + .key, {root}/credentials/<user>.password")
-    print(f"  keep {root}/ca.key secret (needed only for add-node); never copy it to nodes")
+    print(f"  keep {root}/ca.key secret (needed only for add-node, remove-node and upgrade); never copy it to "
+          "nodes")
     _print_secure_result(done, args.show_passwords)
     return 0
 
@@ -308,6 +334,25 @@ def _cmd_secure_remove_node(args: argparse.Namespace) -> int:
 
     done = remove_node(args.dir, args.node)
     print(f"node {args.node} removed from site {done.site}; " + _RELOAD_HINT)
+    _print_secure_result(done, False)
+    return 0
+
+
+def _cmd_secure_upgrade(args: argparse.Namespace) -> int:
+    from edge_runtime.site_security import upgrade_site
+    from spar_wire.topics import AGGREGATOR_RESULTS
+
+    done = upgrade_site(args.dir)
+    folder = done.folder
+    if AGGREGATOR_RESULTS in done.passwords:
+        print(f"site {done.site}: added {AGGREGATOR_RESULTS}, the aggregator's results publisher: "
+              f"{folder.client_cert(AGGREGATOR_RESULTS)}, {folder.client_key(AGGREGATOR_RESULTS)}, "
+              f"{folder.password_file(AGGREGATOR_RESULTS)} (copy them where the aggregator's credentials_dir "
+              "points, if elsewhere); ACL rewritten")
+    else:
+        print(f"site {done.site}: the folder is up to date; ACL rewritten as generated")
+    print(_RELOAD_HINT + "; then start the aggregator")
+    _print_secure_result(done, args.show_password)
     return 0
 
 

@@ -17,7 +17,7 @@ from edge_runtime.errors import AggregatorError
 from spar_wire.errors import WireError
 from spar_wire.mqtt_settings import MqttSettings, with_credentials
 from spar_wire.toml_file import read_toml
-from spar_wire.topics import AGGREGATOR
+from spar_wire.topics import AGGREGATOR, AGGREGATOR_RESULTS
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,10 @@ class AggregatorConfig:
     # moved, or a manifest without training_site); false: log the slot binding and warn.
     strict_layout: bool = False
     mqtt: MqttSettings = field(default_factory=MqttSettings)
+    # The results publisher's session (results, retained health, "offline" will); None: the same as
+    # mqtt. With [mqtt] credentials_dir it has its own identity (aggregator-results): on a broker that
+    # makes the certificate the client id, two sessions of one identity would close each other.
+    results_mqtt: MqttSettings | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.deadline_fraction, (int, float)) and math.isfinite(self.deadline_fraction)
@@ -116,7 +120,7 @@ def load_config(path: str | Path) -> AggregatorConfig:
     except WireError as exc:
         raise AggregatorError(exc.detail) from None
     section = dict(data.get("aggregator", {}))
-    known = {f.name for f in dataclasses.fields(AggregatorConfig)} - {"mqtt"}
+    known = {f.name for f in dataclasses.fields(AggregatorConfig)} - {"mqtt", "results_mqtt"}
     unknown = sorted(set(section) - known)
     if unknown:
         raise AggregatorError(f"{path}: [aggregator]: unknown field '{unknown[0]}'; known: {', '.join(sorted(known))}")
@@ -139,10 +143,28 @@ def load_config(path: str | Path) -> AggregatorConfig:
             mqtt[key] = str((path.parent / mqtt[key]).resolve())
     try:
         settings = MqttSettings(**mqtt)
+        results = None
         if credentials_dir:
-            # The site security folder of `spar-aggregator secure init`: user "aggregator", its password,
-            # certificate and key, and the site CA, instead of naming each.
-            settings = with_credentials(settings, (path.parent / credentials_dir).resolve(), AGGREGATOR)
-        return AggregatorConfig(**section, mqtt=settings)
+            # The site security folder of `spar-aggregator secure init`: user "aggregator" (the subscriber)
+            # and "aggregator-results" (the publisher), their passwords, certificates and keys, and the
+            # site CA, instead of naming each.
+            folder = (path.parent / credentials_dir).resolve()
+            aggregator = with_credentials(settings, folder, AGGREGATOR)
+            results = _results_credentials(settings, folder, path)
+            settings = aggregator
+        return AggregatorConfig(**section, mqtt=settings, results_mqtt=results)
     except (TypeError, WireError) as exc:
         raise AggregatorError(f"{path}: {exc}") from None
+
+
+def _results_credentials(settings: MqttSettings, folder: Path, path: Path) -> MqttSettings:
+    try:
+        return with_credentials(settings, folder, AGGREGATOR_RESULTS)
+    except WireError as exc:
+        # Most likely a folder made before the publisher had its own identity: say how to add it.
+        raise AggregatorError(
+            f"{path}: [mqtt] credentials_dir: {exc.detail}. The aggregator's results publisher has its own "
+            f"identity, {AGGREGATOR_RESULTS!r}, which a security folder from an older version lacks: add it with "
+            f"`spar-aggregator secure upgrade --dir {folder}` (run it on the folder that holds ca.key; if this is "
+            f"a copy, then copy clients/{AGGREGATOR_RESULTS}.crt, .key and credentials/{AGGREGATOR_RESULTS}.password "
+            "here), reload Mosquitto (kill -HUP) and start the aggregator again") from None

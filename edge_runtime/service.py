@@ -1,10 +1,10 @@
 """The aggregator service: wires ingest, assembly, inference, storage, publishing and metrics.
 
 Two MQTT sessions: a persistent subscriber for the site's node traffic, and a publisher for results
-and the retained health state (with an ``offline`` will). A token message is acknowledged to the
-broker only once the result of its window is committed to SQLite (see ``ingest``), so a crash at any
-point loses nothing the broker acknowledged to a node: the next process gets it again, and the store
-keeps one result per window.
+and the retained health state (with an ``offline`` will), on a secure site each with its own identity
+(``config.results_mqtt``). A token message is acknowledged to the broker only once the result of its
+window is committed to SQLite (see ``ingest``), so a crash at any point loses nothing the broker
+acknowledged to a node: the next process gets it again, and the store keeps one result per window.
 
 On stop (SIGTERM), the subscriber stops taking messages (what still arrives stays with the broker
 for the next session); every message already taken is processed; every window closed by then is
@@ -123,7 +123,11 @@ class Aggregator:
         self.processor = MessageProcessor(self.site, self.registry, self.assembler, features,
                                           self.window_queue.put, warn=self.metrics.warn, release=self._release,
                                           clock=clock)
-        self._publisher = make_client(config.mqtt, f"{self.site}.{config.client_id}-results", persistent=False,
+        # Its own identity where the config gives one (secure site: one connection per identity, so
+        # sharing the subscriber's would make the two sessions close each other).
+        self._results_mqtt = config.results_mqtt or config.mqtt
+        self._publisher = make_client(self._results_mqtt, f"{self.site}.{config.client_id}-results",
+                                      persistent=False,
                                       will=(aggregator_topic(self.site, "state"), self._health("offline")))
         self._publisher.on_connect = self._on_publisher_connect
         self._refused_results = RefusedPublishes()  # the ACL must let us write our own topics
@@ -172,7 +176,7 @@ class Aggregator:
                                               ("inference", lambda: self.worker.run(self._stop_worker)))]
         for thread in self._threads:
             thread.start()
-        connect_async(self._publisher, self.config.mqtt, persistent=False)
+        connect_async(self._publisher, self._results_mqtt, persistent=False)
         self._publisher.loop_start()
         connect_async(self.ingest.client, self.config.mqtt, persistent=True)
         self.ingest.client.loop_start()
@@ -325,8 +329,9 @@ class Aggregator:
         refused = self._refused_results.count
         if refused > self._refusals_logged:
             self._refusals_logged = refused
+            user = self._results_mqtt.username or "(anonymous)"
             self.metrics.warn("results_refused", f"the broker refused {refused} result publish(es) so far: may "
-                              f"this user write spar/v1/{self.site}/aggregator/#? (results are still stored)")
+                              f"user {user} write spar/v1/{self.site}/aggregator/#? (results are still stored)")
 
     def _wait_for_acks(self, deadline: float) -> None:
         with self._pending_lock:

@@ -6,16 +6,22 @@
         security.json                  what was generated (site, listener, users); read by add-node & co.
         mosquitto.conf                 the broker's config; the paths in it are absolute (install_dir)
         ca.crt                         the site CA: the broker and every client trust it
-        ca.key                         0600; only needed to add nodes: keep it off the broker box if you can
+        ca.key                         0600; needed to add, remove nodes and upgrade: keep it off the broker box
         broker/server.crt, server.key  the broker's TLS identity (SAN: the hostnames / IPs given)
         broker/passwd, broker/acl      Mosquitto's password file ($7$ PBKDF2-SHA512) and ACL
         broker/crl.pem                 revoked client certificates (remove-node), signed by the site CA
-        clients/<user>.crt, .key       one per node, the aggregator (and the monitor); CN = MQTT username
+        clients/<user>.crt, .key       one per node, the aggregator's two (and the monitor); CN = MQTT username
         credentials/<user>.password    0600; the MQTT password in clear, for that user's config only
         data/                          Mosquitto's persistence database
 
 Mosquitto reads the files under ``broker/`` plus ``ca.crt``; a node needs ``ca.crt``, its own
 ``clients/<node>.*`` and ``credentials/<node>.password``. Stdlib + ``cryptography`` only.
+
+The aggregator has two identities because it has two MQTT sessions and the broker keeps one connection
+per identity (below): ``aggregator``, its persistent subscriber, reads node traffic and writes nothing;
+``aggregator-results``, its results publisher, writes results and its health and reads nothing. With one
+identity for both, each connection closed the other, forever. A folder from before the second identity
+gets it from ``upgrade_site`` (``spar-aggregator secure upgrade``).
 
 Who a client is, on the generated TLS listener, is decided by its certificate alone:
 ``use_identity_as_username`` makes the certificate's CN the MQTT username, so the ACL applies to the
@@ -55,9 +61,10 @@ from spar_wire.errors import WireError
 from spar_wire.message import WireLimits
 from spar_wire.mqtt_settings import user_files
 from spar_wire.site_layout import load_site_layout
-from spar_wire.topics import AGGREGATOR, PREFIX, check_id
+from spar_wire.topics import AGGREGATOR, AGGREGATOR_RESULTS, PREFIX, check_id
 
 MONITOR = "monitor"  # optional read-only user for dashboards
+RESERVED_USERS = (AGGREGATOR, AGGREGATOR_RESULTS, MONITOR)  # no node may take these names
 MANIFEST_NAME = "security.json"
 MANIFEST_FORMAT = 1
 CA_DAYS = 3650
@@ -99,11 +106,16 @@ class SecurityManifest:
     # Removed nodes whose certificates are on the CRL. Kept so the ACL keeps denying their usernames:
     # Mosquitto checks the CRL only in a new TLS handshake, never for a connection already open.
     revoked: list[str] = field(default_factory=list)
+    # Whether the folder has the results publisher's identity (aggregator-results). False for a folder
+    # from before it (its manifest has no such key, see _open): its ACL still lets "aggregator" write
+    # results, as the aggregator of that time needs, until `upgrade` adds the identity.
+    results_identity: bool = True
     format: int = MANIFEST_FORMAT
 
     @property
     def users(self) -> list[str]:
-        return [AGGREGATOR, *([MONITOR] if self.monitor else []), *self.nodes]
+        return [AGGREGATOR, *([AGGREGATOR_RESULTS] if self.results_identity else []),
+                *([MONITOR] if self.monitor else []), *self.nodes]
 
 
 @dataclass(frozen=True)
@@ -291,7 +303,8 @@ def remove_node(folder_path: str | Path, node_id: str) -> Provisioned:
     connection, if any, can publish and read nothing; a restart also closes that connection.
     """
     folder, manifest = _open(folder_path)
-    if node_id in (AGGREGATOR, MONITOR):
+    # A node of an older folder may carry a name reserved since (aggregator-results): it can go.
+    if node_id in RESERVED_USERS and node_id not in manifest.nodes:
         raise AggregatorError(f"{node_id!r} is not a node; it cannot be removed")
     entries = read_password_file(folder.passwd)
     if node_id not in entries and node_id not in manifest.nodes:
@@ -309,15 +322,54 @@ def remove_node(folder_path: str | Path, node_id: str) -> Provisioned:
         path.unlink(missing_ok=True)
     manifest.nodes = [n for n in manifest.nodes if n != node_id]
     _save_manifest(folder, manifest)
-    notes: tuple[str, ...] = ()
+    # A folder from before revocation existed: its listener ignores the CRL and checks passwords
+    # only, so the deleted password entry is what keeps the node out, until the config is fixed.
+    return Provisioned(folder, manifest.site, {}, _outdated_conf_notes(folder, manifest))
+
+
+def upgrade_site(folder_path: str | Path) -> Provisioned:
+    """Bring a folder from an older version up to date: issue the results publisher's identity
+    (``aggregator-results``: certificate, key, password) when the folder has none, and rewrite the ACL
+    so that this identity, no longer ``aggregator``, publishes results. Needs ``ca.key``.
+
+    Returns the new password (none when the folder was current). Then copy the identity's files to the
+    aggregator's credentials folder, reload Mosquitto (SIGHUP) and start the aggregator that uses it:
+    after the reload an older aggregator, with one identity, can no longer publish results.
+    """
+    folder, manifest = _open(folder_path)
+    passwords: dict[str, str] = {}
+    notes: list[str] = []
+    if not manifest.results_identity:
+        if AGGREGATOR_RESULTS in manifest.nodes:
+            raise AggregatorError(f"node {AGGREGATOR_RESULTS!r} has the name of the aggregator's results identity: "
+                                  f"remove it (secure remove-node {AGGREGATOR_RESULTS}) and add it under another "
+                                  "id, then run upgrade again")
+        entries = read_password_file(folder.passwd)
+        ca_key, ca_cert = _load_ca(folder)
+        password = _issue_user(folder, AGGREGATOR_RESULTS, ca_key, ca_cert)
+        write_password_file(folder.passwd, {**entries, AGGREGATOR_RESULTS: hash_password(password)})
+        passwords[AGGREGATOR_RESULTS] = password
+        manifest.results_identity = True
+        if AGGREGATOR_RESULTS in manifest.revoked:
+            # A node of that name was removed: its certificate stays on the CRL, but its ACL deny would
+            # take every right from the new identity (the ACL works by username), as in add_node.
+            manifest.revoked = [n for n in manifest.revoked if n != AGGREGATOR_RESULTS]
+            notes.append(f"a removed node was called {AGGREGATOR_RESULTS}: restart Mosquitto (not only reload) "
+                         "if its old certificate may still have a connection open")
+    _write_acl(folder, manifest)
+    _save_manifest(folder, manifest)
+    return Provisioned(folder, manifest.site, passwords, (*notes, *_outdated_conf_notes(folder, manifest)))
+
+
+def _outdated_conf_notes(folder: SiteFolder, manifest: SecurityManifest) -> tuple[str, ...]:
+    """What a mosquitto.conf from before certificate logins and revocation lacks, as a note (the
+    operator may have edited the file, so it is not rewritten)."""
     crlfile = f"crlfile {manifest.install_dir.rstrip('/')}/broker/crl.pem"
-    if crlfile not in _read_text(folder.conf).splitlines():
-        # A folder from before revocation existed: its listener ignores the CRL and checks passwords
-        # only, so the deleted password entry is what keeps the node out, until the config is fixed.
-        notes = (f"{folder.conf} does not name the CRL: add `use_identity_as_username true`, "
-                 f"`use_username_as_clientid true` and `{crlfile}` under its listener "
-                 "(see configs/mosquitto/mosquitto.conf)",)
-    return Provisioned(folder, manifest.site, {}, notes)
+    if crlfile in _read_text(folder.conf).splitlines():
+        return ()
+    return (f"{folder.conf} does not name the CRL: add `use_identity_as_username true`, "
+            f"`use_username_as_clientid true` and `{crlfile}` under its listener "
+            "(see configs/mosquitto/mosquitto.conf)",)
 
 
 def credentials(folder_path: str | Path, user: str) -> Credentials:
@@ -381,9 +433,15 @@ def write_password_file(path: Path, entries: dict[str, str]) -> None:
     _write_atomic(path, "".join(f"{user}:{hashed}\n" for user, hashed in entries.items()), 0o600)
 
 
-def acl_text(site: str, *, monitor: bool = False, revoked: tuple[str, ...] | list[str] = ()) -> str:
-    """The site's Mosquitto ACL: nodes write their own subtree and read nothing; removed nodes
-    (``revoked``) nothing at all."""
+def acl_text(site: str, *, monitor: bool = False, revoked: tuple[str, ...] | list[str] = (),
+             results_identity: bool = True) -> str:
+    """The site's Mosquitto ACL: nodes write their own subtree and read nothing; the aggregator's
+    subscriber reads node traffic and writes nothing, its results publisher writes results and reads
+    nothing; removed nodes (``revoked``) nothing at all.
+
+    ``results_identity=False``: the ACL of a folder from before ``aggregator-results`` existed, where
+    ``aggregator`` also publishes the results (what the aggregator of that time does).
+    """
     base = f"{PREFIX}/{check_id(site, 'site')}"
     lines = [
         f"# Mosquitto 2 ACL for spar-edge site {site!r} (spar-aggregator secure init). Reloaded on SIGHUP.",
@@ -394,13 +452,36 @@ def acl_text(site: str, *, monitor: bool = False, revoked: tuple[str, ...] | lis
         "# every user, so a new node needs no new line. %u must fill a whole topic level; node ids always do.",
         f"pattern write {base}/%u/#",
         "",
-        "# The aggregator reads exactly the node topics it subscribes to, and publishes results + its health.",
-        f"user {AGGREGATOR}",
-        f"topic read {base}/+/birth",
-        f"topic read {base}/+/state",
-        f"topic read {base}/+/data/+",
-        f"topic write {base}/{AGGREGATOR}/#",
     ]
+    if results_identity:
+        lines += [
+            "# The aggregator has two identities, one per MQTT session: the broker keeps one connection per",
+            "# identity (use_username_as_clientid), so two sessions of one identity would close each other.",
+            f"# '{AGGREGATOR}', the persistent subscriber, reads exactly the node topics it subscribes to and",
+            "# writes nothing (acknowledging a message needs no ACL). Deny lines are checked first: this one",
+            f"# closes the write the pattern above grants on {base}/{AGGREGATOR}/#.",
+            f"user {AGGREGATOR}",
+            f"topic deny {base}/{AGGREGATOR}/#",
+            f"topic read {base}/+/birth",
+            f"topic read {base}/+/state",
+            f"topic read {base}/+/data/+",
+            "",
+            f"# '{AGGREGATOR_RESULTS}', the results publisher, writes results and the aggregator's health",
+            "# (its retained state and 'offline' will) and reads nothing; the deny closes the pattern's grant.",
+            f"user {AGGREGATOR_RESULTS}",
+            f"topic write {base}/{AGGREGATOR}/#",
+            f"topic deny {base}/{AGGREGATOR_RESULTS}/#",
+        ]
+    else:
+        lines += [
+            "# The aggregator reads exactly the node topics it subscribes to, and publishes results + its health.",
+            "# (A folder from before the results identity: `spar-aggregator secure upgrade` splits this user.)",
+            f"user {AGGREGATOR}",
+            f"topic read {base}/+/birth",
+            f"topic read {base}/+/state",
+            f"topic read {base}/+/data/+",
+            f"topic write {base}/{AGGREGATOR}/#",
+        ]
     if monitor:
         lines += [
             "",
@@ -429,7 +510,8 @@ def mosquitto_conf_text(manifest: SecurityManifest) -> str:
     sections = [
         f"# Mosquitto 2 configuration for spar-edge site {manifest.site!r}, written by `spar-aggregator secure`.",
         f"# Start: mosquitto -c {root}/mosquitto.conf",
-        "# After add-node / rotate-password / remove-node: kill -HUP <mosquitto pid> reloads passwords and ACL.",
+        "# After add-node / rotate-password / remove-node / upgrade: kill -HUP <mosquitto pid> reloads",
+        "# passwords, ACL and CRL.",
         "",
         "# One set of security settings for all listeners (password_file and acl_file below apply to each).",
         "per_listener_settings false",
@@ -438,7 +520,8 @@ def mosquitto_conf_text(manifest: SecurityManifest) -> str:
         "# Not checked on the TLS listener below (use_identity_as_username: the certificate is the login);",
         "# it gates a listener without client certificates, should you add one (e.g. loopback, local tools).",
         f"password_file {root}/broker/passwd",
-        "# Nodes may write only under their own topic; the aggregator reads node traffic and writes results.",
+        "# Nodes may write only under their own topic; the aggregator reads node traffic, its results publisher",
+        "# (user aggregator-results) writes results.",
         f"acl_file {root}/broker/acl",
         "# Started as root, Mosquitto drops to this user: it must be able to read broker/ and ca.crt (also",
         "# on reload, after privileges are dropped) and write the persistence folder.",
@@ -453,13 +536,14 @@ def mosquitto_conf_text(manifest: SecurityManifest) -> str:
         "# Mutual TLS: a client without a certificate of the site CA fails the handshake, so a leaked",
         "# password alone is not enough.",
         "require_certificate true",
-        "# The certificate's CN (= node id, aggregator, monitor) is the username, whatever username and",
-        "# password the client sends, so the ACL applies to the certificate's owner. Without it any node's",
-        "# certificate logs in with another user's password. Mosquitto then checks no password here.",
+        "# The certificate's CN (= node id, aggregator, aggregator-results, monitor) is the username, whatever",
+        "# username and password the client sends, so the ACL applies to the certificate's owner. Without it",
+        "# any node's certificate logs in with another user's password. Mosquitto then checks no password here.",
         "use_identity_as_username true",
         "# ... and the client id: a session belongs to one certificate. Otherwise a node connecting with the",
         "# aggregator's client id takes over the aggregator's persistent session: the aggregator is cut off",
-        "# and the messages queued for it are lost (checked with 2.0.11). One connection per identity.",
+        "# and the messages queued for it are lost (checked with 2.0.11). One connection per identity: the",
+        "# aggregator's two sessions have one each (aggregator, aggregator-results).",
         "use_username_as_clientid true",
         "# Certificates of removed nodes (secure remove-node); re-read on SIGHUP, checked at each handshake.",
         f"crlfile {root}/broker/crl.pem",
@@ -652,8 +736,8 @@ def _load_ca(folder: SiteFolder):
         key = serialization.load_pem_private_key(folder.ca_key.read_bytes(), password=None)
         cert = x509.load_pem_x509_certificate(folder.ca_cert.read_bytes())
     except OSError as exc:
-        raise AggregatorError(f"cannot read the site CA ({exc.filename}): {exc.strerror}; adding a node needs "
-                              "ca.key in the security folder") from None
+        raise AggregatorError(f"cannot read the site CA ({exc.filename}): {exc.strerror}; add-node, remove-node "
+                              "and upgrade need ca.key in the security folder") from None
     except ValueError as exc:
         raise AggregatorError(f"{folder.root}: the site CA is unreadable: {exc}") from None
     return key, cert
@@ -715,7 +799,7 @@ def _checked_id(node_id: str) -> str:
 
 def _check_new_node(manifest: SecurityManifest, node_id: str) -> None:
     _checked_id(node_id)
-    if node_id in (AGGREGATOR, MONITOR):
+    if node_id in RESERVED_USERS:
         raise AggregatorError(f"node id {node_id!r} is reserved for the {node_id} user")
     if node_id in manifest.nodes:
         raise AggregatorError(f"node {node_id!r} already exists in site {manifest.site!r}")
@@ -772,6 +856,8 @@ def _open(folder_path: str | Path) -> tuple[SiteFolder, SecurityManifest]:
         raise AggregatorError(f"{folder.manifest}: not JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise AggregatorError(f"{folder.manifest}: unknown format (expected {MANIFEST_FORMAT})")
+    # Written before the results publisher had its own identity: the folder has no aggregator-results.
+    data.setdefault("results_identity", False)
     try:
         return folder, SecurityManifest(**data)
     except TypeError as exc:
@@ -779,7 +865,9 @@ def _open(folder_path: str | Path) -> tuple[SiteFolder, SecurityManifest]:
 
 
 def _write_acl(folder: SiteFolder, manifest: SecurityManifest) -> None:
-    _write_atomic(folder.acl, acl_text(manifest.site, monitor=manifest.monitor, revoked=manifest.revoked), 0o644)
+    text = acl_text(manifest.site, monitor=manifest.monitor, revoked=manifest.revoked,
+                    results_identity=manifest.results_identity)
+    _write_atomic(folder.acl, text, 0o644)
 
 
 def _read_text(path: Path) -> str:

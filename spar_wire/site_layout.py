@@ -34,7 +34,7 @@ from spar_wire.errors import WireError
 from spar_wire.feature_config import FeatureConfig, feature_preset
 from spar_wire.numbers import is_finite_vector
 from spar_wire.toml_file import read_toml
-from spar_wire.topics import AGGREGATOR, check_id
+from spar_wire.topics import RESERVED_NODE_IDS, check_id
 
 _SITE_KEYS = {"id", "frame", "description"}
 _NODE_KEYS = {"id", "position", "modalities", "description"}
@@ -202,8 +202,8 @@ def _parse_node(ctx: _Context, index: int, entry: Any, modalities: dict[str, Mod
     where = f"nodes[{index}]"
     entry = ctx.require_table(entry, where)
     node_id = ctx.wrap(lambda: check_id(entry.get("id"), "node id"), where, "id")
-    if node_id == AGGREGATOR:
-        raise ctx.error(where, "id", f"{AGGREGATOR!r} is reserved")
+    if node_id in RESERVED_NODE_IDS:
+        raise ctx.error(where, "id", f"{node_id!r} is reserved")
     where = f"node '{node_id}' (nodes[{index}])"
     ctx.reject_unknown(entry, _NODE_KEYS, where)
     position = entry.get("position")

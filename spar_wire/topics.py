@@ -8,7 +8,9 @@
 
 Ids (site, node, modality) are 1-64 characters of ``[A-Za-z0-9_.-]``: no ``/``, ``+``, ``#``,
 spaces or unicode, so an id always fills exactly one topic level and can be a Mosquitto client id
-or ACL ``%u`` / ``%c`` substitution. ``aggregator`` is reserved and cannot be a node id.
+or ACL ``%u`` / ``%c`` substitution. ``aggregator`` and ``aggregator-results`` are reserved and
+cannot be node ids: they are the aggregator's MQTT identities (and, with the default client id,
+part of its client ids), which a node of the same name would share.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from spar_wire.errors import WireError
 
 PREFIX = "spar/v1"
 AGGREGATOR = "aggregator"
+# The aggregator's second identity: its results publisher (spar-aggregator secure). A broker keeps one
+# connection per identity (use_username_as_clientid), so the two sessions cannot share one.
+AGGREGATOR_RESULTS = "aggregator-results"
+RESERVED_NODE_IDS = (AGGREGATOR, AGGREGATOR_RESULTS)
 NODE_KINDS = ("birth", "state", "data")
 AGGREGATOR_KINDS = ("results", "state")
 _ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -34,8 +40,8 @@ def check_id(value: object, what: str = "id") -> str:
 
 def _check_node(node: str) -> str:
     check_id(node, "node")
-    if node == AGGREGATOR:
-        raise WireError("bad_id", f"node id {AGGREGATOR!r} is reserved")
+    if node in RESERVED_NODE_IDS:
+        raise WireError("bad_id", f"node id {node!r} is reserved")
     return node
 
 

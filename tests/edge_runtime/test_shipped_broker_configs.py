@@ -193,6 +193,12 @@ def test_secure_path_aggregator_toml_talks_to_the_generated_conf(tmp_path):
         assert mqtt.username == "aggregator" and mqtt.tls_cert == str(site / "clients" / "aggregator.crt")
         ok, _ = connects(mqtt, echo=False)
         assert ok
+        # The results publisher has its own identity from the same folder (one connection per identity).
+        results = dataclasses.replace(load_config(copy).results_mqtt, port=broker.port)
+        assert results.username == "aggregator-results" and results.host == mqtt.host
+        assert results.tls_cert == str(site / "clients" / "aggregator-results.crt")
+        ok, _ = connects(results, echo=False)
+        assert ok
         # Without the certificate the same settings do not get in.
         refused, _ = connects(dataclasses.replace(mqtt, tls_cert=None, tls_key=None), echo=False)
         assert not refused

@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import datetime as dt
 import itertools
+import json
+import re
 import shutil
 import ssl
 import stat
@@ -177,7 +179,7 @@ def test_init_writes_keys_0600_and_certificates_for_every_user(site):
     from cryptography.hazmat.primitives.asymmetric import ec
 
     folder = sec.SiteFolder(site)
-    users = ["aggregator", "monitor", *[f"n0{i}" for i in range(1, 9)]]
+    users = ["aggregator", "aggregator-results", "monitor", *[f"n0{i}" for i in range(1, 9)]]
     assert list(sec.read_password_file(folder.passwd)) == users
     for path in [folder.ca_key, folder.server_key, folder.passwd,
                  *[folder.client_key(u) for u in users], *[folder.password_file(u) for u in users]]:
@@ -208,8 +210,11 @@ def test_bad_input_is_an_aggregator_error(site, tmp_path):
         sec.init_site(SITE_TOML, site)
     with pytest.raises(AggregatorError, match="must be 1-64 characters"):
         sec.add_node(site, "n/1")
-    with pytest.raises(AggregatorError, match="reserved"):
-        sec.add_node(site, "aggregator")
+    for reserved in ("aggregator", "aggregator-results", "monitor"):
+        with pytest.raises(AggregatorError, match="reserved"):
+            sec.add_node(site, reserved)
+        with pytest.raises(AggregatorError, match="not a node"):
+            sec.remove_node(site, reserved)
     with pytest.raises(AggregatorError, match="already exists"):
         sec.add_node(site, "n01")
     with pytest.raises(AggregatorError, match="unknown user 'n42'"):
@@ -267,7 +272,8 @@ def test_a_node_certificate_with_the_aggregator_password_gets_no_aggregator_righ
     assert impostor.publish(f"{BASE}/n01/state", b"as itself").value == 0  # it is n01, nothing more
     node = sessions(settings(site, broker, "n02"))
     assert node.publish(f"{BASE}/n02/data/microphone", b"n02 data").value == 0
-    assert agg.publish(f"{BASE}/aggregator/results", b"real result").value == 0
+    results = sessions(settings(site, broker, "aggregator-results"))
+    assert results.publish(f"{BASE}/aggregator/results", b"real result").value == 0
     assert wait_for(lambda: agg.received(f"{BASE}/n02/data/microphone") == [b"n02 data"])
     assert wait_for(lambda: monitor.received(f"{BASE}/aggregator/results") == [b"real result"])
     assert agg.received(f"{BASE}/n01/state") == [b"as itself"]
@@ -384,7 +390,8 @@ def test_a_node_reads_nothing_and_cannot_fake_another_nodes_will(site, broker, s
     monitor.subscribe(f"{BASE}/aggregator/#")
     node = sessions(settings(site, broker, "n01"))
     node.subscribe(f"{BASE}/aggregator/results", f"{BASE}/#")  # granted by Mosquitto 2.0, but filtered
-    assert agg.publish(f"{BASE}/aggregator/results", b"result").value == 0
+    results = sessions(settings(site, broker, "aggregator-results"))
+    assert results.publish(f"{BASE}/aggregator/results", b"result").value == 0
     assert wait_for(lambda: monitor.received(f"{BASE}/aggregator/results") == [b"result"])
     assert monitor.publish(f"{BASE}/monitor/birth", b"x").value == NOT_AUTHORIZED  # read-only
     # Both wills fire when their sockets vanish; only the one on the node's own topic is delivered.
@@ -396,6 +403,107 @@ def test_a_node_reads_nothing_and_cannot_fake_another_nodes_will(site, broker, s
     assert wait_for(lambda: agg.received(f"{BASE}/n04/state") == [b"offline"])
     assert agg.received(f"{BASE}/n03/state") == []
     assert node.messages == []
+
+
+@pytest.mark.mosquitto
+def test_the_aggregators_two_identities_have_least_privilege(site, broker, sessions):
+    """'aggregator' (the subscriber) reads node traffic and publishes nothing, not even its will;
+    'aggregator-results' (the publisher) publishes results and health and reads nothing."""
+    agg = aggregator_listening(site, broker, sessions)
+    monitor = sessions(settings(site, broker, "monitor"))
+    monitor.subscribe(f"{BASE}/aggregator/#")
+    results = sessions(settings(site, broker, "aggregator-results"), will=(f"{BASE}/aggregator/state", b"offline"))
+    results.subscribe(f"{BASE}/+/birth", f"{BASE}/+/state", f"{BASE}/+/data/+", f"{BASE}/#")
+    node = sessions(settings(site, broker, "n01"))
+    assert node.publish(f"{BASE}/n01/data/microphone", b"data").value == 0
+    assert node.publish(f"{BASE}/n01/birth", b"birth").value == 0
+    for topic in (f"{BASE}/aggregator/results", f"{BASE}/aggregator/state", f"{BASE}/aggregator/x",
+                  f"{BASE}/n01/data/microphone"):
+        assert agg.publish(topic, b"from the subscriber").value == NOT_AUTHORIZED, topic
+    assert results.publish(f"{BASE}/aggregator-results/state", b"own subtree").value == NOT_AUTHORIZED
+    assert results.publish(f"{BASE}/n01/birth", b"as n01").value == NOT_AUTHORIZED
+    assert results.publish(f"{BASE}/aggregator/state", b"online").value == 0
+    assert results.publish(f"{BASE}/aggregator/results", b"result").value == 0
+    assert wait_for(lambda: monitor.received(f"{BASE}/aggregator/results") == [b"result"])
+    assert wait_for(lambda: agg.received(f"{BASE}/n01/birth") == [b"birth"])
+    assert agg.received(f"{BASE}/n01/data/microphone") == [b"data"]
+    assert results.messages == []
+    # Its +/state subscription does not bring the aggregator its own health: the deny covers reads too.
+    assert agg.received(f"{BASE}/aggregator/state") == []
+    # Wills: the publisher's "offline" is delivered; one the subscriber's identity set on the same topic
+    # is not (that session takes agg's connection over: one per identity, and agg is done here).
+    spoof = sessions(settings(site, broker, "aggregator"), will=(f"{BASE}/aggregator/state", b"fake offline"))
+    for session in (spoof, results):
+        session.client.loop_stop()
+        session.client.socket().close()
+    assert wait_for(lambda: b"offline" in monitor.received(f"{BASE}/aggregator/state"))
+    assert monitor.received(f"{BASE}/aggregator/state") == [b"online", b"offline"]
+
+
+def _as_before_the_results_identity(site: Path) -> None:
+    """Make ``site`` look like a folder written before aggregator-results existed."""
+    folder = sec.SiteFolder(site)
+    for path in (folder.client_cert("aggregator-results"), folder.client_key("aggregator-results"),
+                 folder.password_file("aggregator-results")):
+        path.unlink()
+    entries = sec.read_password_file(folder.passwd)
+    sec.write_password_file(folder.passwd, {u: h for u, h in entries.items() if u != "aggregator-results"})
+    manifest = json.loads(folder.manifest.read_text())
+    del manifest["results_identity"]
+    folder.manifest.write_text(json.dumps(manifest))
+    folder.acl.write_text(sec.acl_text("parking_lot", monitor=True, results_identity=False))
+
+
+def test_a_folder_from_before_the_results_identity_names_the_upgrade(site, tmp_path, capsys):
+    from edge_runtime.config import load_config
+
+    _as_before_the_results_identity(site)
+    config_path = tmp_path / "aggregator.toml"
+    config_path.write_text(f'[aggregator]\nsite = "site.toml"\nmodel = "manifest.json"\n'
+                           f'[mqtt]\nhost = "localhost"\nport = 8883\ncredentials_dir = "{site}"\n')
+    with pytest.raises(AggregatorError) as refused:
+        load_config(config_path)
+    message = str(refused.value)
+    assert "'aggregator-results'" in message and f"spar-aggregator secure upgrade --dir {site}" in message
+    assert "aggregator-results.crt" in message  # what is missing
+    assert aggregator_main(["run", "--config", str(config_path)]) == 2
+    assert "secure upgrade" in capsys.readouterr().err
+
+    # Until the upgrade, operations keep the ACL the older aggregator needs ('aggregator' writes results).
+    sec.remove_node(site, "n08")
+    folder = sec.SiteFolder(site)
+    assert folder.acl.read_text() == sec.acl_text("parking_lot", monitor=True, revoked=["n08"],
+                                                  results_identity=False)
+    assert aggregator_main(["secure", "upgrade", "--dir", str(site)]) == 0
+    printed = capsys.readouterr().out
+    assert "added aggregator-results" in printed and "kill -HUP" in printed
+    assert sec.credentials(site, "aggregator-results").password not in printed
+    assert folder.acl.read_text() == sec.acl_text("parking_lot", monitor=True, revoked=["n08"])
+    assert "aggregator-results" in sec.read_password_file(folder.passwd)
+    assert stat.S_IMODE(folder.client_key("aggregator-results").stat().st_mode) == 0o600
+    config = load_config(config_path)
+    assert config.mqtt.username == "aggregator" and config.results_mqtt.username == "aggregator-results"
+    # Once current, upgrade changes nothing.
+    before = sec.read_password_file(folder.passwd)
+    assert sec.upgrade_site(site).passwords == {}
+    assert sec.read_password_file(folder.passwd) == before
+    assert aggregator_main(["secure", "upgrade", "--dir", str(site)]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+@pytest.mark.mosquitto
+def test_an_upgraded_folder_lets_the_results_identity_publish(site, broker, sessions):
+    _as_before_the_results_identity(site)
+    broker.reload()
+    old = sessions(settings(site, broker, "aggregator"))  # the older aggregator publishes as 'aggregator'
+    # Accepted (0x10: nobody subscribed) once the reload is done.
+    assert wait_for(lambda: not old.publish(f"{BASE}/aggregator/results", b"before").is_failure), "ACL not reloaded"
+    sec.upgrade_site(site)
+    broker.reload()
+    assert wait_for(lambda: old.publish(f"{BASE}/aggregator/x", b"?").value == NOT_AUTHORIZED), "ACL not reloaded"
+    results = sessions(settings(site, broker, "aggregator-results"))
+    assert results.accepted
+    assert not results.publish(f"{BASE}/aggregator/results", b"after").is_failure
 
 
 @pytest.mark.mosquitto
@@ -543,7 +651,16 @@ def test_cli_help_lists_the_secure_actions(capsys):
         aggregator_main(["secure", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert all(action in out for action in ("init", "add-node", "rotate-password", "remove-node"))
+    assert all(action in out for action in ("init", "add-node", "rotate-password", "remove-node", "upgrade"))
+
+
+def test_cli_remove_node_prints_what_the_config_lacks(site, capsys):
+    folder = sec.SiteFolder(site)
+    lines = folder.conf.read_text().splitlines()
+    folder.conf.write_text("\n".join(line for line in lines if not line.startswith(("crlfile", "use_"))) + "\n")
+    assert aggregator_main(["secure", "remove-node", "--dir", str(site), "n02"]) == 0
+    out = capsys.readouterr().out
+    assert "node n02 removed" in out and "note: " in out and "use_identity_as_username true" in out
 
 
 def test_cli_init_keeps_passwords_off_the_terminal_and_refuses_bad_input(tmp_path, capsys):
@@ -551,7 +668,7 @@ def test_cli_init_keeps_passwords_off_the_terminal_and_refuses_bad_input(tmp_pat
     assert aggregator_main(["secure", "init", "--site", str(SITE_TOML), "--out", str(out_dir),
                             "--hostname", "edge-box.local", "--hostname", "10.0.0.5"]) == 0
     printed = capsys.readouterr().out
-    assert "site parking_lot: 9 users" in printed
+    assert "site parking_lot: 10 users" in printed
     assert sec.credentials(out_dir, "n01").password not in printed
     assert aggregator_main(["secure", "init", "--site", str(SITE_TOML), "--out", str(out_dir)]) == 2
     assert "already exists" in capsys.readouterr().err
@@ -562,10 +679,14 @@ def test_cli_init_keeps_passwords_off_the_terminal_and_refuses_bad_input(tmp_pat
     assert f"password n09: {sec.credentials(out_dir, 'n09').password}" in capsys.readouterr().out
 
 
-def test_a_secured_site_runs_end_to_end_with_per_node_credentials(site, broker, parking_lot, tmp_path):
+def test_a_secured_site_runs_end_to_end_with_per_node_credentials(site, broker, parking_lot, tmp_path, sessions):
     """spar-node run --credentials-dir: each node connects as itself; the aggregator (its config naming
-    only the folder) stores complete windows; a node using another's identity is refused and counted
-    as failed, not acknowledged."""
+    only the folder) stores complete windows and publishes them to a monitor; a node using another's
+    identity is refused and counted as failed, not acknowledged.
+
+    Found after use_username_as_clientid: the aggregator's subscriber and results publisher shared the
+    identity "aggregator", so each connection closed the other, for ever ("Client aggregator already
+    connected, closing old connection"). The publisher has its own identity now."""
     from edge_runtime.config import load_config
     from edge_runtime.result_store import ResultStore
     from edge_runtime.service import Aggregator
@@ -582,11 +703,21 @@ def test_a_secured_site_runs_end_to_end_with_per_node_credentials(site, broker, 
                            f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\ncredentials_dir = "{site}"\n')
     config = load_config(config_path)
     assert config.mqtt.username == "aggregator" and config.mqtt.tls_cert.endswith("aggregator.crt")
+    assert config.results_mqtt.username == "aggregator-results"
+    assert config.results_mqtt.tls_cert.endswith("aggregator-results.crt")
     plain = MqttSettings(host=broker.host, port=broker.port)
+    monitor = sessions(settings(site, broker, "monitor"))
+    monitor.subscribe(f"{BASE}/aggregator/results")
     with Aggregator(config) as aggregator:
         summary = run_field(FieldConfig(layout=parking_lot, source=SourceSpec("sine", 1), duration_s=4.0,
                                         mqtt=plain, credentials_dir=str(site)))
         assert wait_for(lambda: aggregator.worker.snapshot_counts().get("results", 0) == 2, 15)
+        assert wait_for(lambda: len(monitor.received(f"{BASE}/aggregator/results")) == 2)
+        # A new subscriber gets the retained health: the publisher's session is up, not flapping.
+        late = sessions(settings(site, broker, "monitor"))
+        late.subscribe(f"{BASE}/aggregator/state")
+        assert wait_for(lambda: late.received(f"{BASE}/aggregator/state"))
+        assert json.loads(late.received(f"{BASE}/aggregator/state")[-1])["state"] == "online"
         # n02 signs in with n01's identity: the ACL refuses what it publishes under n02.
         impostor = FieldConfig(layout=parking_lot, source=SourceSpec("sine", 1), duration_s=2.0, node_ids=("n02",),
                                mqtt=settings(site, broker, "n01"), link=LinkConfig(outages=(Outage("n01", 0, 1),)))
@@ -596,3 +727,11 @@ def test_a_secured_site_runs_end_to_end_with_per_node_credentials(site, broker, 
     stored = ResultStore(tmp_path / "r.sqlite3", readonly=True).query(newest_first=False)
     assert [r["complete"] for r in stored] == [True, True]
     assert refused.published == 2 and refused.acked == 0 and refused.publish_failed == 2
+    published = [json.loads(payload) for payload in monitor.received(f"{BASE}/aggregator/results")]
+    assert sorted(r["window_start_ns"] for r in published) == [r["window_start_ns"] for r in stored]
+    log = "".join(path.read_text() for path in broker.workdir.glob("*.log"))
+    # (The impostor above takes n01's session over; the aggregator's two sessions never do.)
+    kicked = [line for line in log.splitlines()
+              if re.search(r"Client aggregator(-results)? already connected, closing old connection", line)]
+    assert kicked == [], kicked
+    assert "as aggregator-results" in log  # connection_messages: this is the log of this broker

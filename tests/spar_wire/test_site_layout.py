@@ -80,6 +80,7 @@ DELETE = object()
     ((("nodes", 3, "id"), "n01"), ["node 'n01'", "nodes[3]", "duplicate"]),
     ((("nodes", 3, "id"), "n 4"), ["nodes[3]", "'id'"]),
     ((("nodes", 3, "id"), "aggregator"), ["nodes[3]", "reserved"]),
+    ((("nodes", 3, "id"), "aggregator-results"), ["nodes[3]", "reserved"]),
     ((("nodes", 0, "height"), 3), ["node 'n01'", "'height'", "unknown"]),
     ((("modalities", "microphone", "preset"), "nope"), ["modality 'microphone'", "'preset'"]),
     ((("modalities", "microphone", "hop"), 0), ["modality 'microphone'", "'hop'"]),
