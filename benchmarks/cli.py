@@ -197,9 +197,13 @@ def _add_field_benchmarks(sub: Any) -> None:
                         description="One trial per link condition (independent loss 0/5/10/20/40 %%, burst loss, "
                         "node outages, jitter beyond the deadline) through a private broker and the real "
                         "aggregator, same seed for all: injected vs observed loss, late messages, window "
-                        "completeness and task metric. Writes lossy.md/.json/.png. About 6 min with defaults.")
+                        "completeness and task metric; then early close vs deadline-only window closing in real time. "
+                        "Writes lossy.md/.json/.png. About 10 min with defaults.")
     lo.add_argument("--timing-speed", type=float, default=4.0,
                     help="timeline compression of the outage and jitter conditions (default: %(default)s)")
+    lo.add_argument("--close-duration", type=float, default=120.0,
+                    help="seconds of each of the two real-time trials comparing early close with deadline-only "
+                    "window closing on configs/links/lossy.toml; 0 skips them (default: %(default)s)")
     _add_series_args(lo, "lossy", speed=10.0, codec="webp:85")
     lo.set_defaults(func=_cmd_lossy)
 
@@ -321,6 +325,7 @@ def _cmd_lossy(args: argparse.Namespace) -> int:
     from benchmarks.lossy_bench import run_lossy
 
     report = run_lossy(_series_base(args, codec=args.codec), timing_speed=args.timing_speed, reuse=not args.fresh,
+                       close_duration_s=args.close_duration,
                        progress=lambda text: print(f"... {text}", file=sys.stderr, flush=True))
     _write_report(report, args.out, "lossy")
     return 0

@@ -6,6 +6,12 @@ late) and delay jitter beyond the aggregator's deadline. Loss-only conditions do
 timing and run on a strongly compressed timeline; outages and jitter run closer to real time,
 since what they do depends on arrival times against the deadline. Target: 20 % message loss costs
 <= 5 % relative metric.
+
+Then the window-close policies side by side (issue 20): two real-time trials on the field-like link
+of ``configs/links/lossy.toml`` (20 % loss, 40 +- 15 ms, 2 % held back 150 ms, 1 % duplicated), same
+seed, one with early close (a window closes once every missing message is lost or overdue by its
+learned arrival lag) and one deadline-only: end-to-end latency p50/p99 against the targets (150 /
+400 ms), and the messages the stored windows hold (early close may cost at most 1 % of them).
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ from typing import Any
 from benchmarks.machine import describe_machine
 from benchmarks.trial import TrialConfig, model_label
 from benchmarks.trial_series import SeriesRow, compared_metrics, run_series, worst_relative_loss
-from node_firmware_sim.link_model import BurstLoss, LinkConfig
+from node_firmware_sim.link_model import BurstLoss, LinkConfig, load_link_config
 
 TARGET_LOSS = 0.20
 TARGET_RELATIVE = 0.05
+FIELD_LINK = Path(__file__).resolve().parents[1] / "configs" / "links" / "lossy.toml"
+TARGET_P50_MS, TARGET_P99_MS = 150.0, 400.0  # window end -> result stored, on FIELD_LINK
+TARGET_MESSAGES_KEPT = 0.99  # early close keeps >= 99 % of the messages deadline-only stores
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,8 @@ class LossyReport:
     machine: str
     budget: str
     extra: dict[str, Any] = field(default_factory=dict)
+    close_rows: list[SeriesRow] = field(default_factory=list)  # early close, deadline only (real time)
+    close_budget: str = ""
 
     def row(self, name: str) -> SeriesRow | None:
         return next((r for r in self.rows if r.name == name), None)
@@ -101,10 +112,41 @@ class LossyReport:
                          + " | ".join(f"{r.metric(m):.3f}" for m in self.metrics)
                          + f" | {100 * worst_relative_loss(r, ref, self.metrics):+.1f} % |")
         lines += ["", self.verdict(), "", "![lossy](lossy.png)", ""]
-        return "\n".join(lines)
+        return "\n".join(lines + self._close_section())
+
+    def close_verdict(self) -> str:
+        """Early close against its targets, or why there is nothing to say."""
+        if len(self.close_rows) != 2:
+            return "Window-close policies not compared in this run."
+        early, deadline = (r.headline for r in self.close_rows)
+        kept = early["token_completeness"] / deadline["token_completeness"] if deadline["token_completeness"] else 0
+        checks = [f"p50 {early['latency_p50_ms']:.0f} ms (target <= {TARGET_P50_MS:.0f}: "
+                  f"**{'met' if early['latency_p50_ms'] <= TARGET_P50_MS else 'not met'}**)",
+                  f"p99 {early['latency_p99_ms']:.0f} ms (target <= {TARGET_P99_MS:.0f}: "
+                  f"**{'met' if early['latency_p99_ms'] <= TARGET_P99_MS else 'not met'}**)",
+                  f"messages kept {100 * kept:.1f} % of deadline-only's (target >= {100 * TARGET_MESSAGES_KEPT:.0f} %: "
+                  f"**{'met' if kept >= TARGET_MESSAGES_KEPT else 'not met'}**)"]
+        return "Early close: " + "; ".join(checks) + "."
+
+    def _close_section(self) -> list[str]:
+        if len(self.close_rows) != 2:
+            return []
+        lines = ["", "## Closing windows: early close vs deadline only", "", self.close_budget, "",
+                 "| policy | windows stored | complete | closed early | token completeness | late | "
+                 "end-to-end p50 | p99 | " + " | ".join(self.metrics) + " |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(self.metrics)]
+        for row in self.close_rows:
+            h = row.headline
+            lines.append(f"| {row.name} | {h['windows_stored']} | {100 * h['completeness']:.0f} % | "
+                         f"{h.get('closed_early', 0)} | {100 * h['token_completeness']:.1f} % | {h['late']} | "
+                         f"{h['latency_p50_ms']:.0f} ms | {h['latency_p99_ms']:.0f} ms | "
+                         + " | ".join(f"{row.metric(m):.3f}" for m in self.metrics) + " |")
+        return [*lines, "", self.close_verdict(), ""]
 
     def to_json(self) -> str:
         return json.dumps({"machine": self.machine, "budget": self.budget, "verdict": self.verdict(),
+                           "close_budget": self.close_budget, "close_verdict": self.close_verdict(),
+                           "close_rows": [{"policy": r.name, **r.headline} for r in self.close_rows],
                            "rows": [{"condition": r.name, "link": c.describe(),
                                      "worst_relative_loss": worst_relative_loss(r, self.rows[0], self.metrics),
                                      **r.headline} for c, r in zip(self.conditions, self.rows, strict=True)]},
@@ -140,8 +182,10 @@ class LossyReport:
 
 
 def run_lossy(base: TrialConfig, conditions: list[Condition] | None = None, *, timing_speed: float = 4.0,
-              progress: Callable[[str], None] = lambda text: None, reuse: bool = True) -> LossyReport:
-    """One trial per condition (the first is the reference); ``base.speed`` for the loss-only ones."""
+              progress: Callable[[str], None] = lambda text: None, reuse: bool = True,
+              close_duration_s: float = 0.0) -> LossyReport:
+    """One trial per condition (the first is the reference); ``base.speed`` for the loss-only ones.
+    With ``close_duration_s`` > 0, also the two real-time window-close trials of that length."""
     conditions = conditions or default_conditions()
     # Loss-only conditions keep the real-time deadline (1 s): compressed to tens of ms it would
     # measure this machine's load; outages and jitter compress it with their delays.
@@ -152,4 +196,15 @@ def run_lossy(base: TrialConfig, conditions: list[Condition] | None = None, *, t
     budget = (f"{rows[0].headline['windows_sampled']} windows of {base.scenario} per condition, seed {base.seed}, "
               f"codec {base.codec}, timeline {base.speed:g}x (outages and jitter {timing_speed:g}x), "
               f"model {model_label(base.model)}")
-    return LossyReport(conditions, rows, metrics, describe_machine(), budget)
+    report = LossyReport(conditions, rows, metrics, describe_machine(), budget)
+    if close_duration_s > 0:
+        link = load_link_config(FIELD_LINK)
+        common = {"link_config": link, "link": None, "speed": 1.0, "scale_deadline": False,
+                  "duration_s": close_duration_s}
+        report.close_rows = run_series(base, [("early close", {**common, "early_close": True}),
+                                              ("deadline only", {**common, "early_close": False})],
+                                       progress, reuse=reuse)
+        report.close_budget = (f"{close_duration_s:g} s of {base.scenario} in real time per policy, seed {base.seed}, "
+                               f"codec {base.codec}, link {FIELD_LINK.name}, deadline "
+                               f"{base.deadline_fraction:g} x window, model {model_label(base.model)}.")
+    return report

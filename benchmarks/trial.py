@@ -80,6 +80,9 @@ class TrialConfig:
     # Compress the deadline with the timeline (speed != 1). Off for series whose links have no timing
     # effects: a deadline of a few tens of ms would then measure this machine's load, not the link.
     scale_deadline: bool = True
+    # The aggregator closes a window once nothing more will come (its learned arrival lags) instead of
+    # always waiting for the deadline; off: the deadline-only policy, for comparisons.
+    early_close: bool = True
     clock_offset_std_ms: float = 0.0
     overwrite: bool = False
     # Nodes joining or moving during the trial (PlacementEvent, or mappings with its fields).
@@ -284,7 +287,7 @@ def _start_aggregator(config: TrialConfig, folder: Path, mqtt: MqttSettings, sta
             site=Path(config.site), model=Path(config.model), database=folder / DATABASE, backend=config.backend,
             # The deadline is wall-clock time on the aggregator: compress it with the timeline.
             deadline_fraction=config.deadline_fraction / (config.speed if config.scale_deadline else 1.0),
-            metrics_port=None,
+            early_close=config.early_close, metrics_port=None,
             client_id=client_id, mqtt=mqtt)
         aggregator = Aggregator(agg_config).start()
     except AggregatorError as exc:

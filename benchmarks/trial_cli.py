@@ -92,6 +92,9 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--deadline-fraction", type=float, default=0.5,
                    help="the aggregator closes a window this x window length after its first message "
                    "(default: %(default)s)")
+    p.add_argument("--no-early-close", dest="early_close", action="store_false",
+                   help="close windows only when complete or at the deadline (default: also as soon as every "
+                   "missing message is overdue by its learned arrival lag)")
     p.add_argument("--events", type=Path, default=None, metavar="FILE",
                    help="TOML of placement events: [[events]] tables with at_s, kind (join | move), node, "
                    "position and optional description; e.g. configs/trials/join_and_move.toml")
@@ -121,7 +124,8 @@ def trial_config(args: argparse.Namespace) -> TrialConfig:
     return TrialConfig(out=out, site=site, scenario=args.scenario, scenario_params=params, model=model,
                        link=args.link, duration_s=args.duration, codec=args.codec, seed=args.seed, speed=args.speed,
                        broker=args.broker, protocol=args.protocol, backend=args.backend,
-                       deadline_fraction=args.deadline_fraction, clock_offset_std_ms=args.clock_offset_std_ms,
+                       deadline_fraction=args.deadline_fraction, early_close=args.early_close,
+                       clock_offset_std_ms=args.clock_offset_std_ms,
                        overwrite=args.overwrite, events=events)
 
 

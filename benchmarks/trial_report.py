@@ -118,6 +118,7 @@ class TrialReport:
             "bytes_per_window": self.wire_bytes / max(self.windows_sampled, 1),
             "injected_loss": self.injected_lost / produced, "observed_loss": 1 - self.observed / produced,
             "late": self.late, "latency_p50_ms": self.percentile(50), "latency_p99_ms": self.percentile(99),
+            "closed_early": int(self.aggregator.get("assembler", {}).get("closed_early", 0)),
             **{f"metric/{k}": v for k, v in self.metrics.items()},
         }
 
@@ -206,6 +207,10 @@ class TrialReport:
                  f"({self.windows_complete} complete, {self.windows_stored - self.windows_complete} partial, "
                  f"{self.windows_sampled - self.windows_stored} without a result); duplicate results "
                  f"{worker.get('results_duplicate_window', 0)}, failed inferences {worker.get('windows_failed', 0)}.",
+                 "", "Closed by: " + ", ".join(
+                     f"{by} {self.aggregator.get('assembler', {}).get(f'closed_{by}', 0)}"
+                     for by in ("complete", "early", "deadline", "forced", "shutdown"))
+                 + " (early: every missing message lost or overdue by its learned arrival lag).",
                  "", "| nodes present | windows |", "|---:|---:|"]
         lines += [f"| {n} | {count} |" for n, count in sorted(self.nodes_present.items(), reverse=True)]
         return [*lines, ""]
@@ -219,8 +224,9 @@ class TrialReport:
                 f"{len(self.latency_ms)} windows: p50 {self.percentile(50):.0f} ms, p90 {self.percentile(90):.0f} ms, "
                 f"p99 {self.percentile(99):.0f} ms, max {max(self.latency_ms):.0f} ms. Median per aggregator stage: "
                 + ", ".join(f"{k} {v:.1f} ms" for k, v in self.stage_ms.items())
-                + ". Assembly waits for the window's last message or its deadline "
-                f"({self.config['deadline_fraction']:g} x window after its first message).", ""]
+                + ". Assembly waits for the window's last message, until nothing more will come "
+                + ("(early close) " if self.config.get("early_close", True) else "")
+                + f"or its deadline ({self.config['deadline_fraction']:g} x window after its first message).", ""]
 
     def _metric_section(self) -> list[str]:
         if not self.metrics:

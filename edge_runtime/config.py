@@ -28,6 +28,12 @@ class AggregatorConfig:
     backend: str = "auto"  # auto | onnxruntime | tensorrt
     device: str = "auto"  # auto | cpu | cuda
     deadline_fraction: float = 0.5  # a window closes this x window length after its first message
+    # Close a window before its deadline once every missing message is known lost or overdue by this
+    # quantile of its (node, modality)'s learned arrival lag plus the margin (see window_assembler). A
+    # message later than that misses its window: a higher quantile keeps more, a lower closes sooner.
+    early_close: bool = True
+    early_close_quantile: float = 0.99
+    early_close_margin_s: float = 0.02
     max_open_windows: int = 16  # more open windows force-close the oldest
     ingest_queue_size: int = 128  # received live token messages waiting to be decoded; overflow drops the oldest
     # A token message whose window ended longer ago than this (node clock) is backlog the broker kept
@@ -99,6 +105,12 @@ class AggregatorConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
                 raise AggregatorError(f"{name} must be a number > 0 (seconds), got {value!r}")
+        if not (isinstance(self.early_close_quantile, (int, float)) and 0 < self.early_close_quantile <= 1):
+            raise AggregatorError(f"early_close_quantile must be in (0, 1], got {self.early_close_quantile!r}")
+        if not (isinstance(self.early_close_margin_s, (int, float)) and 0 <= self.early_close_margin_s < 60):
+            raise AggregatorError(f"early_close_margin_s must be in [0, 60) seconds, got {self.early_close_margin_s!r}")
+        if not isinstance(self.early_close, bool):
+            raise AggregatorError(f"early_close must be true or false, got {self.early_close!r}")
         if self.synchronous not in ("FULL", "NORMAL"):
             raise AggregatorError(f"synchronous must be FULL or NORMAL, got {self.synchronous!r}")
         if self.backend not in ("auto", "onnxruntime", "tensorrt"):

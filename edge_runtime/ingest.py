@@ -133,7 +133,7 @@ class MessageProcessor:
             return self.assembler.take_receipts(window)
 
     def tick(self, now_s: float) -> None:
-        """Close windows whose deadline has passed."""
+        """Close windows whose deadline has passed, or that nothing more will come for."""
         with self._processing:
             for window in self.assembler.expire(self.registry.snapshot(), now_s):
                 self.emit(window)
@@ -145,8 +145,9 @@ class MessageProcessor:
                 self.emit(window)
 
     def next_deadline_s(self) -> float | None:
+        """Monotonic time of the next deadline or early close."""
         with self._processing:
-            return self.assembler.next_deadline_s()
+            return self.assembler.next_deadline_s(self.registry.snapshot())
 
     def snapshot_counts(self) -> dict[str, int]:
         with self.lock:

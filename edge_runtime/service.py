@@ -35,7 +35,7 @@ from edge_runtime.node_registry import NodeRegistry
 from edge_runtime.node_store import NodeStore
 from edge_runtime.service_metrics import ServiceMetrics
 from edge_runtime.site_binding import check_site_binding
-from edge_runtime.window_assembler import WindowAssembler
+from edge_runtime.window_assembler import EarlyClose, WindowAssembler
 from spar_wire.errors import WireError
 from spar_wire.message import window_start_of
 from spar_wire.model_manifest import ModelManifest, load_manifest
@@ -111,7 +111,9 @@ class Aggregator:
         self.assembler = WindowAssembler(features, window_s, deadline_s=config.deadline_fraction * window_s,
                                          max_open=config.max_open_windows,
                                          node_text=placement_text_encoder(self.layout, self.manifest),
-                                         phase_ns=self.store.grid_phase(self.site, self.window_ns))
+                                         phase_ns=self.store.grid_phase(self.site, self.window_ns),
+                                         early=EarlyClose(config.early_close_quantile, config.early_close_margin_s)
+                                         if config.early_close else None)
         self._backlog_ns = int(round((config.backlog_after_s + window_s) * 1e9))
         # Backlog windows are never shed (their messages are what the broker kept while we were away);
         # the broker's in-flight limit bounds how many can be held, hence the hard limit.

@@ -43,6 +43,8 @@ class ServiceMetrics:
         self.messages = r.counter("spar_messages_total", "Messages handled, by outcome", ["outcome"])
         self.rejected = r.counter("spar_messages_rejected_total", "Messages rejected, by reason", ["reason"])
         self.windows = r.counter("spar_windows_total", "Windows closed, by outcome", ["outcome"])
+        self.closed_by = r.counter("spar_windows_closed_total", "Windows closed, by what closed them "
+                                   "(complete, early: nothing more will come, deadline, forced, shutdown)", ["by"])
         self.window_messages = r.counter("spar_window_messages_total",
                                          "Token messages the assembler set aside, by kind", ["kind"])
         self.overload = r.counter("spar_overload_dropped_total",
@@ -108,6 +110,8 @@ class ServiceMetrics:
             assembler = _copy(agg.assembler.counts)
             for outcome in ("complete", "partial"):
                 self._advance(self.windows, "win", outcome, assembler.get(f"windows_{outcome}", 0), outcome=outcome)
+            for by in ("complete", "early", "deadline", "forced", "shutdown"):
+                self._advance(self.closed_by, "closed", by, assembler.get(f"closed_{by}", 0), by=by)
             for kind in ("late", "duplicate", "out_of_order"):
                 self._advance(self.window_messages, "wm", kind, assembler.get(kind, 0), kind=kind)
             worker = agg.worker.snapshot_counts()

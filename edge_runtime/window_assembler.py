@@ -20,6 +20,24 @@ can still close a window ahead of the site and make every later message look lat
 recovers by itself: once only far-late messages arrive, two windows' worth of them from two nodes or
 more (or the only node), the memory of closed windows is reset (counted as ``grid_reset``).
 
+**Early close** (``EarlyClose``): on a lossy link most windows miss a message or two, and waiting
+for the deadline (half a window after the first message) costs every such window a second, although
+every message that will ever come arrived some tens of ms after the first. So the assembler learns,
+per (node, modality), the arrival lag: how long after its window's first message that pair's message
+arrives (this box's monotonic clock; late messages count too, they are the tail). A window closes
+early (reason ``early``) once every missing expected message is either known lost (its node already
+sent a message of a later window: one node's messages arrive in order across windows) or overdue by
+the learned lag quantile plus a margin after the window's first message (until a pair has enough samples
+of its own, the quantile of all pairs' lags together stands in). Without enough samples at all the
+deadline decides as before, and it stays the upper bound. The quantile trades
+latency for messages: a message later than it misses its window (counted as late).
+
+Why lag after the first message, not after the window's end on the node clock: node clocks are off
+by up to half a window, timelines of replays run faster than this box's clock, and after a restart
+a backlog arrives long after its windows ended; the spread of one window's arrivals is the same in
+all three. Why not sequence numbers within a window: the link may hold a message back (reordering)
+while the node's next one overtakes it, so a higher sequence number is no proof of loss.
+
 Each message may carry a ``receipt`` (what the ingest needs to acknowledge it to the broker). A
 window keeps the receipts of every message it absorbed, duplicates included, and hands them on
 when it closes: the aggregator acknowledges them only once the window's result is stored. Until then
@@ -75,6 +93,25 @@ class AssembledWindow:
         return len(self.node_ids)
 
 
+@dataclass(frozen=True)
+class EarlyClose:
+    """When a window may close before its deadline (see the module doc)."""
+
+    quantile: float = 0.99  # of a pair's recent arrival lags: a later message misses its window
+    margin_s: float = 0.02  # added to the quantile (scheduling of the deadline thread, small drifts)
+    min_samples: int = 20  # lags a pair needs before its own quantile is used ...
+    history: int = 128  # recent lags kept per pair
+    # ... until then the quantile of every pair's recent lags together stands in (a site's links are
+    # alike, and a high quantile of the pool covers its slowest pairs); it needs this many samples.
+    min_site_samples: int = 64
+    site_history: int = 1024
+
+    def __post_init__(self) -> None:
+        if not 0 < self.quantile <= 1 or not 0 <= self.margin_s < 60 or self.min_samples < 1 \
+                or self.history < self.min_samples or not 1 <= self.min_site_samples <= self.site_history:
+            raise ValueError(f"early close: bad parameters {self}")
+
+
 @dataclass
 class _OpenWindow:
     index: int
@@ -96,11 +133,12 @@ class AddResult:
 class WindowAssembler:
     def __init__(self, modalities: dict[str, FeatureConfig], window_s: float, *, deadline_s: float,
                  max_open: int = 16, node_text: PlacementTextEncoder | None = None,
-                 phase_ns: int | None = None):
+                 phase_ns: int | None = None, early: EarlyClose | None = None):
         """``modalities``: the model's modalities with the feature config of each. ``node_text``:
         for a SPAR+LLM model, the encoder of the nodes' placement descriptions; windows then carry
         ``node_text`` [N, E] instead of ``node_index``. ``phase_ns``: the site's grid offset from an
-        earlier run (None: taken from the first message; read it back from ``phase_ns``)."""
+        earlier run (None: taken from the first message; read it back from ``phase_ns``). ``early``:
+        close windows before the deadline once nothing more will come (None: deadline only)."""
         self.modalities = modalities
         self.node_text = node_text
         self.window_ns = int(round(window_s * 1e9))
@@ -112,6 +150,14 @@ class WindowAssembler:
         self._newest_closed = -(2**62)
         self._phase_ns: int | None = None if phase_ns is None else phase_ns % self.window_ns
         self._far_late: list[str] = []  # nodes of the far-late messages since the last on-time one
+        self.early = early
+        # (node, modality) -> recent arrival lags (s); bounded by the registry's nodes, since only
+        # messages of registered nodes reach the assembler.
+        self._lags: dict[tuple[str, str], collections.deque[float]] = {}
+        self._lag_quantile: dict[tuple[str, str], float] = {}  # cached; dropped when a lag arrives
+        self._site_lags: collections.deque[float] = collections.deque(maxlen=early.site_history if early else 1)
+        self._newest_index: dict[str, int] = {}  # node -> newest window index it sent
+        self._closed_first: dict[int, float] = {}  # first arrival of recently closed windows (late lags)
         self._unreleased: dict[int, AssembledWindow] = {}  # closed, receipts not yet taken (see module doc)
         self.counts: collections.Counter[str] = collections.Counter()
 
@@ -134,6 +180,8 @@ class WindowAssembler:
         far_late = index <= self._newest_closed - 2 * self.max_open
         if far_late and self._grid_moved_on(node_id, snapshot):
             far_late = False
+        if not far_late and self.early is not None:
+            self._learn_lag(node_id, modality, index, now_s)
         if index in self._closed_set or far_late:
             self.counts["late"] += 1
             unreleased = self._unreleased.get(index)
@@ -167,19 +215,32 @@ class WindowAssembler:
         return AddResult(closed, held=True)
 
     def expire(self, snapshot: RegistrySnapshot, now_s: float) -> list[AssembledWindow]:
-        """Close every window whose deadline has passed, oldest first."""
+        """Close every window whose deadline has passed, and every window nothing more will come for
+        (early close); oldest first."""
         due = sorted(i for i, w in self._open.items() if now_s - w.first_arrival_s >= self.deadline_s)
-        return [self._close(i, snapshot, now_s, "deadline") for i in due]
+        closed = [self._close(i, snapshot, now_s, "deadline") for i in due]
+        if self.early is not None:
+            ready = sorted(i for i in self._open if (at := self._early_due_s(i, snapshot)) is not None
+                           and now_s >= at)
+            closed += [self._close(i, snapshot, now_s, "early") for i in ready]
+        return closed
 
     def flush(self, snapshot: RegistrySnapshot, now_s: float) -> list[AssembledWindow]:
         """Close everything (shutdown): partial windows still produce results."""
         return [self._close(i, snapshot, now_s, "shutdown") for i in sorted(self._open)]
 
-    def next_deadline_s(self) -> float | None:
-        """Monotonic time at which the oldest open window expires (None when none is open)."""
+    def next_deadline_s(self, snapshot: RegistrySnapshot | None = None) -> float | None:
+        """Monotonic time at which the next open window expires or (given the node set) may close
+        early; None when none is open."""
         if not self._open:
             return None
-        return min(w.first_arrival_s for w in self._open.values()) + self.deadline_s
+        deadline = min(w.first_arrival_s for w in self._open.values()) + self.deadline_s
+        if snapshot is not None and self.early is not None:
+            for index in self._open:
+                at = self._early_due_s(index, snapshot)
+                if at is not None:
+                    deadline = min(deadline, at)
+        return deadline
 
     @property
     def open_windows(self) -> int:
@@ -194,6 +255,56 @@ class WindowAssembler:
         return receipts
 
     # ------------------------------------------------------------------ internals
+    def _learn_lag(self, node_id: str, modality: str, index: int, now_s: float) -> None:
+        """Record how long after its window's first message this one came (0 for the first)."""
+        assert self.early is not None
+        window = self._open.get(index)
+        first = window.first_arrival_s if window is not None else self._closed_first.get(index, now_s)
+        lags = self._lags.get((node_id, modality))
+        if lags is None:
+            lags = self._lags[(node_id, modality)] = collections.deque(maxlen=self.early.history)
+        lag = max(0.0, now_s - first)
+        lags.append(lag)
+        self._site_lags.append(lag)
+        self._lag_quantile.pop((node_id, modality), None)
+        self._lag_quantile.pop(_SITE, None)
+        if index > self._newest_index.get(node_id, index - 1):
+            self._newest_index[node_id] = index
+
+    def _quantile_s(self, key: tuple[str, str]) -> float | None:
+        """The pair's lag quantile (s), else the site's, or None with too few samples for either."""
+        assert self.early is not None
+        cached = self._lag_quantile.get(key)
+        if cached is not None:
+            return cached
+        lags = self._lags.get(key)
+        if lags is None or len(lags) < self.early.min_samples:
+            if key == _SITE or len(self._site_lags) < self.early.min_site_samples:
+                return None
+            key, lags = _SITE, self._site_lags
+            cached = self._lag_quantile.get(key)
+            if cached is not None:
+                return cached
+        ordered = sorted(lags)
+        value = ordered[min(len(ordered) - 1, max(0, int(np.ceil(self.early.quantile * len(ordered))) - 1))]
+        self._lag_quantile[key] = value
+        return value
+
+    def _early_due_s(self, index: int, snapshot: RegistrySnapshot) -> float | None:
+        """Monotonic time after which nothing more will come for open window ``index``; None when
+        some missing message's lag is not known yet (the deadline decides)."""
+        assert self.early is not None
+        window = self._open[index]
+        wait = 0.0
+        for node_id, modality in snapshot.expected - window.tokens.keys():
+            if self._newest_index.get(node_id, index) > index:
+                continue  # the node already sent a later window: this message is lost
+            lag = self._quantile_s((node_id, modality))
+            if lag is None:
+                return None
+            wait = max(wait, lag)
+        return window.first_arrival_s + wait + self.early.margin_s
+
     def _grid_moved_on(self, node_id: str, snapshot: RegistrySnapshot) -> bool:
         """Count a far-late message; True once so many came in a row (two windows' worth, from two
         nodes or the only one) that the frontier must be wrong: it is then reset (see module doc)."""
@@ -213,6 +324,8 @@ class WindowAssembler:
     def _close(self, index: int, snapshot: RegistrySnapshot, now_s: float, reason: str) -> AssembledWindow:
         window = self._open.pop(index)
         self._remember_closed(index)
+        if self.early is not None:
+            self._closed_first[index] = window.first_arrival_s
         inputs, present = self._tensors(window, snapshot)
         expected = len(snapshot.expected)
         received = sum(1 for key in window.tokens if key in snapshot.expected)
@@ -256,9 +369,13 @@ class WindowAssembler:
     def _remember_closed(self, index: int) -> None:
         if len(self._closed) == self._closed.maxlen:
             self._closed_set.discard(self._closed[0])
+            self._closed_first.pop(self._closed[0], None)
         self._closed.append(index)
         self._closed_set.add(index)
         self._newest_closed = max(self._newest_closed, index)
+
+
+_SITE = ("", "")  # key of the site-wide lag quantile in the cache
 
 
 def _median_ns(values: list[int]) -> int:

@@ -264,3 +264,94 @@ def test_a_window_keeps_its_grid_start_across_a_restart(parts):
     fresh = WindowAssembler(features, 2.0, deadline_s=1.0, max_open=3)  # without the stored phase
     [moved] = feed(layout, registry, fresh, 0, layout.node_ids, now=1.0, start_ns=7 * W_NS + phase + 900_000_000)
     assert moved.grid_start_ns != window.grid_start_ns
+
+
+def early_parts(layout, **early):
+    from edge_runtime.window_assembler import EarlyClose
+
+    features = {m: s.features for m, s in layout.modalities.items()}
+    return WindowAssembler(features, 2.0, deadline_s=1.0, max_open=3,
+                           early=EarlyClose(min_samples=5, margin_s=0.02, **early))
+
+
+def pairs(layout, nodes=None):
+    return [(n, m) for n in (nodes or layout.node_ids) for m in layout.node(n).modalities]
+
+
+def feed_timed(layout, registry, assembler, window, arrivals):
+    """``arrivals``: ((node, modality), monotonic time) in arrival order."""
+    closed = []
+    for (node, modality), at in arrivals:
+        closed += assembler.add(node, modality, window * W_NS, tokens_for(layout, modality, 1.0),
+                                registry.snapshot(), at).closed
+    return closed
+
+
+def test_a_window_missing_a_lost_message_closes_once_the_learned_lag_has_passed(parts):
+    """Learned: every message comes within 60 ms of its window's first. A window that lost one
+    message closes 60 ms + margin after its first message, not at the 1 s deadline; and it waits
+    while the missing message may still come."""
+    layout, _, registry, _ = parts
+    assembler = early_parts(layout)
+    everything = pairs(layout)
+    for k in range(6):  # complete windows, arrivals spread over 60 ms
+        closed = feed_timed(layout, registry, assembler, k,
+                            [(p, 10.0 * k + 0.004 * i) for i, p in enumerate(everything)])
+        assert [w.reason for w in closed] == ["complete"]
+    lost = everything[5]
+    feed_timed(layout, registry, assembler, 6, [(p, 100.0 + 0.004 * i) for i, p in enumerate(everything) if p != lost])
+    due = assembler.next_deadline_s(registry.snapshot())
+    assert due == pytest.approx(100.0 + 0.02 + 0.02, abs=1e-9)  # its pair's lag quantile (20 ms) + margin
+    assert assembler.expire(registry.snapshot(), 100.03) == []  # it may still come
+    [window] = assembler.expire(registry.snapshot(), 100.05)
+    assert window.reason == "early" and window.received == len(everything) - 1 and not window.complete
+    assert assembler.counts["closed_early"] == 1
+
+
+def test_early_close_waits_for_the_deadline_without_enough_samples(parts):
+    layout, _, registry, _ = parts
+    assembler = early_parts(layout)
+    everything = pairs(layout)
+    feed_timed(layout, registry, assembler, 0, [(p, 1.0) for p in everything[1:]])  # one window of history
+    assert assembler.next_deadline_s(registry.snapshot()) == pytest.approx(2.0)
+    assert assembler.expire(registry.snapshot(), 1.5) == []
+    assert [w.reason for w in assembler.expire(registry.snapshot(), 2.0)] == ["deadline"]
+
+
+def test_a_late_message_teaches_the_tail(parts):
+    """Messages that came after an early close are late, and their lag is learned: the quantile
+    grows, so the next windows wait long enough for them."""
+    layout, _, registry, _ = parts
+    assembler = early_parts(layout, quantile=0.9)
+    everything = pairs(layout)
+    slow = everything[3]
+    for k in range(6):
+        feed_timed(layout, registry, assembler, k, [(p, 10.0 * k) for p in everything])
+    feed_timed(layout, registry, assembler, 6, [(p, 100.0) for p in everything if p != slow])
+    [window] = assembler.expire(registry.snapshot(), 100.03)
+    assert window.reason == "early"
+    # The slow pair now comes 0.4 s after the others: window 7 closes early without it (late) ...
+    feed_timed(layout, registry, assembler, 7, [(p, 70.0) for p in everything if p != slow])
+    assert [w.reason for w in assembler.expire(registry.snapshot(), 70.1)] == ["early"]
+    feed_timed(layout, registry, assembler, 7, [(slow, 70.4)])
+    assert assembler.counts["late"] == 1
+    # ... and from then on its windows wait for it: one late sample is above the 90 % quantile.
+    feed_timed(layout, registry, assembler, 8, [(p, 80.0) for p in everything if p != slow])
+    assert assembler.next_deadline_s(registry.snapshot()) == pytest.approx(80.0 + 0.4 + 0.02)
+    assert assembler.expire(registry.snapshot(), 80.1) == []
+    closed = feed_timed(layout, registry, assembler, 8, [(slow, 80.4)])
+    assert [w.reason for w in closed] == ["complete"] and assembler.counts["late"] == 1
+
+
+def test_a_node_that_sent_a_later_window_is_not_waited_for(parts):
+    layout, _, registry, _ = parts
+    assembler = early_parts(layout)
+    everything = pairs(layout)
+    for k in range(6):
+        feed_timed(layout, registry, assembler, k, [(p, 10.0 * k + 0.5 * (p[0] == "n08")) for p in everything])
+    # n08's messages usually come 0.5 s after the others; in window 6 they are lost, and n08's
+    # window-7 message already arrived: nothing more will come for window 6 from n08.
+    feed_timed(layout, registry, assembler, 6, [(p, 100.0) for p in everything if p[0] != "n08"])
+    feed_timed(layout, registry, assembler, 7, [(("n08", layout.node("n08").modalities[0]), 100.01)])
+    [window] = assembler.expire(registry.snapshot(), 100.03)
+    assert window.window_index == 6 and window.reason == "early"
