@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.errors import BenchError
@@ -25,8 +26,13 @@ _STOPPED = re.compile(r"^stopped: .*; messages (\{.*\})$", re.MULTILINE)
 
 
 class AggregatorProcess:
-    def __init__(self, config: Path, log_path: Path, *, ready_timeout_s: float = 90.0):
+    def __init__(self, config: Path, log_path: Path, *, ready_timeout_s: float = 90.0,
+                 entry: Sequence[str] = ("-m", "edge_runtime.cli")):
+        """``entry``: what runs after the Python interpreter, before ``run --config ...``: the real
+        ``spar-aggregator`` by default; the fault trial's held-commit wrapper
+        (``benchmarks/held_commit_aggregator.py``) takes the same arguments."""
         self.config = Path(config)
+        self.entry = tuple(entry)
         self.log_path = Path(log_path)
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen | None = None
@@ -38,7 +44,7 @@ class AggregatorProcess:
         start's log) when it exits or is not serving within ``ready_timeout_s``."""
         begun = time.monotonic()
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        command = [sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(self.config), "--metrics-port", "0"]
+        command = [sys.executable, *self.entry, "run", "--config", str(self.config), "--metrics-port", "0"]
         with open(self.log_path, "ab") as log:
             # _die_with_parent: a killed benchmark must not leave an aggregator behind.
             self.proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,

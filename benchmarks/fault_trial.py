@@ -13,8 +13,38 @@ twice; the SQLite file stays consistent. The pieces that keep it:
   is not stored twice.
 
 The aggregator runs as its own process (``spar-aggregator run``), exactly as in the field, so it
-can be SIGKILLed. The aggregator's deadline is set long (``deadline_fraction``): a broker outage
-holds messages back by a few seconds, and a window should not close before they come.
+can be SIGKILLed. The aggregator's deadline is set long (``deadline_fraction``) and its early close
+is off (``early_close``): a broker outage holds messages back by a few seconds, and a window should
+not close before they come (a message later than its window is dropped as late and acknowledged).
+
+Two faults aim at paths the others reach only by chance (issue 19):
+
+- **A kill between a window's close and its commit** (``gap_kills``): its messages are out of the
+  assembler and not acknowledged, its result not on disk. On the real service that gap lasts
+  milliseconds, so with gap kills the aggregator runs through ``benchmarks/held_commit_aggregator.py``:
+  the real service whose result store waits ``commit_delay_s`` before every commit (for the whole
+  trial, so every other fault meets those held windows too), with gauges on its own ``/metrics``
+  naming the windows held. A gap kill polls them and SIGKILLs as soon as one is held; after the kill
+  the trial reads SQLite to confirm the held window was not stored (the kill "landed in the gap"),
+  and in the end that it was stored exactly once, complete.
+- **A node that joins during the trial** (``join``): by default the trial runs the seven-node lot
+  (``configs/trials/parking_lot_without_n08.toml``) and n08 joins in the first window, at its place
+  in the full lot. Every aggregator start after that must restore n08 from SQLite
+  (``edge_runtime/node_store.py``): the broker hands the backlog over before the retained births, so
+  without it n08's backlog would be refused as ``unknown_node`` and acknowledged, i.e. lost. The
+  trial checks the log for the restore at every start, the counters of every process (read before
+  each kill, and from each stop) for ``unknown_node`` refusals, and that n08's messages are stored,
+  from the backlog of the restarts too.
+
+  From its birth on the aggregator awaits n08, which samples only from the next whole window, so
+  the window its birth falls in waits for its deadline (``deadline_fraction`` x 2 s = 8 s) and is
+  stored partial. The faults start only once that window is stored: a broker SIGKILL loses the
+  messages it had delivered to the connected aggregator and not yet seen acknowledged (Mosquitto
+  counts only *queued* messages, retained messages and subscriptions as changes for
+  ``autosave_on_changes``; in-flight deliveries are not saved), so they then live only in the
+  aggregator's open window, and an aggregator kill before that window is stored loses them although
+  the nodes got their PUBACKs. Windows that complete within a second are stored long before the
+  next fault; a window held open for 8 s across a broker kill and an aggregator kill is not.
 """
 
 from __future__ import annotations
@@ -22,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sqlite3
 import sys
 import threading
@@ -29,34 +60,61 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from benchmarks.aggregator_process import AggregatorProcess
 from benchmarks.errors import BenchError
+from benchmarks.held_commit_aggregator import HELD_START, HELD_WINDOWS
 from benchmarks.local_broker import BrokerSettings, LocalBroker
-from node_firmware_sim.field_runner import FieldConfig, FieldSummary, SourceSpec, run_field
+from benchmarks.machine import describe_machine
+from node_firmware_sim.errors import NodeError
+from node_firmware_sim.field_runner import EventPlan, FieldConfig, FieldSummary, PlacementEvent, SourceSpec, run_field
 from node_firmware_sim.link_model import LinkConfig
+from spar_wire.errors import WireError
+from spar_wire.model_manifest import load_manifest
 from spar_wire.mqtt_settings import MqttSettings
-from spar_wire.site_layout import SiteLayout, load_site_layout
+from spar_wire.site_layout import NodeSpec, SiteLayout, load_site_layout
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SITE = REPO / "configs" / "sites" / "parking_lot.toml"
+FULL_SITE = REPO / "configs" / "sites" / "parking_lot.toml"
+JOIN_SITE = REPO / "configs" / "trials" / "parking_lot_without_n08.toml"  # the lot before n08 is installed
 DEFAULT_MODEL = REPO / "models" / "parking_lot" / "manifest.json"
+JOIN_NODE = "n08"
+HELD_COMMIT_ENTRY = ("-m", "benchmarks.held_commit_aggregator")
+AGGREGATOR_KINDS = ("aggregator", "gap", "restart")  # faults that end an aggregator process
+UNKNOWN_NODE_METRIC = 'spar_messages_rejected_total{reason="unknown_node"}'
+
+
+def default_join() -> NodeSpec:
+    """n08 where ``configs/sites/parking_lot.toml`` has it: the node the seven-node lot lacks."""
+    return load_site_layout(FULL_SITE).node(JOIN_NODE)
 
 
 @dataclass(frozen=True)
 class FaultConfig:
     """One fault trial."""
 
-    site: Path = DEFAULT_SITE
+    site: Path | None = None  # None: the seven-node lot when a node joins, else the full lot
     model: Path = DEFAULT_MODEL
     duration_s: float = 40.0  # trial time the nodes sample for (real time)
     broker_kills: int = 2  # SIGKILL + restart of Mosquitto, spread over the trial
     aggregator_kills: int = 1  # SIGKILL + restart of the aggregator process
+    gap_kills: int = 1  # SIGKILL + restart while a closed window waits for its commit (see module doc)
     aggregator_restarts: int = 1  # SIGTERM (graceful stop with half-assembled windows) + start
     broker_down_s: float = 1.0  # how long the broker stays dead each time
+    # With gap kills, every commit waits this long (the whole trial): long against the ~20 ms the
+    # trial needs to see a held window on /metrics and kill, short against the 2 s window.
+    commit_delay_s: float = 0.5
+    gap_wait_s: float = 8.0  # a gap kill waits at most this long for a held window, then kills anyway
+    join: NodeSpec | None = field(default_factory=default_join)  # a node the site lacks, joining; None: none
+    join_at_s: float | None = None  # None: three quarters into the first window
     seed: int = 0
     deadline_fraction: float = 4.0  # x window length a window waits for stragglers (see module doc)
+    # The aggregator's early close (closing a window once its missing messages are overdue by their
+    # learned lag) would not wait for them either: messages a broker outage held back arrive late,
+    # are dropped and acknowledged. Off, so the deadline above decides, as in the trial's design;
+    # True (--early-close) measures the field default against the same faults.
+    early_close: bool = False
     # Messages of a window arrive spread over ~1 s after it ends, so a fault hits half-assembled windows.
     link: LinkConfig = LinkConfig(delay_ms=500.0, jitter_ms=300.0)
     drain_timeout_s: float = 60.0  # after the nodes stop: wait this long for the last results
@@ -65,17 +123,67 @@ class FaultConfig:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.duration_s) and self.duration_s > 0):
             raise BenchError(f"duration must be > 0 s, got {self.duration_s!r}")
-        if min(self.broker_kills, self.aggregator_kills, self.aggregator_restarts) < 0:
+        if min(self.broker_kills, self.aggregator_kills, self.gap_kills, self.aggregator_restarts) < 0:
             raise BenchError("kill and restart counts must be >= 0")
         if not 0 < self.broker_down_s < self.duration_s:
             raise BenchError(f"broker_down_s must be in (0, duration), got {self.broker_down_s!r}")
+        if not (math.isfinite(self.commit_delay_s) and self.commit_delay_s >= 0):
+            raise BenchError(f"commit_delay_s must be >= 0, got {self.commit_delay_s!r}")
+        if self.gap_kills and self.commit_delay_s == 0:
+            raise BenchError("kills between window close and commit need a commit delay > 0 to land there")
+        if not (math.isfinite(self.gap_wait_s) and self.gap_wait_s > 0):
+            raise BenchError(f"gap_wait_s must be > 0, got {self.gap_wait_s!r}")
+        if self.join_at_s is not None and not (math.isfinite(self.join_at_s) and 0 < self.join_at_s < self.duration_s):
+            raise BenchError(f"join_at_s must be inside the trial (0, {self.duration_s:g}), got {self.join_at_s!r}")
+        if self.site is None:
+            object.__setattr__(self, "site", JOIN_SITE if self.join is not None else FULL_SITE)
+
+    def join_event(self, window_s: float) -> PlacementEvent | None:
+        """The join as a field-runner event. By default three quarters into the first window: no
+        window's messages are on their way yet, so only that window is awaited for the new node (which
+        samples from the next one), and it is stored partial before the first fault (see the module doc)."""
+        if self.join is None:
+            return None
+        at_s = 0.75 * window_s if self.join_at_s is None else self.join_at_s
+        return PlacementEvent("join", self.join.id, at_s, self.join.position, self.join.description,
+                              self.join.modalities)
 
 
 @dataclass
 class FaultEvent:
     t_s: float  # trial time the fault was injected
-    kind: str  # "broker" | "aggregator" (both SIGKILL) | "restart" (aggregator SIGTERM, then start)
+    kind: str  # "broker" | "aggregator" | "gap" (SIGKILL each) | "restart" (aggregator SIGTERM, then start)
     recovered_s: float = 0.0  # until the broker listened again / the new aggregator process served
+    down_ns: int = 0  # aggregator kinds: wall clock once the old process was gone
+    unknown_node: int | None = None  # aggregator kinds: the ended process's unknown_node refusals (its counters)
+    held_start_s: float | None = None  # gap: window_start_ns / 1e9 of the newest window held before its commit
+    held_window: int | None = None  # gap: that window's index in the trial
+    in_gap: bool = False  # gap: a window was held and was not in SQLite after the kill
+
+
+@dataclass
+class JoinReport:
+    """What became of the node that joined. ``passed`` when it was restored at every aggregator start
+    after the join, its messages are stored after a restart, and nothing of it was refused unknown."""
+
+    node: str
+    at_s: float  # trial time of the join (its birth)
+    first_window: int  # the first window it samples
+    acked: int  # its token messages acknowledged to it
+    delivered: int  # of those, in a stored result
+    starts_after: int  # aggregator processes started after the join
+    restored: int  # aggregator starts whose log says they restored it from SQLite
+    with_node: int  # processes started after the join that stored a result with it present
+    backlog: int  # its messages stored by a new process from windows that ended before that restart
+    unknown_node: int  # messages refused as unknown_node, summed over every process's counters
+    unknown_log_lines: int  # log lines naming it as unknown ("no birth and not in the site layout")
+    join_windows: int  # windows before its first that still list it (awaited from its birth on: partial)
+
+    @property
+    def passed(self) -> bool:
+        return (self.starts_after >= 1 and self.restored == self.starts_after and self.with_node >= 1
+                and self.unknown_node == 0 and self.unknown_log_lines == 0
+                and self.acked > 0 and self.delivered == self.acked)
 
 
 @dataclass
@@ -93,31 +201,44 @@ class FaultReport:
     result_rows: int
     duplicate_results: int  # rows beyond one per window
     windows_fully_acked: int  # windows whose every message was acknowledged
-    complete_once: int  # of those, stored exactly once and complete
+    complete_once: int  # of those, stored exactly once and complete (a join window: once, see JoinReport)
     integrity: str  # PRAGMA integrity_check
     aggregator_exit: int | None  # exit code of the last aggregator process after SIGTERM
     aggregator_counts: dict[str, Any] = field(default_factory=dict)  # the last process's counters
+    gap_landed: int = 0  # gap kills with a window held and not in SQLite at the kill
+    gap_stored_once: int = 0  # of the windows those held, stored exactly once and complete in the end
+    join: JoinReport | None = None
+    model: str = ""  # name@version of the aggregator's model
+    machine: str = ""  # describe_machine(): date, CPU, cores, memory, OS, versions
     elapsed_s: float = 0.0
 
     @property
     def passed(self) -> bool:
         # Not vacuous: most messages must have been acknowledged (a trial where nodes got no PUBACK
-        # would otherwise lose "nothing").
+        # would otherwise lose "nothing"), and asked-for gap kills must have hit a held window.
+        gap_kills = sum(e.kind == "gap" for e in self.events)
         return (not self.lost and self.duplicate_results == 0 and self.integrity == "ok"
                 and self.complete_once == self.windows_fully_acked and self.aggregator_exit == 0
-                and self.acked >= 0.9 * self.produced and self.windows_fully_acked > 0)
+                and self.acked >= 0.9 * self.produced and self.windows_fully_acked > 0
+                and (gap_kills == 0 or self.gap_landed >= 1) and self.gap_stored_once == self.gap_landed
+                and (self.join is None or self.join.passed))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "passed": self.passed}
+        return {**dataclasses.asdict(self), "passed": self.passed,
+                "join_passed": None if self.join is None else self.join.passed}
 
     def to_markdown(self) -> str:
-        kinds = ("broker", "aggregator", "restart")
+        kinds = ("broker", "aggregator", "gap", "restart")
         kills = {kind: sum(e.kind == kind for e in self.events) for kind in kinds}
         recover = {kind: max((e.recovered_s for e in self.events if e.kind == kind), default=0.0) for kind in kinds}
         rows = [
             ("broker SIGKILL + restart", f"{kills['broker']} (back within {recover['broker']:.1f} s)"),
             ("aggregator SIGKILL + restart", f"{kills['aggregator']} (serving again within "
                                              f"{recover['aggregator']:.1f} s)"),
+            ("aggregator SIGKILL between window close and commit", f"{kills['gap']} (serving again within "
+                                                                   f"{recover['gap']:.1f} s)"),
+            ("… landed in the gap (window held, not in SQLite at the kill)", f"{self.gap_landed} / {kills['gap']}"),
+            ("… held windows stored once, complete, after the restart", f"{self.gap_stored_once} / {self.gap_landed}"),
             ("aggregator SIGTERM + restart", f"{kills['restart']} (serving again within "
                                              f"{recover['restart']:.1f} s)"),
             ("windows sampled", self.windows),
@@ -131,15 +252,47 @@ class FaultReport:
             ("SQLite integrity_check", self.integrity),
             ("aggregator exit code after SIGTERM", self.aggregator_exit),
         ]
-        lines = ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
         verdict = "**passed**" if self.passed else "**FAILED**"
-        return "\n".join([f"Fault trial of {self.config['duration_s']:g} s: {verdict}", "", *lines]) + "\n"
+        early = "on" if self.config["early_close"] else "off"
+        out = [f"Fault trial of {self.config['duration_s']:g} s: {verdict}", "",
+               f"machine: {self.machine}", "",
+               f"model: {self.model}; site `{self.config['site']}`; aggregator deadline "
+               f"{self.config['deadline_fraction']:g} windows, early close {early}; "
+               f"{self.elapsed_s:.0f} s in all", "",
+               "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+        if kills["gap"]:
+            landed = [e for e in self.events if e.kind == "gap"]
+            out += ["", f"Kills between close and commit: the aggregator ran as `benchmarks/held_commit_aggregator.py` "
+                    f"(the real service, each commit held {self.config['commit_delay_s']:g} s, for every fault of "
+                    "the trial); each gap kill came as soon as its `/metrics` showed a held window. Held windows: "
+                    + ", ".join(f"{e.held_window} at {e.t_s:g} s ({'in the gap' if e.in_gap else 'missed'})"
+                                for e in landed) + "."]
+        if self.join is not None:
+            j = self.join
+            join_rows = [
+                ("joined at (trial time) / first window it samples", f"{j.at_s:g} s / {j.first_window}"),
+                ("aggregator starts after the join / restored it from SQLite", f"{j.starts_after} / {j.restored}"),
+                ("… of those processes, stored a result with it present", f"{j.with_node} / {j.starts_after}"),
+                ("its messages acknowledged / in a stored result", f"{j.acked} / {j.delivered}"),
+                ("its messages stored from a restart's backlog", j.backlog),
+                ("**refused as unknown_node** (counters of every process) / log lines naming it",
+                 f"{j.unknown_node} / {j.unknown_log_lines}"),
+                ("windows before its first listing it (partial: awaited from its birth on)", j.join_windows),
+            ]
+            out += ["", f"Joined node {j.node}: {'**passed**' if j.passed else '**FAILED**'}", "",
+                    "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in join_rows)]
+        return "\n".join(out) + "\n"
 
 
 def run_fault_trial(config: FaultConfig, workdir: Path,
                     progress: Callable[[str], None] = lambda line: None) -> FaultReport:
     """Run one fault trial in ``workdir`` (broker files, aggregator config, log and database)."""
     layout = load_site_layout(config.site)
+    _schedule(config, _window_ns(layout) / 1e9)  # a schedule that cannot work fails before anything starts
+    try:
+        manifest = load_manifest(config.model)
+    except WireError as exc:
+        raise BenchError(str(exc)) from None
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     database = workdir / "results.sqlite3"
@@ -147,23 +300,44 @@ def run_fault_trial(config: FaultConfig, workdir: Path,
         stale.unlink()
     started = time.monotonic()
     broker = LocalBroker(BrokerSettings(autosave_on_changes=True, autosave_interval_s=1), workdir / "broker")
+    log_path = workdir / "aggregator.log"
+    entry = (*HELD_COMMIT_ENTRY, "--commit-delay", str(config.commit_delay_s)) if config.gap_kills else None
     with broker:
-        (workdir / "aggregator.log").unlink(missing_ok=True)
-        aggregator = AggregatorProcess(_write_aggregator_config(config, workdir, broker.port, database),
-                                       workdir / "aggregator.log", ready_timeout_s=config.ready_timeout_s)
+        log_path.unlink(missing_ok=True)
+        aggregator = AggregatorProcess(_write_aggregator_config(config, workdir, broker.port, database), log_path,
+                                       ready_timeout_s=config.ready_timeout_s,
+                                       **({"entry": entry} if entry else {}))
         try:
             aggregator.start()
-            summary, events = _run_with_faults(config, layout, broker, aggregator, progress)
+            summary, events = _run_with_faults(config, layout, broker, aggregator, database, progress)
             window_ns = _window_ns(layout)
             expected = _acked_keys(summary, window_ns)
             _drain(database, expected, window_ns, summary.start_epoch_ns, config.drain_timeout_s)
             counts = _counters(aggregator.metrics_text() or "")
             exit_code = aggregator.stop()
+            # Its own "stopped:" line only after a clean exit (otherwise the last one is an earlier process's).
+            final = aggregator.final_counts() if exit_code == 0 else {}
+            last_unknown = final.get("rejected.unknown_node", int(counts.get(UNKNOWN_NODE_METRIC, 0)))
         finally:
             aggregator.kill()
     report = _analyse(config, layout, summary, events, database, exit_code, counts)
+    if report.join is not None:
+        report.join = _join_outcome(report.join, events, last_unknown, aggregator.log_text())
+    report.model = f"{manifest.name}@{manifest.version} (`{_shown(config.model)}`, ONNX Runtime)"
+    report.machine = describe_machine(_versions())
     report.elapsed_s = round(time.monotonic() - started, 1)
     return report
+
+
+def _shown(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+
+    return {"onnxruntime": onnxruntime.__version__}
 
 
 # --------------------------------------------------------------------------- the aggregator process
@@ -183,7 +357,7 @@ def _write_aggregator_config(config: FaultConfig, workdir: Path, port: int, data
         "[aggregator]\n"
         f'site = "{Path(config.site).resolve()}"\nmodel = "{Path(config.model).resolve()}"\n'
         f'database = "{database}"\nbackend = "onnxruntime"\nmetrics_port = 0\n'
-        f"deadline_fraction = {config.deadline_fraction}\n"
+        f"deadline_fraction = {config.deadline_fraction}\nearly_close = {str(config.early_close).lower()}\n"
         # The faults decide what survives: retention must not delete anything meanwhile.
         "retention_rows = 10000000\nretention_days = 3650\n"
         f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nreconnect_min_s = 0.5\nreconnect_max_s = 1.0\n')
@@ -193,27 +367,44 @@ def _write_aggregator_config(config: FaultConfig, workdir: Path, port: int, data
 # --------------------------------------------------------------------------- the trial
 def _schedule(config: FaultConfig, window_s: float) -> list[tuple[float, str]]:
     """Fault times spread over the middle of the trial, the kinds interleaved, each 0.5 s after a
-    window ended: the moment its messages are on their way and the window is half assembled."""
-    kinds = _interleave(config.broker_kills, config.aggregator_kills, config.aggregator_restarts)
+    window ended: the moment its messages are on their way and the window is half assembled. With
+    a join, not before the window its birth falls in is stored (see the module doc). BenchError when
+    the faults would come closer than 1.5 windows (each takes a second or two to recover)."""
+    kinds = _interleave(config.broker_kills, config.aggregator_kills, config.aggregator_restarts, config.gap_kills)
     n = len(kinds)
     first, last = 0.15 * config.duration_s, 0.75 * config.duration_s
+    join = config.join_event(window_s)
+    if join is not None:
+        # Its window ends, its messages arrive within about a second, it waits for its deadline; 1 s margin.
+        stored_s = math.ceil(join.at_s / window_s - 1e-9) * window_s + 1.0 + config.deadline_fraction * window_s + 1.0
+        first = max(first, stored_s)
+    if n and (last - first) / n < 1.5 * window_s:
+        raise BenchError(f"{n} faults between {first:g} s and {last:g} s of a {config.duration_s:g} s trial come "
+                         f"closer than 1.5 windows ({1.5 * window_s:g} s): lengthen the trial or ask for fewer faults"
+                         + (" (with a join they start once its window is stored)" if join else ""))
     times = [first + (last - first) * (i + 0.5) / n for i in range(n)]
     return [(max(1, round(t / window_s)) * window_s + 0.5, kind) for t, kind in zip(times, kinds, strict=True)]
 
 
-def _interleave(brokers: int, aggregators: int, restarts: int = 0) -> list[str]:
+def _interleave(brokers: int, aggregators: int, restarts: int = 0, gaps: int = 0) -> list[str]:
     """Every kind spread evenly over the sequence (by their fractional position)."""
     keyed = []
-    for kind, count in (("broker", brokers), ("aggregator", aggregators), ("restart", restarts)):
+    for kind, count in (("broker", brokers), ("aggregator", aggregators), ("restart", restarts), ("gap", gaps)):
         keyed += [((i + 0.5) / count, kind) for i in range(count)]
     return [kind for _, kind in sorted(keyed)]
 
 
 def _run_with_faults(config: FaultConfig, layout: SiteLayout, broker: LocalBroker, aggregator: AggregatorProcess,
-                     progress: Callable[[str], None]) -> tuple[FieldSummary, list[FaultEvent]]:
+                     database: Path, progress: Callable[[str], None]) -> tuple[FieldSummary, list[FaultEvent]]:
     mqtt = MqttSettings(host="127.0.0.1", port=broker.port, reconnect_min_s=0.5, reconnect_max_s=1.0)
-    field_config = FieldConfig(layout=layout, source=SourceSpec("sine", config.seed), duration_s=config.duration_s,
-                               link=config.link, mqtt=mqtt, realtime=True, record_acks=True, ack_timeout_s=30.0)
+    window_s = _window_ns(layout) / 1e9
+    join = config.join_event(window_s)
+    try:
+        field_config = FieldConfig(layout=layout, source=SourceSpec("sine", config.seed),
+                                   duration_s=config.duration_s, link=config.link, mqtt=mqtt, realtime=True,
+                                   record_acks=True, ack_timeout_s=30.0, events=(join,) if join else ())
+    except NodeError as exc:
+        raise BenchError(f"the join does not fit the trial: {exc}") from None
     outcome: dict[str, Any] = {}
 
     def nodes() -> None:
@@ -225,13 +416,18 @@ def _run_with_faults(config: FaultConfig, layout: SiteLayout, broker: LocalBroke
     thread = threading.Thread(target=nodes, name="fault-trial-nodes", daemon=True)
     begun = time.monotonic()
     thread.start()
+    if join is not None:
+        progress(f"t={join.at_s:5.1f} s: {join.node} joins")
     events = []
-    for t_s, kind in _schedule(config, _window_ns(layout) / 1e9):
+    for t_s, kind in _schedule(config, window_s):
         time.sleep(max(0.0, begun + t_s - time.monotonic()))
         if not thread.is_alive():
             break
-        events.append(_inject(kind, t_s, config, broker, aggregator))
-        progress(f"t={t_s:5.1f} s: {kind} killed, back after {events[-1].recovered_s:.1f} s")
+        events.append(_inject(kind, t_s, config, broker, aggregator, database, window_s))
+        event = events[-1]
+        what = {"gap": "aggregator killed between close and commit "
+                       f"({'landed in the gap' if event.in_gap else 'missed the gap'})"}.get(kind, f"{kind} killed")
+        progress(f"t={t_s:5.1f} s: {what}, back after {event.recovered_s:.1f} s")
     thread.join(config.duration_s + 120.0)
     if "error" in outcome:
         raise BenchError(f"the nodes failed: {outcome['error']}") from outcome["error"]
@@ -240,25 +436,77 @@ def _run_with_faults(config: FaultConfig, layout: SiteLayout, broker: LocalBroke
     return outcome["summary"], events
 
 
-def _inject(kind: str, t_s: float, config: FaultConfig, broker: LocalBroker,
-            aggregator: AggregatorProcess) -> FaultEvent:
+def _inject(kind: str, t_s: float, config: FaultConfig, broker: LocalBroker, aggregator: AggregatorProcess,
+            database: Path, window_s: float) -> FaultEvent:
     begun = time.monotonic()
+    event = FaultEvent(round(t_s, 2), kind)
     if kind == "broker":
         broker.kill()
         time.sleep(config.broker_down_s)
         broker.restart()
     elif kind == "aggregator":
+        # Its counters just before the kill: a SIGKILLed process leaves none behind.
+        event.unknown_node = int(_counters(aggregator.metrics_text() or "").get(UNKNOWN_NODE_METRIC, 0))
         aggregator.kill()
+        event.down_ns = time.time_ns()
+        aggregator.start()
+    elif kind == "gap":
+        _kill_in_gap(event, config, aggregator, database, window_s)
         aggregator.start()
     else:
         exit_code = aggregator.stop()
         if exit_code != 0:
             raise BenchError(f"the aggregator exited with {exit_code} on SIGTERM")
+        event.down_ns = time.time_ns()
+        event.unknown_node = aggregator.final_counts().get("rejected.unknown_node", 0)
         aggregator.start()
-    return FaultEvent(round(t_s, 2), kind, round(time.monotonic() - begun, 2))
+    event.recovered_s = round(time.monotonic() - begun, 2)
+    return event
+
+
+def _kill_in_gap(event: FaultEvent, config: FaultConfig, aggregator: AggregatorProcess, database: Path,
+                 window_s: float) -> None:
+    """SIGKILL the aggregator as soon as its /metrics shows a window held before its commit (or after
+    ``gap_wait_s`` without one); then read SQLite: the kill landed in the gap if that window is not
+    stored (the commit had not happened, or did not survive)."""
+    deadline = time.monotonic() + config.gap_wait_s
+    text = ""
+    while time.monotonic() < deadline:
+        text = aggregator.metrics_text(timeout_s=1.0) or ""
+        held, start_s = _gauge(text, HELD_WINDOWS), _gauge(text, HELD_START)
+        if held and start_s:
+            event.held_start_s = start_s
+            break
+        time.sleep(0.01)
+    aggregator.kill()
+    event.down_ns = time.time_ns()
+    event.unknown_node = int(_counters(text).get(UNKNOWN_NODE_METRIC, 0))
+    if event.held_start_s is not None:
+        held_ns = event.held_start_s * 1e9
+        starts = [row.start_ns for row in _stored(database, int(window_s * 1e9), 0)]
+        event.in_gap = not any(abs(start - held_ns) < window_s * 1e9 / 2 for start in starts)
+
+
+def _gauge(metrics_text: str, name: str) -> float | None:
+    """An unlabelled sample of a /metrics page (None when absent)."""
+    for line in metrics_text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rpartition(" ")[2])
+    return None
 
 
 # --------------------------------------------------------------------------- accounting
+class StoredRow(NamedTuple):
+    """One stored result, as the accounting needs it."""
+
+    window: int  # index in the trial (window 0 starts at the trial's epoch)
+    complete: bool
+    present: frozenset[tuple[str, str]]  # (node, modality) pairs it holds
+    nodes: tuple[str, ...]  # the node set the aggregator assembled it with (awaited or not)
+    start_ns: int  # window_start_ns (the nodes' stamps, median)
+    created_ns: int  # when it was committed (the store's wall clock)
+
+
 def _window_ns(layout: SiteLayout) -> int:
     return int(round(next(iter(layout.modalities.values())).features.window_s * 1e9))
 
@@ -275,27 +523,31 @@ def _window_of(start_ns: int, epoch_ns: int, window_ns: int) -> int:
     return int(round((start_ns - epoch_ns) / window_ns))
 
 
-def _stored(database: Path, window_ns: int, epoch_ns: int) -> list[tuple[int, bool, set[tuple[str, str]]]]:
-    """(window, complete, {(node, modality)}) per stored row, read like any other reader would."""
+def _stored(database: Path, window_ns: int, epoch_ns: int) -> list[StoredRow]:
+    """Every stored row, oldest first, read like any other reader would."""
     if not database.exists():
         return []
-    conn = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=5)
     try:
-        rows = conn.execute("SELECT payload FROM results ORDER BY id").fetchall()
+        conn = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return []
+    try:
+        rows = conn.execute("SELECT payload, created_ns FROM results ORDER BY id").fetchall()
     except sqlite3.Error:
         return []
     finally:
         conn.close()
     stored = []
-    for (payload,) in rows:
+    for payload, created_ns in rows:
         result = json.loads(payload)
-        present = {(node, modality) for modality, nodes in result["present"].items() for node in nodes}
-        stored.append((_window_of(result["window_start_ns"], epoch_ns, window_ns), bool(result["complete"]), present))
+        present = frozenset((node, modality) for modality, nodes in result["present"].items() for node in nodes)
+        stored.append(StoredRow(_window_of(result["window_start_ns"], epoch_ns, window_ns), bool(result["complete"]),
+                                present, tuple(result["nodes"]), int(result["window_start_ns"]), int(created_ns)))
     return stored
 
 
-def _delivered(stored: list[tuple[int, bool, set[tuple[str, str]]]]) -> set[tuple[str, str, int]]:
-    return {(node, modality, window) for window, _, present in stored for node, modality in present}
+def _delivered(stored: list[StoredRow]) -> set[tuple[str, str, int]]:
+    return {(node, modality, row.window) for row in stored for node, modality in row.present}
 
 
 def _drain(database: Path, expected: set[tuple[str, str, int]], window_ns: int, epoch_ns: int,
@@ -314,20 +566,85 @@ def _analyse(config: FaultConfig, layout: SiteLayout, summary: FieldSummary, eve
     acked = _acked_keys(summary, window_ns)
     stored = _stored(database, window_ns, summary.start_epoch_ns)
     delivered = _delivered(stored)
-    pairs = {(node.id, modality) for node in layout.nodes for modality in node.modalities}
-    per_window: dict[int, list[bool]] = {}
-    for window, complete, _ in stored:
-        per_window.setdefault(window, []).append(complete)
-    fully_acked = [w for w in range(summary.windows) if all((n, m, w) in acked for n, m in pairs)]
+    join = config.join_event(window_ns / 1e9)
+    plan = EventPlan(layout, (join,) if join else (), config.duration_s)
+    node_ids = tuple(plan.nodes_layout.node_ids)
+    per_window: dict[int, list[StoredRow]] = {}
+    for row in stored:
+        per_window.setdefault(row.window, []).append(row)
+    for event in events:
+        if event.held_start_s is not None:
+            event.held_window = _window_of(int(event.held_start_s * 1e9), summary.start_epoch_ns, window_ns)
+    # A window is fully acknowledged when every message of the nodes sampling it was: the joined
+    # node's only from its first window on.
+    fully_acked = [w for w in range(summary.windows)
+                   if all((n, m, w) in acked for n in plan.receivers(w, node_ids)
+                          for m in plan.nodes_layout.node(n).modalities)]
+    join_windows = _join_windows(plan, per_window)
+
+    def once(w: int) -> bool:
+        rows = per_window.get(w, [])
+        return len(rows) == 1 and (rows[0].complete or w in join_windows)
+
+    landed = [e for e in events if e.kind == "gap" and e.in_gap]
     total = summary.total()
-    return FaultReport(
-        config={k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
+    report = FaultReport(
+        config={k: _shown(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
         events=events, windows=summary.windows, produced=total.messages, acked=len(acked),
         delivered=len(acked & delivered), lost=sorted(f"{n}/{m}/{w}" for n, m, w in acked - delivered),
         unacked_delivered=len(delivered - acked), result_rows=len(stored),
         duplicate_results=len(stored) - len(per_window), windows_fully_acked=len(fully_acked),
-        complete_once=sum(per_window.get(w) == [True] for w in fully_acked),
-        integrity=_integrity(database), aggregator_exit=exit_code, aggregator_counts=counts)
+        complete_once=sum(once(w) for w in fully_acked),
+        integrity=_integrity(database), aggregator_exit=exit_code, aggregator_counts=counts,
+        gap_landed=len(landed), gap_stored_once=sum(once(e.held_window) for e in landed if e.held_window is not None))
+    if join is not None:
+        report.join = _join_stored(join, plan, window_ns, summary, events, stored, acked, delivered, join_windows)
+    return report
+
+
+def _join_windows(plan: EventPlan, per_window: dict[int, list[StoredRow]]) -> set[int]:
+    """Windows before a joined node's first that were assembled with it: from its birth on the
+    aggregator awaits it, while it samples only from the next whole window, so the window its
+    birth falls in (or, if the birth overtook the previous window's messages, that one) is partial."""
+    out = set()
+    for node in plan.joined:
+        first = min(w for w in range(plan.windows) if node in plan.receivers(w, (node,)))
+        out |= {w for w, rows in per_window.items() if w < first and any(node in row.nodes for row in rows)}
+    return out
+
+
+def _join_stored(join: PlacementEvent, plan: EventPlan, window_ns: int, summary: FieldSummary,
+                 events: list[FaultEvent], stored: list[StoredRow], acked: set[tuple[str, str, int]],
+                 delivered: set[tuple[str, str, int]], join_windows: set[int]) -> JoinReport:
+    """The joined node's part that SQLite shows (the log and counters come in ``_join_outcome``)."""
+    node = join.node
+    first = min(w for w in range(plan.windows) if node in plan.receivers(w, (node,)))
+    restarts = [e for e in events if e.kind in AGGREGATOR_KINDS and e.t_s > join.at_s]
+    # Process i (started after restart i) committed the rows created between its start and the next restart.
+    spans = [(e.down_ns, later.down_ns) for e, later in zip(restarts, restarts[1:], strict=False)]
+    spans += [(restarts[-1].down_ns, 2**63)] if restarts else []
+    with_node = sum(any(down <= row.created_ns < end and any(n == node for n, _ in row.present) for row in stored)
+                    for down, end in spans)
+    # Backlog: stored by a process started after a restart, from a window that had ended before it.
+    backlog = set()
+    for event in restarts:
+        for row in stored:
+            if row.created_ns > event.down_ns and row.start_ns + window_ns <= event.down_ns:
+                backlog |= {(n, m, row.window) for n, m in row.present if n == node}
+    mine = {key for key in acked if key[0] == node}
+    return JoinReport(node=node, at_s=join.at_s, first_window=first, acked=len(mine), delivered=len(mine & delivered),
+                      starts_after=len(restarts), restored=0, with_node=with_node, backlog=len(backlog),
+                      unknown_node=0, unknown_log_lines=0,
+                      join_windows=sum(w < first for w in join_windows))
+
+
+def _join_outcome(join: JoinReport, events: list[FaultEvent], last_unknown: int, log_text: str) -> JoinReport:
+    """Add what the aggregator log and every process's counters say about the joined node. The site's
+    layout nodes are never unknown, so any unknown_node refusal in this trial is about it."""
+    restored = len(re.findall(rf"restored node {re.escape(join.node)} \(joined in the field\)", log_text))
+    unknown_lines = len(re.findall(rf"not in the site layout: {re.escape(join.node)}\b", log_text))
+    unknown = last_unknown + sum(e.unknown_node or 0 for e in events if e.kind in AGGREGATOR_KINDS)
+    return dataclasses.replace(join, restored=restored, unknown_node=unknown, unknown_log_lines=unknown_lines)
 
 
 def _integrity(database: Path) -> str:
@@ -347,16 +664,29 @@ def add_faults_parser(sub: Any) -> None:
     p = sub.add_parser(
         "faults", help="kill the broker and the aggregator during a live trial; prove nothing acknowledged is lost",
         description="A live parking-lot site (real-time nodes, private Mosquitto saving after every change, the "
-        "aggregator as its own process) while Mosquitto and the aggregator are SIGKILLed and restarted. Every "
-        "token message a node got a PUBACK for must be in exactly one stored result; no window may be stored "
-        "twice; SQLite's integrity_check must pass. Exit code 1 when any of that fails. Writes faults.md/.json.")
+        "aggregator as its own process) while Mosquitto and the aggregator are SIGKILLed and restarted, once "
+        "between a window's close and its commit (the aggregator's commits are then held --commit-delay "
+        "seconds), and node n08 joins before the first fault (the trial starts with the seven other nodes). "
+        "Every token message a node got a PUBACK for must be in exactly one stored result; no window may be "
+        "stored twice; SQLite's integrity_check must pass; every aggregator start after the join must restore "
+        "n08 from SQLite and refuse none of its messages as unknown_node. Exit code 1 when any of that fails. "
+        "Writes faults.md/.json.")
     p.add_argument("--duration", type=float, default=40.0, help="trial seconds, real time (default: %(default)s)")
     p.add_argument("--broker-kills", type=int, default=2, help="broker SIGKILLs (default: %(default)s)")
     p.add_argument("--aggregator-kills", type=int, default=1, help="aggregator SIGKILLs (default: %(default)s)")
+    p.add_argument("--gap-kills", type=int, default=1,
+                   help="aggregator SIGKILLs between a window's close and its commit (default: %(default)s)")
+    p.add_argument("--commit-delay", type=float, default=0.5,
+                   help="with gap kills: seconds every commit is held, for the whole trial (default: %(default)s)")
     p.add_argument("--aggregator-restarts", type=int, default=1,
                    help="graceful aggregator restarts, SIGTERM then start (default: %(default)s)")
     p.add_argument("--broker-down", type=float, default=1.0,
                    help="seconds the broker stays dead each time (default: %(default)s)")
+    p.add_argument("--early-close", action="store_true",
+                   help="run the aggregator with its early window close (the field default); off by default, so "
+                   "windows wait for messages a broker outage held back (see the module doc)")
+    p.add_argument("--no-join", action="store_true",
+                   help="no joining node: the full eight-node lot from the start (default: n08 joins)")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model manifest (default: the shipped one)")
     p.add_argument("--seed", type=int, default=0, help="source seed (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"),
@@ -367,12 +697,16 @@ def add_faults_parser(sub: Any) -> None:
 
 
 def _cmd_faults(args: Any) -> int:
+    join = {"join": None} if args.no_join else {}
     config = FaultConfig(model=args.model, duration_s=args.duration, broker_kills=args.broker_kills,
-                         aggregator_kills=args.aggregator_kills, aggregator_restarts=args.aggregator_restarts,
-                         broker_down_s=args.broker_down, seed=args.seed)
+                         aggregator_kills=args.aggregator_kills, gap_kills=args.gap_kills,
+                         commit_delay_s=args.commit_delay, aggregator_restarts=args.aggregator_restarts,
+                         broker_down_s=args.broker_down, seed=args.seed, early_close=args.early_close, **join)
     workdir = args.workdir
+    joining = "no join" if config.join is None else f"{config.join.id} joins"
     print(f"fault trial: {args.duration:g} s, {args.broker_kills} broker and {args.aggregator_kills} aggregator "
-          f"kills, {args.aggregator_restarts} graceful restarts; work files in {workdir}", file=sys.stderr)
+          f"kills, {args.gap_kills} between close and commit, {args.aggregator_restarts} graceful restarts, "
+          f"{joining}; work files in {workdir}", file=sys.stderr)
     report = run_fault_trial(config, workdir, progress=lambda line: print(f"... {line}", file=sys.stderr, flush=True))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "faults.md").write_text(report.to_markdown())
