@@ -237,9 +237,10 @@ class MqttIngest:
     """
 
     def __init__(self, client: Any, site_id: str, deliver: Callable[[RawMessage], None], *,
-                 expect_session: bool = False):
+                 expect_session: bool = False, on_link: Callable[[bool], None] = lambda up: None):
         """``expect_session``: this site's aggregator ran before (its store has results), so even the
-        first connection should find the persistent session."""
+        first connection should find the persistent session. ``on_link(up)``: called (in paho's
+        thread, holding no lock of ours) when the connection comes up or goes down."""
         self.client = client
         self.site_id = site_id
         self.deliver = deliver
@@ -249,6 +250,7 @@ class MqttIngest:
         self.sessions_lost = 0
         self.session_lost_s: float | None = None  # monotonic time of the latest loss
         self._expect_session = expect_session
+        self._on_link = on_link
         self._topics: list[str] = []
         self.connects = 0
         self.connection = 0  # bumped on every connect and disconnect: receipts of older ones are stale
@@ -279,6 +281,7 @@ class MqttIngest:
             # Node topics only: not "#", which would also bring back our own results and state.
             self._topics = [site_filter(self.site_id, kind) for kind in ("birth", "state", "data")]
             client.subscribe([(topic, 1) for topic in self._topics])
+            self._on_link(True)
             self.connected.set()
             log.info("connected to the broker (connection %d)", self.connects)
         except Exception:  # noqa: BLE001
@@ -301,6 +304,7 @@ class MqttIngest:
             with self._ack_lock:
                 self.connection += 1
             self.connected.clear()
+            self._on_link(False)
             # Our own disconnect at shutdown is normal; anything else is worth a warning.
             level = logging.WARNING if getattr(reason_code, "is_failure", True) else logging.INFO
             log.log(level, "disconnected from the broker: %s", reason_code)

@@ -150,7 +150,7 @@ class Aggregator:
         # A store with results of this site means we ran before: the broker should still hold our session.
         self.processor.quiet_s = config.stall_windows * window_s
         self.ingest = MqttIngest(subscriber, self.site, self.message_queue.put,
-                                 expect_session=self.store.count(self.site) > 0)
+                                 expect_session=self.store.count(self.site) > 0, on_link=self._link_changed)
         self.worker = InferenceWorker(self.backend, self.manifest, self.site, self.window_queue, self.store,
                                       self._publish_result, max_batch=config.max_batch,
                                       max_batch_nodes=config.max_batch_nodes,
@@ -297,6 +297,13 @@ class Aggregator:
         if acknowledge:
             self._release(receipts)
 
+
+    def _link_changed(self, up: bool) -> None:
+        """No early close across a broker outage (see window_assembler): one assignment, no lock."""
+        if up:
+            self.assembler.resume_early(time.monotonic())
+        else:
+            self.assembler.hold_early()
 
     def _keep_window(self, window: Any) -> bool:
         """Not to be shed: a window that ended long ago by this box's clock (backlog)."""

@@ -30,7 +30,10 @@ sent a message of a later window: one node's messages arrive in order across win
 the learned lag quantile plus a margin after the window's first message (until a pair has enough samples
 of its own, the quantile of all pairs' lags together stands in). Without enough samples at all the
 deadline decides as before, and it stays the upper bound. The quantile trades
-latency for messages: a message later than it misses its window (counted as late).
+latency for messages: a message later than it misses its window (counted as late). While the
+broker link is down, and for one deadline after it is back, no window closes early
+(``hold_early``/``resume_early``): messages held back by a broker outage arrive in a burst after the
+reconnect, far later than any learned lag, and must still find their window.
 
 Why lag after the first message, not after the window's end on the node clock: node clocks are off
 by up to half a window, timelines of replays run faster than this box's clock, and after a restart
@@ -53,6 +56,7 @@ with any clock they like.
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +162,9 @@ class WindowAssembler:
         self._site_lags: collections.deque[float] = collections.deque(maxlen=early.site_history if early else 1)
         self._newest_index: dict[str, int] = {}  # node -> newest window index it sent
         self._closed_first: dict[int, float] = {}  # first arrival of recently closed windows (late lags)
+        # Windows whose first message came before this (monotonic) never close early: set by another
+        # thread (the MQTT client's) with one assignment, read under the caller's lock.
+        self.early_hold_before_s = -math.inf
         self._unreleased: dict[int, AssembledWindow] = {}  # closed, receipts not yet taken (see module doc)
         self.counts: collections.Counter[str] = collections.Counter()
 
@@ -242,6 +249,15 @@ class WindowAssembler:
                     deadline = min(deadline, at)
         return deadline
 
+    def hold_early(self) -> None:
+        """The broker link is down: no window open now or opened until ``resume_early`` closes early."""
+        self.early_hold_before_s = math.inf
+
+    def resume_early(self, now_s: float) -> None:
+        """The link is back: windows opened from one deadline on may close early again (what the
+        broker held back arrives first, into windows that wait for their deadline)."""
+        self.early_hold_before_s = now_s + self.deadline_s
+
     @property
     def open_windows(self) -> int:
         return len(self._open)
@@ -295,6 +311,8 @@ class WindowAssembler:
         some missing message's lag is not known yet (the deadline decides)."""
         assert self.early is not None
         window = self._open[index]
+        if window.first_arrival_s <= self.early_hold_before_s:
+            return None
         wait = 0.0
         for node_id, modality in snapshot.expected - window.tokens.keys():
             if self._newest_index.get(node_id, index) > index:

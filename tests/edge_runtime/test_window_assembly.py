@@ -355,3 +355,28 @@ def test_a_node_that_sent_a_later_window_is_not_waited_for(parts):
     feed_timed(layout, registry, assembler, 7, [(("n08", layout.node("n08").modalities[0]), 100.01)])
     [window] = assembler.expire(registry.snapshot(), 100.03)
     assert window.window_index == 6 and window.reason == "early"
+
+
+def test_no_window_closes_early_across_a_broker_outage(parts):
+    """What the broker held back during an outage arrives in a burst after the reconnect, later than
+    any learned lag: windows open when the link went down, or opened within a deadline after it came
+    back, wait for their deadline."""
+    layout, _, registry, _ = parts
+    assembler = early_parts(layout)
+    everything = pairs(layout)
+    for k in range(6):
+        feed_timed(layout, registry, assembler, k, [(p, 10.0 * k) for p in everything])
+    feed_timed(layout, registry, assembler, 6, [(p, 100.0) for p in everything[:-1]])
+    assembler.hold_early()  # the link goes down
+    assert assembler.next_deadline_s(registry.snapshot()) == pytest.approx(101.0)
+    assert assembler.expire(registry.snapshot(), 100.5) == []
+    assembler.resume_early(100.6)  # back: the held-back message comes late, still in time
+    closed = feed_timed(layout, registry, assembler, 6, [(everything[-1], 100.8)])
+    assert [w.reason for w in closed] == ["complete"]
+    feed_timed(layout, registry, assembler, 7, [(p, 101.2) for p in everything[:-1]])  # opened in the hold
+    assert assembler.expire(registry.snapshot(), 101.5) == []
+    assert [w.reason for w in assembler.expire(registry.snapshot(), 102.3)] == ["deadline"]
+    feed_timed(layout, registry, assembler, 8, [(p, 110.0) for p in everything[:-1]])  # after it
+    # The late message's 0.8 s lag is learned: window 8 waits that long for its missing pair, not 1 s.
+    assert assembler.expire(registry.snapshot(), 110.5) == []
+    assert [(w.window_index, w.reason) for w in assembler.expire(registry.snapshot(), 110.85)] == [(8, "early")]
