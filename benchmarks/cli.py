@@ -159,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     qb.add_argument("--threads", type=int, default=1, help="torch and ORT intra-op threads (default: %(default)s)")
     qb.add_argument("--repeats", type=int, default=100, help="timed runs per entry and batch (default: %(default)s)")
     qb.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where quant.md/.png go")
+    qb.add_argument("--attention", nargs="*", metavar="MODE", default=None,
+                    help="attention options to compare (FP32 and INT8 rows of the student exported with each; "
+                         "default: all of plain, mha, attention23, ort-fusion; none: skip the comparison)")
+    qb.add_argument("--calibration-windows", type=int, default=128,
+                    help="MinMax calibration windows of the attention rows' INT8 graphs (default: %(default)s)")
     qb.set_defaults(func=_cmd_quant)
 
     _add_field_benchmarks(sub)
@@ -509,9 +514,17 @@ def _chosen_teacher(listing: Path) -> list[str]:
 def _cmd_quant(args: argparse.Namespace) -> int:
     import tempfile
 
+    import numpy as np
     import torch
 
-    from benchmarks.quant_bench import run_quant_benchmark, standard_entries
+    from benchmarks.quant_bench import (
+        STANDARD_RATIOS,
+        attention_entries,
+        attention_parity,
+        attention_ratios,
+        run_quant_benchmark,
+        standard_entries,
+    )
     from benchmarks.trial import model_label
     from export.errors import ExportError
     from export.exporter import load_deployable
@@ -525,13 +538,26 @@ def _cmd_quant(args: argparse.Namespace) -> int:
         raise BenchError(f"{exc} (run `make models` first, or give --teacher/--student)") from None
     torch.set_num_threads(args.threads)
     windows = load_windows(args.data, progress=False)
-    _, val_idx = temporal_split(len(windows), 0.25)
+    train_idx, val_idx = temporal_split(len(windows), 0.25)
     dynamic = args.models / "model.int8.dynamic.onnx"
     with tempfile.TemporaryDirectory(prefix="spar-quant-") as work:
         entries = standard_entries(teacher, student, args.models / "model.onnx", args.models / "model.int8.onnx",
                                    threads=args.threads, workdir=work,
                                    student_int8_dynamic=dynamic if dynamic.exists() else None)
-        report = run_quant_benchmark(entries, windows, val_idx, repeats=args.repeats, threads=args.threads)
+        options, ratios = [], STANDARD_RATIOS
+        if args.attention is None or args.attention:
+            # calibration spread over the training part, as `spar-export quantize` does
+            count = min(args.calibration_windows, len(train_idx))
+            calib = np.unique(train_idx[np.linspace(0, len(train_idx) - 1, count).astype(int)])
+            extra, options = attention_entries(student, windows, calib, work, threads=args.threads,
+                                               modes=args.attention or None)
+            entries += extra
+            ratios = STANDARD_RATIOS + attention_ratios(options)
+        report = run_quant_benchmark(entries, windows, val_idx, repeats=args.repeats, threads=args.threads,
+                                     ratios=ratios)
+        if options:
+            attention_parity(student, entries, options, windows, val_idx[:256])
+            report.attention = options
     report.model = model_label(args.models / "manifest.json")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quant.md").write_text(report.to_markdown())

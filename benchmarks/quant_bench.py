@@ -9,6 +9,13 @@ them all alike instead of whichever happened to run during the noise.
     entries = standard_entries(teacher, student, "student.onnx", "student.int8.onnx", threads=1, workdir=tmp)
     report = run_quant_benchmark(entries, windows, val_idx, threads=1)
     print(report.to_markdown()); report.plot(Path("quant.png"))
+
+Attention options (issue 20): ``attention_entries`` exports the student with each way of writing
+attention (``export.attention.ATTENTION_MODES``), quantizes each to INT8 the same way, and adds a
+FP32 and an INT8 row per mode, timed interleaved with every other row; ``attention_parity`` measures
+each graph against torch FP32 on the same windows; the report's "Attention options" table says which
+op each graph holds, whether ONNX Runtime fuses the plain graph at load, what TensorRT parses, and
+the speed-up of each fused mode over the plain graph.
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ TEACHER_ORT = "ORT FP32 teacher"
 STUDENT_ORT = "ORT FP32 student"
 STUDENT_INT8 = "ORT INT8 student"
 STUDENT_INT8_DYNAMIC = "ORT INT8 dynamic student"
+
+
+def attention_label(precision: str, mode: str) -> str:
+    """Row label of the student exported with attention ``mode`` (FP32 or INT8)."""
+    return f"ORT {precision} student, {mode} attention"
 # (name, slower entry, faster entry): speed-up = p50 latency of the first / p50 of the second.
 STANDARD_RATIOS = (
     ("INT8 student vs FP32 teacher, both ORT", TEACHER_ORT, STUDENT_INT8),
@@ -78,6 +90,7 @@ class QuantBenchReport:
     machine: str
     ratios: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> batch -> speed-up
     model: str = ""  # which model folder the ONNX entries come from (name, version, budget)
+    attention: list[AttentionOption] = field(default_factory=list)  # the attention comparison, if run
 
     def entry(self, label: str) -> EntryResult:
         for e in self.entries:
@@ -108,6 +121,8 @@ class QuantBenchReport:
                       "|---|" + "---|" * len(self.batches)]
             for name, values in self.ratios.items():
                 lines.append(f"| {name} | " + " | ".join(f"{values[b]:.2f}x" for b in self.batches) + " |")
+        if self.attention:
+            lines += ["", *attention_markdown(self)]
         metric_names = sorted({k for e in self.entries for k in e.metrics})
         if metric_names:
             lines += ["", "| entry | " + " | ".join(metric_names) + " |", "|---|" + "---|" * len(metric_names)]
@@ -286,3 +301,115 @@ def standard_entries(teacher: DeployModel, student: DeployModel, student_fp32: s
         entries.append(BenchEntry(STUDENT_INT8_DYNAMIC, onnx_runner(path, threads, student.output_names), s_params,
                                   path.stat().st_size, student))
     return entries
+
+
+# --------------------------------------------------------------------------- attention options
+@dataclass
+class AttentionOption:
+    """One way of writing attention into the student's graph, and what was measured on it."""
+
+    mode: str
+    fused_nodes: int = 0  # fused attention ops in the exported graph
+    fused_at_load: int = 0  # fused attention ops in the graph ONNX Runtime runs (ORT_ENABLE_ALL)
+    tensorrt: str = ""  # which TensorRT 10 parses it
+    fp32_error: float = float("nan")  # max |torch FP32 - ORT| over every output, parity windows
+    int8_error: float = float("nan")
+    int8_quantized: int = 0  # MatMul/Gemm quantized in the INT8 graph
+    parity_windows: int = 0
+    error: str = ""  # why the mode has no rows (export or quantization failed)
+
+
+def attention_entries(student: DeployModel, windows: WindowSet, calib_indices, workdir: str | Path, *,
+                      threads: int = 1, modes: Sequence[str] | None = None,
+                      ) -> tuple[list[BenchEntry], list[AttentionOption]]:
+    """FP32 and INT8 rows of ``student`` exported with each attention ``mode`` (default: all).
+
+    Each graph is exported by ``export.onnx_export.export_onnx`` (which checks it against torch and,
+    for a fused mode, that the fused op is there) and quantized by ``quantize_static_int8`` with the
+    same settings (MinMax on ``calib_indices``), so the rows differ only in how attention is written.
+    A mode that cannot be exported here (e.g. ``ort-fusion`` without onnxscript) gets no rows and its
+    reason in the option's ``error``."""
+    from export.attention import ATTENTION_MODES, fused_attention_nodes, ort_fused_at_load, tensorrt_parses
+    from export.errors import ExportError
+    from export.onnx_export import export_onnx
+    from export.quantize import quantize_static_int8, summarize_graph
+
+    workdir = Path(workdir)
+    params = count_params(student)
+    entries: list[BenchEntry] = []
+    options: list[AttentionOption] = []
+    for mode in modes or ATTENTION_MODES:
+        option = AttentionOption(mode)
+        options.append(option)
+        try:
+            option.tensorrt = tensorrt_parses(mode)
+            fp32 = export_onnx(student, workdir / f"student.{mode}.onnx", attention=mode)
+            int8 = quantize_static_int8(fp32, workdir / f"student.{mode}.int8.onnx", windows, calib_indices)
+        except ExportError as exc:
+            option.error = str(exc)
+            continue
+        option.fused_nodes = fused_attention_nodes(fp32)
+        option.fused_at_load = ort_fused_at_load(fp32)["fused"]
+        option.int8_quantized = len(summarize_graph(int8).quantized)
+        for precision, path in (("FP32", fp32), ("INT8", int8)):
+            entries.append(BenchEntry(attention_label(precision, mode), onnx_runner(path, threads,
+                                      student.output_names), params, path.stat().st_size, student))
+    return entries, options
+
+
+def attention_parity(student: DeployModel, entries: Sequence[BenchEntry], options: Sequence[AttentionOption],
+                     windows: WindowSet, indices, batch_size: int = 32) -> None:
+    """Fill each option's FP32 / INT8 max abs error against torch FP32 on windows ``indices``."""
+    from export.parity import collect_outputs
+
+    idx = np.asarray(indices, np.int64).reshape(-1)
+    reference = collect_outputs(student, torch_runner(student), windows, idx, batch_size)
+    by_label = {e.label: e for e in entries}
+    for option in options:
+        for precision in ("FP32", "INT8"):
+            entry = by_label.get(attention_label(precision, option.mode))
+            if entry is None:
+                continue
+            got = collect_outputs(student, entry.runner, windows, idx, batch_size)
+            error = max(float(np.abs(np.asarray(got[n], np.float64) - reference[n]).max()) for n in reference)
+            setattr(option, "fp32_error" if precision == "FP32" else "int8_error", error)
+        option.parity_windows = int(idx.size)
+
+
+def attention_ratios(options: Sequence[AttentionOption]) -> tuple[tuple[str, str, str], ...]:
+    """(name, plain row, fused row) speed-ups of every fused mode over the plain graph, FP32 and INT8."""
+    fused = [o.mode for o in options if o.mode != "plain" and not o.error]
+    return tuple((f"{mode} vs plain attention, {precision} student, ORT", attention_label(precision, "plain"),
+                  attention_label(precision, mode)) for precision in ("FP32", "INT8") for mode in fused)
+
+
+def attention_markdown(report: QuantBenchReport) -> list[str]:
+    """The "Attention options" section of the report."""
+    from export.attention import DEFAULT_ATTENTION
+
+    labels = {e.label: e for e in report.entries}
+    lines = ["## Attention options (issue 20)", "",
+             f"The student exported with each way of writing attention (`spar-export onnx --attention MODE`), each "
+             f"quantized to INT8 the same way (static Q/DQ, MinMax); rows above, timed interleaved with the rest. "
+             f"Parity: max |torch FP32 - ONNX Runtime| over every output on "
+             f"{max((o.parity_windows for o in report.attention), default=0)} held-out windows. \"fused at load\": "
+             f"fused attention ops in the graph ONNX Runtime actually runs (ORT_ENABLE_ALL, read from "
+             f"`optimized_model_filepath`). Default export: `{DEFAULT_ATTENTION}`.", ""]
+    head = ["attention", "fused ops in graph", "fused at load by ORT", "TensorRT 10 parses", "FP32 max abs err",
+            "INT8 max abs err", "INT8 MatMuls quantized"]
+    for precision in ("FP32", "INT8"):
+        head += [f"{precision} b{b} vs plain" for b in report.batches]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for o in report.attention:
+        if o.error:
+            lines.append(f"| {o.mode} | not measured: {o.error[:160]} |" + " |" * (len(head) - 2))
+            continue
+        cells = [o.mode, str(o.fused_nodes), str(o.fused_at_load), o.tensorrt, f"{o.fp32_error:.2g}",
+                 f"{o.int8_error:.2g}", str(o.int8_quantized)]
+        for precision in ("FP32", "INT8"):
+            plain = labels.get(attention_label(precision, "plain"))
+            this = labels.get(attention_label(precision, o.mode))
+            for b in report.batches:
+                cells.append(f"{plain.p(b, 50) / this.p(b, 50):.2f}x" if plain and this else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines

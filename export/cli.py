@@ -10,18 +10,20 @@ import argparse
 import sys
 from pathlib import Path
 
+from export.attention import ATTENTION_MODES, DEFAULT_ATTENTION
 from export.errors import ExportError
 from export.formats import FORMATS
 
-FORMAT_LINES = "\n".join(f"  {f.name:<12} {f.file:<18} {f.precision:<5} spar-export {f.command:<9} "
-                         f"runs on {', '.join(f.backends)}" for f in FORMATS)
+FORMAT_LINES = "\n".join(f"  {f.name:<16} {f.file:<22} {f.precision:<5} spar-export {f.command:<9} "
+                         f"runs on {', '.join(f.backends)}; attention {f.attention}" for f in FORMATS)
 EPILOG = "formats:\n" + FORMAT_LINES + """
 
 examples:
   spar-export distill --teacher runs/spar-cls --teacher runs/spar-loc --data data/lot --out runs/student
   spar-export onnx --checkpoint runs/student --data data/lot --out models/parking_lot --name spar-parking-lot
   spar-export quantize --onnx models/parking_lot/model.onnx --checkpoint runs/student --data data/lot
-  spar-export engine --onnx models/parking_lot/model.int8.onnx --precision int8   # on the Jetson
+  spar-export quantize --onnx models/parking_lot/model.plain.onnx --checkpoint runs/student --data data/lot
+  spar-export engine --onnx models/parking_lot/model.plain.int8.onnx --precision int8   # on the Jetson
 """
 
 
@@ -65,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="0.1.0", help="model version in the manifest")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--max-windows", type=int, help="use only the first N windows of --data")
+    p.add_argument("--attention", choices=ATTENTION_MODES, default=DEFAULT_ATTENTION,
+                   help="how attention is written: mha = ONNX Runtime's MultiHeadAttention contrib op (default: "
+                        "fastest here, benchmarks/results/quant.md), attention23 = ONNX Attention (opset 23), "
+                        "ort-fusion = dynamo exporter + onnxscript's ORT fusion rewriter (needs onnxscript), plain = "
+                        "split MatMul/Softmax (every TensorRT 10 parses it)")
+    p.add_argument("--no-plain", action="store_true",
+                   help="do not write model.plain.onnx (the split-attention graph TensorRT is built from)")
 
     p = sub.add_parser("quantize", help="INT8 Q/DQ ONNX calibrated on real windows",
                        description="Static INT8 quantization (Q/DQ, S8S8, per-channel weights; LayerNorm, Softmax, "
@@ -123,10 +132,13 @@ def _cmd_onnx(args) -> int:
     from export.exporter import export_checkpoints
 
     result = export_checkpoints(args.checkpoint, args.out, name=args.name, version=args.version, data=args.data,
-                                opset=args.opset, max_windows=args.max_windows)
+                                opset=args.opset, max_windows=args.max_windows, attention=args.attention,
+                                plain=not args.no_plain)
     if result.parity is not None:
-        print(result.parity.to_markdown("torch FP32", "ONNX Runtime FP32"))
-    print(f"wrote {result.onnx} and {result.manifest}")
+        print(result.parity.to_markdown("torch FP32", f"ONNX Runtime FP32 ({result.attention} attention)"))
+    print(f"wrote {result.onnx} and {result.manifest} ({result.attention} attention)")
+    if result.plain is not None:
+        print(f"wrote {result.plain} and {result.plain_manifest} (plain attention, for TensorRT)")
     return 0
 
 

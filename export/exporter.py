@@ -1,14 +1,22 @@
-"""Checkpoint -> ``model.onnx`` + ``manifest.json`` (+ parity report on real windows)."""
+"""Checkpoint -> ``model.onnx`` + ``manifest.json`` (+ parity report on real windows).
+
+``model.onnx`` has fused attention (``export.attention``; ONNX Runtime runs it). When its fused op is
+one TensorRT 10 cannot parse, ``model.plain.onnx`` (+ ``model.plain.manifest.json``) is written
+beside it with the split attention: the graph TensorRT engines and their INT8 Q/DQ source are built
+from (``export.formats``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.attention import DEFAULT_ATTENTION, needs_plain_graph
 from export.deploy_model import DeployModel, deploy_model_from_checkpoints
 from export.errors import ExportError
 from export.manifests import manifest_for, manifest_path_for
 from export.onnx_export import DEFAULT_OPSET, ParityReport, export_onnx
+
+PLAIN_ONNX = "model.plain.onnx"  # the split-attention graph for TensorRT (export.formats)
 
 
 @dataclass
@@ -16,6 +24,9 @@ class OnnxExportResult:
     onnx: Path
     manifest: Path
     parity: ParityReport | None
+    attention: str = DEFAULT_ATTENTION
+    plain: Path | None = None  # model.plain.onnx when written
+    plain_manifest: Path | None = None
 
 
 def load_deployable(paths: list[str]) -> tuple[DeployModel, dict]:
@@ -38,22 +49,34 @@ def load_deployable(paths: list[str]) -> tuple[DeployModel, dict]:
 
 def export_checkpoints(paths: list[str], out_dir: str | Path, *, name: str, version: str,
                        data: str | None = None, val_fraction: float = 0.25, opset: int = DEFAULT_OPSET,
-                       max_windows: int | None = None) -> OnnxExportResult:
-    """Export, verify at several node counts, score torch vs ONNX Runtime on the validation windows of
-    ``data`` (when given) and write the manifest with that metric."""
+                       max_windows: int | None = None, attention: str = DEFAULT_ATTENTION,
+                       plain: bool = True) -> OnnxExportResult:
+    """Export with ``attention`` (``export.attention.ATTENTION_MODES``), verify at several node counts,
+    score torch vs ONNX Runtime on the validation windows of ``data`` (when given) and write the
+    manifest with that metric. With ``plain`` and a fused op TensorRT cannot parse, also write
+    ``model.plain.onnx`` and its manifest (scored the same way)."""
     model, data_info = load_deployable(paths)
     out_dir = Path(out_dir)
-    onnx_path = export_onnx(model, out_dir / "model.onnx", opset=opset)
-    parity = None
-    metric: dict[str, float] = {}
-    if data:
-        parity = parity_on_dataset(model, onnx_path, data, data_info, val_fraction, max_windows)
-        (out_dir / "parity-onnx.md").write_text(parity.to_markdown("torch FP32", "ONNX Runtime FP32"))
-        metric = dict(parity.metrics_candidate)
-    manifest = manifest_for(model, data_info, onnx_path, name=name, version=version, metric=metric)
-    manifest_path = manifest_path_for(onnx_path)
-    manifest.write(manifest_path)
-    return OnnxExportResult(onnx_path, manifest_path, parity)
+    graphs = [("model.onnx", attention, "parity-onnx.md")]
+    if plain and needs_plain_graph(attention):
+        graphs.append((PLAIN_ONNX, "plain", "parity-onnx.plain.md"))
+    written, first_parity = [], None
+    for file, mode, report_name in graphs:
+        onnx_path = export_onnx(model, out_dir / file, opset=opset, attention=mode)
+        parity = None
+        metric: dict[str, float] = {}
+        if data:
+            parity = parity_on_dataset(model, onnx_path, data, data_info, val_fraction, max_windows)
+            text = parity.to_markdown("torch FP32", f"ONNX Runtime FP32 ({mode} attention)")
+            (out_dir / report_name).write_text(text)
+            metric = dict(parity.metrics_candidate)
+        manifest = manifest_for(model, data_info, onnx_path, name=name, version=version, metric=metric)
+        manifest_path = manifest_path_for(onnx_path)
+        manifest.write(manifest_path)
+        written.append((onnx_path, manifest_path))
+        first_parity = first_parity or parity
+    plain_paths = written[1] if len(written) > 1 else (None, None)
+    return OnnxExportResult(written[0][0], written[0][1], first_parity, attention, *plain_paths)
 
 
 def parity_on_dataset(model: DeployModel, onnx_path: Path, data: str, data_info: dict, val_fraction: float,

@@ -163,6 +163,13 @@ class WindowCalibrationReader(CalibrationDataReader):
         self._next = 0
 
 
+def report_name(out: Path) -> str:
+    """The parity report beside an INT8 file: parity-int8.md for model.int8.onnx, parity-int8.plain.md for
+    the TensorRT source model.plain.int8.onnx (both live in one model folder), else parity-<stem>.md."""
+    return {"model.int8.onnx": REPORT_NAME, "model.plain.int8.onnx": "parity-int8.plain.md"}.get(
+        out.name, f"parity-{out.stem}.md")
+
+
 # --------------------------------------------------------------------------- graph helpers
 def regression_tail_nodes(model, outputs: Sequence[str]) -> list[str]:
     """Names of the nodes between each of ``outputs`` and the first MatMul/Gemm met walking the graph
@@ -672,7 +679,8 @@ def quantize(fp32_onnx: str | Path, out: str | Path, windows: WindowSet, calib_i
                 "output_qdq": output_qdq, "preprocess": _preprocess_state(out, preprocess),
                 "ort_threads": threads or "ORT default"}
     report = QuantReport(
-        fp32_path=fp32_onnx, int8_path=out, manifest_path=manifest_path_for(out), report_path=out.parent / REPORT_NAME,
+        fp32_path=fp32_onnx, int8_path=out, manifest_path=manifest_path_for(out),
+        report_path=out.parent / report_name(out),
         method=method, settings=settings, parity_fp32=parity_fp32, parity_int8=parity_int8,
         agreement_int8=int8.agreement, graph=graph, excluded_linear=excluded_linear,
         file_bytes={"fp32": fp32_onnx.stat().st_size, "int8": out.stat().st_size}, calibration=calibration,

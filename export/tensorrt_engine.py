@@ -132,13 +132,16 @@ def profile_shapes(manifest: ModelManifest, spec: EngineSpec) -> ProfileShapes:
 
 
 def default_engine_path(onnx_path: str | Path, precision: str) -> Path:
-    """``model.onnx`` -> ``model.fp16.trt.engine``; ``model.int8.onnx`` -> ``model.int8.trt.engine``.
+    """``model.onnx`` -> ``model.fp16.trt.engine``; ``model.int8.onnx`` -> ``model.int8.trt.engine``;
+    ``model.plain.onnx`` and ``model.plain.int8.onnx`` likewise.
 
     The ``.trt`` part keeps the engine's manifest (``<stem>.manifest.json``) from landing on the
     source ONNX's own manifest.
     """
     onnx_path = Path(onnx_path)
-    stem = onnx_path.stem
+    # model.plain[.int8].onnx (the TensorRT source beside a fused-attention model.onnx) gives the same
+    # engine names as a plain model.onnx would: the formats table names one engine file per precision
+    stem = onnx_path.stem.replace(".plain", "")
     base = stem if stem.endswith(f".{precision}") else f"{stem}.{precision}"
     return onnx_path.with_name(f"{base}.trt.engine")
 
@@ -246,6 +249,22 @@ def require_qdq(onnx_path: str | Path) -> QdqReport:
     return report
 
 
+def require_standard_ops(onnx_path: str | Path) -> None:
+    """ExportError when the graph has ops outside the standard ONNX domain (ONNX Runtime's contrib
+    MultiHeadAttention of a fused-attention export): TensorRT's ONNX parser cannot take them."""
+    from export.attention import contrib_ops
+
+    try:
+        foreign = contrib_ops(onnx_path)
+    except Exception as exc:  # OSError, protobuf DecodeError, ...: all mean "not a readable ONNX file"
+        raise ExportError(f"{onnx_path}: cannot read the ONNX graph: {exc}") from None
+    if foreign:
+        raise ExportError(f"{onnx_path} has ops TensorRT cannot parse ({', '.join(foreign)}): it is the fused-"
+                          "attention graph for ONNX Runtime. Build the engine from the plain-attention graph "
+                          "beside it: model.plain.onnx for fp16/fp32 (`spar-export onnx` writes it), "
+                          "model.plain.int8.onnx for int8 (`spar-export quantize --onnx model.plain.onnx`)")
+
+
 # --------------------------------------------------------------------------- TensorRT
 def import_tensorrt() -> ModuleType:
     """``tensorrt`` (>= 10), or ExportError with the install hint."""
@@ -316,6 +335,7 @@ def build_engine(onnx_path: str | Path, out_path: str | Path | None = None, spec
     _check_paths(onnx_path, out_path, source)
     shapes = profile_shapes(source, spec)  # every pure check before TensorRT is touched
     nodes = node_profile(source, spec)
+    require_standard_ops(onnx_path)
     qdq = qdq_report(onnx_path)
     if spec.precision == "int8":
         require_qdq(onnx_path)

@@ -72,6 +72,12 @@ run "$BIN/spar-export" onnx --checkpoint "$WORK/student" --data "$WORK/data" --o
     --name spar-parking-lot --version "$VERSION"
 run "$BIN/spar-export" quantize --onnx "$OUT/model.onnx" --checkpoint "$WORK/student" --data "$WORK/data" \
     --calibration-windows "$BUDGET_CALIBRATION_WINDOWS"
+# model.onnx has fused attention (ONNX Runtime); TensorRT engines are built from the plain graph beside it
+# and from its own INT8 (export/formats.py)
+if [ -f "$OUT/model.plain.onnx" ]; then
+    run "$BIN/spar-export" quantize --onnx "$OUT/model.plain.onnx" --checkpoint "$WORK/student" --data "$WORK/data" \
+        --calibration-windows "$BUDGET_CALIBRATION_WINDOWS"
+fi
 run "$BIN/spar-export" onnx "${TEACHER_FLAGS[@]/--teacher/--checkpoint}" --data "$WORK/data" --out "$OUT/teacher" \
     --name spar-parking-lot-teacher --version "$VERSION"
 # Every manifest names the budget and the teacher's fine-tuning, so results measured on it can say so.

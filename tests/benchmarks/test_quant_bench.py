@@ -117,3 +117,29 @@ def test_bench_inputs_cut_and_pad_real_windows(windows, artifacts):
     assert padded["positions"].dtype == np.float32 and np.isfinite(padded["positions"]).all()
     outputs = onnx_runner(artifacts[3], threads=1)(padded)
     assert outputs[0].shape == (2, 3)
+
+
+def test_attention_options_get_rows_ratios_and_a_table(artifacts, windows):
+    """spar-bench quant's attention comparison: FP32 and INT8 rows per mode, fused vs plain speed-ups,
+    parity against torch and the fused-op evidence in the report."""
+    from benchmarks.quant_bench import attention_entries, attention_label, attention_parity, attention_ratios
+
+    tmp, _, student, *_ = artifacts
+    entries, options = attention_entries(student, windows, np.arange(12), tmp, modes=("plain", "mha", "nope"))
+    assert [e.label for e in entries] == [attention_label(p, m) for m in ("plain", "mha") for p in ("FP32", "INT8")]
+    assert "unknown attention mode" in options[2].error
+    report = run_quant_benchmark(entries, windows, np.arange(12, 16), nodes=8, batches=(1, 4), repeats=2, warmup=1,
+                                 threads=1, ratios=attention_ratios(options))
+    attention_parity(student, entries, options, windows, np.arange(12, 16))
+    report.attention = options
+    plain, mha = options[0], options[1]
+    from train.models.transformer import Attention
+
+    blocks = sum(isinstance(m, Attention) for m in student.modules())
+    assert (plain.fused_nodes, plain.fused_at_load, mha.fused_nodes, mha.fused_at_load) == (0, 0, blocks, blocks)
+    assert plain.fp32_error < 1e-4 and mha.fp32_error < 1e-4 and np.isfinite(mha.int8_error)
+    assert mha.int8_quantized > 0
+    assert set(report.ratios) == {f"mha vs plain attention, {p} student, ORT" for p in ("FP32", "INT8")}
+    text = report.to_markdown()
+    assert "## Attention options" in text and f"| mha | {blocks} | {blocks} |" in text
+    assert "| nope | not measured" in text
