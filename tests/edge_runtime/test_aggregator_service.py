@@ -12,7 +12,6 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from benchmarks.tiny_onnx_model import build_tiny_model
 from edge_runtime.config import AggregatorConfig
 from edge_runtime.errors import AggregatorError
 from edge_runtime.inference import load_backend
@@ -35,13 +34,6 @@ SITE = REPO / "configs/sites/parking_lot.toml"
 # box's clock (the aggregator refuses window starts far from it before it has other nodes to compare).
 EPOCH = (time.time_ns() // (2 * 10**9) - 10) * 2 * 10**9
 pytestmark = pytest.mark.mosquitto
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, parking_lot):
-    out = tmp_path_factory.mktemp("model")
-    build_tiny_model(parking_lot, out)
-    return out
 
 
 def config_for(broker, model_dir, tmp_path, **kw):

@@ -6,7 +6,6 @@ results where it can, loses nothing it acknowledged, and /healthz says what is w
 """
 
 import json
-import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from benchmarks.local_broker import BrokerSettings, LocalBroker
-from benchmarks.tiny_onnx_model import build_tiny_model
 from edge_runtime import inference_worker
 from edge_runtime.config import AggregatorConfig
 from edge_runtime.errors import AggregatorError
@@ -29,13 +27,6 @@ REPO = Path(__file__).resolve().parents[2]
 SITE = REPO / "configs/sites/parking_lot.toml"
 WINDOW_NS = 2 * 10**9
 pytestmark = pytest.mark.mosquitto
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, parking_lot):
-    out = tmp_path_factory.mktemp("model")
-    build_tiny_model(parking_lot, out)
-    return out
 
 
 def recent_epoch(windows_ago: int = 10) -> int:
@@ -106,20 +97,8 @@ def test_one_node_an_hour_ahead_does_not_stop_the_site(mosquitto, parking_lot, m
     assert all(r["complete"] for r in stored)
 
 
-def fail_writes(database: Path):
-    """Make every INSERT into the real store fail, as a full or failing disk does; returns the cure."""
-    conn = sqlite3.connect(database)
-    conn.execute("CREATE TRIGGER fail BEFORE INSERT ON results BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
-    conn.commit()
-
-    def heal():
-        conn.execute("DROP TRIGGER fail")
-        conn.commit()
-        conn.close()
-    return heal
-
-
-def test_a_failing_disk_loses_nothing_across_a_reconnect(mosquitto, parking_lot, model_dir, tmp_path, monkeypatch):
+def test_a_failing_disk_loses_nothing_across_a_reconnect(mosquitto, parking_lot, model_dir, tmp_path, monkeypatch,
+                                                         fail_writes):
     """Stores fail while windows arrive, and the broker restarts meanwhile (its redelivered copies used
     to be acknowledged without ever being stored). The stores are retried; once the disk heals every
     window is stored, once, and the subscription flows on: nothing is lost."""

@@ -57,22 +57,6 @@ class Backend:
         return {"y": inputs["x"].sum(axis=(1, 2))}
 
 
-def failing_writes(path):
-    """Make every INSERT into the real SQLite store at ``path`` fail (as a full disk does) until the
-    returned function is called."""
-    import sqlite3
-
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TRIGGER fail BEFORE INSERT ON results BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
-    conn.commit()
-
-    def heal():
-        conn.execute("DROP TRIGGER fail")
-        conn.commit()
-        conn.close()
-    return heal
-
-
 def worker_on(store, released, published, stop):
     from types import SimpleNamespace
 
@@ -85,7 +69,7 @@ def worker_on(store, released, published, stop):
     return worker
 
 
-def test_a_failed_store_is_retried_and_nothing_is_acknowledged_until_it_is_stored(tmp_path, monkeypatch):
+def test_a_failed_store_is_retried_and_nothing_is_acknowledged_until_it_is_stored(tmp_path, monkeypatch, fail_writes):
     """Disk full for a while: the batch waits (its messages unacknowledged), then is stored and only
     then acknowledged and published; nothing is lost, nothing acknowledged unstored."""
     import threading
@@ -95,7 +79,7 @@ def test_a_failed_store_is_retried_and_nothing_is_acknowledged_until_it_is_store
 
     monkeypatch.setattr(inference_worker, "RETRY_FIRST_S", 0.02)
     store = ResultStore(tmp_path / "r.sqlite3")
-    heal = failing_writes(tmp_path / "r.sqlite3")
+    heal = fail_writes(tmp_path / "r.sqlite3")
     released, published = [], []
     worker = worker_on(store, released, published, threading.Event())
     done = threading.Thread(target=worker.process, args=([assembled(1), assembled(2)],))
@@ -113,7 +97,7 @@ def test_a_failed_store_is_retried_and_nothing_is_acknowledged_until_it_is_store
     assert store.grid_phase("s", 10**9) == 0  # the grid is recorded with the first results
 
 
-def test_at_shutdown_an_unstored_batch_stays_with_the_broker(tmp_path):
+def test_at_shutdown_an_unstored_batch_stays_with_the_broker(tmp_path, fail_writes):
     """Stopping while the disk still fails: the messages are let go unacknowledged, for the broker to
     hand to the next process (acknowledging them would lose them)."""
     import threading
@@ -121,7 +105,7 @@ def test_at_shutdown_an_unstored_batch_stays_with_the_broker(tmp_path):
     from edge_runtime.result_store import ResultStore
 
     store = ResultStore(tmp_path / "r.sqlite3")
-    failing_writes(tmp_path / "r.sqlite3")
+    fail_writes(tmp_path / "r.sqlite3")
     released, published = [], []
     stop = threading.Event()
     stop.set()

@@ -21,7 +21,6 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from benchmarks.tiny_onnx_model import build_tiny_model
 from edge_runtime.config import AggregatorConfig, load_config
 from edge_runtime.errors import AggregatorError
 from edge_runtime.node_registry import NodeRegistry
@@ -267,13 +266,6 @@ def test_the_node_table_shares_the_result_database_without_touching_it(parking_l
 
 
 # ---------------------------------------------------------------------------------------------- the aggregator
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, parking_lot):
-    out = tmp_path_factory.mktemp("model")
-    build_tiny_model(parking_lot, out)
-    return out
-
-
 def aggregator_config(broker, model_dir, tmp_path, **kw):
     return AggregatorConfig(site=SITE, model=model_dir / "manifest.json", database=tmp_path / "results.sqlite3",
                             metrics_port=None, deadline_fraction=0.5,
