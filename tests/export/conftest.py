@@ -92,3 +92,22 @@ def fp32_export(trained_model, tiny_window_set, tmp_path_factory) -> Exported:
                             metric={"name": "accuracy", "value": 0.0})
     manifest.write(manifest_path_for(path))
     return Exported(path, manifest_path_for(path))
+
+
+@pytest.fixture(scope="session")
+def untrained_deploy_model():
+    """A tiny untrained encoder with classify, localize and detect heads (detect adds cross-attention
+    and an unmasked query self-attention): for export tests that need every attention path, not a
+    task metric. Read-only."""
+    from export.deploy_model import DeployModel
+    from train.heads import make_head
+    from train.models.config import ModalitySpec, SparConfig
+    from train.models.spar import SparEncoder
+
+    torch.manual_seed(0)
+    cfg = SparConfig(modalities=(ModalitySpec("microphone", 8, 12), ModalitySpec("geophone", 4, 6)), max_nodes=16,
+                     dim=16, heads=2, modality_depth=1, joint_depth=1, structural_dims=2)
+    encoder = SparEncoder(cfg)
+    encoder.set_token_statistics({"microphone": (-60.0, 10.0), "geophone": (-60.0, 10.0)})
+    heads = {task: make_head(task, 16, 5, 2) for task in TASKS}
+    return DeployModel(encoder, heads, n_classes=5, out_dims=2).eval()

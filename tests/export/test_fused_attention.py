@@ -11,23 +11,12 @@ from export.attention import DEFAULT_ATTENTION, contrib_ops, fused_attention_nod
 from export.deploy_model import DeployModel
 from export.errors import ExportError
 from export.onnx_export import example_inputs, export_onnx, max_abs_error, onnx_session, run_onnx, without_nodes
-from train.heads import make_head
-from train.models.config import ModalitySpec, SparConfig
-from train.models.spar import SparEncoder
 from train.models.transformer import Attention
 
 
 @pytest.fixture(scope="module")
-def model() -> DeployModel:
-    """Tiny encoder + classify, localize and detect heads (detect adds cross-attention and an unmasked
-    query self-attention, the fused op's no-mask path)."""
-    torch.manual_seed(0)
-    cfg = SparConfig(modalities=(ModalitySpec("microphone", 8, 12), ModalitySpec("geophone", 4, 6)), max_nodes=16,
-                     dim=16, heads=2, modality_depth=1, joint_depth=1, structural_dims=2)
-    encoder = SparEncoder(cfg)
-    encoder.set_token_statistics({"microphone": (-60.0, 10.0), "geophone": (-60.0, 10.0)})
-    heads = {task: make_head(task, 16, 5, 2) for task in ("classify", "localize", "detect")}
-    return DeployModel(encoder, heads, n_classes=5, out_dims=2).eval()
+def model(untrained_deploy_model) -> DeployModel:
+    return untrained_deploy_model
 
 
 @pytest.fixture(scope="module")

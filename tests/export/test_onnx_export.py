@@ -10,20 +10,11 @@ from export.errors import ExportError
 from export.manifests import manifest_for
 from export.onnx_export import example_inputs, export_onnx, max_abs_error, onnx_session, run_onnx
 from spar_wire.model_manifest import load_manifest
-from train.heads import make_head
-from train.models.config import ModalitySpec, SparConfig
-from train.models.spar import SparEncoder
 
 
 @pytest.fixture(scope="module")
-def deploy_model() -> DeployModel:
-    torch.manual_seed(0)
-    cfg = SparConfig(modalities=(ModalitySpec("microphone", 8, 12), ModalitySpec("geophone", 4, 6)), max_nodes=16,
-                     dim=16, heads=2, modality_depth=1, joint_depth=1, structural_dims=2)
-    encoder = SparEncoder(cfg)
-    encoder.set_token_statistics({"microphone": (-60.0, 10.0), "geophone": (-60.0, 10.0)})
-    heads = {task: make_head(task, 16, 5, 2) for task in ("classify", "localize", "detect")}
-    return DeployModel(encoder, heads, n_classes=5, out_dims=2).eval()
+def deploy_model(untrained_deploy_model) -> DeployModel:
+    return untrained_deploy_model
 
 
 @pytest.fixture(scope="module")
