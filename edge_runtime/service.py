@@ -393,9 +393,10 @@ class Aggregator:
                         self.config.broker_max_inflight)
 
     def _load_backend(self) -> Any:
-        from edge_runtime.inference import load_backend
+        from edge_runtime.inference import BackendOptions, load_backend
 
-        backend = load_backend(self.manifest, self.config.backend, device=self.config.device)
+        backend = load_backend(self.manifest, self.config.backend, device=self.config.device,
+                               options=BackendOptions(flush_denormals=self.config.flush_denormals))
         backend.warmup(n_nodes=len(self.layout.nodes), batch=1)
         return backend
 

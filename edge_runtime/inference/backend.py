@@ -40,6 +40,11 @@ class BackendOptions:
     """Tuning knobs; each backend reads the ones that apply to it."""
 
     intra_op_threads: int | None = None  # ONNX Runtime: threads inside one op; None = all usable cores
+    # ONNX Runtime: treat denormal floats as zero. Masked attention (absent nodes, most windows on a
+    # lossy link) yields denormals that cost the CPU ~5x in attention. ORT sets the flag on the thread
+    # that creates the session and on its own pool threads, for the life of those threads: right for
+    # the aggregator's own process, wrong for a process that needs IEEE subnormals elsewhere.
+    flush_denormals: bool = False
 
 
 @dataclass(frozen=True)

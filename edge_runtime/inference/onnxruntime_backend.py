@@ -85,11 +85,11 @@ class OnnxRuntimeBackend(InferenceBackend):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = threads
         so.log_severity_level = 3  # errors only: ORT's warnings (unused initialisers...) are noise here
-        # Masked attention (absent nodes: most windows on a lossy link) yields denormal intermediates,
-        # which cost the CPU ~5x in attention (measured, issue 20: 40.0 -> 27.8 ms at batch 8 with 20 %
-        # of nodes absent); flushing them to zero changes no output beyond 1e-38. ORT applies it
-        # process-wide from the first session that sets it.
-        so.add_session_config_entry("session.set_denormal_as_zero", "1")
+        if options.flush_denormals:
+            # Masked attention (absent nodes: most windows on a lossy link) yields denormal
+            # intermediates, which cost the CPU ~5x in attention (measured, issue 20: 40.0 -> 27.8 ms at
+            # batch 8 with 20 % of nodes absent); flushing them changes no output beyond 1e-38.
+            so.add_session_config_entry("session.set_denormal_as_zero", "1")
         try:
             self._session = ort.InferenceSession(str(manifest.artifact_path), sess_options=so,
                                                  providers=providers)

@@ -37,9 +37,17 @@ def retained_state(port):
     return got[0] if got else None
 
 
+def shipped_config(tmp_path, broker):
+    """configs/aggregator.toml in this process: its own database and broker port, and IEEE subnormals
+    kept (flush_denormals would change this test process's floating-point mode for later tests)."""
+    config = load_config(REPO / "configs/aggregator.toml")
+    assert config.flush_denormals  # the field process flushes them
+    return config.replace(database=tmp_path / "r.sqlite3", metrics_port=0, mqtt=MqttSettings(port=broker.port),
+                          flush_denormals=False)
+
+
 def test_shipped_config_runs_and_query_reads_back(mosquitto, parking_lot, tmp_path):
-    config = load_config(REPO / "configs/aggregator.toml").replace(
-        database=tmp_path / "r.sqlite3", metrics_port=0, mqtt=MqttSettings(port=mosquitto.port))
+    config = shipped_config(tmp_path, mosquitto)
     with Aggregator(config) as agg:
         assert retained_state(mosquitto.port)["state"] == "online"
         run_field(FieldConfig(layout=parking_lot, source=SourceSpec("parking_lot", 2), duration_s=4.0,
@@ -57,8 +65,7 @@ def test_shipped_config_runs_and_query_reads_back(mosquitto, parking_lot, tmp_pa
 
 
 def test_hostile_input_is_counted_and_results_keep_coming(mosquitto, parking_lot, tmp_path):
-    config = load_config(REPO / "configs/aggregator.toml").replace(
-        database=tmp_path / "r.sqlite3", metrics_port=0, mqtt=MqttSettings(port=mosquitto.port))
+    config = shipped_config(tmp_path, mosquitto)
     attacker = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     attacker.connect("127.0.0.1", mosquitto.port)
     attacker.loop_start()
