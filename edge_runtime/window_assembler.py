@@ -274,8 +274,19 @@ class WindowAssembler:
     def _learn_lag(self, node_id: str, modality: str, index: int, now_s: float) -> None:
         """Record how long after its window's first message this one came (0 for the first)."""
         assert self.early is not None
+        if index > self._newest_index.get(node_id, index - 1):
+            self._newest_index[node_id] = index
         window = self._open.get(index)
-        first = window.first_arrival_s if window is not None else self._closed_first.get(index, now_s)
+        if window is not None:
+            if (node_id, modality) in window.tokens:
+                return  # a duplicate: the message it copies already arrived, and was learned then
+            first = window.first_arrival_s
+        elif index in self._closed_set:
+            first = self._closed_first.get(index)
+            if first is None:
+                return  # a window closed so long ago that its first arrival is forgotten
+        else:
+            first = now_s  # this message opens its window
         lags = self._lags.get((node_id, modality))
         if lags is None:
             lags = self._lags[(node_id, modality)] = collections.deque(maxlen=self.early.history)
@@ -284,8 +295,6 @@ class WindowAssembler:
         self._site_lags.append(lag)
         self._lag_quantile.pop((node_id, modality), None)
         self._lag_quantile.pop(_SITE, None)
-        if index > self._newest_index.get(node_id, index - 1):
-            self._newest_index[node_id] = index
 
     def _quantile_s(self, key: tuple[str, str]) -> float | None:
         """The pair's lag quantile (s), else the site's, or None with too few samples for either."""

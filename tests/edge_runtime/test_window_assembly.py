@@ -380,3 +380,20 @@ def test_no_window_closes_early_across_a_broker_outage(parts):
     # The late message's 0.8 s lag is learned: window 8 waits that long for its missing pair, not 1 s.
     assert assembler.expire(registry.snapshot(), 110.5) == []
     assert [(w.window_index, w.reason) for w in assembler.expire(registry.snapshot(), 110.85)] == [(8, "early")]
+
+
+def test_a_duplicate_teaches_no_lag(parts):
+    """The link duplicates ~1 % of messages, the copy arriving later: learning its lag would make
+    every window wait for copies nobody needs."""
+    layout, _, registry, _ = parts
+    assembler = early_parts(layout)
+    everything = pairs(layout)
+    copied = everything[1]
+    for k in range(6):  # everything[0] never comes: each window closes at its deadline
+        arrivals = [(p, 10.0 * k) for p in everything[1:]] + [(copied, 10.0 * k + 0.5)]
+        feed_timed(layout, registry, assembler, k, arrivals)
+        assembler.expire(registry.snapshot(), 10.0 * k + 1.0)
+    assert assembler.counts["duplicate"] == 6
+    feed_timed(layout, registry, assembler, 6, [(p, 100.0) for p in everything if p != copied])
+    # Only `copied` is missing now: its learned lag is 0, not the copies' 0.5 s.
+    assert assembler.next_deadline_s(registry.snapshot()) == pytest.approx(100.0 + 0.02)
