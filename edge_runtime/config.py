@@ -100,8 +100,9 @@ class AggregatorConfig:
         if not (isinstance(self.backlog_after_s, (int, float)) and math.isfinite(self.backlog_after_s)
                 and self.backlog_after_s >= 0):
             raise AggregatorError(f"backlog_after_s must be a number >= 0, got {self.backlog_after_s!r}")
-        if not isinstance(self.strict_layout, bool):
-            raise AggregatorError(f"strict_layout must be true or false, got {self.strict_layout!r}")
+        for name in ("strict_layout", "flush_denormals", "early_close"):
+            if not isinstance(getattr(self, name), bool):
+                raise AggregatorError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not (isinstance(self.max_node_distance_m, (int, float)) and not isinstance(self.max_node_distance_m, bool)
                 and math.isfinite(self.max_node_distance_m) and self.max_node_distance_m > 0):
             raise AggregatorError(f"max_node_distance_m must be a finite number of metres > 0, got "
@@ -114,10 +115,6 @@ class AggregatorConfig:
             raise AggregatorError(f"early_close_quantile must be in (0, 1], got {self.early_close_quantile!r}")
         if not (isinstance(self.early_close_margin_s, (int, float)) and 0 <= self.early_close_margin_s < 60):
             raise AggregatorError(f"early_close_margin_s must be in [0, 60) seconds, got {self.early_close_margin_s!r}")
-        if not isinstance(self.flush_denormals, bool):
-            raise AggregatorError(f"flush_denormals must be true or false, got {self.flush_denormals!r}")
-        if not isinstance(self.early_close, bool):
-            raise AggregatorError(f"early_close must be true or false, got {self.early_close!r}")
         if self.synchronous not in ("FULL", "NORMAL"):
             raise AggregatorError(f"synchronous must be FULL or NORMAL, got {self.synchronous!r}")
         if self.backend not in ("auto", "onnxruntime", "tensorrt"):

@@ -72,10 +72,12 @@ class MessageProcessor:
     def __init__(self, site_id: str, registry: NodeRegistry, assembler: WindowAssembler,
                  features: dict[str, FeatureConfig], emit: Callable[[AssembledWindow], None], *,
                  limits: WireLimits = WireLimits(), warn: Callable[[str, str], None] | None = None,
-                 release: Release = lambda receipts: None, clock: ClockGuard | None = None):
+                 release: Release = lambda receipts: None, clock: ClockGuard | None = None,
+                 quiet_s: float = 60.0):
         """``emit`` takes each closed window (its receipts with it); ``release`` acknowledges the
         receipts of messages no window holds; ``clock`` refuses window starts no sane clock stamped
-        before they reach the assembler."""
+        before they reach the assembler; a gap of ``quiet_s`` between accepted messages ends a stretch
+        of traffic (for /healthz's stall check)."""
         self.site_id = site_id
         self.registry = registry
         self.assembler = assembler
@@ -88,7 +90,7 @@ class MessageProcessor:
         self.counts: collections.Counter[str] = collections.Counter()
         self.last_accepted_s: float | None = None  # monotonic arrival of the last token message accepted
         self.accepting_since_s: float | None = None  # monotonic start of the current stretch of traffic
-        self.quiet_s = 60.0  # a gap this long between accepted messages ends a stretch (set by the service)
+        self.quiet_s = quiet_s
         self.received_messages = 0  # every message handed to us, good or bad (live traffic views)
         self.received_bytes = 0  # their payload bytes
         self.lock = threading.Lock()  # guards counts and traffic for readers in other threads

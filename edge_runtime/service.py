@@ -124,7 +124,7 @@ class Aggregator:
                                        max_skew_s=config.max_clock_skew_s))
         self.processor = MessageProcessor(self.site, self.registry, self.assembler, features,
                                           self.window_queue.put, warn=self.metrics.warn, release=self._release,
-                                          clock=clock)
+                                          clock=clock, quiet_s=config.stall_windows * window_s)
         # Its own identity where the config gives one (secure site: one connection per identity, so
         # sharing the subscriber's would make the two sessions close each other).
         self._results_mqtt = config.results_mqtt or config.mqtt
@@ -148,7 +148,6 @@ class Aggregator:
         self.message_queue = BoundedQueue(config.ingest_queue_size, self._drop_message, keep=self._keep_message,
                                           hard_limit=config.ingest_queue_size + config.broker_max_inflight)
         # A store with results of this site means we ran before: the broker should still hold our session.
-        self.processor.quiet_s = config.stall_windows * window_s
         self.ingest = MqttIngest(subscriber, self.site, self.message_queue.put,
                                  expect_session=self.store.count(self.site) > 0, on_link=self._link_changed)
         self.worker = InferenceWorker(self.backend, self.manifest, self.site, self.window_queue, self.store,
