@@ -16,6 +16,7 @@ from typing import Any
 from edge_runtime.errors import AggregatorError
 from spar_wire.errors import WireError
 from spar_wire.mqtt_settings import MqttSettings, with_credentials
+from spar_wire.numbers import is_finite_number
 from spar_wire.toml_file import read_toml
 from spar_wire.topics import AGGREGATOR, AGGREGATOR_RESULTS
 
@@ -103,13 +104,12 @@ class AggregatorConfig:
         for name in ("strict_layout", "flush_denormals", "early_close"):
             if not isinstance(getattr(self, name), bool):
                 raise AggregatorError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if not (isinstance(self.max_node_distance_m, (int, float)) and not isinstance(self.max_node_distance_m, bool)
-                and math.isfinite(self.max_node_distance_m) and self.max_node_distance_m > 0):
+        if not (is_finite_number(self.max_node_distance_m) and self.max_node_distance_m > 0):
             raise AggregatorError(f"max_node_distance_m must be a finite number of metres > 0, got "
                                   f"{self.max_node_distance_m!r}")
         for name in ("max_clock_ahead_s", "max_clock_behind_s", "max_clock_skew_s"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+            if not (is_finite_number(value) and value > 0):
                 raise AggregatorError(f"{name} must be a number > 0 (seconds), got {value!r}")
         if not (isinstance(self.early_close_quantile, (int, float)) and 0 < self.early_close_quantile <= 1):
             raise AggregatorError(f"early_close_quantile must be in (0, 1], got {self.early_close_quantile!r}")

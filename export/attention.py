@@ -63,22 +63,23 @@ def needs_plain_graph(mode: str) -> bool:
 
 
 # --------------------------------------------------------------------------- graph checks
-def fused_attention_nodes(path_or_model) -> int:
-    """Number of fused attention nodes (any of ``FUSED_OP_TYPES``) in an ONNX file or ModelProto."""
+def _graph_nodes(path_or_model):
+    """The top-level nodes of an ONNX file (weights not loaded) or of a ModelProto."""
     import onnx
 
     model = onnx.load(str(path_or_model), load_external_data=False) if isinstance(path_or_model, (str, Path)) \
         else path_or_model
-    return sum(n.op_type in FUSED_OP_TYPES for n in model.graph.node)
+    return model.graph.node
+
+
+def fused_attention_nodes(path_or_model) -> int:
+    """Number of fused attention nodes (any of ``FUSED_OP_TYPES``) in an ONNX file or ModelProto."""
+    return sum(n.op_type in FUSED_OP_TYPES for n in _graph_nodes(path_or_model))
 
 
 def contrib_ops(path_or_model) -> list[str]:
     """Op types from domains other than the standard ONNX one (what TensorRT cannot parse)."""
-    import onnx
-
-    model = onnx.load(str(path_or_model), load_external_data=False) if isinstance(path_or_model, (str, Path)) \
-        else path_or_model
-    return sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    return sorted({f"{n.domain}::{n.op_type}" for n in _graph_nodes(path_or_model) if n.domain not in ("", "ai.onnx")})
 
 
 def ort_fused_at_load(path: str | Path, level: str = "all") -> dict[str, int]:

@@ -60,7 +60,7 @@ def export_checkpoints(paths: list[str], out_dir: str | Path, *, name: str, vers
     graphs = [("model.onnx", attention, "parity-onnx.md")]
     if plain and needs_plain_graph(attention):
         graphs.append((PLAIN_ONNX, "plain", "parity-onnx.plain.md"))
-    written, first_parity = [], None
+    written = []  # (onnx path, manifest path, parity) per graph, the default graph first
     for file, mode, report_name in graphs:
         onnx_path = export_onnx(model, out_dir / file, opset=opset, attention=mode)
         parity = None
@@ -73,10 +73,10 @@ def export_checkpoints(paths: list[str], out_dir: str | Path, *, name: str, vers
         manifest = manifest_for(model, data_info, onnx_path, name=name, version=version, metric=metric)
         manifest_path = manifest_path_for(onnx_path)
         manifest.write(manifest_path)
-        written.append((onnx_path, manifest_path))
-        first_parity = first_parity or parity
-    plain_paths = written[1] if len(written) > 1 else (None, None)
-    return OnnxExportResult(written[0][0], written[0][1], first_parity, attention, *plain_paths)
+        written.append((onnx_path, manifest_path, parity))
+    (onnx_path, manifest_path, parity), *rest = written
+    plain_paths = rest[0][:2] if rest else (None, None)
+    return OnnxExportResult(onnx_path, manifest_path, parity, attention, *plain_paths)
 
 
 def parity_on_dataset(model: DeployModel, onnx_path: Path, data: str, data_info: dict, val_fraction: float,
