@@ -73,6 +73,7 @@ from benchmarks.errors import BenchError
 from benchmarks.held_commit_aggregator import HELD_START, HELD_WINDOWS
 from benchmarks.local_broker import BrokerSettings, LocalBroker
 from benchmarks.machine import describe_machine
+from benchmarks.model_check import _versions
 from node_firmware_sim.errors import NodeError
 from node_firmware_sim.field_runner import EventPlan, FieldConfig, FieldSummary, PlacementEvent, SourceSpec, run_field
 from node_firmware_sim.link_model import LinkConfig
@@ -337,12 +338,6 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
-def _versions() -> dict[str, str]:
-    import onnxruntime
-
-    return {"onnxruntime": onnxruntime.__version__}
-
-
 # --------------------------------------------------------------------------- the aggregator process
 def _counters(metrics_text: str) -> dict[str, float]:
     """The spar_* counters of a /metrics page (histograms left out)."""
@@ -473,29 +468,20 @@ def _kill_in_gap(event: FaultEvent, config: FaultConfig, aggregator: AggregatorP
     ``gap_wait_s`` without one); then read SQLite: the kill landed in the gap if that window is not
     stored (the commit had not happened, or did not survive)."""
     deadline = time.monotonic() + config.gap_wait_s
-    text = ""
+    counts: dict[str, float] = {}
     while time.monotonic() < deadline:
-        text = aggregator.metrics_text(timeout_s=1.0) or ""
-        held, start_s = _gauge(text, HELD_WINDOWS), _gauge(text, HELD_START)
-        if held and start_s:
-            event.held_start_s = start_s
+        counts = _counters(aggregator.metrics_text(timeout_s=1.0) or "")
+        if counts.get(HELD_WINDOWS) and counts.get(HELD_START):
+            event.held_start_s = counts[HELD_START]
             break
         time.sleep(0.01)
     aggregator.kill()
     event.down_ns = time.time_ns()
-    event.unknown_node = int(_counters(text).get(UNKNOWN_NODE_METRIC, 0))
+    event.unknown_node = int(counts.get(UNKNOWN_NODE_METRIC, 0))
     if event.held_start_s is not None:
         held_ns = event.held_start_s * 1e9
         starts = [row.start_ns for row in _stored(database, int(window_s * 1e9), 0)]
         event.in_gap = not any(abs(start - held_ns) < window_s * 1e9 / 2 for start in starts)
-
-
-def _gauge(metrics_text: str, name: str) -> float | None:
-    """An unlabelled sample of a /metrics page (None when absent)."""
-    for line in metrics_text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rpartition(" ")[2])
-    return None
 
 
 # --------------------------------------------------------------------------- accounting
@@ -605,13 +591,18 @@ def _analyse(config: FaultConfig, layout: SiteLayout, summary: FieldSummary, eve
     return report
 
 
+def _first_window(plan: EventPlan, node: str) -> int:
+    """The first window a joined node samples (it is awaited from its birth, one window earlier)."""
+    return min(w for w in range(plan.windows) if node in plan.receivers(w, (node,)))
+
+
 def _join_windows(plan: EventPlan, per_window: dict[int, list[StoredRow]]) -> set[int]:
     """Windows before a joined node's first that were assembled with it: from its birth on the
     aggregator awaits it, while it samples only from the next whole window, so the window its
     birth falls in (or, if the birth overtook the previous window's messages, that one) is partial."""
     out = set()
     for node in plan.joined:
-        first = min(w for w in range(plan.windows) if node in plan.receivers(w, (node,)))
+        first = _first_window(plan, node)
         out |= {w for w, rows in per_window.items() if w < first and any(node in row.nodes for row in rows)}
     return out
 
@@ -621,7 +612,7 @@ def _join_stored(join: PlacementEvent, plan: EventPlan, window_ns: int, summary:
                  delivered: set[tuple[str, str, int]], join_windows: set[int]) -> JoinReport:
     """The joined node's part that SQLite shows (the log and counters come in ``_join_outcome``)."""
     node = join.node
-    first = min(w for w in range(plan.windows) if node in plan.receivers(w, (node,)))
+    first = _first_window(plan, node)
     restarts = [e for e in events if e.kind in AGGREGATOR_KINDS and e.t_s > join.at_s]
     # Process i (started after restart i) committed the rows created between its start and the next restart.
     spans = [(e.down_ns, later.down_ns) for e, later in zip(restarts, restarts[1:], strict=False)]
