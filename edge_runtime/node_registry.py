@@ -147,7 +147,6 @@ class NodeRegistry:
                 self._state.refused[birth.node] = problem.detail
                 while len(self._state.refused) > MAX_REFUSED:  # hostile births cannot grow this forever
                     del self._state.refused[next(iter(self._state.refused))]
-                known = self._state.nodes.get(birth.node)
                 if known is not None and known.from_layout:
                     self._state.nodes[birth.node] = replace(known, online=False)
                 elif known is not None:
@@ -158,7 +157,6 @@ class NodeRegistry:
                 return problem
             self._state.refused.pop(birth.node, None)
             mods = tuple(m for m in birth.modalities if m in self.manifest.modalities)
-            known = self._state.nodes.get(birth.node)
             if known is None and len(self._state.nodes) >= self.manifest.node_range[1]:
                 # The model takes at most this many nodes; also bounds what spoofed births can add.
                 self.counts["refused.too_many_nodes"] += 1

@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spar_wire.errors import WireError
+from spar_wire.numbers import is_finite_vector
 from spar_wire.topics import check_id
 
 FORMAT = "spar-model"
@@ -265,7 +265,7 @@ def _training_site(raw: Any, position_dim: int, max_nodes: int, fail) -> Trainin
         except WireError as exc:
             raise fail(exc.detail) from None
         position = node.get("position")
-        if not isinstance(position, list) or len(position) != position_dim or not all(map(_finite, position)):
+        if not isinstance(position, list) or not is_finite_vector(position, (position_dim,)):
             raise fail(f"{where} ({node_id}): position must be {position_dim} finite numbers, got {position!r}")
         nodes.append(TrainedNode(node_id, tuple(float(v) for v in position)))
     if not 1 <= len(nodes) <= max_nodes:
@@ -276,12 +276,3 @@ def _training_site(raw: Any, position_dim: int, max_nodes: int, fail) -> Trainin
         raise fail(f"training_site: node ids must be unique, repeated: {', '.join(duplicates)}")
     return TrainingSite(site_id, tuple(nodes))
 
-
-def _finite(value: Any) -> bool:
-    """A finite JSON number (not true/false, which Python counts as ints; not an int beyond float)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
