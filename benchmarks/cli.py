@@ -162,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     qb.add_argument("--attention", nargs="*", metavar="MODE", default=None,
                     help="attention options to compare (FP32 and INT8 rows of the student exported with each; "
                          "default: all of plain, mha, attention23, ort-fusion; none: skip the comparison)")
+    qb.add_argument("--pareto", nargs="+", metavar="STUDENT", default=None,
+                    help="distilled student checkpoints (folders) of other shapes: each exported and quantized as "
+                         "the shipped model, timed with the rest; adds the size / metric / latency table and the "
+                         "FLOPs-vs-GEMM-rate floor")
+    qb.add_argument("--int8-settings", action="store_true",
+                    help="also quantize the shipped student's FP32 graph with each INT8 setting (static/dynamic, "
+                         "per-channel/per-tensor, s8/u8 activations, reduce-range) and time every one")
     qb.add_argument("--calibration-windows", type=int, default=128,
                     help="MinMax calibration windows of the attention rows' INT8 graphs (default: %(default)s)")
     qb.set_defaults(func=_cmd_quant)
@@ -517,6 +524,7 @@ def _cmd_quant(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from benchmarks.int8_settings import int8_setting_entries
     from benchmarks.quant_bench import (
         STANDARD_RATIOS,
         attention_entries,
@@ -525,7 +533,9 @@ def _cmd_quant(args: argparse.Namespace) -> int:
         run_quant_benchmark,
         standard_entries,
     )
+    from benchmarks.student_pareto import gemm_rate, pareto_entries
     from benchmarks.trial import model_label
+    from export.distill import model_size
     from export.errors import ExportError
     from export.exporter import load_deployable
     from train.data import load_windows, temporal_split
@@ -544,11 +554,17 @@ def _cmd_quant(args: argparse.Namespace) -> int:
         entries = standard_entries(teacher, student, args.models / "model.onnx", args.models / "model.int8.onnx",
                                    threads=args.threads, workdir=work,
                                    student_int8_dynamic=dynamic if dynamic.exists() else None)
-        options, ratios = [], STANDARD_RATIOS
+        options, ratios, shapes = [], STANDARD_RATIOS, []
+        # calibration spread over the training part, as `spar-export quantize` does
+        count = min(args.calibration_windows, len(train_idx))
+        calib = np.unique(train_idx[np.linspace(0, len(train_idx) - 1, count).astype(int)])
+        if args.pareto:
+            extra, shapes = pareto_entries(args.pareto, windows, calib, work, threads=args.threads)
+            entries += extra
+        if args.int8_settings:
+            entries += int8_setting_entries(student, args.models / "model.onnx", windows, calib, work,
+                                            threads=args.threads)
         if args.attention is None or args.attention:
-            # calibration spread over the training part, as `spar-export quantize` does
-            count = min(args.calibration_windows, len(train_idx))
-            calib = np.unique(train_idx[np.linspace(0, len(train_idx) - 1, count).astype(int)])
             extra, options = attention_entries(student, windows, calib, work, threads=args.threads,
                                                modes=args.attention or None)
             entries += extra
@@ -558,6 +574,10 @@ def _cmd_quant(args: argparse.Namespace) -> int:
         if options:
             attention_parity(student, entries, options, windows, val_idx[:256])
             report.attention = options
+        if shapes:
+            report.pareto, report.gemm_gflops = shapes, gemm_rate(threads=args.threads)
+            report.teacher_flops = model_size(teacher)["flops"]
+        report.int8_settings = args.int8_settings
     report.model = model_label(args.models / "manifest.json")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quant.md").write_text(report.to_markdown())

@@ -29,7 +29,9 @@ from typing import NamedTuple
 import numpy as np
 
 from benchmarks.errors import BenchError
+from benchmarks.int8_settings import int8_settings_markdown
 from benchmarks.machine import describe_machine
+from benchmarks.student_pareto import StudentShape, pareto_markdown
 from export.deploy_model import DeployModel
 from export.parity import PRIMARY_METRICS, Runner, evaluate_runner, flatten_metrics, onnx_runner, torch_runner
 from spar_wire.model_manifest import NODE_INDEX_INPUT, POSITIONS_INPUT
@@ -91,6 +93,10 @@ class QuantBenchReport:
     ratios: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> batch -> speed-up
     model: str = ""  # which model folder the ONNX entries come from (name, version, budget)
     attention: list[AttentionOption] = field(default_factory=list)  # the attention comparison, if run
+    pareto: list[StudentShape] = field(default_factory=list)  # student shapes compared (--pareto)
+    gemm_gflops: float = 0.0  # measured float32 MatMul rate (the physical floor of the pareto section)
+    teacher_flops: int = 0
+    int8_settings: bool = False  # the INT8 settings rows were measured (--int8-settings)
 
     def entry(self, label: str) -> EntryResult:
         for e in self.entries:
@@ -123,6 +129,10 @@ class QuantBenchReport:
                 lines.append(f"| {name} | " + " | ".join(f"{values[b]:.2f}x" for b in self.batches) + " |")
         if self.attention:
             lines += ["", *attention_markdown(self)]
+        if self.pareto:
+            lines += ["", *pareto_markdown(self, TEACHER_ORT)]
+        if self.int8_settings:
+            lines += ["", *int8_settings_markdown(self, STUDENT_ORT)]
         metric_names = sorted({k for e in self.entries for k in e.metrics})
         if metric_names:
             lines += ["", "| entry | " + " | ".join(metric_names) + " |", "|---|" + "---|" * len(metric_names)]

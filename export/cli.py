@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (checkpoint.pt, report.md)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--dim", type=int, help="student width (default 32)")
+    p.add_argument("--heads", type=int, help="student attention heads (default 2)")
+    p.add_argument("--modality-depth", type=int, help="blocks of each per-modality encoder (default 1)")
+    p.add_argument("--joint-depth", type=int, help="blocks of the joint encoder (default 1)")
+    p.add_argument("--mlp-ratio", type=float, help="MLP width / model width (default 2)")
+    p.add_argument("--token-merge", type=int,
+                   help="embed k adjacent patches of a node as one token: attention over k times fewer tokens, "
+                        "k^2 less attention work (default 1; must divide every modality's tokens per node)")
     p.add_argument("--message-loss", type=float, default=None,
                    help="loss-robust distillation: the student sees each token message lost with a probability "
                         "drawn from U(0, this) per batch, the teacher the complete window (default 0)")
@@ -104,13 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_distill(args) -> int:
-    from export.distill import DistillConfig, run_distill
+    from export.distill import DEFAULT_STUDENT, DistillConfig, run_distill
 
     given = (("epochs", args.epochs), ("seed", args.seed), ("device", args.device),
              ("message_loss", args.message_loss))
     changes = {k: v for k, v in given if v is not None}
-    if args.dim:
-        changes["student"] = {"dim": args.dim}
+    shape = {name: getattr(args, name) for name in ("dim", "heads", "modality_depth", "joint_depth", "mlp_ratio",
+                                                    "token_merge")}
+    if any(v is not None for v in shape.values()):
+        changes["student"] = {**DEFAULT_STUDENT, **{k: v for k, v in shape.items() if v is not None}}
     cfg = DistillConfig(teacher=list(args.teacher), data=args.data, out=args.out, progress=not args.no_progress,
                         **changes)
     result = run_distill(cfg)

@@ -62,7 +62,7 @@ REPORT = "report.md"
 KIND = "distilled"
 # Student config fields that may be changed; the rest (modalities, node table, position dims,
 # embedding switches) must match the teacher so the student takes exactly the teacher's inputs.
-STUDENT_FIELDS = ("dim", "heads", "mlp_ratio", "modality_depth", "joint_depth", "structural_dims")
+STUDENT_FIELDS = ("dim", "heads", "mlp_ratio", "modality_depth", "joint_depth", "structural_dims", "token_merge")
 DEFAULT_STUDENT = {"dim": 32, "heads": 2, "modality_depth": 1, "joint_depth": 1, "mlp_ratio": 2.0}
 TEACHER_CACHE_BYTES = 2 << 30  # cache the teacher's latents + outputs in (CPU) memory up to this size
 FLOP_NODES = 8  # FLOPs are reported for one window of this many nodes
@@ -224,8 +224,12 @@ def student_from_teacher(teacher: DeployModel, overrides: dict[str, Any], n_clas
                          seed: int = 0) -> DeployModel:
     """An untrained student of ``teacher``: smaller encoder, same inputs and token statistics, same tasks."""
     torch.manual_seed(seed)
-    student = build_student(student_config(teacher.encoder.cfg, overrides), list(teacher.heads), n_classes,
-                            out_dims, head_settings(teacher))
+    cfg, heads = student_config(teacher.encoder.cfg, overrides), head_settings(teacher)
+    laid_out = [task for task, kwargs in heads.items() if "layout" in kwargs]
+    if cfg.token_merge > 1 and laid_out:
+        raise ExportError(f"token_merge {cfg.token_merge}: the {', '.join(laid_out)} head reads the teacher's "
+                          "token grid; distil it with token_merge 1")
+    student = build_student(cfg, list(teacher.heads), n_classes, out_dims, heads)
     with torch.no_grad():
         for name, emb in student.encoder.embeddings.items():
             emb.token_mean.copy_(teacher.encoder.embeddings[name].token_mean)
@@ -274,6 +278,19 @@ def forward_parts(model: DeployModel, batch: Batch) -> dict[str, torch.Tensor]:
     return parts
 
 
+def merge_latents(latents: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher latents [B, L, d], valid [B, L] -> the mean of every k consecutive tokens [B, L / k, d]
+    and their valid [B, L / k]: the targets of a student with ``token_merge`` k.
+
+    Every modality's span holds N * m tokens node-major with m % k == 0, so no group of k
+    consecutive tokens crosses a node or a modality: group j is exactly the student's token j.
+    """
+    if k == 1:
+        return latents, valid
+    b, length, d = latents.shape
+    return latents.reshape(b, length // k, k, d).mean(2), valid.reshape(b, length // k, k).any(-1)
+
+
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(t / T) || softmax(s / T)) * T^2, averaged over the rows of [..., C] logits."""
     s = F.log_softmax(student_logits.float().reshape(-1, student_logits.shape[-1]) / temperature, dim=-1)
@@ -306,8 +323,8 @@ class TeacherOutputs:
     ``TEACHER_CACHE_BYTES``, else recomputed per batch."""
 
     def __init__(self, teacher: DeployModel, windows: WindowSet, indices: np.ndarray, batch_size: int,
-                 device: torch.device, progress: bool = False):
-        self.teacher, self.windows, self.device = teacher, windows, device
+                 device: torch.device, progress: bool = False, merge: int = 1):
+        self.teacher, self.windows, self.device, self.merge = teacher, windows, device, merge
         self.cache: dict[str, torch.Tensor] | None = None
         self.rows = {int(w): i for i, w in enumerate(indices)}
         if self.estimate_bytes(len(indices)) <= TEACHER_CACHE_BYTES:
@@ -322,11 +339,13 @@ class TeacherOutputs:
     def estimate_bytes(self, n_windows: int) -> int:
         cfg = self.teacher.encoder.cfg
         tokens = sum(self.windows.n_nodes * s.n_tokens for s in cfg.modalities)
-        return n_windows * tokens * (cfg.dim * 4 + 1)  # latents dominate; head outputs are small
+        return n_windows * tokens * (cfg.dim * 4 + 1) // self.merge  # latents dominate; head outputs are small
 
     @torch.no_grad()
     def _compute(self, index: np.ndarray) -> dict[str, torch.Tensor]:
-        return forward_parts(self.teacher, unlabelled_batch(self.windows, index).to(self.device))
+        parts = forward_parts(self.teacher, unlabelled_batch(self.windows, index).to(self.device))
+        parts["latents"], parts["valid"] = merge_latents(parts["latents"], parts["valid"], self.merge)
+        return parts
 
     def get(self, index: np.ndarray) -> dict[str, torch.Tensor]:
         if self.cache is None:
@@ -457,8 +476,9 @@ def run_distill(cfg: DistillConfig) -> DistillResult:
     student = student_from_teacher(teacher, cfg.student, n_classes, out_dims, cfg.seed).to(device)
     projection = nn.Linear(student.encoder.cfg.dim, teacher.encoder.cfg.dim).to(device)
     tasks = list(teacher.heads)
-    train_targets = TeacherOutputs(teacher, windows, train_idx, cfg.batch_size, device, cfg.progress)
-    val_targets = TeacherOutputs(teacher, windows, val_idx, cfg.batch_size, device)
+    merge = student.encoder.cfg.token_merge
+    train_targets = TeacherOutputs(teacher, windows, train_idx, cfg.batch_size, device, cfg.progress, merge)
+    val_targets = TeacherOutputs(teacher, windows, val_idx, cfg.batch_size, device, merge=merge)
     before = discrepancy(teacher, student, windows, val_idx, cfg.batch_size, device)
     val_before = validation_loss(student, projection, val_targets, val_idx, cfg, device)
 

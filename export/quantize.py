@@ -290,8 +290,13 @@ def quantize_static_int8(fp32_path: str | Path, out_path: str | Path, windows: W
                          op_types: Sequence[str] = DEFAULT_OP_TYPES, batch_size: int = 1, preprocess: bool = True,
                          matmul_const_b_only: bool = True, output_qdq: bool = False,
                          calibrator_options: Mapping[str, Any] | None = None,
-                         extra_options: Mapping[str, Any] | None = None) -> Path:
+                         extra_options: Mapping[str, Any] | None = None, activations: str = "s8",
+                         reduce_range: bool = False) -> Path:
     """Static INT8 QDQ quantization of ``fp32_path`` calibrated on windows ``calib_indices``.
+
+    ``activations`` "s8" (default: symmetric signed, what TensorRT consumes) or "u8" (asymmetric
+    unsigned, ONNX Runtime's x86 default); ``reduce_range`` quantizes weights to 7 bits (guards the
+    16-bit accumulator of u8 x s8 on CPUs without VNNI). ``spar-bench quant --int8-settings`` measures them.
 
     S8S8 with symmetric activation ranges, per-channel weights when ``per_channel``; only
     ``op_types`` quantized; with ``exclude_regression`` the last layer of every position output
@@ -324,15 +329,18 @@ def quantize_static_int8(fp32_path: str | Path, out_path: str | Path, windows: W
             exclude += activation_matmuls(model)
         source = work / "input.onnx"
         onnx.save(model, str(source))
-        options = {"ActivationSymmetric": True, "WeightSymmetric": True, **(extra_options or {})}
+        if activations not in ("s8", "u8"):
+            raise ExportError(f"activations must be s8 or u8, got {activations!r}")
+        options = {"ActivationSymmetric": activations == "s8", "WeightSymmetric": True, **(extra_options or {})}
         if not output_qdq:
             options.setdefault("OpTypesToExcludeOutputQuantization", list(op_types))
         try:
             ranges = calibrate(source, reader, method, op_types, work, calibrator_options)
             save_tensors_data(ranges, work / "ranges.json")
             quantize_static(str(source), str(out_path), None, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(op_types), per_channel=per_channel, reduce_range=False,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=list(op_types), per_channel=per_channel, reduce_range=reduce_range,
+                            activation_type=QuantType.QInt8 if activations == "s8" else QuantType.QUInt8,
+                            weight_type=QuantType.QInt8,
                             nodes_to_exclude=exclude or None, calibrate_method=calibrate_method,
                             extra_options=options, calibration_cache_path=work / "ranges.json")
         except ExportError:
@@ -423,17 +431,22 @@ def detach_shape_reads(model) -> int:
     return moved
 
 
-def quantize_dynamic_int8(fp32_path: str | Path, out_path: str | Path, *, per_channel: bool = False) -> Path:
-    """Dynamic INT8 quantization of the MatMuls with constant weights (activations quantized at run
-    time per batch; no calibration data). The comparison point for static QDQ on CPU."""
+def quantize_dynamic_int8(fp32_path: str | Path, out_path: str | Path, *, per_channel: bool = False,
+                          weights: str = "s8", reduce_range: bool = False) -> Path:
+    """Dynamic INT8 quantization of the MatMuls with constant weights (activations quantized to u8 at
+    run time per batch; no calibration data). The comparison point for static QDQ on CPU.
+    ``weights`` "s8" or "u8"; ``reduce_range``: 7-bit weights."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    if weights not in ("s8", "u8"):
+        raise ExportError(f"weights must be s8 or u8, got {weights!r}")
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     load_onnx(fp32_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        weight_type = QuantType.QInt8 if weights == "s8" else QuantType.QUInt8
         quantize_dynamic(str(fp32_path), str(out_path), op_types_to_quantize=["MatMul"], per_channel=per_channel,
-                         weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+                         reduce_range=reduce_range, weight_type=weight_type, extra_options={"MatMulConstBOnly": True})
     except Exception as exc:
         raise ExportError(f"dynamic quantization of {fp32_path} failed: {type(exc).__name__}: {exc}") from exc
     return out_path

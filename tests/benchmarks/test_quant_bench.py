@@ -143,3 +143,72 @@ def test_attention_options_get_rows_ratios_and_a_table(artifacts, windows):
     text = report.to_markdown()
     assert "## Attention options" in text and f"| mha | {blocks} | {blocks} |" in text
     assert "| nope | not measured" in text
+
+
+def _saved_student(model: DeployModel, folder) -> str:
+    """``model`` saved as a distilled checkpoint that ``export.distill.load_student`` rebuilds."""
+    from export.distill import KIND, head_settings
+    from train.checkpoint import save_checkpoint
+
+    extra = {"encoder_config": model.encoder.cfg.to_dict(), "tasks": list(model.heads), "n_classes": len(CLASSES),
+             "out_dims": 2, "head_kwargs": head_settings(model)}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(folder / "checkpoint.pt", kind=KIND, model_config=model.encoder.cfg.to_dict(), model=model,
+                    run_config={}, data_info={}, step=0, epoch=0, extra=extra)
+    return str(folder)
+
+
+def test_pareto_rows_speedups_frontier_and_floor(artifacts, windows, tmp_path):
+    """--pareto: each student gets an FP32 and an INT8 row, a line with its speed-ups against the ORT
+    teacher and its metric change, the frontier marks the undominated ones, the floor uses FLOPs."""
+    from benchmarks.student_pareto import frontier, gemm_rate, pareto_entries
+
+    tmp, teacher, *_ = artifacts
+    teacher_fp32 = export_onnx(teacher, tmp_path / "teacher.onnx")
+    small = tiny_model(8, 3)
+    merged = DeployModel(SparEncoder(SparConfig(**{**small.encoder.cfg.to_dict(), "modalities": (
+        ModalitySpec("microphone", 4, 8),), "token_merge": 2})), small.heads, len(CLASSES), 2).eval()
+    merged.encoder.set_token_statistics({"microphone": (-60.0, 10.0)})
+    paths = [_saved_student(small, tmp_path / "s-small"), _saved_student(merged, tmp_path / "s-merged")]
+    entries, shapes = pareto_entries(paths, windows, np.arange(12), tmp_path, threads=1)
+    assert [e.label for e in entries] == ["ORT FP32 s-small", "ORT INT8 s-small", "ORT FP32 s-merged",
+                                          "ORT INT8 s-merged"]
+    assert "merge 2" in shapes[1].shape and shapes[1].flops < shapes[0].flops
+    base = [BenchEntry(TEACHER_ORT, onnx_runner(teacher_fp32, 1, teacher.output_names), 1, 1, teacher)]
+    report = run_quant_benchmark(base + entries, windows, np.arange(12, 16), nodes=8, batches=(1, 4), repeats=3,
+                                 warmup=1, threads=1)
+    report.pareto, report.gemm_gflops, report.teacher_flops = shapes, gemm_rate(repeats=5), 1_000_000
+    assert report.gemm_gflops > 0.1
+    text = report.to_markdown()
+    assert "## Student shapes" in text and "**Physical floor.**" in text
+    row = next(line for line in text.splitlines() if line.startswith("| s-merged | d 8"))
+    t, s = report.entry(TEACHER_ORT), report.entry("ORT INT8 s-merged")
+    assert f"| {t.p(1, 50) / s.p(1, 50):.2f}x |" in row and "classify/accuracy" in text and " %)" in row
+    with pytest.raises(BenchError, match="distinct names"):
+        pareto_entries([paths[0], paths[0]], windows, np.arange(12), tmp_path)
+    # frontier: b is slower and worse than a; c is slower but better on one metric
+    assert frontier({"a": (1.0, [0.9, -2.0]), "b": (2.0, [0.8, -3.0]), "c": (3.0, [0.95, -3.0])}) == {"a", "c"}
+
+
+def test_int8_settings_get_one_row_each_and_a_table(artifacts, windows):
+    from benchmarks.int8_settings import INT8_SETTINGS, SHIPPED_SETTING, int8_setting_entries
+
+    tmp, _, student, student_fp32, *_ = artifacts
+    entries = int8_setting_entries(student, student_fp32, windows, np.arange(12), tmp)
+    assert [e.label for e in entries] == [s.label for s in INT8_SETTINGS]
+    fp32 = BenchEntry(STUDENT_ORT, onnx_runner(student_fp32, 1, student.output_names), 1, 1, student)
+    report = run_quant_benchmark([fp32, *entries], windows, np.arange(12, 16), nodes=8, batches=(1,), repeats=2,
+                                 warmup=1, threads=1)
+    report.int8_settings = True
+    text = report.to_markdown()
+    assert "## INT8 settings" in text and f"| {SHIPPED_SETTING} (shipped) |" in text
+    for setting in INT8_SETTINGS:
+        metric = report.entry(setting.label).metrics["classify/accuracy"]
+        assert 0.0 <= metric <= 1.0 and f"| {setting.name}" in text
+    import onnx
+
+    u8 = [s for s in INT8_SETTINGS if s.options.get("activations") == "u8"][0]
+    graph = onnx.load(str(tmp / f"int8-setting-{INT8_SETTINGS.index(u8)}.onnx")).graph
+    unsigned = [i for i in graph.initializer
+                if i.name.endswith("_zero_point") and i.data_type == onnx.TensorProto.UINT8]
+    assert unsigned  # u8 activations really are unsigned

@@ -228,3 +228,39 @@ def test_a_student_keeps_the_teachers_head_variant(tiny_window_set):
     head = student.heads["classify"]
     assert isinstance(head, MultiScaleFusionClassifier) and head.layout == kwargs["layout"]
     assert head.variant == "fusion" and head.linear.in_features == 3 * 8
+
+
+def test_merge_latents_averages_groups_within_one_node():
+    latents = torch.arange(2 * 12 * 3, dtype=torch.float32).reshape(2, 12, 3)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, 4:8] = False  # window 1: the second node (4 tokens each) is absent
+    merged, merged_valid = distill.merge_latents(latents, valid, 2)
+    assert merged.shape == (2, 6, 3)
+    assert torch.equal(merged[0, 1], latents[0, 2:4].mean(0))
+    assert merged_valid[1].tolist() == [True, True, False, False, True, True]
+    assert distill.merge_latents(latents, valid, 1)[0] is latents
+
+
+def test_a_token_merged_student_learns_and_exports(distill_dataset, teacher, tmp_path):
+    """token_merge 2: the student attends over half the tokens, follows the teacher after distillation
+    and exports to one ONNX graph with the teacher's very inputs (parity checked by export_onnx)."""
+    from export.onnx_export import export_onnx
+
+    result = run_distill(config(distill_dataset, teacher.values(), tmp_path / "merged",
+                                student={**STUDENT, "token_merge": 2}))
+    before, after = result.discrepancy_before, result.discrepancy_after
+    assert result.val_loss < 0.5 * result.val_loss_before
+    assert after["position_rmse"] < before["position_rmse"]
+    assert after["logits_kl"] < before["logits_kl"]
+    student, _ = load_student(result.checkpoint)
+    teacher_model, _ = load_teacher(list(teacher.values()))
+    assert student.encoder.cfg.token_merge == 2
+    assert result.student_size["flops"] < model_size(student_from_teacher(teacher_model, STUDENT, 5, 2))["flops"]
+    path = export_onnx(student, tmp_path / "model.onnx")
+    import onnx
+    graph_inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+                    for i in onnx.load(path).graph.input}
+    assert graph_inputs == {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+                            for i in onnx.load(export_onnx(teacher_model, tmp_path / "t.onnx")).graph.input}
+    with pytest.raises(ExportError, match="reads the teacher's token grid"):
+        student_from_teacher(teacher, {"dim": 8, "heads": 2, "token_merge": 2}, 5, 2)

@@ -206,3 +206,33 @@ def test_same_noise_same_loss_whatever_the_batch_split():
     whole = float(model(batch, noise).loss.detach())
     halves = [float(model(batch.slice(i, i + 3), noise.slice(i, i + 3)).loss.detach()) for i in (0, 3)]
     assert np.isclose(whole, np.mean(halves), rtol=1e-5)
+
+
+def test_token_merge_embeds_adjacent_patches_of_one_node_as_one_token():
+    """token_merge k: N * m / k tokens per modality; merged token j of a node sees exactly its k patches."""
+    from train.models.spar import SparEncoder
+
+    torch.manual_seed(0)
+    encoder = SparEncoder(replace(CFG, token_merge=4)).eval()
+    batch = make_batch(b=2, missing=[(1, 3)])
+    features = encoder.forward_features(batch)
+    assert features.latents.shape == (2, 5 * 2 + 5 * 1, 16)
+    assert features.spans == {"microphone": (0, 10), "geophone": (10, 15)}
+    assert features.valid[1].tolist() == [True] * 6 + [False] * 2 + [True] * 2 + [True] * 3 + [False, True]
+    emb = encoder.embeddings["microphone"]
+    tokens = emb.normalize_tokens(batch.tokens["microphone"], batch.present["microphone"])
+    before = emb(tokens, batch.present["microphone"], batch.positions, batch.node_index).signal
+    tokens[0, 2, 5] += 1.0  # patch 5 of node 2 belongs to node 2's second merged token (patches 4-7) only
+    after = emb(tokens, batch.present["microphone"], batch.positions, batch.node_index).signal
+    changed = (after - before).abs().sum(-1)[0] > 0
+    assert changed.nonzero().flatten().tolist() == [2 * 2 + 1]
+
+
+def test_token_merge_must_divide_every_modality_and_is_refused_for_pretraining():
+    with pytest.raises(ValueError, match="does not divide the 4 tokens of modality geophone"):
+        replace(CFG, token_merge=8)
+    with pytest.raises(ValueError, match="token_merge must be"):
+        replace(CFG, token_merge=0)
+    with pytest.raises(ValueError, match="pretraining needs token_merge 1"):
+        SparPretrainer(replace(CFG, token_merge=2))
+    assert SparConfig.from_dict(replace(CFG, token_merge=2).to_dict()).token_merge == 2

@@ -48,6 +48,10 @@ class SparConfig:
     decoder_dim: int = 48
     decoder_depth: int = 1
     structural_dims: int = 8  # d_R << d (the paper keeps it small)
+    # k consecutive tokens of a node (row-major: adjacent time patches of one band) embedded as one
+    # coarser token: every encoder then sees N * m / k tokens per modality, so attention costs k^2
+    # less. A distilled-student setting (export.distill); pretraining and fine-tuning keep 1.
+    token_merge: int = 1
     # --- SPAR components, each switchable for the ablations of the paper's Table 8
     spatial_embedding: bool = True  # add a projection of the normalised node position
     structural_embedding: bool = True  # add a learnable per-node vector projected to d
@@ -81,6 +85,12 @@ class SparConfig:
         for name in ("dim", "heads", "decoder_dim", "max_nodes", "position_dims", "structural_dims", "text_dims"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not isinstance(self.token_merge, int) or self.token_merge < 1:
+            raise ValueError(f"token_merge must be an integer >= 1, got {self.token_merge!r}")
+        for spec in self.modalities:
+            if spec.n_tokens % self.token_merge:
+                raise ValueError(f"token_merge {self.token_merge} does not divide the {spec.n_tokens} tokens of "
+                                 f"modality {spec.name}")
         if self.dim % self.heads or self.decoder_dim % self.heads:
             raise ValueError(f"dim ({self.dim}) and decoder_dim ({self.decoder_dim}) must be divisible by "
                              f"heads ({self.heads})")

@@ -82,9 +82,10 @@ class ModalityEmbedding(nn.Module):
 
     def __init__(self, cfg: SparConfig, n_tokens: int, token_dim: int):
         super().__init__()
-        self.n_tokens = n_tokens
-        self.signal = nn.Linear(token_dim, cfg.dim)
-        self.patch_position = nn.Parameter(torch.randn(n_tokens, cfg.dim) * 0.02)
+        self.merge = cfg.token_merge
+        self.n_tokens = n_tokens // self.merge  # tokens per node the encoders see
+        self.signal = nn.Linear(token_dim * self.merge, cfg.dim)
+        self.patch_position = nn.Parameter(torch.randn(self.n_tokens, cfg.dim) * 0.02)
         self.spatial = nn.Linear(cfg.position_dims, cfg.dim) if cfg.spatial_embedding else None
         self.structural_table = self.structural_text = self.structural = None
         if cfg.structural_embedding and cfg.structural_source == "text":
@@ -109,8 +110,11 @@ class ModalityEmbedding(nn.Module):
                 structure: torch.Tensor) -> Embedded:
         """tokens [B, N, m, D] standardised, present [B, N], positions [B, N, d_S] normalised,
         structure: node_index [B, N] int64 (table) or node_text [B, N, E] (text)
-        -> Embedded with L = N * m."""
-        b, n, m, _ = tokens.shape
+        -> Embedded with L = N * m / k (k = token_merge)."""
+        b, n, m, d_in = tokens.shape
+        m = m // self.merge
+        if self.merge > 1:  # k adjacent patches of a node side by side: [B, N, m / k, k * D]
+            tokens = tokens.reshape(b, n, m, self.merge * d_in)
         signal = self.signal(tokens) + self.patch_position  # [B, N, m, d]
         zeros = torch.zeros_like(signal)
         spatial = self.spatial(positions)[:, :, None, :].expand_as(signal) if self.spatial is not None else zeros
@@ -233,6 +237,8 @@ class SparPretrainer(nn.Module):
 
     def __init__(self, cfg: SparConfig):
         super().__init__()
+        if cfg.token_merge != 1:
+            raise ValueError("token_merge is a distilled student's setting; pretraining needs token_merge 1")
         self.cfg = cfg
         self.encoder = SparEncoder(cfg)
         names = self.encoder.modality_names
