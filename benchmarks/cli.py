@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
                         "markdown report. About 1 min with the defaults; --store-only: seconds, no broker or model.")
     rt.add_argument("--site", type=Path, default=DEFAULT_SITE, help="site layout TOML (default: %(default)s)")
     rt.add_argument("--windows", type=int, default=300, help="windows to push through (default: %(default)s)")
-    rt.add_argument("--codec", default="png", help="codec of the token messages (default: %(default)s)")
+    rt.add_argument("--codec", default="webp:85", help="codec of the token messages (default: %(default)s, what "
+                    "`spar-node run` sends)")
+    rt.add_argument("--decode-threads", type=int, default=1,
+                    help="the aggregator's decode_threads (token images decoded ahead on a pool; default: "
+                    "%(default)s)")
     rt.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt (default: auto)")
     rt.add_argument("--hidden", type=int, default=16, help="width of the tiny model (default: %(default)s)")
     rt.add_argument("--paced-rate", type=float, default=20.0,
@@ -393,6 +397,7 @@ def _cmd_runtime(args: argparse.Namespace) -> int:
     try:
         report = run_runtime_benchmark(args.site, windows=args.windows, codec=args.codec, backend=args.backend,
                                        hidden=args.hidden, paced_rate=args.paced_rate, store_dir=store_dir,
+                                       decode_threads=args.decode_threads,
                                        store_batches=args.store_batches, progress=progress)
     except AggregatorError as exc:
         raise BenchError(str(exc)) from None

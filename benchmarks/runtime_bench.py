@@ -83,7 +83,7 @@ class RuntimeReport:
             f"| aggregator throughput | {self.aggregator_windows_per_s:,.0f} windows/s | |",
             f"| aggregator / bare model | {100 * self.ratio:.1f} % | >= 90 % |",
             f"| added latency p50 at {self.paced_windows_per_s:g} windows/s | {self.percentile(50):.2f} ms | |",
-            f"| added latency p99 at {self.paced_windows_per_s:g} windows/s | {self.percentile(99):.2f} ms | <= 5 ms |",
+            f"| added latency p99 at {self.paced_windows_per_s:g} windows/s | {self.percentile(99):.2f} ms | <= 2 ms |",
             f"| added latency p50 flat out (queueing included) | "
             f"{_pct(self.saturated_latency_ms, 50):.1f} ms | |",
             f"| ingest capacity | {self.ingest_messages_per_s:,.0f} messages/s | >= 5,000 |",
@@ -361,8 +361,8 @@ def _split(frames: dict[str, list[EncodedFrame]], windows: int) -> tuple[dict[st
             {n: [f for f in fs if f.window_start_ns >= cut] for n, fs in frames.items()})
 
 
-def run_runtime_benchmark(site: str | Path, *, windows: int = 200, codec: str = "png", backend: str = "auto",
-                          hidden: int = 16, seed: int = 0, paced_rate: float = 20.0,
+def run_runtime_benchmark(site: str | Path, *, windows: int = 200, codec: str = "webp:85", backend: str = "auto",
+                          hidden: int = 16, seed: int = 0, paced_rate: float = 20.0, decode_threads: int = 1,
                           store_dir: str | Path | None = None, store_batches: int = 1000,
                           progress: Callable[[str], None] = lambda text: None) -> RuntimeReport:
     """Sections 1-5 (see the module docstring), then the store section (6) in ``store_dir`` unless
@@ -379,6 +379,7 @@ def run_runtime_benchmark(site: str | Path, *, windows: int = 200, codec: str = 
             config = AggregatorConfig(site=Path(site), model=tmp_path / "model" / "manifest.json",
                                       database=tmp_path / "results.sqlite3", backend=backend, metrics_port=None,
                                       deadline_fraction=0.5, max_open_windows=64, queue_size=4096,
+                                      decode_threads=decode_threads,
                                       # Capacity, not shedding: no queue may drop (the broker's in-flight
                                       # limit is off too).
                                       ingest_queue_size=1_000_000, max_held_messages=10**9,
@@ -417,7 +418,8 @@ def run_runtime_benchmark(site: str | Path, *, windows: int = 200, codec: str = 
     if store_dir is not None and store_batches > 0:
         # After the aggregator has stopped: its threads must not share the disk or the cores with this.
         store = run_store_benchmark(site, store_dir, batches=store_batches, seed=seed, progress=progress)
-    return RuntimeReport(f"{getattr(aggregator.backend, 'name', '?')}, result store synchronous={config.synchronous}",
+    return RuntimeReport(f"{getattr(aggregator.backend, 'name', '?')}, result store synchronous={config.synchronous}, "
+                         f"codec {codec}, decode_threads {decode_threads}",
                          windows, sum(len(f) for f in flat_out.values()), bare, agg_rate, latencies, ingest_rate,
                          costs, paced_rate, saturated, describe_machine(_versions()), store)
 

@@ -567,8 +567,9 @@ def report_markdown(cfg: DistillConfig, r: DistillResult, teacher: DeployModel, 
     t_cfg = teacher.encoder.cfg
 
     def shape(c: SparConfig) -> str:
+        merge = f", {c.token_merge} patches per token" if c.token_merge > 1 else ""
         return (f"dim {c.dim}, heads {c.heads}, modality depth {c.modality_depth}, joint depth {c.joint_depth}, "
-                f"mlp ratio {c.mlp_ratio:g}")
+                f"mlp ratio {c.mlp_ratio:g}{merge}")
 
     lines = ["# Distillation report", "",
              f"- teacher: {', '.join('`' + str(c['path']) + '`' for c in ckpts)} ({shape(t_cfg)})",
