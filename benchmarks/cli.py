@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from pathlib import Path
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     rt.add_argument("--windows", type=int, default=300, help="windows to push through (default: %(default)s)")
     rt.add_argument("--codec", default="webp:85", help="codec of the token messages (default: %(default)s, what "
                     "`spar-node run` sends)")
+    rt.add_argument("--spread-ms", type=float, default=30.0,
+                    help="second latency phase: each message of a window leaves up to this much after the window's "
+                    "tick (uniform), as the lossy link's jitter spreads a window's arrivals (default: %(default)s)")
     rt.add_argument("--decode-threads", type=int, default=1,
                     help="the aggregator's decode_threads (token images decoded ahead on a pool; default: "
                     "%(default)s)")
@@ -374,6 +378,8 @@ def _cmd_runtime(args: argparse.Namespace) -> int:
     from benchmarks.runtime_bench import run_runtime_benchmark, run_store_benchmark, splice_store_section, summary_line
     from edge_runtime.errors import AggregatorError
 
+    if args.spread_ms < 0 or not math.isfinite(args.spread_ms):
+        raise BenchError("--spread-ms must be a finite number >= 0")
     if args.windows < 10:
         raise BenchError("--windows must be >= 10")
     if args.store_batches < 0 or (args.store_only and args.store_batches < 1):
@@ -397,7 +403,7 @@ def _cmd_runtime(args: argparse.Namespace) -> int:
     try:
         report = run_runtime_benchmark(args.site, windows=args.windows, codec=args.codec, backend=args.backend,
                                        hidden=args.hidden, paced_rate=args.paced_rate, store_dir=store_dir,
-                                       decode_threads=args.decode_threads,
+                                       decode_threads=args.decode_threads, spread_ms=args.spread_ms,
                                        store_batches=args.store_batches, progress=progress)
     except AggregatorError as exc:
         raise BenchError(str(exc)) from None

@@ -88,6 +88,8 @@ class InferenceWorker:
     def process(self, batch: list[AssembledWindow]) -> list[dict[str, Any]]:
         """Run one batch (same node count) through the backend, store and publish its results."""
         started = time.monotonic()
+        for window in batch:  # complete -> inference: the decodes still ahead of it, the window queue
+            self.observe("wait_seconds", started - window.closed_s)
         inputs = {name: np.stack([w.inputs[name] for w in batch]) for name in batch[0].inputs}
         outputs = self.backend.run(inputs)
         inference_s = time.monotonic() - started
@@ -139,7 +141,9 @@ class InferenceWorker:
         wait_s = RETRY_FIRST_S
         while True:
             try:
+                started = time.monotonic()
                 new = self.store.insert_new(results, window_ns=self.window_ns) if results else []
+                self.observe("store_seconds", time.monotonic() - started)
             except AggregatorError as exc:
                 if self.storage_failing_since is None:
                     self.storage_failing_since = time.monotonic()

@@ -68,6 +68,11 @@ class ServiceMetrics:
                                              LATENCY_BUCKETS),
             "added_latency_seconds": r.histogram("spar_added_latency_seconds",
                                                  "Window complete -> result published", LATENCY_BUCKETS),
+            "wait_seconds": r.histogram("spar_window_wait_seconds",
+                                        "Window complete (its last message arrived) -> inference starts",
+                                        LATENCY_BUCKETS),
+            "store_seconds": r.histogram("spar_store_seconds", "SQLite commit of one batch of results",
+                                         LATENCY_BUCKETS),
             "end_to_end_seconds": r.histogram("spar_end_to_end_latency_seconds",
                                               "Window end (node clock) -> result published", E2E_BUCKETS),
         }

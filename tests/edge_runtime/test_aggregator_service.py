@@ -114,6 +114,7 @@ def test_complete_windows_match_direct_inference(mosquitto, parking_lot, model_d
     assert 'spar_results_total 3' in metrics
     assert 'spar_windows_total{outcome="complete"} 3' in metrics
     assert 'spar_messages_total{outcome="accepted"} 48' in metrics
+    assert "spar_window_wait_seconds_count 3" in metrics and "spar_store_seconds_count" in metrics
     assert health["site"] == "parking_lot"
 
 
