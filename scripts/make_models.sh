@@ -18,7 +18,7 @@ BUDGET=${BUDGET:-smoke}
 eval "$("$BIN/python" -m train.budgets "$BUDGET" --shell)"
 WORK=${WORK:-build/models-$BUDGET}
 if [ "$BUDGET" = standard ]; then OUT=${OUT:-models/parking_lot}; else OUT=${OUT:-$WORK/out}; fi
-VERSION=${VERSION:-0.3.0}
+VERSION=${VERSION:-0.4.0}
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 mkdir -p "$WORK" "$OUT"
 LOG="$WORK/commands.log"
@@ -63,9 +63,10 @@ TEACHER_FLAGS=()
 for t in "${TEACHER[@]}"; do TEACHER_FLAGS+=(--teacher "$t"); done
 
 # Loss-robust distillation: the student learns the teacher's complete-window answers from windows
-# that lost up to 40 % of their token messages (what a lossy link delivers).
+# that lost up to 40 % of their token messages (what a lossy link delivers). Its shape is the budget's.
+# shellcheck disable=SC2086  # BUDGET_STUDENT is a list of flags
 done_marker "$WORK/student" || run "$BIN/spar-export" distill "${TEACHER_FLAGS[@]}" --data "$WORK/data" \
-    --out "$WORK/student" --epochs "$BUDGET_DISTILL_EPOCHS" --seed 0 --message-loss 0.4 --no-progress
+    --out "$WORK/student" --epochs "$BUDGET_DISTILL_EPOCHS" --seed 0 --message-loss 0.4 --no-progress $BUDGET_STUDENT
 
 rm -rf "${OUT:?}"/*
 run "$BIN/spar-export" onnx --checkpoint "$WORK/student" --data "$WORK/data" --out "$OUT" \

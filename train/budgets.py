@@ -28,6 +28,9 @@ class Budget:
     calibration_windows: int  # INT8 calibration
     seeds: tuple[int, ...]  # benchmark seeds (mean +- std over them)
     teacher: dict = field(default_factory=dict)  # SparConfig overrides of the teacher encoder
+    # The distilled student's shape (spar-export distill flags; empty: its defaults), chosen from the
+    # size / metric / latency table of `spar-bench quant --pareto` (benchmarks/results/quant.md).
+    student: dict = field(default_factory=dict)
     note: str = ""
 
     def describe(self) -> str:
@@ -42,7 +45,8 @@ BUDGETS: dict[str, Budget] = {
                     note="about 10 minutes on 2 CPU cores; plumbing, not a usable model"),
     "standard": Budget("standard", windows=12000, test_windows=2000, pretrain_epochs=24, finetune_epochs=8,
                        head_steps=1500, supervised_steps=2000, distill_epochs=20, calibration_windows=256,
-                       seeds=(0, 1, 2), note="one to two hours on 2 CPU cores; the shipped models"),
+                       seeds=(0, 1, 2), student={"dim": 64, "heads": 4, "modality_depth": 1, "token_merge": 4},
+                       note="one to two hours on 2 CPU cores; the shipped models"),
     "full": Budget("full", windows=24000, test_windows=4000, pretrain_epochs=100, finetune_epochs=30,
                    head_steps=3000, supervised_steps=8000, distill_epochs=60, calibration_windows=512,
                    seeds=(0, 1, 2), teacher={"dim": 128, "heads": 8, "decoder_dim": 64},
@@ -64,7 +68,9 @@ def shell_assignments(b: Budget) -> str:
         if isinstance(value, int | str):
             lines.append(f"BUDGET_{key.upper()}={shlex.quote(str(value))}")
     model = " ".join(f"--model {k}={v}" for k, v in b.teacher.items())
-    lines += [f"BUDGET_TEACHER_MODEL={shlex.quote(model)}", f"BUDGET_SEEDS={shlex.quote(' '.join(map(str, b.seeds)))}"]
+    student = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in b.student.items())
+    lines += [f"BUDGET_TEACHER_MODEL={shlex.quote(model)}", f"BUDGET_STUDENT={shlex.quote(student)}",
+              f"BUDGET_SEEDS={shlex.quote(' '.join(map(str, b.seeds)))}"]
     return "\n".join(lines)
 
 

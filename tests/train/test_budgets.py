@@ -21,9 +21,15 @@ def test_presets_grow_from_smoke_to_full():
 
 def test_shell_lines_survive_eval_in_bash():
     out = subprocess.run(["bash", "-c", f'eval "$({sys.executable} -m train.budgets standard --shell)"; '
-                                       'echo "$BUDGET_WINDOWS|$BUDGET_NOTE|$BUDGET_SEEDS"'],
+                                       'echo "$BUDGET_WINDOWS|$BUDGET_NOTE|$BUDGET_SEEDS|$BUDGET_STUDENT"'],
                          capture_output=True, text=True, check=True).stdout.strip()
-    assert out == f"12000|{BUDGETS['standard'].note}|0 1 2"
+    assert out == f"12000|{BUDGETS['standard'].note}|0 1 2|--dim 64 --heads 4 --modality-depth 1 --token-merge 4"
+    # the flags are spar-export distill's own
+    from export.cli import build_parser
+
+    args = build_parser().parse_args(["distill", "--teacher", "t", "--data", "d", "--out", "o",
+                                      *out.rsplit("|", 1)[1].split()])
+    assert (args.dim, args.heads, args.modality_depth, args.token_merge) == (64, 4, 1, 4)
 
 
 def test_unknown_budget_is_refused(capsys):
