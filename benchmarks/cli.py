@@ -62,9 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     rt.add_argument("--spread-ms", type=float, default=30.0,
                     help="second latency phase: each message of a window leaves up to this much after the window's "
                     "tick (uniform), as the lossy link's jitter spreads a window's arrivals (default: %(default)s)")
-    rt.add_argument("--decode-threads", type=int, default=1,
-                    help="the aggregator's decode_threads (token images decoded ahead on a pool; default: "
-                    "%(default)s)")
     rt.add_argument("--backend", default="auto", help="auto | onnxruntime | tensorrt (default: auto)")
     rt.add_argument("--hidden", type=int, default=16, help="width of the tiny model (default: %(default)s)")
     rt.add_argument("--paced-rate", type=float, default=20.0,
@@ -403,7 +400,7 @@ def _cmd_runtime(args: argparse.Namespace) -> int:
     try:
         report = run_runtime_benchmark(args.site, windows=args.windows, codec=args.codec, backend=args.backend,
                                        hidden=args.hidden, paced_rate=args.paced_rate, store_dir=store_dir,
-                                       decode_threads=args.decode_threads, spread_ms=args.spread_ms,
+                                       spread_ms=args.spread_ms,
                                        store_batches=args.store_batches, progress=progress)
     except AggregatorError as exc:
         raise BenchError(str(exc)) from None

@@ -375,8 +375,7 @@ def _split(frames: dict[str, list[EncodedFrame]], windows: int) -> tuple[dict[st
 
 
 def run_runtime_benchmark(site: str | Path, *, windows: int = 200, codec: str = "webp:85", backend: str = "auto",
-                          hidden: int = 16, seed: int = 0, paced_rate: float = 20.0, decode_threads: int = 1,
-                          spread_ms: float = 30.0,
+                          hidden: int = 16, seed: int = 0, paced_rate: float = 20.0, spread_ms: float = 30.0,
                           store_dir: str | Path | None = None, store_batches: int = 1000,
                           progress: Callable[[str], None] = lambda text: None) -> RuntimeReport:
     """Sections 1-5 (see the module docstring), then the store section (6) in ``store_dir`` unless
@@ -393,7 +392,6 @@ def run_runtime_benchmark(site: str | Path, *, windows: int = 200, codec: str = 
             config = AggregatorConfig(site=Path(site), model=tmp_path / "model" / "manifest.json",
                                       database=tmp_path / "results.sqlite3", backend=backend, metrics_port=None,
                                       deadline_fraction=0.5, max_open_windows=64, queue_size=4096,
-                                      decode_threads=decode_threads,
                                       # Capacity, not shedding: no queue may drop (the broker's in-flight
                                       # limit is off too).
                                       ingest_queue_size=1_000_000, max_held_messages=10**9,
@@ -440,7 +438,7 @@ def run_runtime_benchmark(site: str | Path, *, windows: int = 200, codec: str = 
         # After the aggregator has stopped: its threads must not share the disk or the cores with this.
         store = run_store_benchmark(site, store_dir, batches=store_batches, seed=seed, progress=progress)
     return RuntimeReport(f"{getattr(aggregator.backend, 'name', '?')}, result store synchronous={config.synchronous}, "
-                         f"codec {codec}, decode_threads {decode_threads}",
+                         f"codec {codec}",
                          windows, sum(len(f) for f in flat_out.values()), bare, agg_rate,
                          burst["added_latency_seconds"], ingest_rate, costs, paced_rate, saturated,
                          describe_machine(_versions()), store, burst["wait_seconds"], burst["store_seconds"],

@@ -37,9 +37,6 @@ class AggregatorConfig:
     early_close_margin_s: float = 0.02
     max_open_windows: int = 16  # more open windows force-close the oldest
     ingest_queue_size: int = 128  # received live token messages waiting to be decoded; overflow drops the oldest
-    # Threads decompressing token images ahead of the ingest thread (edge_runtime/decode_ahead.py);
-    # 1 decodes on the ingest thread itself.
-    decode_threads: int = 1
     # A token message whose window ended longer ago than this (node clock) is backlog the broker kept
     # while we were away: never shed, only paced by the broker's in-flight limit.
     backlog_after_s: float = 30.0
@@ -101,9 +98,6 @@ class AggregatorConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise AggregatorError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.decode_threads, bool) or not isinstance(self.decode_threads, int) or not (
-                1 <= self.decode_threads <= 16):
-            raise AggregatorError(f"decode_threads must be an integer in 1..16, got {self.decode_threads!r}")
         if not (isinstance(self.backlog_after_s, (int, float)) and math.isfinite(self.backlog_after_s)
                 and self.backlog_after_s >= 0):
             raise AggregatorError(f"backlog_after_s must be a number >= 0, got {self.backlog_after_s!r}")

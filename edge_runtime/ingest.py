@@ -55,15 +55,6 @@ class Receipt:
 
 
 @dataclass(frozen=True)
-class Predecoded:
-    """The pure part of a token message, done ahead on another thread (``MessageProcessor.predecode``):
-    its tokens [m, D], or the error decoding raised (raised again where the inline path decodes)."""
-
-    tokens: Any = None
-    error: Exception | None = None
-
-
-@dataclass(frozen=True)
 class RawMessage:
     topic: str
     payload: bytes
@@ -107,31 +98,15 @@ class MessageProcessor:
         # thread emits it gives up its receipts (take_receipts) under the same lock.
         self._processing = threading.RLock()
 
-    def predecode(self, raw: RawMessage) -> Predecoded | None:
-        """Header, payload decode and patchify of a token message, for ``DecodeAhead`` (any thread;
-        pure: touches no state). None for anything else, or when ``handle`` will refuse it before
-        decoding anyway (wrong shape, unknown modality). Never raises."""
-        try:
-            topic = parse_topic(raw.topic)
-            cfg = self.features.get(topic.modality or "")
-            if topic.kind != "data" or topic.is_aggregator or cfg is None:
-                return None
-            message = decode_message(raw.payload, self.limits, decode_image=False)
-            if message.shape != cfg.image_shape:
-                return None
-            return Predecoded(tokens=patchify(message.image(self.limits), cfg))
-        except Exception as exc:  # noqa: BLE001 - handed to handle(), which counts it at the decode step
-            return Predecoded(error=exc)
-
-    def handle(self, raw: RawMessage, predecoded: Predecoded | None = None) -> None:
-        """Process one message (any thread; ``predecoded``: ``predecode(raw)``, done ahead); never raises."""
+    def handle(self, raw: RawMessage) -> None:
+        """Process one message (any thread); never raises."""
         with self.lock:
             self.received_messages += 1
             self.received_bytes += len(raw.payload)
         held = False
         with self._processing:
             try:
-                held = self._handle(raw, predecoded)
+                held = self._handle(raw)
             except WireError as exc:
                 self._reject(exc.reason, exc.detail)
             except Exception as exc:  # noqa: BLE001 - a bug must not stop ingest: count and log it
@@ -190,7 +165,7 @@ class MessageProcessor:
         with self.lock:
             return self.received_messages, self.received_bytes
 
-    def _handle(self, raw: RawMessage, predecoded: Predecoded | None = None) -> bool:
+    def _handle(self, raw: RawMessage) -> bool:
         """True when an open window now holds the message (and will release its receipt)."""
         topic = parse_topic(raw.topic)
         if topic.site != self.site_id:
@@ -211,9 +186,9 @@ class MessageProcessor:
             decision = self.registry.on_state(topic.node, parse_state(raw.payload))
             self._count("state" if decision.accepted else f"ignored.{decision.reason}")
             return False
-        return self._handle_data(topic.node, topic.modality or "", raw, predecoded)
+        return self._handle_data(topic.node, topic.modality or "", raw)
 
-    def _handle_data(self, node: str, modality: str, raw: RawMessage, predecoded: Predecoded | None) -> bool:
+    def _handle_data(self, node: str, modality: str, raw: RawMessage) -> bool:
         # Cheap checks first: header only, then the registry, then the payload decode.
         message = decode_message(raw.payload, self.limits, decode_image=False)
         if (message.site, message.node, message.modality) != (self.site_id, node, modality):
@@ -232,12 +207,7 @@ class MessageProcessor:
         cfg = self.features[modality]
         if message.shape != cfg.image_shape:
             raise WireError("shape_mismatch", f"{node}/{modality}: image {message.shape} != {cfg.image_shape}")
-        if predecoded is None:
-            tokens = patchify(message.image(self.limits), cfg)
-        elif predecoded.error is not None:
-            raise predecoded.error
-        else:
-            tokens = predecoded.tokens
+        tokens = patchify(message.image(self.limits), cfg)
         self._count("accepted")
         if self.last_accepted_s is None or raw.arrival_s - self.last_accepted_s > self.quiet_s:
             self.accepting_since_s = raw.arrival_s  # traffic resumes after a quiet spell

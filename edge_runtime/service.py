@@ -28,7 +28,6 @@ from edge_runtime import service_health
 from edge_runtime.bounded_queue import BoundedQueue
 from edge_runtime.clock_guard import ClockGuard, ClockLimits
 from edge_runtime.config import AggregatorConfig
-from edge_runtime.decode_ahead import DecodeAhead
 from edge_runtime.errors import AggregatorError
 from edge_runtime.inference_worker import InferenceWorker, result_payload
 from edge_runtime.ingest import MessageProcessor, MqttIngest
@@ -255,21 +254,13 @@ class Aggregator:
         return {t.name: self._thread_errors.get(t.name, "ended") for t in self._threads if not t.is_alive()}
 
     def _ingest_loop(self) -> None:
-        """Decode (ahead, on ``decode_threads``) and assemble queued messages until told to stop and
-        none is left."""
-        ahead = DecodeAhead(self.processor.predecode, self.config.decode_threads)
-        try:
-            while True:
-                raw = self.message_queue.get_nowait() if ahead.pending else self.message_queue.get(timeout=0.05)
-                if raw is not None:
-                    ahead.submit(raw)
-                # Hand over what is decoded; with nothing new (or the pool full) wait for the oldest.
-                for message, decoded in ahead.ready(wait=raw is None or ahead.full):
-                    self.processor.handle(message, decoded)  # never raises
-                if raw is None and not ahead.pending and self._stop_intake.is_set():
-                    return
-        finally:
-            ahead.close()
+        """Decode and assemble queued messages until told to stop and none is left."""
+        while True:
+            raw = self.message_queue.get(timeout=0.05)
+            if raw is not None:
+                self.processor.handle(raw)  # never raises
+            elif self._stop_intake.is_set():
+                return
 
     def _deadline_loop(self) -> None:
         """Close windows at their deadline; after the subscriber stopped, close the rest and end."""

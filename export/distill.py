@@ -11,7 +11,9 @@ Loss, per batch:
 
 * feature distillation: MSE between ``projection(student latents)`` and the teacher latents over
   valid tokens only. The projection (student d -> teacher d, ``nn.Linear``) exists only for this
-  loss and is discarded afterwards;
+  loss and is discarded afterwards. A student with ``token_merge`` k (k adjacent patches embedded as
+  one token: k^2 less attention) is compared with the mean of the k teacher latents it covers
+  (``merge_latents``);
 * output distillation, per head: classification ``KL(softmax(t / T) || softmax(s / T)) * T^2``;
   localize / quake MSE between the positions in normalised units (both heads predict in the
   ``PositionFrame`` of the window, which both models derive from the same node positions);

@@ -638,7 +638,7 @@ def quantize(fp32_onnx: str | Path, out: str | Path, windows: WindowSet, calib_i
     ``model`` is the DeployModel the FP32 graph was exported from (the torch reference).
     Calibration windows ``calib_indices`` and evaluation windows ``eval_indices`` should not overlap.
     Quantization options: see ``quantize_static_int8``. ``include_dynamic`` also writes
-    ``<out stem>.dynamic.onnx`` (dynamic INT8, no manifest) and reports it for comparison.
+    ``<out stem>.dynamic.onnx`` (dynamic INT8) with its manifest and reports it beside the static one.
     ``threads``: ORT intra-op threads of the parity runs.
     """
     fp32_onnx, out = Path(fp32_onnx), Path(out)
@@ -701,5 +701,11 @@ def quantize(fp32_onnx: str | Path, out: str | Path, windows: WindowSet, calib_i
         eval_windows=int(eval_idx.size))
     manifest = derive_manifest(base, out, artifact_format="onnx", precision="int8", metric=report.metric)
     manifest.write(report.manifest_path)
+    if dynamic is not None and parity_dynamic is not None:
+        # Dynamic INT8 runs on ONNX Runtime's CPU kernels only, and on a CPU without VNNI it is the
+        # INT8 graph that pays (spar-bench quant --int8-settings): give it a manifest to deploy with.
+        metric = {**parity_dynamic.metrics_candidate, "windows": int(eval_idx.size), "precision": "int8"}
+        derive_manifest(base, dynamic.path, artifact_format="onnx", precision="int8",
+                        metric=metric).write(manifest_path_for(dynamic.path))
     report.report_path.write_text(report.to_markdown())
     return report

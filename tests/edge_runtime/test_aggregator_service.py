@@ -93,10 +93,9 @@ def direct_inputs(layout, window_index, seed=1, codec="png", absent=()):
     return inputs
 
 
-@pytest.mark.parametrize("decode_threads", [1, 2])
-def test_complete_windows_match_direct_inference(mosquitto, parking_lot, model_dir, tmp_path, decode_threads):
+def test_complete_windows_match_direct_inference(mosquitto, parking_lot, model_dir, tmp_path):
     listener = ResultListener(mosquitto.port)
-    with Aggregator(config_for(mosquitto, model_dir, tmp_path, decode_threads=decode_threads)) as agg:
+    with Aggregator(config_for(mosquitto, model_dir, tmp_path)) as agg:
         run_nodes(parking_lot, mosquitto, windows=3)
         assert wait_for(lambda: len(listener.results) == 3)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{agg.metrics.port}/metrics", timeout=5).read().decode()

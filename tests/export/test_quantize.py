@@ -189,6 +189,19 @@ def test_quantize_writes_model_manifest_and_report(trained_model, fp32_export, t
     text = (tmp_path / "parity-int8.md").read_text()
     assert text == report.to_markdown()
     assert "ORT INT8" in text and "ORT INT8 dynamic" in text and "| position/mean_shift |" in text
+    # the dynamic graph is deployable too: its own manifest, its own measured metric, runs in the runtime
+    from edge_runtime.inference import load_backend
+
+    dynamic = load_manifest(tmp_path / "model.int8.dynamic.manifest.json")
+    dynamic.verify_artifact()
+    assert dynamic.artifact_file == "model.int8.dynamic.onnx" and dynamic.precision == "int8"
+    assert dynamic.inputs == base.inputs and dynamic.metric["windows"] == len(tiny_split[1])
+    assert dynamic.metric["classify/accuracy"] == report.parity_dynamic.metrics_candidate["classify/accuracy"]
+    backend = load_backend(dynamic, "onnxruntime")
+    from export.parity import window_inputs
+
+    outputs = backend.run(window_inputs(tiny_window_set, tiny_split[1][:2], [t.name for t in base.inputs]))
+    assert outputs["logits"].shape[0] == 2
 
 
 def test_quantize_auto_picks_a_method(trained_model, fp32_export, tiny_window_set, tiny_split, tmp_path):
