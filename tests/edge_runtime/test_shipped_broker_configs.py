@@ -114,7 +114,7 @@ def test_both_aggregator_configs_run_the_same_aggregator():
     local, secure = read_toml(CONFIGS / "aggregator.toml"), read_toml(CONFIGS / "aggregator-secure.toml")
     assert local["aggregator"] == secure["aggregator"], \
         "configs/aggregator-secure.toml must keep the [aggregator] section of configs/aggregator.toml"
-    assert local["aggregator"]["model"] == "../models/parking_lot/model.int8.manifest.json"
+    assert local["aggregator"]["model"] == "../models/parking_lot/model.int8.dynamic.manifest.json"
     without_path = {"host", "port", "credentials_dir"}
     assert {k: v for k, v in local["mqtt"].items() if k not in without_path} == \
         {k: v for k, v in secure["mqtt"].items() if k not in without_path}
