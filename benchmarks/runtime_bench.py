@@ -4,7 +4,9 @@ In one run, with one backend:
 1. bare-model throughput: windows/s calling the backend directly (batch 1) on real window tensors;
 2. aggregator throughput: the full service fed by simulated nodes over a loopback Mosquitto, from
    the first message published to the last result stored and published;
-3. added latency (window complete -> result published), p50 / p99;
+3. added latency (the window's last message arrived -> result published), p50 / p99, paced: once with
+   each window's messages sent at one instant (split into the wait before inference and the SQLite
+   commit), once with each message delayed by up to ``spread_ms`` as a link's jitter spreads them;
 4. ingest capacity: token messages/s the aggregator's ingest path accepts;
 5. a cost breakdown per message and per window (header parse, image decode, patchify, assembly,
    inference), timed in-process on the same frames;
