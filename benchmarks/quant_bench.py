@@ -133,6 +133,7 @@ class QuantBenchReport:
             lines += ["", *pareto_markdown(self, TEACHER_ORT)]
         if self.int8_settings:
             lines += ["", *int8_settings_markdown(self, STUDENT_ORT)]
+        lines += ["", *targets_markdown(self)]
         metric_names = sorted({k for e in self.entries for k in e.metrics})
         if metric_names:
             lines += ["", "| entry | " + " | ".join(metric_names) + " |", "|---|" + "---|" * len(metric_names)]
@@ -170,6 +171,49 @@ class QuantBenchReport:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+# --------------------------------------------------------------------------- targets
+SPEED_TARGETS = (  # (what, slower row, target speed-up)
+    ("vs FP32 teacher, both ORT", TEACHER_ORT, 3.0),
+    ("vs torch eager FP32, same student", STUDENT_TORCH, 2.0),
+    ("vs FP32, same student, both ORT (INT8 pays)", STUDENT_ORT, 1.0),
+)
+METRIC_TOLERANCE = 0.01  # relative to the FP32 teacher, each task's primary metric
+
+
+def targets_markdown(report: QuantBenchReport) -> list[str]:
+    """Issue 20's targets, met or not, from this run's rows: the speed-ups of each INT8 student graph
+    (static, the TensorRT format; dynamic, what the CPU configs run) and each task's primary metric
+    within 1 % of the FP32 teacher's."""
+    labels = {e.label: e for e in report.entries}
+    int8 = [label for label in (STUDENT_INT8, STUDENT_INT8_DYNAMIC) if label in labels]
+    if not int8:
+        return []
+    lines = ["## Targets (issue 20)", "", "| INT8 student | target | " + " | ".join(f"b{b}" for b in report.batches)
+             + " | met |", "|---|---|" + "---|" * len(report.batches) + "---|"]
+    for label in int8:
+        for what, slow, target in SPEED_TARGETS:
+            if slow not in labels:
+                continue
+            ratios = [labels[slow].p(b, 50) / labels[label].p(b, 50) for b in report.batches]
+            met = all(r > target if target == 1.0 else r >= target for r in ratios)
+            lines.append(f"| {label} | {what} {'>' if target == 1.0 else '>='} {target:g}x | "
+                         + " | ".join(f"{r:.2f}x" for r in ratios) + f" | {'yes' if met else '**no**'} |")
+    teacher = labels.get(TEACHER_TORCH) or labels.get(TEACHER_ORT)
+    if teacher is not None:
+        lines += ["", "| INT8 student | metric | teacher | student | change | within 1 % |",
+                  "|---|---|---|---|---|---|"]
+        for label in int8:
+            for task, (metric, higher) in PRIMARY_METRICS.items():
+                key = f"{task}/{metric}"
+                if key not in teacher.metrics or key not in labels[label].metrics:
+                    continue
+                t, v = teacher.metrics[key], labels[label].metrics[key]
+                worse = (t - v) / abs(t) if higher else (v - t) / abs(t)
+                lines.append(f"| {label} | {key} | {t:.4g} | {v:.4g} | {100 * worse:+.1f} % worse | "
+                             f"{'yes' if worse <= METRIC_TOLERANCE else '**no**'} |")
+    return lines
 
 
 # --------------------------------------------------------------------------- inputs

@@ -94,6 +94,14 @@ def test_report_has_every_row_and_ratio(artifacts, windows, tmp_path):
     for label in labels:
         assert f"| {label} |" in text
     assert "b4 p99 ms" in text and "classify/accuracy" in text and "x |" in text
+    # issue 20's targets, judged from the same rows
+    assert "## Targets (issue 20)" in text
+    ratio = report.entry(TEACHER_ORT).p(1, 50) / report.entry(STUDENT_INT8).p(1, 50)
+    row = next(line for line in text.splitlines() if line.startswith(f"| {STUDENT_INT8} | vs FP32 teacher"))
+    assert f"| {ratio:.2f}x |" in row and row.endswith("| yes |" if ratio >= 3 and
+                                                      report.entry(TEACHER_ORT).p(4, 50) /
+                                                      report.entry(STUDENT_INT8).p(4, 50) >= 3 else "| **no** |")
+    assert f"| {STUDENT_INT8_DYNAMIC} | localize/mean_distance |" in text
     png = report.plot(tmp_path / "quant.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
