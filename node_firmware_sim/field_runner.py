@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import multiprocessing
 import queue
@@ -42,6 +43,7 @@ from spar_wire.numbers import is_finite_number, is_finite_vector
 from spar_wire.site_layout import NodeSpec, SiteLayout
 from spar_wire.topics import birth_topic, check_id
 
+log = logging.getLogger(__name__)
 EVENT_KINDS = ("join", "move")
 
 
@@ -256,6 +258,7 @@ class FieldSummary:
     start_epoch_ns: int = 0  # node time stamped on window 0 (true clock)
     wall_start_ns: int = 0  # wall clock at trial time 0; window k is complete at + (k + 1) W / speed
     speed: float = 1.0
+    requested_windows: int = 0  # what the duration asked for (more than ``windows``: the recordings ended)
 
     def total(self) -> NodeSummary:
         total = NodeSummary("total")
@@ -269,7 +272,7 @@ class FieldSummary:
     def to_dict(self) -> dict[str, Any]:
         return {"windows": self.windows, "window_s": self.window_s, "elapsed_s": self.elapsed_s,
                 "realtime": self.realtime, "link_log": self.link_log, "start_epoch_ns": self.start_epoch_ns,
-                "wall_start_ns": self.wall_start_ns, "speed": self.speed,
+                "wall_start_ns": self.wall_start_ns, "speed": self.speed, "requested_windows": self.requested_windows,
                 "nodes": {k: asdict(v) for k, v in self.nodes.items()}, "total": asdict(self.total())}
 
     def format_table(self) -> str:
@@ -285,6 +288,11 @@ class FieldSummary:
         rows.append(f"{self.windows} windows of {self.window_s:g} s in {self.elapsed_s:.1f} s; "
                     f"injected loss {injected}/{max(total.messages, 1)} messages "
                     f"({100 * injected / max(total.messages, 1):.1f} %)")
+        if self.requested_windows > self.windows:
+            rows.append(f"ended with the recordings after {self.windows} of {self.requested_windows} windows")
+        silent = [s.node for s in self.nodes.values() if s.messages == 0]
+        if silent:
+            rows.append(f"sent nothing (no recording or no signal): {', '.join(silent)}")
         return "\n".join(rows)
 
 
@@ -294,7 +302,13 @@ def run_field(config: FieldConfig, progress: Callable[[int, int], None] | None =
     ``on_truth(record)`` with each window's ground truth (the truth log's record) before it is sent."""
     plan = config.plan
     source = config.source.build(plan.physics_layout)
-    windows = max(1, math.ceil(config.duration_s / source.window_s - 1e-9))
+    requested = max(1, math.ceil(config.duration_s / source.window_s - 1e-9))
+    # A replay lasts as long as its recordings (its ``windows``); a scenario has no end.
+    available = getattr(source, "windows", None)
+    windows = min(requested, available) if isinstance(available, int) else requested
+    if windows < requested:
+        log.warning("the recordings last %d windows of %g s; the trial ends there, not after %d", windows,
+                    source.window_s, requested)
     # This runner's share of the events (run_field_parallel splits the nodes, and their events with them).
     events = [e for e in plan.events if e.node in config.nodes]
     with contextlib.ExitStack() as stack:
@@ -341,7 +355,7 @@ def run_field(config: FieldConfig, progress: Callable[[int, int], None] | None =
         scheduler.drain()
         summaries = {name: node.finish(link, config.ack_timeout_s) for name, node in nodes.items()}
     return FieldSummary(summaries, windows, source.window_s, time.monotonic() - started,
-                        config.realtime, config.link_log, start_ns, wall_start_ns, config.speed)
+                        config.realtime, config.link_log, start_ns, wall_start_ns, config.speed, requested)
 
 
 def _apply_event(config: FieldConfig, event: PlacementEvent, nodes: dict[str, _RunningNode], link: LinkModel,
@@ -413,7 +427,8 @@ def run_field_parallel(config: FieldConfig, procs: int,
     ordered = {n: summaries[n] for n in nodes}
     # Each process took its own start time; the first one's stands for the trial.
     return FieldSummary(ordered, result.windows, result.window_s, time.monotonic() - started,
-                        config.realtime, config.link_log, result.start_epoch_ns, result.wall_start_ns, config.speed)
+                        config.realtime, config.link_log, result.start_epoch_ns, result.wall_start_ns, config.speed,
+                        result.requested_windows)
 
 
 class FieldPublisher(NodePublisher):

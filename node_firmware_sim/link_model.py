@@ -202,7 +202,8 @@ class LinkModel:
     def stats(self, node: str | None = None) -> LinkStats:
         """Counters for one node, or summed over all nodes."""
         with self._nodes_lock:
-            links = [self._nodes[node]] if node else list(self._nodes.values())
+            # A node that never sent (a replay without its recording) has nothing counted: zeros.
+            links = ([self._nodes[node]] if node in self._nodes else []) if node else list(self._nodes.values())
         total = LinkStats()
         for link in links:
             total.add(link.stats)

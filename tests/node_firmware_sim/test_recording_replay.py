@@ -78,3 +78,25 @@ def test_bad_recordings(tmp_path, parking_lot, entry, fragment):
     wavfile.write(tmp_path / "short.wav", 16000, np.zeros(100, np.int16))
     with pytest.raises(NodeError, match=fragment):
         load_recordings(write_recordings(tmp_path, [entry]), parking_lot)
+
+
+def test_a_replay_ends_with_its_recordings_and_nodes_without_one_send_nothing(tmp_path, parking_lot):
+    """Recordings for 2 of the 8 nodes (microphone only), a trial asked for longer than they last:
+    the replay stops at the end of the shortest recording, the other nodes send nothing and are
+    counted as missing traces, and no node's statistics are missing (this raised KeyError)."""
+    from node_firmware_sim.field_runner import FieldConfig, SourceSpec, run_field
+
+    rate = 16000
+    for node, seconds in (("n01", 9.0), ("n02", 5.0)):
+        t = np.arange(int(rate * seconds)) / rate
+        wavfile.write(tmp_path / f"{node}.wav", rate, (0.3 * np.sin(2 * np.pi * 900 * t) * 32767).astype(np.int16))
+    path = write_recordings(tmp_path, [{"node": n, "modality": "microphone", "path": f"{n}.wav"}
+                                       for n in ("n01", "n02")])
+    summary = run_field(FieldConfig(layout=parking_lot, source=SourceSpec(recordings=str(path)), duration_s=60.0))
+    assert summary.windows == 2  # 5 s of n02 -> two whole 2 s windows, not the 30 asked for
+    assert summary.nodes["n01"].messages == summary.nodes["n02"].messages == 2
+    for node in parking_lot.node_ids[2:]:
+        assert summary.nodes[node].messages == 0 and summary.nodes[node].link.lost == 0
+        assert summary.nodes[node].missing_traces == 2 * len(parking_lot.modalities)
+    text = summary.format_table()
+    assert "ended with the recordings after 2 of 30 windows" in text and "sent nothing" in text and "n08" in text
