@@ -529,7 +529,6 @@ def _chosen_teacher(listing: Path) -> list[str]:
 def _cmd_quant(args: argparse.Namespace) -> int:
     import tempfile
 
-    import numpy as np
     import torch
 
     from benchmarks.int8_settings import int8_setting_entries
@@ -546,6 +545,7 @@ def _cmd_quant(args: argparse.Namespace) -> int:
     from export.distill import model_size
     from export.errors import ExportError
     from export.exporter import load_deployable
+    from export.quantize import calibration_indices
     from train.data import load_windows, temporal_split
 
     teachers = args.teacher or _chosen_teacher(Path(args.student).parent / "teacher.txt")
@@ -563,9 +563,7 @@ def _cmd_quant(args: argparse.Namespace) -> int:
                                    threads=args.threads, workdir=work,
                                    student_int8_dynamic=dynamic if dynamic.exists() else None)
         options, ratios, shapes = [], STANDARD_RATIOS, []
-        # calibration spread over the training part, as `spar-export quantize` does
-        count = min(args.calibration_windows, len(train_idx))
-        calib = np.unique(train_idx[np.linspace(0, len(train_idx) - 1, count).astype(int)])
+        calib = calibration_indices(train_idx, args.calibration_windows)  # as `spar-export quantize` picks them
         if args.pareto:
             extra, shapes = pareto_entries(args.pareto, windows, calib, work, threads=args.threads)
             entries += extra

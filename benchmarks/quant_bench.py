@@ -31,6 +31,7 @@ import numpy as np
 from benchmarks.errors import BenchError
 from benchmarks.int8_settings import int8_settings_markdown
 from benchmarks.machine import describe_machine
+from benchmarks.metric_loss import relative_loss
 from benchmarks.student_pareto import StudentShape, pareto_markdown
 from export.deploy_model import DeployModel
 from export.parity import PRIMARY_METRICS, Runner, evaluate_runner, flatten_metrics, onnx_runner, torch_runner
@@ -210,7 +211,7 @@ def targets_markdown(report: QuantBenchReport) -> list[str]:
                 if key not in teacher.metrics or key not in labels[label].metrics:
                     continue
                 t, v = teacher.metrics[key], labels[label].metrics[key]
-                worse = (t - v) / abs(t) if higher else (v - t) / abs(t)
+                worse = relative_loss(v, t, higher)
                 lines.append(f"| {label} | {key} | {t:.4g} | {v:.4g} | {100 * worse:+.1f} % worse | "
                              f"{'yes' if worse <= METRIC_TOLERANCE else '**no**'} |")
     return lines

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from benchmarks.errors import BenchError
+from benchmarks.metric_loss import relative_loss
 from export.parity import PRIMARY_METRICS, onnx_runner
 
 if TYPE_CHECKING:
@@ -177,7 +178,7 @@ def pareto_markdown(report: QuantBenchReport, teacher_label: str) -> list[str]:
                  f"{fp32.p(b_small, 50) / int8.p(b_small, 50):.2f}x"]
         for key, higher in keys:
             t, s = teacher.metrics[key], int8.metrics.get(key, float("nan"))
-            worse = (t - s) / abs(t) if higher else (s - t) / abs(t)
+            worse = relative_loss(s, t, higher)
             cells.append(f"{s:.4g} ({100 * worse:+.1f} %)")
         cells.append("yes" if name in best else "")
         lines.append("| " + " | ".join(cells) + " |")

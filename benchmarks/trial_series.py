@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.metric_loss import relative_loss
 from benchmarks.trial import CONFIG_FILE, FIELD_FILE, TrialConfig, model_digest, run_trial
 from benchmarks.trial_report import HEADLINE_METRICS, analyze_trial
 
@@ -69,14 +70,6 @@ def _finished(config: TrialConfig) -> bool:
 def compared_metrics(rows: list[SeriesRow]) -> list[str]:
     """The headline metrics (one per task) every row has a finite value for."""
     return [m for m in HEADLINE_METRICS if rows and all(math.isfinite(r.metric(m)) for r in rows)]
-
-
-def relative_loss(value: float, reference: float, higher_is_better: bool) -> float:
-    """How much worse ``value`` is than ``reference``, as a fraction of it (negative: better)."""
-    if not (math.isfinite(value) and math.isfinite(reference)) or reference == 0:
-        return math.nan
-    change = (value - reference) / abs(reference)
-    return -change if higher_is_better else change
 
 
 def worst_relative_loss(row: SeriesRow, reference: SeriesRow, metrics: list[str]) -> float:

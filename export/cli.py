@@ -152,20 +152,18 @@ def _cmd_onnx(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    import numpy as np
 
     from export.exporter import load_deployable
-    from export.quantize import quantize
+    from export.quantize import calibration_indices, quantize
     from train.data import load_windows, temporal_split
 
     model, _ = load_deployable(args.checkpoint)
     windows = load_windows(args.data, progress=False)
     train_idx, val_idx = temporal_split(len(windows), args.val_fraction)
-    # calibration: evenly spread over the training part (episodes differ; consecutive windows do not)
-    calib = train_idx[np.linspace(0, len(train_idx) - 1, min(args.calibration_windows, len(train_idx))).astype(int)]
+    calib = calibration_indices(train_idx, args.calibration_windows)
     onnx_path = Path(args.onnx)
     out = Path(args.out) if args.out else onnx_path.with_name(f"{onnx_path.stem}.int8.onnx")
-    report = quantize(onnx_path, out, windows, np.unique(calib), val_idx, model, method=args.method)
+    report = quantize(onnx_path, out, windows, calib, val_idx, model, method=args.method)
     print(report.to_markdown())
     return 0
 

@@ -163,6 +163,13 @@ class WindowCalibrationReader(CalibrationDataReader):
         self._next = 0
 
 
+def calibration_indices(train_idx: np.ndarray, count: int) -> np.ndarray:
+    """``count`` windows spread evenly over the training part ``train_idx`` (episodes differ,
+    consecutive windows do not), sorted and unique: the calibration set of every INT8 graph here."""
+    count = min(count, len(train_idx))
+    return np.unique(train_idx[np.linspace(0, len(train_idx) - 1, count).astype(int)])
+
+
 def report_name(out: Path) -> str:
     """The parity report beside an INT8 file: parity-int8.md for model.int8.onnx, parity-int8.plain.md for
     the TensorRT source model.plain.int8.onnx (both live in one model folder), else parity-<stem>.md."""

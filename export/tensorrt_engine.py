@@ -336,10 +336,8 @@ def build_engine(onnx_path: str | Path, out_path: str | Path | None = None, spec
     shapes = profile_shapes(source, spec)  # every pure check before TensorRT is touched
     nodes = node_profile(source, spec)
     require_standard_ops(onnx_path)
-    qdq = qdq_report(onnx_path)
-    if spec.precision == "int8":
-        require_qdq(onnx_path)
-    elif qdq.is_qdq:
+    qdq = require_qdq(onnx_path) if spec.precision == "int8" else qdq_report(onnx_path)
+    if spec.precision != "int8" and qdq.is_qdq:
         raise ExportError(f"{onnx_path} is a Q/DQ (quantized) graph: build it with precision int8, or build "
                           f"{spec.precision} from the float ONNX it was quantized from")
 
