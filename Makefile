@@ -8,8 +8,10 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_SECONDS ?= 60
 # Training budget of `make models` (train/budgets.py): smoke (fast path, ~10 min, a plumbing check)
-# or standard (1-2 h on 2 cores: rebuilds the shipped models/parking_lot).
+# or standard (1-2 h on 2 cores: rebuilds the shipped models/$(MODEL)).
 BUDGET ?= smoke
+# Which shipped model `make models` builds: parking_lot or ridgecrest_like (scripts/make_models.sh).
+MODEL  ?= parking_lot
 # The stamp is rebuilt whenever pyproject.toml changes, so new dependencies are picked up.
 STAMP  := $(VENV)/.installed-dev
 
@@ -54,7 +56,7 @@ soak: venv mosquitto
 	VENV=$(VENV) bash scripts/soak.sh
 
 models: venv
-	VENV=$(VENV) BUDGET=$(BUDGET) bash scripts/make_models.sh
+	VENV=$(VENV) BUDGET=$(BUDGET) MODEL=$(MODEL) bash scripts/make_models.sh
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -91,13 +91,22 @@ def choice_markdown(candidates: list[Candidate], winner: Candidate, scores: dict
         cells = []
         for t in tasks:
             m = c.metrics[t]
-            cells.append(f"accuracy {m['accuracy']:.4f}" if t == "classify" else
-                         f"MSE {m['mse']:.1f} m², mean {m['mean_distance']:.2f} m" if "mse" in m else
-                         ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
+            cells.append(_metrics_cell(t, m))
         mark = " (chosen)" if c is winner else ""
         lines.append(f"| {c.name}{mark} | " + " | ".join(cells) + f" | {scores[c.name]:+.3f} | "
                      + ", ".join(str(p) for p in c.checkpoints) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _metrics_cell(task: str, m: dict[str, float]) -> str:
+    if task == "classify":
+        return f"accuracy {m['accuracy']:.4f}"
+    if task == "localize":
+        return f"MSE {m['mse']:.1f} m², mean {m['mean_distance']:.2f} m"
+    if task == "quake":  # site units are metres; hypocentres read better in km
+        return (f"hypocentre mean {m['hypocentre_mean'] / 1000:.2f} km (epicentral "
+                f"{m['epicentral_mean'] / 1000:.2f}, depth {m['depth_mean'] / 1000:.2f})")
+    return ", ".join(f"{k} {v:.3f}" for k, v in m.items())
 
 
 def parse_candidate(text: str) -> tuple[str, list[str]]:

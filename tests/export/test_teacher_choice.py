@@ -36,3 +36,16 @@ def test_report_marks_the_choice():
     winner, scores = choose(cands)
     text = choice_markdown(cands, winner, scores)
     assert "| full (chosen) |" in text and "| frozen |" in text
+
+
+def test_hypocentre_candidates_are_chosen_by_mse_and_reported_in_km():
+    """The seismic model's teacher: one quake task, metres in the checkpoints, km in the report."""
+    def quake(name, mean_m, mse):
+        return Candidate(name, (), {"quake": {"mse": mse, "hypocentre_mean": mean_m, "epicentral_mean": mean_m * 0.8,
+                                              "depth_mean": mean_m * 0.4}})
+
+    cands = [quake("frozen", 9000.0, 1.2e8), quake("full", 6000.0, 6.0e7)]
+    winner, scores = choose(cands)
+    assert winner.name == "full" and scores["frozen"] == pytest.approx(0.693, abs=0.01)  # log(2)
+    text = choice_markdown(cands, winner, scores)
+    assert "hypocentre mean 6.00 km (epicentral 4.80, depth 2.40)" in text and "| full (chosen) |" in text

@@ -17,6 +17,8 @@ def test_presets_grow_from_smoke_to_full():
     seen = [b.windows * b.distill_epochs for b in (smoke, standard, full)]  # windows the student sees
     assert seen == sorted(seen)
     assert standard.windows >= 10_000 and len(full.seeds) == 3 and full.windows >= 20_000
+    short = BUDGETS["short"]  # the standard recording with fewer epochs
+    assert short.windows == standard.windows and short.pretrain_epochs < standard.pretrain_epochs
 
 
 def test_shell_lines_survive_eval_in_bash():
@@ -33,6 +35,6 @@ def test_shell_lines_survive_eval_in_bash():
 
 
 def test_unknown_budget_is_refused(capsys):
-    with pytest.raises(ValueError, match="known: smoke, standard, full"):
+    with pytest.raises(ValueError, match="known: smoke, standard, short, full"):
         budget("huge")
     assert main(["huge"]) == 2 and "unknown budget" in capsys.readouterr().err
