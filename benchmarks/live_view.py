@@ -34,6 +34,7 @@ class Detection:
     estimated_class: str | None
     true_position: tuple[float, ...] | None
     estimated_position: tuple[float, ...] | None
+    hypocentre: bool = False  # positions are earthquake hypocentres (x, y, depth), shown in km
 
     @property
     def error_m(self) -> float | None:
@@ -114,11 +115,13 @@ class LiveState:
             true_class = names[label] if 0 <= label < len(names) else str(label)
             if truth["targets"]:
                 true_position = tuple(truth["targets"][0]["position"])
-        estimate = result.get("outputs", {}).get("position")
+        outputs = result.get("outputs", {})
+        estimate = outputs.get("position", outputs.get("hypocentre"))
         return Detection(window=truth["window"] if truth else None, nodes_present=int(result.get("nodes_present", 0)),
                          n_nodes=len(result.get("nodes", ())), complete=bool(result.get("complete")),
                          true_class=true_class, estimated_class=result.get("class"), true_position=true_position,
-                         estimated_position=tuple(estimate) if estimate is not None else None)
+                         estimated_position=tuple(estimate) if estimate is not None else None,
+                         hypocentre="hypocentre" in outputs)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -141,7 +144,8 @@ def render(snapshot: LiveSnapshot, title: str) -> Any:
                   f"[b]late msgs[/b] {s.late}  [b]rejected[/b] {s.rejected}",
                   "[b]added latency[/b] " + ("-" if s.added_latency_ms is None else f"{s.added_latency_ms:.1f} ms"))
     detections = Table(title="latest results (true -> estimated)", expand=True, title_justify="left")
-    for column in ("window", "nodes", "class", "position (m)", "error"):
+    quake = any(d.hypocentre for d in s.detections)
+    for column in ("window", "nodes", "class", "hypocentre (km)" if quake else "position (m)", "error"):
         detections.add_column(column, justify="right" if column in ("window", "nodes", "error") else "left")
     for d in s.detections:
         ok = d.true_class is not None and d.true_class == d.estimated_class
@@ -149,8 +153,8 @@ def render(snapshot: LiveSnapshot, title: str) -> Any:
         detections.add_row("-" if d.window is None else str(d.window),
                            f"{d.nodes_present}/{d.n_nodes}" + ("" if d.complete else " [yellow]partial[/yellow]"),
                            f"{d.true_class or '?'} -> {d.estimated_class or '-'} {mark}",
-                           f"{_xy(d.true_position)} -> {_xy(d.estimated_position)}",
-                           "" if d.error_m is None else f"{d.error_m:.1f} m")
+                           f"{_place(d.true_position, d.hypocentre)} -> {_place(d.estimated_position, d.hypocentre)}",
+                           _error(d))
     header = f"{title}   [dim]{s.stage} · {s.elapsed_s:.0f} s[/dim]"
     return Panel(Group(stats, detections), title=header, title_align="left")
 
@@ -163,8 +167,13 @@ def status_line(snapshot: LiveSnapshot) -> str:
             f"{s.stored} ({s.complete} complete, {s.partial} partial) · late {s.late}")
     if s.detections:
         d = s.detections[0]
-        line += (f" · latest: {d.true_class or '?'} -> {d.estimated_class or '-'}"
-                 + ("" if d.error_m is None else f", {d.error_m:.1f} m off"))
+        if d.hypocentre and d.true_position is None:  # a replay: no truth to compare with
+            line += f" · latest: hypocentre {_place(d.estimated_position, True)}"
+        elif d.hypocentre:
+            line += f" · latest: hypocentre {_place(d.true_position, True)} -> {_place(d.estimated_position, True)}"
+        else:
+            line += f" · latest: {d.true_class or '?'} -> {d.estimated_class or '-'}"
+        line += "" if d.error_m is None else f", {_error(d)} off"
     return line
 
 
@@ -213,7 +222,16 @@ def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.0f} %" if whole else "-"
 
 
-def _xy(position: tuple[float, ...] | None) -> str:
+def _place(position: tuple[float, ...] | None, hypocentre: bool) -> str:
+    """(x, y) in metres, or a hypocentre as (x, y) km and its depth."""
     if position is None or not all(math.isfinite(v) for v in position):
         return "-"
+    if hypocentre and len(position) >= 3:
+        return f"({position[0] / 1000:.1f}, {position[1] / 1000:.1f}) km, {position[2] / 1000:.1f} km deep"
     return "(" + ", ".join(f"{v:.1f}" for v in position[:2]) + ")"
+
+
+def _error(d: Detection) -> str:
+    if d.error_m is None:
+        return ""
+    return f"{d.error_m / 1000:.1f} km" if d.hypocentre else f"{d.error_m:.1f} m"

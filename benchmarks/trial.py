@@ -52,6 +52,9 @@ from spar_wire.site_layout import SiteLayout, load_site_layout
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SITE = REPO / "configs" / "sites" / "parking_lot.toml"
 DEFAULT_MODEL = REPO / "models" / "parking_lot" / "manifest.json"
+# The shipped model of each scenario that has one (a trial of another scenario names its --model).
+SHIPPED_MODELS = {"parking_lot": DEFAULT_MODEL,
+                  "earthquakes": REPO / "models" / "ridgecrest_like" / "manifest.json"}
 
 # The files of a trial folder (see the module docstring).
 CONFIG_FILE, LINK_LOG, TRUTH_LOG = "config.json", "link.jsonl", "truth.jsonl"
@@ -87,6 +90,9 @@ class TrialConfig:
     overwrite: bool = False
     # Nodes joining or moving during the trial (PlacementEvent, or mappings with its fields).
     events: tuple[PlacementEvent, ...] = ()
+    # A recordings TOML (node_firmware_sim.scenarios.recording_replay) replayed instead of the
+    # scenario: no ground truth, so the report lists the model's outputs instead of scoring them.
+    recordings: Path | None = None
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -114,7 +120,7 @@ class TrialConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for key in ("out", "site", "model", "link"):
+        for key in ("out", "site", "model", "link", "recordings"):
             data[key] = None if data[key] is None else str(data[key])
         return data
 
@@ -178,6 +184,8 @@ def run_trial(config: TrialConfig, monitor: TrialMonitor | None = None,
     link = config.link_config or (_load_link(config.link) if config.link else LinkConfig())
     if config.events:
         check_events(config.events, layout, config.duration_s, _max_nodes(config.model))
+    if config.recordings is not None:
+        _check_recordings(config.recordings, layout)
     folder = _prepare_folder(config)
     monitor = monitor or TrialMonitor(layout, config)
     started = time.monotonic()
@@ -212,6 +220,22 @@ def load_layout(path: Path) -> SiteLayout:
         return load_site_layout(path)
     except WireError as exc:
         raise BenchError(str(exc)) from None
+
+
+def _check_recordings(path: Path, layout: SiteLayout) -> None:
+    """Refuse unreadable recordings before a broker and an aggregator are started for them."""
+    import logging
+
+    from node_firmware_sim.scenarios import recording_replay
+
+    replay_log = logging.getLogger(recording_replay.__name__)
+    replay_log.disabled = True  # the trial's own load warns about the same files
+    try:
+        recording_replay.load_recordings(path, layout)
+    except NodeError as exc:
+        raise BenchError(str(exc)) from None
+    finally:
+        replay_log.disabled = False
 
 
 def _load_link(path: Path) -> LinkConfig:
@@ -314,7 +338,8 @@ def _field_config(config: TrialConfig, layout: SiteLayout, link: LinkConfig, mqt
                   folder: Path) -> FieldConfig:
     try:
         return FieldConfig(
-            layout=layout, source=SourceSpec(config.scenario, config.seed, dict(config.scenario_params)),
+            layout=layout, source=SourceSpec(config.scenario, config.seed, dict(config.scenario_params),
+                                             str(config.recordings) if config.recordings else None),
             duration_s=config.duration_s, link=link, firmware=FirmwareConfig(codec=CodecSpec.parse(config.codec)),
             clock_offset_std_s=config.clock_offset_std_ms / 1000.0, mqtt=mqtt, realtime=True, speed=config.speed,
             link_log=str(folder / LINK_LOG), truth_log=str(folder / TRUTH_LOG), events=config.events)

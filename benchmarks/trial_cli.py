@@ -11,7 +11,7 @@ from typing import Any
 
 from benchmarks.errors import BenchError
 from benchmarks.placement_events import load_events
-from benchmarks.trial import DEFAULT_MODEL, REPO, TrialConfig, load_layout
+from benchmarks.trial import REPO, SHIPPED_MODELS, TrialConfig, load_layout
 from node_firmware_sim.cli import DEFAULT_SITES, REPO_CONFIGS
 from node_firmware_sim.errors import NodeError
 from node_firmware_sim.scenarios import SCENARIOS, parse_scenario_params
@@ -73,8 +73,9 @@ def _add_run(sub: Any) -> None:
                    help="scenario parameter, repeatable (default for the shipped parking-lot model: "
                    + " ".join(f"{k}={v}" for k, v in SHIPPED_MODEL_PARAMS.items()) + ", its training traffic)")
     p.add_argument("--model", type=Path, default=None,
-                   help=f"manifest.json of the model to run (default: {DEFAULT_MODEL.relative_to(REPO)} "
-                   "for the parking lot; required for other scenarios)")
+                   help="manifest.json of the model to run (default: the scenario's shipped model, "
+                   + ", ".join(f"{p.relative_to(REPO)} for {s}" for s, p in SHIPPED_MODELS.items())
+                   + "; required for other scenarios)")
     p.add_argument("--link", type=Path, default=None,
                    help="link config TOML, e.g. configs/links/lossy.toml (default: a perfect link)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of trial time (default: %(default)s)")
@@ -98,6 +99,11 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--events", type=Path, default=None, metavar="FILE",
                    help="TOML of placement events: [[events]] tables with at_s, kind (join | move), node, "
                    "position and optional description; e.g. configs/trials/join_and_move.toml")
+    p.add_argument("--recordings", type=Path, default=None, metavar="FILE",
+                   help="replay field recordings instead of simulating: a TOML of [[recordings]] (node, modality, "
+                   "path to a WAV or miniSEED file; see the README). The site and default model are the "
+                   "--scenario's (earthquakes: ridgecrest_like and the shipped seismic model); the trial ends with "
+                   "the shortest recording; no ground truth, so the report lists the model's outputs")
     p.add_argument("--clock-offset-std-ms", type=float, default=0.0,
                    help="node clock offsets ~ N(0, this) in ms, seeded per node (default: 0)")
     p.add_argument("--out", type=Path, default=None,
@@ -112,9 +118,10 @@ def _add_run(sub: Any) -> None:
 def trial_config(args: argparse.Namespace) -> TrialConfig:
     """The TrialConfig the `run` arguments describe (defaults filled in as the help says)."""
     site = args.site or REPO_CONFIGS / "sites" / DEFAULT_SITES[args.scenario]
-    if args.model is None and args.scenario != "parking_lot":
-        raise BenchError(f"--model is required for scenario {args.scenario}: only a parking-lot model is shipped")
-    model = args.model or DEFAULT_MODEL
+    if args.model is None and args.scenario not in SHIPPED_MODELS:
+        raise BenchError(f"--model is required for scenario {args.scenario}: models are shipped for "
+                         f"{', '.join(SHIPPED_MODELS)} only")
+    model = args.model or SHIPPED_MODELS[args.scenario]
     params = parse_scenario_params(args.param)
     if not args.param and args.scenario == "parking_lot" and args.model is None:
         params = dict(SHIPPED_MODEL_PARAMS)
@@ -126,7 +133,7 @@ def trial_config(args: argparse.Namespace) -> TrialConfig:
                        broker=args.broker, protocol=args.protocol, backend=args.backend,
                        deadline_fraction=args.deadline_fraction, early_close=args.early_close,
                        clock_offset_std_ms=args.clock_offset_std_ms,
-                       overwrite=args.overwrite, events=events)
+                       overwrite=args.overwrite, events=events, recordings=args.recordings)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -139,7 +146,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True, force_terminal={"live": True, "lines": False}.get(args.view))
     monitor = TrialMonitor(load_layout(config.site), config)
-    title = (f"spar-edge trial · {config.scenario} · {Path(config.model).parent.name} · "
+    source = f"replay of {config.recordings.name}" if config.recordings else config.scenario
+    title = (f"spar-edge trial · {source} · {Path(config.model).parent.name} · "
              f"{config.link.name if config.link else 'perfect link'} · {config.codec}"
              + ("" if config.speed == 1 else f" · {config.speed:g}x"))
     console.print(f"trial folder: {config.out}", highlight=False)

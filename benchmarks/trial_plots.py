@@ -79,30 +79,66 @@ def plot_trial(report: TrialReport, path: Path) -> Path:
 
 
 def plot_site_map(report: TrialReport, path: Path) -> Path:
-    """Node positions, true target positions and the model's estimates (joined by a line)."""
+    """Node positions, true target positions and the model's estimates (joined by a line); for an
+    earthquake model, epicentres in km beside a panel of estimated against true depth."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 6))
+    quake = report.hypocentres
+    scale, unit = (1000.0, "km") if quake else (1.0, "m")
+    fig, axes = plt.subplots(1, 2 if quake else 1, figsize=(12 if quake else 7, 6), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 1]} if quake else None)
+    ax = axes[0][0]
     if report.layout is not None:
-        xy = np.array([n.position[:2] for n in report.layout.nodes])
+        xy = np.array([n.position[:2] for n in report.layout.nodes]) / scale
         ax.scatter(xy[:, 0], xy[:, 1], marker="^", s=90, color="black", label="nodes", zorder=3)
         for node, (px, py) in zip(report.layout.nodes, xy, strict=True):
             ax.annotate(node.id, (px, py), textcoords="offset points", xytext=(5, 5), fontsize=8)
     shown = report.positions[-MAX_MAP_WINDOWS:]
+    what = ("epicentre", "events") if quake else ("target", "windows with a target")
     if shown:
-        true = np.array([t[:2] for t, _ in shown])
-        est = np.array([e[:2] for _, e in shown])
+        true = np.array([t[:2] for t, _ in shown]) / scale
+        est = np.array([e[:2] for _, e in shown]) / scale
         for (tx, ty), (ex, ey) in zip(true, est, strict=True):
             ax.plot([tx, ex], [ty, ey], color="tab:gray", linewidth=0.6, alpha=0.6)
-        ax.scatter(true[:, 0], true[:, 1], s=18, color="tab:blue", label="true target")
+        ax.scatter(true[:, 0], true[:, 1], s=18, color="tab:blue", label=f"true {what[0]}")
         ax.scatter(est[:, 0], est[:, 1], s=18, marker="x", color="tab:red", label="estimate")
         error = np.linalg.norm(true - est, axis=1)
-        title = f"Site map: {len(shown)} windows with a target, median error {np.median(error):.1f} m"
+        title = f"Site map: {len(shown)} {what[1]}, median {'epicentral ' if quake else ''}error " \
+                f"{np.median(error):.{2 if quake else 1}f} {unit}"
+    elif report.unscored_estimates():
+        est = np.array([e[:2] for e in report.unscored_estimates()[-MAX_MAP_WINDOWS:]]) / scale
+        ax.scatter(est[:, 0], est[:, 1], s=18, marker="x", color="tab:red", label="estimate (no ground truth)")
+        title = f"Site map: {len(est)} replayed windows, the model's {what[0]}s"
     else:
         title = "Site map (no localization output or no targets)"
-    ax.set(xlabel="x (m)", ylabel="y (m)", title=title)
+    ax.set(xlabel=f"x ({unit})", ylabel=f"y ({unit})", title=title)
     ax.set_aspect("equal", adjustable="datalim")
     ax.legend(fontsize=8, loc="best")
+    if quake:
+        _plot_depths(axes[0][1], shown, report.unscored_estimates())
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_depths(ax, shown: list[tuple[list[float], list[float]]], unscored: list[list[float]]) -> None:
+    """Estimated against true hypocentre depth (km, down is deeper), the diagonal is perfect; a replay
+    (no truth) shows the estimated depths' histogram instead."""
+    depths = np.array([(t[2], e[2]) for t, e in shown if len(t) > 2 and len(e) > 2]) / 1000.0
+    if not len(depths) and unscored:
+        ax.hist([e[2] / 1000.0 for e in unscored if len(e) > 2], bins=10, orientation="horizontal",
+                color="tab:red")
+        ax.invert_yaxis()
+        ax.set(xlabel="windows", ylabel="estimated depth (km)", title="Estimated depths (no ground truth)")
+        return
+    if len(depths):
+        ax.scatter(depths[:, 0], depths[:, 1], s=18, color="tab:red", marker="x")
+        top = float(np.nanmax(np.abs(depths))) * 1.1 or 1.0
+        ax.plot([0, top], [0, top], color="k", linewidth=0.8, linestyle="--", label="perfect")
+        ax.set_xlim(0, top)
+        ax.set_ylim(top, 0)
+        ax.legend(fontsize=8, loc="best")
+        ax.set_title(f"Depth: median error {np.median(np.abs(depths[:, 0] - depths[:, 1])):.2f} km")
+    else:
+        ax.set_title("Depth (no events scored)")
+    ax.set(xlabel="true depth (km)", ylabel="estimated depth (km)")

@@ -19,6 +19,7 @@ compare the stored outputs with the simulator's truth (train.metrics; numpy only
 from __future__ import annotations
 
 import collections
+import datetime
 import json
 import math
 from dataclasses import dataclass, field
@@ -77,9 +78,29 @@ class TrialReport:
     layout: SiteLayout | None = None
     events: list[EventOutcome] = field(default_factory=list)  # placement events, in time order
     matched: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list, repr=False)  # (result, truth)
+    results: list[dict[str, Any]] = field(default_factory=list, repr=False)  # stored results, in window order
+    field_summary: dict[str, Any] | None = field(default=None, repr=False)  # field.json (None: interrupted)
     manifest: Any = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ headline numbers
+    @property
+    def hypocentres(self) -> bool:
+        """Whether the model locates earthquakes (positions are hypocentres: x, y, depth in metres)."""
+        return "quake/hypocentre_mean" in self.metrics or any("hypocentre" in r.get("outputs", {})
+                                                               for r in self.results[:1])
+
+    def unscored_estimates(self) -> list[list[float]]:
+        """A replay's estimated positions (hypocentres or positions), for the map: nothing to join them to."""
+        if not self.config.get("recordings"):
+            return []
+        out = []
+        for result in self.results:
+            outputs = result.get("outputs", {})
+            value = outputs.get("hypocentre", outputs.get("position"))
+            if value is not None:
+                out.append([float(v) for v in value])
+        return out
+
     @property
     def produced(self) -> int:
         """Frames the nodes made: those the link saw plus those lost in the outage buffer or unsent."""
@@ -142,7 +163,7 @@ class TrialReport:
 
     def summary_line(self) -> str:
         h = self.headline()
-        metric = ", ".join(f"{k} {_fmt(v)}" for k, v in self.metrics.items() if k in HEADLINE_METRICS)
+        metric = ", ".join(f"{k} {metric_text(k, v)}" for k, v in self.metrics.items() if k in HEADLINE_METRICS)
         return (f"{h['windows_stored']}/{h['windows_sampled']} windows stored ({100 * h['completeness']:.0f} % "
                 f"complete); injected loss {_pct(h['injected_loss'])}, observed {_pct(h['observed_loss'])}; "
                 f"latency p50 {_fmt(h['latency_p50_ms'])} ms, p99 {_fmt(h['latency_p99_ms'])} ms"
@@ -151,7 +172,8 @@ class TrialReport:
     def to_markdown(self) -> str:
         c = self.config
         link = c.get("link") or ("custom link" if c.get("link_config") else "perfect link")
-        lines = [f"# Trial: {c['scenario']} at site {Path(c['site']).stem}",
+        source = f"replay of {Path(c['recordings']).name}" if c.get("recordings") else c["scenario"]
+        lines = [f"# Trial: {source} at site {Path(c['site']).stem}",
                  "",
                  f"{self.machine}",
                  "",
@@ -229,13 +251,46 @@ class TrialReport:
                 + f"or its deadline ({self.config['deadline_fraction']:g} x window after its first message).", ""]
 
     def _metric_section(self) -> list[str]:
+        if self.config.get("recordings"):
+            return self._replay_section()
         if not self.metrics:
             return ["## Task metric", "", "The model's outputs have no metric against this scenario's truth.", ""]
         lines = ["## Task metric against the simulator's truth", "",
                  "| metric | all stored windows | complete windows only |", "|---|---:|---:|"]
-        lines += [f"| {k} | {_fmt(v)} | {_fmt(self.metrics_complete.get(k, math.nan))} |"
+        lines += [f"| {k} | {metric_text(k, v)} | {metric_text(k, self.metrics_complete.get(k, math.nan))} |"
                   for k, v in self.metrics.items()]
         return [*lines, ""]
+
+
+    def _replay_section(self) -> list[str]:
+        """A replay has no truth: the model's answer per stored window, as the field box published it."""
+        lines = ["## Model outputs (replay: no ground truth)", "",
+                 f"Recordings: `{self.config['recordings']}`."]
+        notes = (self.field_summary or {}).get("source_notes") or []
+        lines += [f"- {note}" for note in notes] + (["", "Nodes without a recording sent nothing (missing traces)."]
+                                                    if notes else [])
+        lines += ["", f"The first {MAX_REPLAY_ROWS} stored windows:", "",
+                 "| window start (UTC) | nodes present | output |", "|---|---:|---|"]
+        for result in self.results[:MAX_REPLAY_ROWS]:
+            start = datetime.datetime.fromtimestamp(result["window_start_ns"] / 1e9, datetime.timezone.utc)
+            lines.append(f"| {start:%H:%M:%S} | {result.get('nodes_present', 0)}/{len(result.get('nodes', ()))} | "
+                         f"{output_text(result)} |")
+        return [*lines, ""]
+
+
+MAX_REPLAY_ROWS = 20
+
+
+def output_text(result: dict[str, Any]) -> str:
+    """A stored result's main answer in words: a hypocentre in km, a position in m, or a class."""
+    outputs = result.get("outputs", {})
+    if "hypocentre" in outputs:
+        x, y, depth = (float(v) / 1000 for v in outputs["hypocentre"][:3])
+        return f"hypocentre ({x:.1f}, {y:.1f}) km, {depth:.1f} km deep"
+    if "position" in outputs:
+        return f"{result.get('class') or '?'} at (" + ", ".join(f"{float(v):.1f}" for v in outputs["position"]) + \
+            ") m"
+    return str(result.get("class") or "-")
 
 
 # The one metric per task that summaries, series tables and their targets use.
@@ -262,8 +317,9 @@ def analyze_trial(folder: str | Path) -> TrialReport:
     matched = _match(results, truth, window_s)
     traffic = _traffic(folder / LINK_LOG, results, layout)
     latency, stages = _latency(matched, truth, window_s, speed)
-    scored = _scores(manifest, matched)
-    complete = [(r, t) for r, t in matched if r.get("complete")]
+    replay = bool(config.get("recordings"))  # recordings have no ground truth to score against
+    scored = _Scored({}, []) if replay else _scores(manifest, matched)
+    complete = [] if replay else [(r, t) for r, t in matched if r.get("complete")]
     events = analyze_events([parse_event(e, "config.json events") for e in config.get("events") or []], matched,
                             window_s, lambda pairs: _headline_scores(manifest, pairs))
     return TrialReport(
@@ -276,7 +332,7 @@ def analyze_trial(folder: str | Path) -> TrialReport:
         nodes_present=dict(collections.Counter(int(r.get("nodes_present", 0)) for r in results)),
         latency_ms=latency, stage_ms=stages, metrics=scored.metrics,
         metrics_complete=_scores(manifest, complete).metrics, positions=scored.positions, layout=layout,
-        events=events, matched=matched, manifest=manifest)
+        events=events, matched=matched, manifest=manifest, results=results, field_summary=field_data)
 
 
 def scores_of_windows(report: TrialReport, first: int, stop: int | None) -> tuple[int, dict[str, float]]:
@@ -434,11 +490,20 @@ def reproduce_command(config: dict[str, Any]) -> str:
         parts.append(f"--link {config['link']}")
     if config.get("speed", 1) != 1:
         parts.append(f"--speed {config['speed']:g}")
+    if config.get("recordings"):
+        parts.append(f"--recordings {config['recordings']}")
     return " ".join(parts)
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
+
+
+def metric_text(name: str, value: float) -> str:
+    """A task metric for people: earthquake distances in km (the site frame is in metres)."""
+    if name.startswith("quake/") and value is not None and math.isfinite(value):
+        return f"{value / 1e6:.1f} km²" if name.endswith("/mse") else f"{value / 1000:.2f} km"
+    return _fmt(value)
 
 
 def _fmt(x: float) -> str:

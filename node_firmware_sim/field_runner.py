@@ -259,6 +259,7 @@ class FieldSummary:
     wall_start_ns: int = 0  # wall clock at trial time 0; window k is complete at + (k + 1) W / speed
     speed: float = 1.0
     requested_windows: int = 0  # what the duration asked for (more than ``windows``: the recordings ended)
+    source_notes: list[str] = field(default_factory=list)  # a replay's warnings (flat components, corrupt records)
 
     def total(self) -> NodeSummary:
         total = NodeSummary("total")
@@ -273,7 +274,8 @@ class FieldSummary:
         return {"windows": self.windows, "window_s": self.window_s, "elapsed_s": self.elapsed_s,
                 "realtime": self.realtime, "link_log": self.link_log, "start_epoch_ns": self.start_epoch_ns,
                 "wall_start_ns": self.wall_start_ns, "speed": self.speed, "requested_windows": self.requested_windows,
-                "nodes": {k: asdict(v) for k, v in self.nodes.items()}, "total": asdict(self.total())}
+                "nodes": {k: asdict(v) for k, v in self.nodes.items()}, "total": asdict(self.total()),
+                "source_notes": list(self.source_notes)}
 
     def format_table(self) -> str:
         head = (f"{'node':<10}{'msgs':>7}{'kB':>9}{'lost':>6}{'burst':>6}{'queue':>6}{'dup':>5}"
@@ -293,6 +295,7 @@ class FieldSummary:
         silent = [s.node for s in self.nodes.values() if s.messages == 0]
         if silent:
             rows.append(f"sent nothing (no recording or no signal): {', '.join(silent)}")
+        rows += [f"replay: {note}" for note in self.source_notes]
         return "\n".join(rows)
 
 
@@ -355,7 +358,8 @@ def run_field(config: FieldConfig, progress: Callable[[int, int], None] | None =
         scheduler.drain()
         summaries = {name: node.finish(link, config.ack_timeout_s) for name, node in nodes.items()}
     return FieldSummary(summaries, windows, source.window_s, time.monotonic() - started,
-                        config.realtime, config.link_log, start_ns, wall_start_ns, config.speed, requested)
+                        config.realtime, config.link_log, start_ns, wall_start_ns, config.speed, requested,
+                        list(getattr(source, "notes", [])))
 
 
 def _apply_event(config: FieldConfig, event: PlacementEvent, nodes: dict[str, _RunningNode], link: LinkModel,
@@ -428,7 +432,7 @@ def run_field_parallel(config: FieldConfig, procs: int,
     # Each process took its own start time; the first one's stands for the trial.
     return FieldSummary(ordered, result.windows, result.window_s, time.monotonic() - started,
                         config.realtime, config.link_log, result.start_epoch_ns, result.wall_start_ns, config.speed,
-                        result.requested_windows)
+                        result.requested_windows, result.source_notes)
 
 
 class FieldPublisher(NodePublisher):

@@ -193,3 +193,42 @@ def test_scores_follow_the_model_outputs_against_hand_checkable_truth():
     assert m["localize/mean_distance"] == pytest.approx(2.5)  # windows with a target: 0 m and 5 m
     assert m["detect/mAP@2"] == pytest.approx(1.0)  # both vehicles found, right class, within 2 m
     assert len(scored.positions) == 2  # the empty window has nothing to place on the map
+
+
+@pytest.mark.mosquitto
+def test_an_earthquake_trial_runs_the_shipped_seismic_model_and_reports_hypocentres_in_km(tmp_path):
+    out = tmp_path / "quakes"
+    # four 30.72 s windows, timeline compressed 8x; no --model: the scenario's shipped one
+    assert trial_main(["run", "--scenario", "earthquakes", "--duration", "122.88", "--speed", "8", "--out", str(out),
+                       "--view", "none"]) == 0
+    report = analyze_trial(out)
+    assert report.model.startswith("spar-ridgecrest@") and report.hypocentres
+    assert report.windows_stored == 4 and len(report.positions) == 4
+    # the mean-hypocentre guess is ~40 km off on this network (benchmarks/results/objectives-quakes.md)
+    assert report.metrics["quake/epicentral_mean"] < 25_000
+    text = (out / "report.md").read_text()
+    assert "| quake/hypocentre_median |" in text and " km |" in text and "quake/hypocentre_median" in \
+        report.summary_line() and report.summary_line().endswith(" km")
+    assert (out / "site_map.png").stat().st_size > 20_000  # epicentres and the depth panel
+
+
+@pytest.mark.mosquitto
+def test_real_recordings_replay_through_the_aggregator_into_stored_results(tmp_path):
+    """obspy's own miniSEED test records (vertical-only stations, a corrupt last record) on five
+    stations of the ridgecrest-like site, through a real broker and the shipped seismic model."""
+    from node_firmware_sim.obspy_recordings import write_example_recordings
+
+    recordings = write_example_recordings(tmp_path / "obspy.toml")
+    out = tmp_path / "replay"
+    assert trial_main(["run", "--scenario", "earthquakes", "--recordings", str(recordings), "--duration", "600",
+                       "--speed", "8", "--out", str(out), "--view", "none"]) == 0
+    rows = stored_rows(out)
+    assert len(rows) == 2  # the shortest record (71 s) holds two 30.72 s windows; 600 s were asked for
+    assert all(r["nodes_present"] == 5 and len(r["outputs"]["hypocentre"]) == 3 for r in rows)
+    field = json.loads((out / "field.json").read_text())
+    assert field["requested_windows"] == 20 and field["windows"] == 2
+    assert any("unreadable part" in note and "brokenlastrecord" in note for note in field["source_notes"])
+    text = (out / "report.md").read_text()
+    assert "# Trial: replay of obspy.toml" in text and "Model outputs (replay: no ground truth)" in text
+    assert "E, N not in test.mseed" in text and text.count("km deep") == 2
+    assert f"--recordings {recordings}" in text  # the reproduce line replays the same files

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.io import wavfile
@@ -100,3 +102,49 @@ def test_a_replay_ends_with_its_recordings_and_nodes_without_one_send_nothing(tm
         assert summary.nodes[node].missing_traces == 2 * len(parking_lot.modalities)
     text = summary.format_table()
     assert "ended with the recordings after 2 of 30 windows" in text and "sent nothing" in text and "n08" in text
+
+
+def obspy_file(relative: str):
+    from node_firmware_sim.obspy_recordings import obspy_folder
+
+    return obspy_folder() / relative
+
+
+def test_a_vertical_only_station_replays_into_three_channels_with_flat_horizontals(tmp_path, caplog):
+    layout = load_site_layout("configs/sites/ridgecrest_like.toml")
+    path = write_recordings(tmp_path, [{"node": "SRT", "modality": "seismometer",
+                                        "path": str(obspy_file("io/mseed/tests/data/test.mseed"))}])
+    with caplog.at_level("WARNING"):
+        source = load_recordings(path, layout)
+    samples = source.window(0).signals[("SRT", "seismometer")]
+    assert samples.shape == (3, 3072)  # 40 Hz resampled to the site's 100 Hz
+    assert not samples[0].any() and not samples[1].any() and samples[2].std() > 0  # E, N flat; Z recorded
+    assert source.absent_components == {("SRT", "seismometer"): "EN"}
+    assert any("E, N not in test.mseed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_one_channel_modality_takes_the_station_s_only_component(tmp_path):
+    site = tmp_path / "vertical.toml"
+    site.write_text(Path("configs/sites/ridgecrest_like.toml").read_text().replace("channels = 3", "channels = 1"))
+    layout = load_site_layout(site)
+    path = write_recordings(tmp_path, [{"node": "WBM", "modality": "seismometer",
+                                        "path": str(obspy_file("io/mseed/tests/data/timingquality.mseed"))}])
+    source = load_recordings(path, layout)  # an east component only: no "Z" needed for one channel
+    assert source.window(0).signals[("WBM", "seismometer")].shape == (1, 3072)
+    assert source.absent_components == {}
+
+
+def test_a_corrupt_last_record_warns_once_and_the_rest_replays(tmp_path, caplog):
+    layout = load_site_layout("configs/sites/ridgecrest_like.toml")
+    path = write_recordings(tmp_path, [{"node": "TOW2", "modality": "seismometer", "components": "Z",
+                                        "path": str(obspy_file("io/mseed/tests/data/brokenlastrecord.mseed"))}])
+    with pytest.raises(NodeError, match="give 1 channel"):  # "Z" alone cannot fill a three-channel modality
+        load_recordings(path, layout)
+    path = write_recordings(tmp_path, [{"node": "TOW2", "modality": "seismometer",
+                                        "path": str(obspy_file("io/mseed/tests/data/brokenlastrecord.mseed"))}])
+    with caplog.at_level("WARNING"):
+        source = load_recordings(path, layout)
+    corrupt = [r for r in caplog.records if "unreadable part" in r.getMessage()]
+    assert len(corrupt) == 1 and "brokenlastrecord.mseed" in corrupt[0].getMessage()
+    assert source.windows == 4  # the 149.5 s that could be read: four whole 30.72 s windows
+    assert any("unreadable" in note for note in source.notes)
