@@ -86,6 +86,12 @@ def run_artifact(path: Path, windows, threads: int, batch: int = 64) -> dict[str
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+# (metric key, column heading, divisor): the parking lot's columns; a seismic model's are in km.
+COLUMNS = (("accuracy", "accuracy", 1.0), ("macro_f1", "macro-F1", 1.0), ("mean_distance", "mean m", 1.0),
+           ("median_distance", "median m", 1.0), ("p90_distance", "p90 m", 1.0),
+           ("median_inside_lot", "median m inside lot", 1.0))
+
+
 @dataclass
 class ModelCheckReport:
     cfg: ModelCheckConfig
@@ -95,6 +101,8 @@ class ModelCheckReport:
     test_windows: int
     train_windows: int
     targets: list[tuple[str, str, bool]] = field(default_factory=list)  # (what, measured, met)
+    columns: tuple[tuple[str, str, float], ...] = COLUMNS
+    notes: tuple[str, ...] = ()  # lines under the intro (what the floors are)
 
     def to_markdown(self) -> str:
         model = self.manifest.get("model", {})
@@ -104,15 +112,14 @@ class ModelCheckReport:
                  f"Test recording: {self.test_windows} windows of `{self.cfg.test_data}` (another seed; never "
                  f"trained on). Floors fitted on the {self.train_windows} labelled training windows of "
                  f"`{self.cfg.train_data}`. Every model runs in ONNX Runtime ({self.cfg.threads} thread(s)), as "
-                 "the aggregator runs it. Lost messages: each (node, modality) message dropped independently.", ""]
+                 "the aggregator runs it. Lost messages: each (node, modality) message dropped independently.", "",
+                 *[line for note in self.notes for line in (note, "")]]
         for rate, rows in self.rows.items():
             lines += [f"## {rate:.0%} of messages lost", "",
-                      "| model | accuracy | macro-F1 | mean m | median m | p90 m | median m inside lot |",
-                      "| --- | --- | --- | --- | --- | --- | --- |"]
+                      "| model | " + " | ".join(label for _, label, _ in self.columns) + " |",
+                      "| --- |" + " --- |" * len(self.columns)]
             for name, m in rows.items():
-                lines.append("| " + " | ".join([name] + [_fmt(m, k) for k in (
-                    "accuracy", "macro_f1", "mean_distance", "median_distance", "p90_distance",
-                    "median_inside_lot")]) + " |")
+                lines.append("| " + " | ".join([name] + [_fmt(m, k, scale) for k, _, scale in self.columns]) + " |")
             lines.append("")
         lines += ["## Targets (INT8 student, complete windows)", "", "| target | measured | met |",
                   "| --- | --- | --- |"]
@@ -130,10 +137,10 @@ def training_summary(training: dict[str, Any]) -> str:
             f"`{training.get('teacher_fine_tuning', '?')}`, commit {training.get('commit', '?')}")
 
 
-def _fmt(metrics: dict[str, float], key: str) -> str:
+def _fmt(metrics: dict[str, float], key: str, scale: float = 1.0) -> str:
     if key not in metrics:
         return ""
-    return f"{metrics[key]:.3f}" if key in ("accuracy", "macro_f1") else f"{metrics[key]:.2f}"
+    return f"{metrics[key]:.3f}" if key in ("accuracy", "macro_f1") else f"{metrics[key] / scale:.2f}"
 
 
 def check_targets(rows: dict[str, dict[str, float]]) -> list[tuple[str, str, bool]]:
@@ -168,6 +175,10 @@ def run_model_check(cfg: ModelCheckConfig, progress: Callable[[str], None] = pri
     if not manifest_path.exists():
         raise BenchError(f"{manifest_path} does not exist; give a model folder written by `make models`")
     manifest = json.loads(manifest_path.read_text())
+    if any(o.get("name") == "hypocentre" for o in manifest.get("outputs", [])):
+        from benchmarks.model_check_quakes import run_quake_check
+
+        return run_quake_check(cfg, manifest, progress)
     progress(f"loading {cfg.test_data} and {cfg.train_data}")
     test = load_windows(cfg.test_data, progress=False)
     train = load_windows(cfg.train_data, limit=cfg.max_train_windows, progress=False)

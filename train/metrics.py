@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-DEFAULT_RADII = (2.0, 4.0, 6.0, 8.0)
+DEFAULT_RADII = (2.0, 4.0, 6.0, 8.0, 10.0)
 
 
 def _array(x) -> np.ndarray:

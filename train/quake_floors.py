@@ -42,10 +42,13 @@ def energy_envelopes(tokens: np.ndarray, present: np.ndarray, cfg) -> np.ndarray
         [W, N, T] energy (sum over frequency and components of 10 ** (dB / 10)); NaN where absent.
     """
     w, n = tokens.shape[:2]
-    images = np.stack([unpatchify(t, cfg) for t in tokens.reshape(w * n, *tokens.shape[2:])])  # [W*N, C*F, T]
-    # Relative to each image's maximum: the quantised dB scale is per window, only ratios matter.
-    power = 10.0 ** ((images - images.max(axis=(1, 2), keepdims=True)) / 10.0)
-    env = power.sum(axis=1).reshape(w, n, -1)
+    flat = tokens.reshape(w * n, *tokens.shape[2:])
+    parts = []
+    for start in range(0, len(flat), 1024):  # bounded memory: a test recording is ~30k station images
+        images = np.stack([unpatchify(t, cfg) for t in flat[start:start + 1024]]).astype(np.float64)  # [B, C*F, T]
+        # Relative to each image's maximum: the quantised dB scale is per window, only ratios matter.
+        parts.append((10.0 ** ((images - images.max(axis=(1, 2), keepdims=True)) / 10.0)).sum(axis=1))
+    env = (np.concatenate(parts) if parts else np.zeros((0, cfg.patch_grid[1] * cfg.patch_time))).reshape(w, n, -1)
     return np.where(present[:, :, None], env, np.nan)
 
 

@@ -157,6 +157,6 @@ def test_summarize_picks_the_task_metrics():
     assert quake["depth_median"] == pytest.approx(2.0) and quake["epicentral_median"] == 0.0
     det = summarize("detect", {"scores": np.array([[0.9], [0.1]]), "classes": np.array([[1], [1]]),
                                "positions": np.array([[[3.0, 0.0, 1.0]], [[0.0, 0.0, 0.0]]])}, truth)
-    assert det == {"mAP@2": 0.0, "mAP@4": 1.0, "mAP@6": 1.0, "mAP@8": 1.0}
+    assert det == {"mAP@2": 0.0, "mAP@4": 1.0, "mAP@6": 1.0, "mAP@8": 1.0, "mAP@10": 1.0}
     with pytest.raises(ValueError, match="classify"):
         summarize("segment", {}, truth)

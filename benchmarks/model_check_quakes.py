@@ -1,0 +1,80 @@
+"""``spar-bench model`` for a seismic model: every artifact's hypocentre errors (km) on a recording
+it never trained on, beside the earthquake floors (``train.quake_floors``) on the same windows and
+the same lost messages. A shipped model below a floor is a bug to find; the targets say so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks.machine import describe_machine
+from benchmarks.model_check import (
+    ARTIFACTS,
+    ModelCheckConfig,
+    ModelCheckReport,
+    _versions,
+    _with_present,
+    drop_messages,
+    run_artifact,
+)
+
+# Floors fit on at most this many labelled training windows: the grid search only tunes a threshold
+# and kNN gains little beyond a few thousand, while 9000 windows of 16 stations hold ~2 GB of images.
+FLOOR_TRAIN_WINDOWS = 4000
+FLOOR_ROWS = {"grid_search": "Floor: STA/LTA + grid search", "first_arrival": "Floor: first-arrival station",
+              "knn": "Floor: kNN", "mean_position": "Guess: mean hypocentre"}
+QUAKE_COLUMNS = tuple((f"{kind}_{stat}", f"{kind} {stat} km", 1000.0) for kind in ("hypocentre", "epicentral", "depth")
+                      for stat in ("mean", "median", "p90"))
+
+
+def run_quake_check(cfg: ModelCheckConfig, manifest: dict[str, Any], progress: Callable[[str], None]
+                    ) -> ModelCheckReport:
+    from train.data import load_windows, temporal_split
+    from train.metrics import summarize
+    from train.quake_floors import quake_floor_metrics
+
+    progress(f"loading {cfg.test_data} and {cfg.train_data}")
+    test = load_windows(cfg.test_data, progress=False)
+    train = load_windows(cfg.train_data, limit=cfg.max_train_windows, progress=False)
+    train_idx, _ = temporal_split(len(train), cfg.val_fraction)
+    train = train.subset(train_idx[:FLOOR_TRAIN_WINDOWS])
+    truth = {"target_position": test.target_position}
+    rows: dict[float, dict[str, dict[str, float]]] = {}
+    for rate in cfg.loss_rates:
+        seen = _with_present(test, drop_messages(test.present, rate, cfg.seed)) if rate > 0 else test
+        rows[rate] = {}
+        for name, rel in ARTIFACTS:
+            path = cfg.model_dir / rel
+            if path.exists():
+                progress(f"{name} ({rel}), {rate:.0%} lost")
+                out = run_artifact(path, seen, cfg.threads)
+                rows[rate][name] = summarize("quake", {"position": out["hypocentre"]}, truth)
+        progress(f"floors, {rate:.0%} lost")
+        for floor, metrics in quake_floor_metrics(train, seen).items():
+            rows[rate][FLOOR_ROWS[floor]] = metrics
+    complete = rows.get(0.0, next(iter(rows.values())))
+    notes = ("Floors (`train/quake_floors.py`) read the same tokens: STA/LTA P picks and a travel-time grid search "
+             "at the regional P velocity, the first station to trigger, kNN on band energies, and the mean "
+             f"hypocentre; fitted on the first {len(train)} training windows.",)
+    return ModelCheckReport(cfg, manifest, rows, describe_machine(_versions()), len(test), len(train),
+                            quake_targets(complete), columns=QUAKE_COLUMNS, notes=notes)
+
+
+def quake_targets(rows: dict[str, dict[str, float]]) -> list[tuple[str, str, bool]]:
+    """The INT8 student against every floor (mean hypocentre error, complete recording)."""
+    student = rows.get("INT8 student")
+    if student is None:
+        return []
+    mine = student["hypocentre_mean"]
+    out = []
+    for floor in ("grid_search", "first_arrival", "knn"):
+        value = rows[FLOOR_ROWS[floor]]["hypocentre_mean"]
+        out.append((f"mean hypocentre error below the {FLOOR_ROWS[floor].removeprefix('Floor: ')} floor",
+                    f"{mine / 1000:.2f} vs {value / 1000:.2f} km", bool(mine < value)))
+    teacher = rows.get("FP32 teacher")
+    if teacher is not None:
+        change = mine / teacher["hypocentre_mean"] - 1
+        out.append(("INT8 student within 10 % of the FP32 teacher", f"{change:+.1%}", bool(change <= 0.10)))
+    return out
+
