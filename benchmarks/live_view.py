@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.trial import TrialMonitor
+from benchmarks.trial_detections import detections_of
 
 RATE_WINDOW_S = 3.0  # messages/s and bytes/s are averaged over this many seconds
 SHOWN_RESULTS = 6
@@ -35,6 +36,8 @@ class Detection:
     true_position: tuple[float, ...] | None
     estimated_position: tuple[float, ...] | None
     hypocentre: bool = False  # positions are earthquake hypocentres (x, y, depth), shown in km
+    vehicles: int | None = None  # a detector's window: true vehicles, and what it detected
+    detected: int | None = None
 
     @property
     def error_m(self) -> float | None:
@@ -121,7 +124,9 @@ class LiveState:
                          n_nodes=len(result.get("nodes", ())), complete=bool(result.get("complete")),
                          true_class=true_class, estimated_class=result.get("class"), true_position=true_position,
                          estimated_position=tuple(estimate) if estimate is not None else None,
-                         hypocentre="hypocentre" in outputs)
+                         hypocentre="hypocentre" in outputs,
+                         vehicles=len(truth["targets"]) if truth is not None else None,
+                         detected=len(detections_of(outputs)) if "detection_logits" in outputs else None)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -167,7 +172,9 @@ def status_line(snapshot: LiveSnapshot) -> str:
             f"{s.stored} ({s.complete} complete, {s.partial} partial) · late {s.late}")
     if s.detections:
         d = s.detections[0]
-        if d.hypocentre and d.true_position is None:  # a replay: no truth to compare with
+        if d.detected is not None:
+            line += f" · latest: {'?' if d.vehicles is None else d.vehicles} vehicle(s) -> {d.detected} detected"
+        elif d.hypocentre and d.true_position is None:  # a replay: no truth to compare with
             line += f" · latest: hypocentre {_place(d.estimated_position, True)}"
         elif d.hypocentre:
             line += f" · latest: hypocentre {_place(d.true_position, True)} -> {_place(d.estimated_position, True)}"

@@ -10,6 +10,7 @@ import numpy as np
 if TYPE_CHECKING:
     from benchmarks.trial_report import TrialReport
 
+DETECTION_MAP_WINDOWS = 4  # windows drawn on a detection site map (more would hide each other)
 MAX_MAP_WINDOWS = 200  # the site map shows the last this many estimates: more is a smear
 
 
@@ -104,6 +105,8 @@ def plot_site_map(report: TrialReport, path: Path) -> Path:
         error = np.linalg.norm(true - est, axis=1)
         title = f"Site map: {len(shown)} {what[1]}, median {'epicentral ' if quake else ''}error " \
                 f"{np.median(error):.{2 if quake else 1}f} {unit}"
+    elif report.detections:
+        title = _plot_detections(ax, report)
     elif report.unscored_estimates():
         est = np.array([e[:2] for e in report.unscored_estimates()[-MAX_MAP_WINDOWS:]]) / scale
         ax.scatter(est[:, 0], est[:, 1], s=18, marker="x", color="tab:red", label="estimate (no ground truth)")
@@ -119,6 +122,26 @@ def plot_site_map(report: TrialReport, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_detections(ax, report: TrialReport) -> str:
+    """The last few windows with a vehicle or a detection: true vehicles (circles), detections
+    (crosses), matches joined."""
+    shown = [w for w in report.detections if w.truth or w.detections][-DETECTION_MAP_WINDOWS:]
+    for i, w in enumerate(shown):
+        colour = f"C{i % 10}"
+        for d, t in w.matches:
+            (tx, ty), (dx, dy) = w.truth[t][1][:2], w.detections[d][2][:2]
+            ax.plot([tx, dx], [ty, dy], color=colour, linewidth=0.8)
+        if w.truth:
+            ax.scatter(*np.array([p[:2] for _, p in w.truth]).T, s=40, facecolors="none", edgecolors=colour,
+                       label=f"window {w.window}: {w.matched}/{len(w.truth)} found, {w.false} false")
+        if w.detections:
+            ax.scatter(*np.array([p[:2] for _, _, p in w.detections]).T, s=30, marker="x", color=colour)
+    found = sum(w.matched for w in report.detections)
+    total = sum(len(w.truth) for w in report.detections)
+    return (f"Site map: vehicles (o) and detections (x), last {len(shown)} busy windows;\n{found}/{total} "
+            "vehicles found in the trial")
 
 
 def _plot_depths(ax, shown: list[tuple[list[float], list[float]]], unscored: list[list[float]]) -> None:

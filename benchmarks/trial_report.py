@@ -32,6 +32,7 @@ from benchmarks.errors import BenchError
 from benchmarks.machine import describe_machine
 from benchmarks.placement_events import EventOutcome, analyze_events, events_markdown, parse_event
 from benchmarks.trial import AGGREGATOR_FILE, CONFIG_FILE, DATABASE, FIELD_FILE, LINK_LOG, TRUTH_LOG
+from benchmarks.trial_detections import WindowDetections, detection_markdown, window_detections
 from spar_wire.errors import WireError
 from spar_wire.model_manifest import load_manifest
 from spar_wire.site_layout import SiteLayout, load_site_layout
@@ -80,6 +81,7 @@ class TrialReport:
     matched: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list, repr=False)  # (result, truth)
     results: list[dict[str, Any]] = field(default_factory=list, repr=False)  # stored results, in window order
     field_summary: dict[str, Any] | None = field(default=None, repr=False)  # field.json (None: interrupted)
+    detections: list[WindowDetections] = field(default_factory=list, repr=False)  # a detector's per-window outcome
     manifest: Any = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ headline numbers
@@ -153,7 +155,10 @@ class TrialReport:
                                         "metrics_complete": self.metrics_complete,
                                         "traffic": [vars(r) for r in self.traffic],
                                         "nodes_present": self.nodes_present, "stage_ms": self.stage_ms,
-                                        "placement_events": [e.to_dict() for e in self.events]},
+                                        "placement_events": [e.to_dict() for e in self.events],
+                                        "detections": [{"window": w.window, "vehicles": len(w.truth),
+                                                        "matched": w.matched, "missed": w.missed, "false": w.false}
+                                                       for w in self.detections]},
                                        indent=2, default=_json_default) + "\n")
         from benchmarks.trial_plots import plot_site_map, plot_trial
 
@@ -186,6 +191,7 @@ class TrialReport:
                  f"**{self.summary_line()}**",
                  "", "![trial](trial.png) ![site map](site_map.png)", ""]
         lines += self._traffic_section() + self._windows_section() + self._latency_section() + self._metric_section()
+        lines += detection_markdown(self.detections, tuple(self.manifest.class_names) if self.manifest else ())
         lines += events_markdown(self.events, tuple(m for m in HEADLINE_METRICS if m in self.metrics), self.window_s)
         events = " (and the placement events recorded in config.json, as an --events file)" if self.events else ""
         lines += ["", f"Reproduce: `{reproduce_command(c)}`{events}", ""]
@@ -332,7 +338,8 @@ def analyze_trial(folder: str | Path) -> TrialReport:
         nodes_present=dict(collections.Counter(int(r.get("nodes_present", 0)) for r in results)),
         latency_ms=latency, stage_ms=stages, metrics=scored.metrics,
         metrics_complete=_scores(manifest, complete).metrics, positions=scored.positions, layout=layout,
-        events=events, matched=matched, manifest=manifest, results=results, field_summary=field_data)
+        events=events, matched=matched, manifest=manifest, results=results, field_summary=field_data,
+        detections=[] if replay else window_detections(matched))
 
 
 def scores_of_windows(report: TrialReport, first: int, stop: int | None) -> tuple[int, dict[str, float]]:
@@ -492,6 +499,7 @@ def reproduce_command(config: dict[str, Any]) -> str:
         parts.append(f"--speed {config['speed']:g}")
     if config.get("recordings"):
         parts.append(f"--recordings {config['recordings']}")
+    parts += [f"--param {k}={json.dumps(v)}" for k, v in (config.get("scenario_params") or {}).items()]
     return " ".join(parts)
 
 

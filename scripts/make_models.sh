@@ -6,7 +6,9 @@
 #   teacher -> loss-robust distillation into a small student -> FP32 ONNX -> INT8 ONNX, and the
 #   teacher's own ONNX in OUT/teacher/ for comparison. Every ONNX gets a manifest.
 #
-# MODEL: parking_lot (default: one vehicle, classification + localization, configs/sites/parking_lot.toml)
+# MODEL: parking_lot (default: one vehicle, classification + localization, configs/sites/parking_lot.toml),
+# parking_lot_multi (up to three vehicles, DETR-style detection; its encoder is the parking lot's,
+# pretrained without labels on the same sensors: ENCODER_FROM, default build/models-standard/spar)
 # or ridgecrest_like (earthquake hypocentres, configs/sites/ridgecrest_like.toml).
 # BUDGET (train/budgets.py): smoke (default, ~10 min, a plumbing check, written to
 # build/models-smoke/out unless OUT is set) or standard (1-2 h on 2 cores: the shipped model,
@@ -25,6 +27,12 @@ case "$MODEL" in
         SCENARIO=parking_lot; SCENARIO_PARAMS=(--param max_vehicles=1 --param empty_fraction=0.1)
         SCENARIO_NOTE="parking_lot, max_vehicles=1, empty_fraction=0.1, webp:85 tokens"
         STUDENT_FLAGS=$BUDGET_STUDENT ;;
+    parking_lot_multi)
+        WORK=${WORK:-build/models-parking_lot_multi-$BUDGET}; VERSION=${VERSION:-0.1.0}; NAME=spar-parking-lot-multi
+        SCENARIO=parking_lot; SCENARIO_PARAMS=(--param max_vehicles=3 --param empty_fraction=0.1)
+        SCENARIO_NOTE="parking_lot, max_vehicles=3, empty_fraction=0.1, webp:85 tokens"
+        ENCODER_FROM=${ENCODER_FROM:-build/models-standard/spar}
+        STUDENT_FLAGS=$BUDGET_STUDENT ;;
     ridgecrest_like)
         WORK=${WORK:-build/models-ridgecrest_like-$BUDGET}; VERSION=${VERSION:-0.1.0}; NAME=spar-ridgecrest
         SCENARIO=earthquakes; SCENARIO_PARAMS=(--param missing_trace_fraction=0.2)
@@ -32,7 +40,7 @@ case "$MODEL" in
         # A station's 30 tokens are 5 frequency x 6 time patches: merging them would blur the P onset
         # that locates the event, so the seismic student keeps one token per patch.
         STUDENT_FLAGS=$(sed -E 's/--token-merge [0-9]+//' <<< "$BUDGET_STUDENT") ;;
-    *) echo "unknown MODEL $MODEL; known: parking_lot, ridgecrest_like" >&2; exit 2 ;;
+    *) echo "unknown MODEL $MODEL; known: parking_lot, parking_lot_multi, ridgecrest_like" >&2; exit 2 ;;
 esac
 if [ "$BUDGET" = standard ]; then OUT=${OUT:-models/$MODEL}; else OUT=${OUT:-$WORK/out}; fi
 THREADS=${THREADS:-2}  # torch threads; 1 when another training shares the two cores
@@ -57,6 +65,12 @@ done_marker() { [ -f "$1/checkpoint.pt" ] || [ -f "$1/classify/checkpoint.pt" ];
 echo "# make models, model $MODEL, $BUDGET_NAME budget ($BUDGET_NOTE), $THREADS threads" | tee -a "$LOG"
 dataset "$WORK/data" "$BUDGET_WINDOWS" 11
 dataset "$WORK/test" "$BUDGET_TEST_WINDOWS" 1207   # another recording: never trained on
+if [ -n "${ENCODER_FROM:-}" ] && [ ! -f "$WORK/spar/done" ]; then
+    # Self-supervised pretraining needs no labels: one encoder serves every model of the same sensors.
+    [ -f "$ENCODER_FROM/done" ] || { echo "no pretrained encoder in $ENCODER_FROM: build the parking-lot model" \
+        "first (make models BUDGET=standard) or set ENCODER_FROM" >&2; exit 1; }
+    run cp -r "$ENCODER_FROM" "$WORK/spar"
+fi
 # shellcheck disable=SC2086  # BUDGET_TEACHER_MODEL is a list of flags
 [ -f "$WORK/spar/done" ] || { run "$BIN/spar-train" pretrain --data "$WORK/data" --out "$WORK/spar" --objective spar \
     --epochs "$BUDGET_PRETRAIN_EPOCHS" --seed 0 --batch-size 32 --lr 1e-3 --no-progress $BUDGET_TEACHER_MODEL \
@@ -74,6 +88,14 @@ if [ "$MODEL" = parking_lot ]; then
         --seed 0 --out "$WORK/full" --no-progress
     CANDIDATES=(--candidate "frozen=$WORK/frozen/classify,$WORK/frozen/localize"
                 --candidate "full=$WORK/full/classify,$WORK/full/localize")
+elif [ "$MODEL" = parking_lot_multi ]; then
+    # Candidate 1: the DETR-style detector on the frozen encoder; 2: full fine-tuning.
+    done_marker "$WORK/frozen/detect" || run "$BIN/spar-train" finetune --data "$WORK/data" --encoder "$WORK/spar" \
+        --task detect --steps "$BUDGET_HEAD_STEPS" --seed 0 --out "$WORK/frozen/detect" --no-progress
+    done_marker "$WORK/full/detect" || run "$BIN/spar-train" finetune --data "$WORK/data" --encoder "$WORK/spar" \
+        --task detect --unfreeze --epochs "$BUDGET_FINETUNE_EPOCHS" --lr 5e-4 --seed 0 --out "$WORK/full/detect" \
+        --no-progress
+    CANDIDATES=(--candidate "frozen=$WORK/frozen/detect" --candidate "full=$WORK/full/detect")
 else
     # Candidate 1: the hypocentre head (two transformer blocks) on the frozen encoder; 2: full fine-tuning.
     done_marker "$WORK/frozen/quake" || run "$BIN/spar-train" finetune --data "$WORK/data" --encoder "$WORK/spar" \
