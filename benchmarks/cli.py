@@ -471,9 +471,22 @@ def _cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_task_objectives(args: argparse.Namespace) -> int:
+def _write_objectives(report, budget: str, stem: Path) -> int:
+    """STEM.md, STEM.json and STEM.png of a dataset objectives report; the table on stdout."""
     import json
 
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(report.to_markdown())
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"machine": report.machine, "budget": budget, "rows": report.table(), "results": report.results},
+        indent=2) + "\n")
+    report.plot(stem.with_suffix(".png"))
+    print(report.to_markdown())
+    print(f"report: {stem.with_suffix('.md')}, plot: {stem.with_suffix('.png')}")
+    return 0
+
+
+def _cmd_task_objectives(args: argparse.Namespace) -> int:
     from benchmarks.objectives_tasks import TaskObjectivesConfig, check_config, run_task_objectives
 
     if args.ablations:
@@ -486,21 +499,10 @@ def _cmd_task_objectives(args: argparse.Namespace) -> int:
     check_config(cfg)
     print(f"spar-bench objectives --dataset {cfg.dataset}: {cfg.budget()}", file=sys.stderr)
     report = run_task_objectives(cfg, progress=lambda text: print(f"... {text}", file=sys.stderr, flush=True))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"objectives-{cfg.dataset}"
-    (args.out / f"{stem}.md").write_text(report.to_markdown())
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"machine": report.machine, "budget": cfg.budget(), "rows": report.table(), "results": report.results},
-        indent=2) + "\n")
-    report.plot(args.out / f"{stem}.png")
-    print(report.to_markdown())
-    print(f"report: {args.out / (stem + '.md')}, plot: {args.out / (stem + '.png')}")
-    return 0
+    return _write_objectives(report, cfg.budget(), args.out / f"objectives-{cfg.dataset}")
 
 
 def _cmd_dataset_objectives(args: argparse.Namespace) -> int:
-    import json
-
     from benchmarks.objectives_har_csi import DatasetObjectivesConfig, check_config, run_dataset_objectives
 
     if args.ablations or args.supervised_steps:
@@ -514,16 +516,7 @@ def _cmd_dataset_objectives(args: argparse.Namespace) -> int:
     check_config(cfg)
     print(f"spar-bench objectives --dataset {cfg.dataset}: {cfg.budget()}", file=sys.stderr)
     report = run_dataset_objectives(cfg, progress=lambda text: print(f"... {text}", file=sys.stderr, flush=True))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"objectives-{cfg.dataset}"
-    (args.out / f"{stem}.md").write_text(report.to_markdown())
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"machine": report.machine, "budget": cfg.budget(), "rows": report.table(), "results": report.results},
-        indent=2) + "\n")
-    report.plot(args.out / f"{stem}.png")
-    print(report.to_markdown())
-    print(f"report: {args.out / (stem + '.md')}, plot: {args.out / (stem + '.png')}")
-    return 0
+    return _write_objectives(report, cfg.budget(), args.out / f"objectives-{cfg.dataset}")
 
 
 def _cmd_placement(args: argparse.Namespace) -> int:

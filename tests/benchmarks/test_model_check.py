@@ -99,3 +99,28 @@ def test_message_drops_are_reproducible_and_near_the_rate():
 def test_cli_refuses_a_missing_recording(tmp_path, capsys):
     assert main(["model", "--model", str(tmp_path), "--test", str(tmp_path / "none"), "--train", str(tmp_path)]) == 2
     assert "not a dataset folder" in capsys.readouterr().err
+
+
+def test_a_seismic_model_is_checked_in_km_against_the_quake_floors(tmp_path):
+    """The shipped seismic model on a short recording of seeds it never trained on."""
+    from pathlib import Path
+
+    from node_firmware_sim.dataset import DatasetSpec, export_dataset
+
+    repo = Path(__file__).resolve().parents[2]
+    for name, seed, windows in (("test", 77, 40), ("train", 78, 80)):
+        export_dataset(DatasetSpec(site=str(repo / "configs/sites/ridgecrest_like.toml"), scenario="earthquakes",
+                                   windows=windows, seed=seed, codec="webp:85", shard_size=windows),
+                       tmp_path / name, workers=1, overwrite=True)
+    report = run_model_check(ModelCheckConfig(model_dir=repo / "models/ridgecrest_like", test_data=tmp_path / "test",
+                                              train_data=tmp_path / "train", loss_rates=(0.0,), threads=1),
+                             progress=lambda _: None)
+    rows = report.rows[0.0]
+    assert {"INT8 student", "FP32 student", "FP32 teacher", "Floor: STA/LTA + grid search",
+            "Floor: first-arrival station", "Guess: mean hypocentre"} <= set(rows)
+    student, grid = rows["INT8 student"]["hypocentre_mean"], rows["Floor: STA/LTA + grid search"]["hypocentre_mean"]
+    assert report.targets[0] == ("mean hypocentre error below the STA/LTA + grid search floor",
+                                 f"{student / 1000:.2f} vs {grid / 1000:.2f} km", student < grid)
+    text = report.to_markdown()
+    assert "| model | hypocentre mean km |" in text and "spar-ridgecrest" in text
+    assert f"| INT8 student | {student / 1000:.2f} |" in text

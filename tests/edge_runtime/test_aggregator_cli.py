@@ -99,3 +99,32 @@ def test_run_command_reports_a_missing_model(tmp_path):
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
     result = aggregator_cli("query", "--database", str(tmp_path / "none.sqlite3"))
     assert result.returncode == 2 and "no such database" in result.stderr
+
+
+def test_the_seismic_hut_config_runs_the_shipped_seismic_model(mosquitto, tmp_path):
+    """configs/aggregator-ridgecrest.toml as the README's seismic-hut story runs it: simulated
+    events from the 16 stations (a fifth of the traces missing) -> hypocentres stored in SQLite."""
+    from spar_wire.site_layout import load_site_layout
+
+    config = load_config(REPO / "configs/aggregator-ridgecrest.toml")
+    assert config.model.parent.name == "ridgecrest_like" and config.site.name == "ridgecrest_like.toml"
+    # a short deadline: the nodes send as fast as they can, and a window with missing traces never completes
+    config = config.replace(database=tmp_path / "q.sqlite3", metrics_port=0, mqtt=MqttSettings(port=mosquitto.port),
+                            flush_denormals=False, deadline_fraction=0.05)
+    with Aggregator(config) as agg:
+        run_field(FieldConfig(layout=load_site_layout(config.site), source=SourceSpec("earthquakes", 4),
+                              duration_s=61.44, mqtt=MqttSettings(port=mosquitto.port)))
+        deadline = time.monotonic() + 20
+        while agg.worker.snapshot_counts().get("results", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    rows = ResultStore(tmp_path / "q.sqlite3", readonly=True).query(limit=10)
+    assert len(rows) == 2 and all(len(r["outputs"]["hypocentre"]) == 3 for r in rows)
+    depths = [r["outputs"]["hypocentre"][2] for r in rows]
+    assert all(-5_000 < d < 40_000 for d in depths)  # metres below the datum: a crust, not the mantle
+
+
+def test_the_busy_lot_config_names_the_shipped_detection_model():
+    config = load_config(REPO / "configs/aggregator-parking-multi.toml")
+    manifest = json.loads(config.model.read_text())
+    assert {o["name"] for o in manifest["outputs"]} >= {"detection_logits", "detection_positions"}
+    assert config.site.name == "parking_lot.toml"
