@@ -122,9 +122,3 @@ def test_the_seismic_hut_config_runs_the_shipped_seismic_model(mosquitto, tmp_pa
     depths = [r["outputs"]["hypocentre"][2] for r in rows]
     assert all(-5_000 < d < 40_000 for d in depths)  # metres below the datum: a crust, not the mantle
 
-
-def test_the_busy_lot_config_names_the_shipped_detection_model():
-    config = load_config(REPO / "configs/aggregator-parking-multi.toml")
-    manifest = json.loads(config.model.read_text())
-    assert {o["name"] for o in manifest["outputs"]} >= {"detection_logits", "detection_positions"}
-    assert config.site.name == "parking_lot.toml"
