@@ -50,6 +50,7 @@ from spar_wire.site_layout import SiteLayout
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Recording:
     node: str
@@ -127,7 +128,6 @@ class RecordingReplay:
             raise NodeError(f"replay: {rec.path} gives {data.shape[0]} channel(s), modality "
                             f"{rec.modality} needs {cfg.channels}")
         return resample(data, rate, cfg.sample_rate_hz)
-
 
     def _note(self, text: str) -> None:
         self.notes.append(text)

@@ -129,8 +129,13 @@ def test_bad_arguments_are_refused_with_a_clear_error(tmp_path, capsys):
         TrialConfig(out=tmp_path, scenario="volcano")
     with pytest.raises(BenchError, match="codec"):
         TrialConfig(out=tmp_path, codec="gif")
-    assert trial_main(["run", "--scenario", "earthquakes", "--out", str(tmp_path / "x")]) == 2
+    assert trial_main(["run", "--scenario", "body_har", "--out", str(tmp_path / "x")]) == 2
     assert "--model is required" in capsys.readouterr().err
+    # unreadable recordings are refused before a broker or an aggregator starts, and leave no trial folder
+    (tmp_path / "r.toml").write_text('[[recordings]]\nnode = "CLC"\nmodality = "seismometer"\npath = "gone.mseed"\n')
+    assert trial_main(["run", "--scenario", "earthquakes", "--recordings", str(tmp_path / "r.toml"),
+                       "--out", str(tmp_path / "y")]) == 2
+    assert "gone.mseed does not exist" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
 def test_embedded_amqtt_broker_runs_a_trial(tmp_path):
