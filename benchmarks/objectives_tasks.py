@@ -390,9 +390,11 @@ class TaskObjectivesReport:
         fig, axes = plt.subplots(1, len(self.cfg.label_ratios), figsize=(6 * len(self.cfg.label_ratios), 4),
                                  squeeze=False)
         for ax, ratio in zip(axes[0], self.cfg.label_ratios, strict=True):
+            floors = list(self.spec.floors)
             for key, name in self.rows():
                 values = [self.metric(key, ratio, f"mAP@{r}")[0] for r in radii]
-                style = {"color": "k", "linestyle": "--", "linewidth": 1} if key in self.spec.floors else {}
+                style = {"color": "k", "linestyle": ("--", ":")[floors.index(key) % 2], "linewidth": 1} \
+                    if key in floors else {}
                 ax.plot(radii, values, marker="o", label=name, **style)
             ax.set(xlabel="match radius r (m)", ylabel="mAP@r (higher is better)", title=f"label ratio {ratio:g}")
         axes[0][-1].legend(fontsize=7)
