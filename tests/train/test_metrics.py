@@ -77,7 +77,7 @@ def test_radius_decides_a_3m_miss():
     args = _one_window([(0.9, 1, (3, 0))], [(1, (0, 0))])
     assert average_precision_at_r(*args, r=4) == 1.0
     assert average_precision_at_r(*args, r=2) == 0.0
-    assert map_at_thresholds(*args) == {2.0: 0.0, 4.0: 1.0, 6.0: 1.0, 8.0: 1.0}
+    assert map_at_thresholds(*args) == {2.0: 0.0, 4.0: 1.0, 6.0: 1.0, 8.0: 1.0, 10.0: 1.0}
 
 
 def test_wrong_class_is_a_false_positive():
