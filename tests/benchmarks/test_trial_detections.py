@@ -46,3 +46,19 @@ def test_trial_pairs_become_a_table_with_totals():
     text = "\n".join(detection_markdown(windows, NAMES))
     assert "**1 matched, 1 missed, 0 false**" in text and "| 0 | 1 | 1 | 0 | 0 | car (0.0, 1.0) |" in text
     assert window_detections([({"outputs": {"position": [0, 0]}}, pairs[0][1])]) == []  # not a detector
+
+
+def test_the_live_line_speaks_of_hypocentres_in_km_and_of_vehicle_counts():
+    from benchmarks.live_view import Detection, LiveSnapshot, status_line
+
+    def line(detection):
+        return status_line(LiveSnapshot("running", 30.0, 2, 4, 16, 16, 5.0, 2.0, 2, 0, 2, 0, 0, 12.0,
+                                        (detection,)))
+
+    quake = Detection(3, 13, 16, False, "event", "event", (12300.0, -4000.0, 8000.0), (10300.0, -4000.0, 9000.0),
+                      hypocentre=True)
+    assert "latest: hypocentre (12.3, -4.0) km, 8.0 km deep -> (10.3, -4.0) km, 9.0 km deep, 2.2 km off" in line(quake)
+    replay = Detection(None, 5, 16, False, None, "event", None, (2300.0, 6300.0, 12100.0), hypocentre=True)
+    assert line(replay).endswith("latest: hypocentre (2.3, 6.3) km, 12.1 km deep")
+    busy = Detection(7, 8, 8, True, "car", None, None, None, vehicles=3, detected=2)
+    assert line(busy).endswith("latest: 3 vehicle(s) -> 2 detected")
