@@ -121,7 +121,7 @@ class ModelCheckReport:
             for name, m in rows.items():
                 lines.append("| " + " | ".join([name] + [_fmt(m, k, scale) for k, _, scale in self.columns]) + " |")
             lines.append("")
-        lines += ["## Targets (INT8 student, complete windows)", "", "| target | measured | met |",
+        lines += ["## Targets (the shipped INT8 model, complete windows)", "", "| target | measured | met |",
                   "| --- | --- | --- |"]
         lines += [f"| {what} | {measured} | {'yes' if met else '**no**'} |" for what, measured, met in self.targets]
         lines += ["", f"Reproduce: `spar-bench model --model {self.cfg.model_dir} --test {self.cfg.test_data} "

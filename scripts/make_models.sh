@@ -114,43 +114,57 @@ for t in "${TEACHER[@]}"; do TEACHER_FLAGS+=(--teacher "$t"); done
 
 # Loss-robust distillation: the student learns the teacher's complete-window answers from windows
 # that lost up to 40 % of their token messages (what a lossy link delivers). Its shape is the budget's.
-# shellcheck disable=SC2086  # STUDENT_FLAGS is a list of flags
-done_marker "$WORK/student" || run "$BIN/spar-export" distill "${TEACHER_FLAGS[@]}" --data "$WORK/data" \
-    --out "$WORK/student" --epochs "$BUDGET_DISTILL_EPOCHS" --seed 0 --message-loss 0.4 --no-progress $STUDENT_FLAGS
+# DISTILL=0 ships the teacher itself (one checkpoint) as the model, when there is no time to distil.
+DISTILL=${DISTILL:-1}
+if [ "$DISTILL" = 1 ]; then
+    # shellcheck disable=SC2086  # STUDENT_FLAGS is a list of flags
+    done_marker "$WORK/student" || run "$BIN/spar-export" distill "${TEACHER_FLAGS[@]}" --data "$WORK/data" \
+        --out "$WORK/student" --epochs "$BUDGET_DISTILL_EPOCHS" --seed 0 --message-loss 0.4 --no-progress $STUDENT_FLAGS
+    SHIPPED=$WORK/student
+else
+    [ "${#TEACHER[@]}" = 1 ] || { echo "DISTILL=0 ships a one-checkpoint teacher only" >&2; exit 1; }
+    SHIPPED=${TEACHER[0]}
+fi
 
 rm -rf "${OUT:?}"/*
-run "$BIN/spar-export" onnx --checkpoint "$WORK/student" --data "$WORK/data" --out "$OUT" \
+run "$BIN/spar-export" onnx --checkpoint "$SHIPPED" --data "$WORK/data" --out "$OUT" \
     --name "$NAME" --version "$VERSION"
-run "$BIN/spar-export" quantize --onnx "$OUT/model.onnx" --checkpoint "$WORK/student" --data "$WORK/data" \
+run "$BIN/spar-export" quantize --onnx "$OUT/model.onnx" --checkpoint "$SHIPPED" --data "$WORK/data" \
     --calibration-windows "$BUDGET_CALIBRATION_WINDOWS"
 # model.onnx has fused attention (ONNX Runtime); TensorRT engines are built from the plain graph beside it
 # and from its own INT8 (export/formats.py)
 if [ -f "$OUT/model.plain.onnx" ]; then
-    run "$BIN/spar-export" quantize --onnx "$OUT/model.plain.onnx" --checkpoint "$WORK/student" --data "$WORK/data" \
+    run "$BIN/spar-export" quantize --onnx "$OUT/model.plain.onnx" --checkpoint "$SHIPPED" --data "$WORK/data" \
         --calibration-windows "$BUDGET_CALIBRATION_WINDOWS"
 fi
-run "$BIN/spar-export" onnx "${TEACHER_FLAGS[@]/--teacher/--checkpoint}" --data "$WORK/data" --out "$OUT/teacher" \
-    --name "$NAME-teacher" --version "$VERSION"
+if [ "$DISTILL" = 1 ]; then
+    run "$BIN/spar-export" onnx "${TEACHER_FLAGS[@]/--teacher/--checkpoint}" --data "$WORK/data" --out "$OUT/teacher" \
+        --name "$NAME-teacher" --version "$VERSION"
+fi
 # Every manifest names the budget and the teacher's fine-tuning, so results measured on it can say so.
 TEACHER_MODE=$(head -n1 < <(grep -o '^| [a-z]* (chosen)' "$WORK/teacher-choice.md" | tr -d '|' | awk '{print $1}'))
 "$BIN/python" - "$OUT" "$BUDGET_NAME" "$TEACHER_MODE" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
-    "$SCENARIO_NOTE" <<'PY'
+    "$SCENARIO_NOTE" "$DISTILL" <<'PY'
 import json, pathlib, sys
-out, budget, teacher, commit, scenario = sys.argv[1:]
+out, budget, teacher, commit, scenario, distill = sys.argv[1:]
 for path in pathlib.Path(out).rglob("*manifest.json"):
     data = json.loads(path.read_text())
     data["training"] = {"budget": budget, "teacher_fine_tuning": teacher, "commit": commit,
                         "scenario": scenario,
-                        "student": "teacher" not in path.parts}
+                        "student": distill == "1" and "teacher" not in path.parts}
     path.write_text(json.dumps(data, indent=2) + "\n")
 PY
-cp "$WORK/student/report.md" "$OUT/distillation.md"
+[ "$DISTILL" = 1 ] && cp "$WORK/student/report.md" "$OUT/distillation.md"
 cp "$WORK/teacher-choice.md" "$OUT/teacher-choice.md"
 {
     echo "# How this model was trained"
     echo
     echo "Budget \`$BUDGET_NAME\`: $BUDGET_NOTE. Built by \`make models BUDGET=$BUDGET_NAME MODEL=$MODEL\` at commit"
     echo "$(git rev-parse --short HEAD 2>/dev/null || echo unknown) on $(uname -m), $(nproc) cores, finished $(date -u +%FT%TZ)."
+    if [ "$DISTILL" != 1 ]; then
+        echo
+        echo "DISTILL=0: no student was distilled; model.onnx is the chosen teacher itself (teacher-choice.md)."
+    fi
     echo
     echo "Pretraining log (epoch, train loss, validation loss, seconds):"
     echo

@@ -116,11 +116,13 @@ def test_a_seismic_model_is_checked_in_km_against_the_quake_floors(tmp_path):
                                               train_data=tmp_path / "train", loss_rates=(0.0,), threads=1),
                              progress=lambda _: None)
     rows = report.rows[0.0]
-    assert {"INT8 student", "FP32 student", "FP32 teacher", "Floor: STA/LTA + grid search",
-            "Floor: first-arrival station", "Guess: mean hypocentre"} <= set(rows)
-    student, grid = rows["INT8 student"]["hypocentre_mean"], rows["Floor: STA/LTA + grid search"]["hypocentre_mean"]
+    # 0.1.0 ships its teacher undistilled (TRAINING.md): the rows name the artifacts for what they are
+    shipped = "INT8 student" if report.manifest["training"]["student"] else "INT8 model (the teacher)"
+    assert {shipped, "Floor: STA/LTA + grid search", "Floor: first-arrival station",
+            "Guess: mean hypocentre"} <= set(rows)
+    mine, grid = rows[shipped]["hypocentre_mean"], rows["Floor: STA/LTA + grid search"]["hypocentre_mean"]
     assert report.targets[0] == ("mean hypocentre error below the STA/LTA + grid search floor",
-                                 f"{student / 1000:.2f} vs {grid / 1000:.2f} km", student < grid)
+                                 f"{mine / 1000:.2f} vs {grid / 1000:.2f} km", mine < grid)
     text = report.to_markdown()
     assert "| model | hypocentre mean km |" in text and "spar-ridgecrest" in text
-    assert f"| INT8 student | {student / 1000:.2f} |" in text
+    assert f"| {shipped} | {mine / 1000:.2f} |" in text
