@@ -124,15 +124,19 @@ def _cmd_query(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row, separators=(",", ":")))
         return 0
-    print(f"{'window start (UTC)':<24}{'site':<16}{'nodes':>6}  {'complete':<9}{'result':<24}{'e2e ms':>9}")
+    print(f"{'window start (UTC)':<24}{'site':<16}{'nodes':>6}  {'complete':<9}{'result':<32}{'e2e ms':>9}")
     for row in rows:
         start = datetime.fromtimestamp(row["window_start_ns"] / 1e9, tz=timezone.utc)
-        label = row.get("class") or next(iter(row.get("outputs", {})), "-")
+        outputs = row.get("outputs", {})
+        label = row.get("class") or next(iter(outputs), "-")
+        if "hypocentre" in outputs:  # an earthquake: where, in the site frame, in km
+            x, y, depth = (float(v) / 1000 for v in outputs["hypocentre"][:3])
+            label = f"({x:.1f}, {y:.1f}) km, {depth:.1f} km deep"
         if "class_probabilities" in row:
             label = f"{label} ({max(row['class_probabilities'].values()):.2f})"
         e2e = (row.get("latency_ms") or {}).get("end_to_end")
         print(f"{start:%Y-%m-%d %H:%M:%S}.{start.microsecond // 1000:03d} {row['site']:<16}"
-              f"{row['nodes_present']:>6}  {str(row.get('complete', '')):<9}{label:<24}"
+              f"{row['nodes_present']:>6}  {str(row.get('complete', '')):<9}{label:<32}"
               f"{'-' if e2e is None else f'{e2e:.1f}':>9}")
     print(f"{len(rows)} result(s)")
     return 0

@@ -121,4 +121,6 @@ def test_the_seismic_hut_config_runs_the_shipped_seismic_model(mosquitto, tmp_pa
     assert len(rows) == 2 and all(len(r["outputs"]["hypocentre"]) == 3 for r in rows)
     depths = [r["outputs"]["hypocentre"][2] for r in rows]
     assert all(-5_000 < d < 40_000 for d in depths)  # metres below the datum: a crust, not the mantle
+    table = aggregator_cli("query", "--database", str(tmp_path / "q.sqlite3")).stdout
+    assert table.count("km deep") == 2 and "2 result(s)" in table  # the hypocentre, not the output's name
 
