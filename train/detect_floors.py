@@ -57,17 +57,13 @@ class KnnDetectionFloor:
         return self._fit(x, mask, true_class, true_position)
 
     def _fit(self, x, mask, true_class, true_position) -> KnnDetectionFloor:
+        self.knn.k = self.k
         self.knn._fit(x, mask, np.zeros((len(x), 1)))
         self.classes, self.positions = true_class, true_position
         return self
 
     def predict(self, x, mask) -> Predictions:
-        z = self.knn.scaler(x, mask)
-        train = self.knn.train_z
-        k = min(self.k, len(train))
-        d2 = (z ** 2).sum(1)[:, None] - 2 * z @ train.T + (train ** 2).sum(1)[None, :]
-        nearest = np.argpartition(d2, k - 1, axis=1)[:, :k]
-        weights = 1.0 / (np.sqrt(np.maximum(np.take_along_axis(d2, nearest, axis=1), 0.0)) + 1e-6)
+        nearest, weights = self.knn.neighbours(x, mask)
         scores, classes, positions = [], [], []
         for row, w in zip(nearest, weights, strict=True):
             keep = self.classes[row] >= 0  # [k, K]

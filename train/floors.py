@@ -166,19 +166,23 @@ class KnnFloor:
         self.train_y = np.asarray(targets, dtype=np.float64)
         return self
 
-    def predict(self, x: np.ndarray, mask: np.ndarray, chunk: int = 512) -> np.ndarray:
-        """[W, F] -> [W, d] positions."""
+    def neighbours(self, x: np.ndarray, mask: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """[W, F] -> (indices [W, k] of the k nearest training windows, their inverse-distance weights [W, k])."""
         z = self.scaler(x, mask)
-        out = []
         k = min(self.k, len(self.train_z))
+        idx, weights = [np.zeros((0, k), np.int64)], [np.zeros((0, k))]
         for start in range(0, len(z), chunk):
             q = z[start:start + chunk]
             d2 = (q ** 2).sum(1)[:, None] - 2 * q @ self.train_z.T + (self.train_z ** 2).sum(1)[None, :]
             nearest = np.argpartition(d2, k - 1, axis=1)[:, :k]
-            dist = np.sqrt(np.maximum(np.take_along_axis(d2, nearest, axis=1), 0.0))
-            w = 1.0 / (dist + 1e-6)
-            out.append((self.train_y[nearest] * w[..., None]).sum(1) / w.sum(1, keepdims=True))
-        return np.concatenate(out) if out else np.zeros((0, self.train_y.shape[1]))
+            idx.append(nearest)
+            weights.append(1.0 / (np.sqrt(np.maximum(np.take_along_axis(d2, nearest, axis=1), 0.0)) + 1e-6))
+        return np.concatenate(idx), np.concatenate(weights)
+
+    def predict(self, x: np.ndarray, mask: np.ndarray, chunk: int = 512) -> np.ndarray:
+        """[W, F] -> [W, d] positions."""
+        nearest, w = self.neighbours(x, mask, chunk)
+        return (self.train_y[nearest] * w[..., None]).sum(1) / np.maximum(w.sum(1, keepdims=True), 1e-12)
 
 
 class CentroidFloor:
