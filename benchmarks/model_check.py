@@ -140,7 +140,9 @@ def training_summary(training: dict[str, Any]) -> str:
 def _fmt(metrics: dict[str, float], key: str, scale: float = 1.0) -> str:
     if key not in metrics:
         return ""
-    return f"{metrics[key]:.3f}" if key in ("accuracy", "macro_f1") else f"{metrics[key] / scale:.2f}"
+    if key in ("accuracy", "macro_f1") or key.startswith("mAP@"):
+        return f"{metrics[key]:.3f}"
+    return f"{metrics[key] / scale:.2f}"
 
 
 def check_targets(rows: dict[str, dict[str, float]]) -> list[tuple[str, str, bool]]:
@@ -179,6 +181,10 @@ def run_model_check(cfg: ModelCheckConfig, progress: Callable[[str], None] = pri
         from benchmarks.model_check_quakes import run_quake_check
 
         return run_quake_check(cfg, manifest, progress)
+    if any(o.get("name") == "detection_logits" for o in manifest.get("outputs", [])):
+        from benchmarks.model_check_detect import run_detect_check
+
+        return run_detect_check(cfg, manifest, progress)
     progress(f"loading {cfg.test_data} and {cfg.train_data}")
     test = load_windows(cfg.test_data, progress=False)
     train = load_windows(cfg.train_data, limit=cfg.max_train_windows, progress=False)

@@ -38,6 +38,17 @@ class WindowDetections:
         return len(self.detections) - len(self.matches)
 
 
+def detection_predictions(logits: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """Raw detector outputs of W windows -> ``train.metrics.summarize("detect", ...)``'s predictions.
+
+    logits [W, Q, C + 1] (the last class is "no object"), positions [W, Q, d] metres ->
+    {"scores": [W, Q] probability of the best real class, "classes": [W, Q], "positions"}."""
+    logits = np.asarray(logits, dtype=np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs = (probs / probs.sum(-1, keepdims=True))[..., :-1]
+    return {"scores": probs.max(-1), "classes": probs.argmax(-1), "positions": np.asarray(positions)}
+
+
 def detections_of(outputs: dict[str, Any]) -> list[tuple[int, float, list[float]]]:
     """A stored result's DETR outputs -> [(class id, probability, position)] above the threshold.
 

@@ -32,7 +32,12 @@ from benchmarks.errors import BenchError
 from benchmarks.machine import describe_machine
 from benchmarks.placement_events import EventOutcome, analyze_events, events_markdown, parse_event
 from benchmarks.trial import AGGREGATOR_FILE, CONFIG_FILE, DATABASE, FIELD_FILE, LINK_LOG, TRUTH_LOG
-from benchmarks.trial_detections import WindowDetections, detection_markdown, window_detections
+from benchmarks.trial_detections import (
+    WindowDetections,
+    detection_markdown,
+    detection_predictions,
+    window_detections,
+)
 from spar_wire.errors import WireError
 from spar_wire.model_manifest import load_manifest
 from spar_wire.site_layout import SiteLayout, load_site_layout
@@ -473,11 +478,8 @@ def _scores(manifest: Any, matched: list[tuple[dict[str, Any], dict[str, Any]]])
             positions = [(list(true_pos[i, 0, : pred.shape[1]]), list(pred[i])) for i in range(len(matched))
                          if np.isfinite(true_pos[i, 0, 0])]
     if {"detection_logits", "detection_positions"} <= names:
-        logits = np.array([o["detection_logits"] for o in outputs], dtype=np.float64)
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs = (probs / probs.sum(-1, keepdims=True))[..., :-1]  # the last class is "no object"
-        predictions = {"scores": probs.max(-1), "classes": probs.argmax(-1),
-                       "positions": np.array([o["detection_positions"] for o in outputs])}
+        predictions = detection_predictions(np.array([o["detection_logits"] for o in outputs]),
+                                            np.array([o["detection_positions"] for o in outputs]))
         truth = {"label": labels, "target_class": true_class, "target_position": true_pos}
         out.update({f"detect/{k}": v for k, v in task_metrics.summarize("detect", predictions, truth).items()})
     return _Scored(out, positions)

@@ -23,6 +23,7 @@ from spar_wire.model_manifest import (
     tokens_input,
 )
 from train.batch import Batch
+from train.heads import run_head
 from train.models.spar import SparEncoder
 
 
@@ -37,8 +38,9 @@ class OutputSpec:
     dims: tuple[int | str, ...]  # shape after the batch axis
 
 
-def output_specs(task: str, n_classes: int, out_dims: int, n_queries: int = 0) -> tuple[OutputSpec, ...]:
-    """The outputs a head of ``task`` contributes to the graph."""
+def output_specs(task: str, n_classes: int, out_dims: int, n_queries: int | str = 0) -> tuple[OutputSpec, ...]:
+    """The outputs a head of ``task`` contributes to the graph; ``n_queries`` is a detector's query
+    count, or "nodes" for a node-anchored one (one query per node)."""
     if task == "classify":
         return (OutputSpec("logits", "class_logits", task, "logits", (n_classes,)),)
     if task in ("localize", "quake"):
@@ -106,7 +108,7 @@ class DeployModel(nn.Module):
         features = self.encoder.forward_features(batch)
         results = []
         for task, head in self.heads.items():
-            raw = head(features.latents, features.valid)
+            raw = run_head(head, features.latents, features.valid, features.positions)
             for spec in self.outputs:
                 if spec.task != task:
                     continue

@@ -54,7 +54,7 @@ from train.data import WindowSet, drop_nodes, iterate_batches, load_windows, ste
 from train.distributed import pick_device
 from train.errors import TrainError
 from train.finetune import TaskModel, evaluate, task_indices
-from train.heads import make_head, make_head_variant
+from train.heads import make_head, make_head_variant, run_head
 from train.models.config import SparConfig
 from train.models.spar import SparEncoder
 from train.pretrain import lr_at
@@ -272,7 +272,7 @@ def forward_parts(model: DeployModel, batch: Batch) -> dict[str, torch.Tensor]:
     features = model.encoder.forward_features(batch)
     parts = {"latents": features.latents, "valid": features.valid}
     for task, head in model.heads.items():
-        raw = head(features.latents, features.valid)
+        raw = run_head(head, features.latents, features.valid, features.positions)
         if isinstance(raw, dict):
             parts.update({f"out/{task}/{k}": v for k, v in raw.items()})
         else:

@@ -81,7 +81,9 @@ def export_onnx(model: DeployModel, path: str | Path, *, opset: int = DEFAULT_OP
             apply_ort_fusions(raw, path)
     else:
         dynamic = {name: {0: "batch", 1: "nodes"} for name in model.input_names}
-        dynamic.update({name: {0: "batch"} for name in model.output_names})
+        # An output's named dims (a node-anchored detector's "nodes") are dynamic too.
+        dynamic.update({s.name: {0: "batch", **{i + 1: d for i, d in enumerate(s.dims) if isinstance(d, str)}}
+                        for s in model.outputs})
         with attention_for_export(model, mode), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer chatter about shape checks that are constant by design
             torch.onnx.export(model, example_inputs(model, 2, 8), str(path), input_names=list(model.input_names),

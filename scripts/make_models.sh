@@ -7,7 +7,7 @@
 #   teacher's own ONNX in OUT/teacher/ for comparison. Every ONNX gets a manifest.
 #
 # MODEL: parking_lot (default: one vehicle, classification + localization, configs/sites/parking_lot.toml),
-# parking_lot_multi (up to three vehicles, DETR-style detection; its encoder is the parking lot's,
+# parking_lot_multi (up to three vehicles, node-anchored DETR detection; its encoder is the parking lot's,
 # pretrained without labels on the same sensors: ENCODER_FROM, default build/models-standard/spar)
 # or ridgecrest_like (earthquake hypocentres, configs/sites/ridgecrest_like.toml).
 # BUDGET (train/budgets.py): smoke (default, ~10 min, a plumbing check, written to
@@ -89,12 +89,15 @@ if [ "$MODEL" = parking_lot ]; then
     CANDIDATES=(--candidate "frozen=$WORK/frozen/classify,$WORK/frozen/localize"
                 --candidate "full=$WORK/full/classify,$WORK/full/localize")
 elif [ "$MODEL" = parking_lot_multi ]; then
-    # Candidate 1: the DETR-style detector on the frozen encoder; 2: full fine-tuning.
+    # Candidate 1: the node-anchored DETR detector (train/heads/anchor_detector.py) on the frozen
+    # encoder, twice the budget's head steps (a set loss with Hungarian matching converges slower than
+    # a plain regression: the plain DETR head was still improving at 7,000 steps); 2: full fine-tuning.
     done_marker "$WORK/frozen/detect" || run "$BIN/spar-train" finetune --data "$WORK/data" --encoder "$WORK/spar" \
-        --task detect --steps "$BUDGET_HEAD_STEPS" --seed 0 --out "$WORK/frozen/detect" --no-progress
-    done_marker "$WORK/full/detect" || run "$BIN/spar-train" finetune --data "$WORK/data" --encoder "$WORK/spar" \
-        --task detect --unfreeze --epochs "$BUDGET_FINETUNE_EPOCHS" --lr 5e-4 --seed 0 --out "$WORK/full/detect" \
+        --task detect --head anchors --steps "$((2 * BUDGET_HEAD_STEPS))" --seed 0 --out "$WORK/frozen/detect" \
         --no-progress
+    done_marker "$WORK/full/detect" || run "$BIN/spar-train" finetune --data "$WORK/data" --encoder "$WORK/spar" \
+        --task detect --head anchors --unfreeze --epochs "$BUDGET_FINETUNE_EPOCHS" --lr 5e-4 --seed 0 \
+        --out "$WORK/full/detect" --no-progress
     CANDIDATES=(--candidate "frozen=$WORK/frozen/detect" --candidate "full=$WORK/full/detect")
 else
     # Candidate 1: the hypocentre head (two transformer blocks) on the frozen encoder; 2: full fine-tuning.

@@ -91,11 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-identity", action="store_true",
                    help="add a learnable per-node vector to the latents in the head (the fair MAE baseline: a "
                         "placement-agnostic encoder whose head knows which node each token came from)")
-    p.add_argument("--head", choices=["transformer", "fusion", "map"],
+    p.add_argument("--head", choices=["transformer", "fusion", "map", "anchors"],  # train.heads.HEAD_VARIANTS
                    help="another head than the task's default: transformer (SPAR's classification head, one "
                         "transformer block before the linear readout), fusion (RobustHAR's multi-scale feature fusion, "
-                        "classify) or map (AEMP's localizer with distance and map-legality losses, localize; needs "
-                        "a dataset with a floor plan)")
+                        "classify), map (AEMP's localizer with distance and map-legality losses, localize; needs "
+                        "a dataset with a floor plan) or anchors (detect: one DETR query per node, anchored at the "
+                        "node, detections as offsets from it)")
     p.add_argument("--layerwise", action="store_true",
                    help="layer-wise fine-tuning (AEMP): the head alone for the first fifth of the epochs, then the "
                         "encoder too, each lower layer at a decayed learning rate (--layer-decay, default 0.5)")

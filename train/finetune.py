@@ -35,7 +35,7 @@ from train.checkpoint import load_checkpoint, save_checkpoint
 from train.data import WindowSet, iterate_batches, label_subset, load_windows, temporal_split, token_statistics
 from train.distributed import pick_device
 from train.errors import TrainError
-from train.heads import HEAD_VARIANTS, HEADS, make_head, make_head_variant
+from train.heads import HEAD_VARIANTS, HEADS, make_head, make_head_variant, run_head
 from train.heads.node_identity import NodeIdentityHead
 from train.layerwise import apply_unfreezing, encoder_layers, layerwise_param_groups, unfrozen_depth
 from train.metrics import summarize
@@ -62,7 +62,7 @@ class TaskModel(nn.Module):
     def forward(self, batch):
         """Batch -> (head outputs, PositionFrame)."""
         features = self.encoder.forward_features(batch)
-        return self.head(features.latents, features.valid), features.frame
+        return run_head(self.head, features.latents, features.valid, features.positions), features.frame
 
 
 @dataclass
@@ -158,6 +158,8 @@ def head_settings(name: str, task: str, encoder_cfg: SparConfig, windows: Window
         raise TrainError(f"head {name!r} is a {HEAD_VARIANTS[name][0]} head, the task is {task!r}")
     if name == "transformer":
         return {}
+    if name == "anchors":
+        return {"position_dims": encoder_cfg.position_dims}
     if name == "fusion":
         from train.heads.multiscale_fusion import layout_of
 
@@ -281,14 +283,15 @@ def _relabel(cfg: SparConfig, objective: str) -> SparConfig:
 @torch.no_grad()
 def encode_windows(encoder: SparEncoder, windows: WindowSet, indices: np.ndarray, batch_size: int,
                    device: torch.device, progress: bool = False) -> dict[str, torch.Tensor]:
-    """Frozen features of ``indices``: latents [W, L, d], valid [W, L], frame mean [W, d_S], scale [W]."""
+    """Frozen features of ``indices``: latents [W, L, d], valid [W, L], frame mean [W, d_S], scale [W],
+    normalised node positions [W, N, d_S]."""
     encoder.eval()
-    parts: dict[str, list[torch.Tensor]] = {"latents": [], "valid": [], "mean": [], "scale": []}
+    parts: dict[str, list[torch.Tensor]] = {"latents": [], "valid": [], "mean": [], "scale": [], "positions": []}
     batches = iterate_batches(indices, batch_size, shuffle=False, seed=0, epoch=0, drop_last=False)
     for index in tqdm(list(batches), desc="encoding", disable=not progress, unit="batch"):
         f = encoder.forward_features(windows.batch(index).to(device))
         for key, value in (("latents", f.latents), ("valid", f.valid), ("mean", f.frame.mean),
-                           ("scale", f.frame.scale)):
+                           ("scale", f.frame.scale), ("positions", f.positions)):
             parts[key].append(value.cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
 
@@ -313,7 +316,8 @@ def _train_frozen(model: TaskModel, cache: dict[str, torch.Tensor], windows, tra
                                      drop_last=False):
             rows = torch.tensor([position[int(w)] for w in index])
             frame = PositionFrame(cache["mean"][rows].to(device), cache["scale"][rows].to(device))
-            outputs = model.head(cache["latents"][rows].to(device), cache["valid"][rows].to(device))
+            outputs = run_head(model.head, cache["latents"][rows].to(device), cache["valid"][rows].to(device),
+                               cache["positions"][rows].to(device))
             loss = model.head.loss(outputs, _targets(windows, index, device), frame)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -360,7 +364,8 @@ def _train_end_to_end(encoder: SparEncoder, heads: dict[str, nn.Module], windows
                     group["lr"] = lr_at(step, total, warmup, cfg.lr) * group["lr_scale"]
             batch = windows.batch(index).to(device)
             features = encoder.forward_features(batch)
-            loss = sum(head.loss(head(features.latents, features.valid), batch, features.frame)
+            loss = sum(head.loss(run_head(head, features.latents, features.valid, features.positions), batch,
+                                 features.frame)
                        for head in heads.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -126,3 +126,53 @@ def test_a_seismic_model_is_checked_in_km_against_the_quake_floors(tmp_path):
     text = report.to_markdown()
     assert "| model | hypocentre mean km |" in text and "spar-ridgecrest" in text
     assert f"| {shipped} | {mine / 1000:.2f} |" in text
+
+
+def test_a_detection_model_is_checked_in_map_against_the_detection_floors(tmp_path):
+    """A tiny node-anchored detector, exported and shipped undistilled, on a busy-lot recording."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from export.deploy_model import DeployModel
+    from export.manifests import manifest_for, manifest_path_for
+    from export.onnx_export import export_onnx
+    from node_firmware_sim.dataset import DatasetSpec, export_dataset
+    from train.data import load_windows, token_statistics
+    from train.heads import make_head_variant
+    from train.models.config import ModalitySpec, SparConfig
+    from train.models.spar import SparEncoder
+
+    repo = Path(__file__).resolve().parents[2]
+    for name, seed in (("test", 77), ("train", 78)):
+        export_dataset(DatasetSpec(site=str(repo / "configs/sites/parking_lot.toml"), scenario="parking_lot",
+                                   windows=40, seed=seed, codec="webp:85", shard_size=40,
+                                   params={"max_vehicles": 3}), tmp_path / name, workers=1, overwrite=True)
+    w = load_windows(tmp_path / "train", progress=False)
+    torch.manual_seed(0)
+    cfg = SparConfig(modalities=tuple(ModalitySpec(m, *s) for m, s in w.token_shapes.items()), max_nodes=8,
+                     position_dims=2, dim=16, heads=2, modality_depth=1, joint_depth=1, structural_dims=2)
+    encoder = SparEncoder(cfg)
+    encoder.set_token_statistics(token_statistics(w))
+    head = make_head_variant("anchors", 16, len(w.class_names), 2, layers=1, position_dims=2)
+    model = DeployModel(encoder, {"detect": head}, len(w.class_names), 2).eval()
+    root = tmp_path / "model"
+    path = export_onnx(model, root / "model.onnx", check_nodes=(8,))
+    info = {"feature_hashes": w.feature_hashes, "class_names": list(w.class_names)}
+    manifest = manifest_for(model, info, path, name="tiny-multi", version="0.0.1", metric={})
+    replace(manifest, training={"student": False}).write(manifest_path_for(path))
+    shutil.copy(path, root / "model.int8.onnx")
+    report = run_model_check(ModelCheckConfig(model_dir=root, test_data=tmp_path / "test",
+                                              train_data=tmp_path / "train", loss_rates=(0.0, 0.5), threads=1),
+                             progress=lambda _: None)
+    for rate in (0.0, 0.5):
+        assert set(report.rows[rate]) == {"INT8 model (the teacher)", "FP32 model (the teacher)",
+                                          "Floor: energy peaks", "Floor: kNN"}
+    rows = report.rows[0.0]
+    mine, peaks = rows["INT8 model (the teacher)"]["mAP@8"], rows["Floor: energy peaks"]["mAP@8"]
+    assert 0.0 <= mine <= 1.0 and set(rows["Floor: kNN"]) == {"mAP@4", "mAP@6", "mAP@8", "mAP@10"}
+    assert report.targets[0] == ("mAP@8 above the energy peaks floor", f"{mine:.3f} vs {peaks:.3f}", mine > peaks)
+    assert report.targets[-1][0] == "INT8 within 0.02 mAP@8 of the FP32 model (the teacher)"
+    assert report.targets[-1][2]  # the same graph twice
+    text = report.to_markdown()
+    assert "| model | mAP@4 | mAP@6 | mAP@8 | mAP@10 |" in text
+    assert f"| INT8 model (the teacher) | {rows['INT8 model (the teacher)']['mAP@4']:.3f} |" in text

@@ -264,3 +264,29 @@ def test_a_token_merged_student_learns_and_exports(distill_dataset, teacher, tmp
                     for i in onnx.load(path).graph.input}
     assert graph_inputs == {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
                             for i in onnx.load(export_onnx(teacher_model, tmp_path / "t.onnx")).graph.input}
+
+
+def test_a_node_anchored_detector_teaches_an_anchored_student(tiny_window_set):
+    """The student of an anchored-detector teacher is anchored too, even with merged tokens (the
+    anchors are the nodes, not the token grid), and its detections start on its nodes."""
+    from export.deploy_model import DeployModel
+    from export.distill import forward_parts, student_from_teacher
+    from train.finetune import build_head, head_settings
+    from train.heads.anchor_detector import NodeAnchorDetector
+    from train.models.config import ModalitySpec, SparConfig
+    from train.models.spar import SparEncoder
+
+    windows = tiny_window_set
+    cfg = SparConfig(modalities=tuple(ModalitySpec(m, *s) for m, s in windows.token_shapes.items()), max_nodes=8,
+                     dim=16, heads=2, decoder_dim=16, modality_depth=1, joint_depth=1, structural_dims=2)
+    kwargs = head_settings("anchors", "detect", cfg, windows)
+    assert kwargs == {"position_dims": 2}
+    teacher = DeployModel(SparEncoder(cfg), {"detect": build_head("anchors", "detect", 16, 5, 2, kwargs)}, 5, 2)
+    student = student_from_teacher(teacher, {"dim": 8, "heads": 2, "token_merge": 2}, 5, 2)
+    head = student.heads["detect"]
+    assert isinstance(head, NodeAnchorDetector) and head.variant == "anchors" and head.n_queries == "nodes"
+    batch = windows.batch(np.arange(3))
+    parts = forward_parts(student, batch)
+    assert parts["out/detect/logits"].shape == (3, windows.n_nodes, 6)
+    normalised, _ = student.encoder.prepare_positions(batch.positions)
+    torch.testing.assert_close(parts["out/detect/positions"], normalised)

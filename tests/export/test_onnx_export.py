@@ -76,3 +76,28 @@ def test_manifest_describes_the_graph(deploy_model, exported):
 def test_old_opsets_are_refused(deploy_model, tmp_path):
     with pytest.raises(ExportError, match="opset"):
         export_onnx(deploy_model, tmp_path / "m.onnx", opset=13)
+
+
+def test_a_node_anchored_detector_exports_with_one_query_per_node(untrained_deploy_model, tmp_path):
+    """The anchored detector's outputs have a dynamic ``nodes`` axis: export -> manifest -> ONNX
+    Runtime at other node counts, within 1e-4 of torch, with detections in metres."""
+    from train.heads import make_head_variant
+
+    torch.manual_seed(1)
+    head = make_head_variant("anchors", 16, 5, 2, layers=1, position_dims=2)
+    with torch.no_grad():
+        head.position_head[-1].weight.normal_(0, 0.1)  # non-zero offsets, as after training
+    model = DeployModel(untrained_deploy_model.encoder, {"detect": head}, n_classes=5, out_dims=2).eval()
+    path = export_onnx(model, tmp_path / "model.onnx", check_nodes=(3, 8))
+    graph = onnx.load(path).graph
+    assert [d.dim_param for d in graph.output[0].type.tensor_type.shape.dim[:2]] == ["batch", "nodes"]
+    session = onnx_session(path)
+    for batch, nodes in ((1, 5), (2, 12)):
+        inputs = example_inputs(model, batch, nodes, seed=nodes)
+        logits, positions = run_onnx(session, model.input_names, inputs)
+        assert logits.shape == (batch, nodes, 6) and positions.shape == (batch, nodes, 2)
+        assert max_abs_error(model, path, inputs, session) < 1e-4
+    info = {"feature_hashes": {"microphone": "a" * 16, "geophone": "b" * 16}, "class_names": list("abcde")}
+    manifest_for(model, info, path, name="anchors", version="0.0.1").write(tmp_path / "manifest.json")
+    loaded = load_manifest(tmp_path / "manifest.json")
+    assert [t.shape for t in loaded.outputs] == [("batch", "nodes", 6), ("batch", "nodes", 2)]

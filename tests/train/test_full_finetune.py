@@ -119,3 +119,19 @@ def test_cli_full_finetune_and_unknown_head(tiny_parking_dataset, pretrained, tm
     assert main(["finetune", "--data", str(tiny_parking_dataset), "--encoder", str(pretrained), "--task",
                  "dance", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_the_anchored_detector_trains_on_frozen_features_and_reloads(tiny_parking_dataset, pretrained, tmp_path):
+    """`spar-train finetune --task detect --head anchors`: the frozen-feature cache carries the node
+    positions the head reads, and the checkpoint rebuilds the same head alone."""
+    from train.heads.anchor_detector import NodeAnchorDetector
+
+    out = tmp_path / "anchors"
+    assert main(["finetune", "--data", str(tiny_parking_dataset), "--encoder", str(pretrained), "--task", "detect",
+                 "--head", "anchors", "--steps", "20", "--batch-size", "8", "--out", str(out), "--no-progress"]) == 0
+    model, ckpt = load_task_model(out / "checkpoint.pt")
+    assert isinstance(model.head, NodeAnchorDetector) and ckpt["extra"]["head"] == "anchors"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"mAP@4", "mAP@8"} and all(0.0 <= v <= 1.0 for v in metrics.values())
+    moved = [k for k, v in model.head.state_dict().items() if k.startswith("position_head.4") and v.abs().sum() > 0]
+    assert moved, "20 steps left the offset head at its zero start"

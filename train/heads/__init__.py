@@ -18,6 +18,7 @@ from train.heads.blocks import (
     MaskedMultiheadAttention,
     TransformerBlock,
     masked_mean,
+    run_head,
 )
 from train.heads.classifier import LinearClassifier
 from train.heads.detector import DetrDetector
@@ -38,6 +39,8 @@ HEADS: dict[str, type[Head]] = {
 HEAD_VARIANTS: dict[str, tuple[str, str]] = {
     "fusion": ("classify", "train.heads.multiscale_fusion:MultiScaleFusionClassifier"),  # RobustHAR
     "map": ("localize", "train.heads.map_localizer:MapAwareLocalizer"),  # AEMP
+    # One DETR query per node, anchored at it: detections as offsets from the nodes.
+    "anchors": ("detect", "train.heads.anchor_detector:NodeAnchorDetector"),
     # SPAR's classification head: the localizer's one transformer block, then a linear readout.
     "transformer": ("classify", "train.heads.classifier:TransformerClassifier"),
 }
@@ -52,8 +55,8 @@ def make_head_variant(name: str, d: int, n_classes: int, out_dims: int, **kwargs
     task, target = HEAD_VARIANTS[name]
     module_name, class_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    if task == "classify":
-        return cls(d, n_classes, **kwargs)
+    if task in ("classify", "detect"):
+        return cls(d, n_classes, **({"out_dims": out_dims} if task == "detect" else {}), **kwargs)
     return cls(d, out_dims=out_dims, **kwargs)
 
 
@@ -75,4 +78,4 @@ def make_head(task: str, d: int, n_classes: int, out_dims: int, **kwargs) -> Hea
 
 __all__ = ["HEADS", "HEAD_VARIANTS", "DecoderBlock", "DetrDetector", "Head", "LinearClassifier",
            "MaskedMultiheadAttention", "QuakeLocalizer", "TransformerBlock", "TransformerLocalizer", "make_head",
-           "make_head_variant", "masked_mean"]
+           "make_head_variant", "masked_mean", "run_head"]

@@ -90,15 +90,27 @@ class Head(nn.Module):
     loss(outputs, batch, frame) -> scalar Tensor with a gradient path, even for a batch that has no
         usable target
     predict(outputs, frame) -> dict of numpy arrays (classes, probabilities, positions in metres)
+
+    A head with ``reads_positions`` True also takes the encoder's normalised node positions
+    [B, N, d_S] as a third argument (``run_head`` passes them).
     """
 
     task: str = ""
+    reads_positions: bool = False
 
     def loss(self, outputs, batch, frame) -> torch.Tensor:
         raise NotImplementedError
 
     def predict(self, outputs, frame=None) -> dict:
         raise NotImplementedError
+
+
+def run_head(head: nn.Module, latents: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor):
+    """``head``'s forward on the encoder's features: latents [B, L, d], valid [B, L], and, for a head
+    that reads them, the normalised node positions [B, N, d_S]."""
+    if getattr(head, "reads_positions", False):
+        return head(latents, valid, positions)
+    return head(latents, valid)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -132,4 +144,4 @@ def first_target(batch, out_dims: int) -> torch.Tensor:
 
 
 __all__ = ["DecoderBlock", "FeedForward", "Head", "MaskedMultiheadAttention", "TransformerBlock", "first_target",
-           "masked_mean", "masked_mse", "zero_invalid"]
+           "masked_mean", "masked_mse", "run_head", "zero_invalid"]

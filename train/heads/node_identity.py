@@ -37,9 +37,10 @@ class NodeIdentityHead(nn.Module):
         ids = [torch.arange(n * m, device=device) // m for m in self.tokens_per_node]
         return torch.cat(ids).clamp_max(self.node_embedding.num_embeddings - 1)
 
-    def forward(self, latents: torch.Tensor, valid: torch.Tensor):
+    def forward(self, latents: torch.Tensor, valid: torch.Tensor, *positions: torch.Tensor):
+        """``positions``: the node positions, for an ``inner`` head that reads them (``run_head``)."""
         ids = self.node_ids(latents.shape[1], latents.device)
-        return self.inner(latents + self.node_embedding(ids)[None], valid)
+        return self.inner(latents + self.node_embedding(ids)[None], valid, *positions)
 
     def loss(self, outputs, batch, frame=None) -> torch.Tensor:
         return self.inner.loss(outputs, batch, frame)

@@ -44,13 +44,15 @@ class Features:
     """Post-fusion latents of every modality, concatenated.
 
     latents [B, L_all, d], valid [B, L_all] bool, frame: the per-sample position normalisation;
-    spans: modality -> (start, stop) slice of the L_all axis.
+    spans: modality -> (start, stop) slice of the L_all axis; positions [B, N, d_S]: the node
+    positions in the frame's normalised units (what node-anchored heads read).
     """
 
     latents: torch.Tensor
     valid: torch.Tensor
     frame: PositionFrame
     spans: dict[str, tuple[int, int]]
+    positions: torch.Tensor
 
 
 @dataclass
@@ -196,7 +198,7 @@ class SparEncoder(nn.Module):
         positions, frame = self.prepare_positions(batch.positions)
         embedded = self.embed(batch, positions)
         latents, valid, spans = self.encode({k: (e.combined, e.valid) for k, e in embedded.items()})
-        return Features(latents, valid, frame, spans)
+        return Features(latents, valid, frame, spans, positions)
 
     def forward(self, batch: Batch) -> Features:
         return self.forward_features(batch)

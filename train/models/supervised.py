@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from train.batch import Batch
-from train.heads import make_head
+from train.heads import make_head, run_head
 from train.models.config import SparConfig
 from train.models.spar import SparEncoder
 
@@ -77,5 +77,5 @@ class SupervisedPretrainer(nn.Module):
     def forward(self, batch: Batch, noise: NoNoise | None = None) -> SupervisedOutput:
         """The head's loss on the batch's labels (cross entropy, or MSE of the normalised position)."""
         features = self.encoder.forward_features(batch)
-        outputs = self.head(features.latents, features.valid)
+        outputs = run_head(self.head, features.latents, features.valid, features.positions)
         return SupervisedOutput(self.head.loss(outputs, batch, features.frame))
