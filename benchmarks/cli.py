@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     ob.add_argument("--head-steps", type=int, help="frozen-encoder head steps")
     ob.add_argument("--supervised-steps", type=int, help="from-scratch steps")
     ob.add_argument("--seeds", type=int, help="number of seeds")
+    ob.add_argument("--detector", choices=["anchors", "detr"],
+                    help="parking_lot_multi: anchors (default: one DETR query per node, detections as offsets from "
+                    "the nodes) or detr (the paper's head: 8 learnt queries)")
     ob.add_argument("--ablations", help="comma-separated ablations, 'none' to skip (default: the six of Table 8)")
     ob.add_argument("--workdir", type=Path, default=Path("benchmarks/.work/objectives"),
                     help="dataset, checkpoints and finished-job ledger (default: %(default)s)")
@@ -419,6 +422,8 @@ def _cmd_runtime(args: argparse.Namespace) -> int:
 def _cmd_objectives(args: argparse.Namespace) -> int:
     import json
 
+    if args.detector and args.dataset != "parking_lot_multi":
+        raise BenchError("--detector belongs to --dataset parking_lot_multi")
     if args.dataset in ("quakes", "parking_lot_multi"):
         return _cmd_task_objectives(args)
     if args.dataset != "parking":
@@ -494,7 +499,8 @@ def _cmd_task_objectives(args: argparse.Namespace) -> int:
     changes = {name: value for name, value in (
         ("workdir", args.workdir), ("windows", args.windows), ("pretrain_epochs", args.pretrain_epochs),
         ("head_steps", args.head_steps), ("supervised_steps", args.supervised_steps),
-        ("seeds", tuple(range(args.seeds)) if args.seeds else None)) if value is not None}
+        ("seeds", tuple(range(args.seeds)) if args.seeds else None), ("detector", args.detector))
+        if value is not None}
     cfg = TaskObjectivesConfig.for_budget(args.budget, dataset=args.dataset, **changes)
     check_config(cfg)
     print(f"spar-bench objectives --dataset {cfg.dataset}: {cfg.budget()}", file=sys.stderr)

@@ -17,6 +17,7 @@ from benchmarks.objectives_tasks import (
     TaskObjectivesConfig,
     TaskObjectivesReport,
     check_config,
+    job_settings,
     plan,
     run_task_objectives,
 )
@@ -132,8 +133,26 @@ def test_a_toy_detection_run_scores_every_method_and_both_floors(tmp_path):
     assert report.metric("energy_peaks", 1.0, "mAP@10")[0] >= report.metric("energy_peaks", 1.0, "mAP@4")[0]
     report.plot(tmp_path / "multi.png")
     assert (tmp_path / "multi.png").exists()
+    for method in ("spar", "supervised", "mae_node"):  # every method gets the anchored head
+        run = json.loads((tmp_path / "work" / "runs" / Job("finetune", method, 0, 1.0, "parking_lot_multi").key /
+                          "config.json").read_text())["run"]
+        assert run["head"] == "anchors", method
+
+
+def test_the_detector_is_part_of_a_detection_jobs_settings():
+    """A ledger of plain-DETR results stays valid for --detector detr and is not reused for anchors."""
+    job = Job("finetune", "spar", 0, 1.0, "parking_lot_multi")
+    anchors = json.loads(job_settings(TaskObjectivesConfig(dataset="parking_lot_multi"), job))
+    detr = json.loads(job_settings(TaskObjectivesConfig(dataset="parking_lot_multi", detector="detr"), job))
+    assert anchors["detector"] == "anchors" and "detector" not in detr
+    assert "detector" not in job_settings(TaskObjectivesConfig(dataset="parking_lot_multi"),
+                                          Job("pretrain", "spar", 0, dataset="parking_lot_multi"))
+    with pytest.raises(BenchError, match="unknown detector"):
+        check_config(TaskObjectivesConfig(dataset="parking_lot_multi", detector="yolo"))
 
 
 def test_cli_refuses_parking_only_flags(capsys):
     assert main(["objectives", "--dataset", "quakes", "--ablations", "none"]) == 2
     assert "--ablations belong to --dataset parking" in capsys.readouterr().err
+    assert main(["objectives", "--dataset", "quakes", "--detector", "detr"]) == 2
+    assert "--detector belongs to --dataset parking_lot_multi" in capsys.readouterr().err
