@@ -55,6 +55,8 @@ DEFAULT_MODEL = REPO / "models" / "parking_lot" / "manifest.json"
 # The shipped model of each scenario that has one (a trial of another scenario names its --model).
 SHIPPED_MODELS = {"parking_lot": DEFAULT_MODEL,
                   "earthquakes": REPO / "models" / "ridgecrest_like" / "manifest.json"}
+# A busy lot (the parking-lot scenario with max_vehicles > 1) runs the multi-vehicle detector.
+BUSY_LOT_MODEL = REPO / "models" / "parking_lot_multi" / "manifest.json"
 
 # The files of a trial folder (see the module docstring).
 CONFIG_FILE, LINK_LOG, TRUTH_LOG = "config.json", "link.jsonl", "truth.jsonl"

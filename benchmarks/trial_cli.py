@@ -11,7 +11,7 @@ from typing import Any
 
 from benchmarks.errors import BenchError
 from benchmarks.placement_events import load_events
-from benchmarks.trial import REPO, SHIPPED_MODELS, TrialConfig, load_layout
+from benchmarks.trial import BUSY_LOT_MODEL, REPO, SHIPPED_MODELS, TrialConfig, load_layout
 from node_firmware_sim.cli import DEFAULT_SITES, REPO_CONFIGS
 from node_firmware_sim.errors import NodeError
 from node_firmware_sim.scenarios import SCENARIOS, parse_scenario_params
@@ -75,7 +75,8 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="manifest.json of the model to run (default: the scenario's shipped model, "
                    + ", ".join(f"{p.relative_to(REPO)} for {s}" for s, p in SHIPPED_MODELS.items())
-                   + "; required for other scenarios)")
+                   + f", and {BUSY_LOT_MODEL.relative_to(REPO)} for parking_lot with --param max_vehicles=2 or "
+                   "more; required for other scenarios)")
     p.add_argument("--link", type=Path, default=None,
                    help="link config TOML, e.g. configs/links/lossy.toml (default: a perfect link)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of trial time (default: %(default)s)")
@@ -121,8 +122,8 @@ def trial_config(args: argparse.Namespace) -> TrialConfig:
     if args.model is None and args.scenario not in SHIPPED_MODELS:
         raise BenchError(f"--model is required for scenario {args.scenario}: models are shipped for "
                          f"{', '.join(SHIPPED_MODELS)} only")
-    model = args.model or SHIPPED_MODELS[args.scenario]
     params = parse_scenario_params(args.param)
+    model = args.model or default_model(args.scenario, params)
     if not args.param and args.scenario == "parking_lot" and args.model is None:
         params = dict(SHIPPED_MODEL_PARAMS)
     events = load_events(args.events) if args.events else ()
@@ -134,6 +135,14 @@ def trial_config(args: argparse.Namespace) -> TrialConfig:
                        deadline_fraction=args.deadline_fraction, early_close=args.early_close,
                        clock_offset_std_ms=args.clock_offset_std_ms,
                        overwrite=args.overwrite, events=events, recordings=args.recordings)
+
+
+def default_model(scenario: str, params: dict[str, Any]) -> Path:
+    """The shipped model for a trial of ``scenario`` with ``params``: a busy parking lot gets the
+    multi-vehicle detector, every other scenario with a model its own."""
+    if scenario == "parking_lot" and int(params.get("max_vehicles", 1)) > 1:
+        return BUSY_LOT_MODEL
+    return SHIPPED_MODELS[scenario]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

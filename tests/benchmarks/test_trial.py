@@ -9,7 +9,8 @@ import pytest
 
 from benchmarks.errors import BenchError
 from benchmarks.live_view import LiveState, LiveView, render, status_line
-from benchmarks.trial import TrialConfig, TrialMonitor, run_trial
+from benchmarks.trial import BUSY_LOT_MODEL, SHIPPED_MODELS, TrialConfig, TrialMonitor, run_trial
+from benchmarks.trial_cli import default_model
 from benchmarks.trial_cli import main as trial_main
 from benchmarks.trial_report import analyze_trial
 from node_firmware_sim.link_model import read_link_log
@@ -131,6 +132,9 @@ def test_bad_arguments_are_refused_with_a_clear_error(tmp_path, capsys):
         TrialConfig(out=tmp_path, codec="gif")
     assert trial_main(["run", "--scenario", "body_har", "--out", str(tmp_path / "x")]) == 2
     assert "--model is required" in capsys.readouterr().err
+    assert default_model("parking_lot", {"max_vehicles": 3}) == BUSY_LOT_MODEL
+    assert default_model("parking_lot", {}) == SHIPPED_MODELS["parking_lot"]
+    assert default_model("earthquakes", {}) == SHIPPED_MODELS["earthquakes"]
     # unreadable recordings are refused before a broker or an aggregator starts, and leave no trial folder
     (tmp_path / "r.toml").write_text('[[recordings]]\nnode = "CLC"\nmodality = "seismometer"\npath = "gone.mseed"\n')
     assert trial_main(["run", "--scenario", "earthquakes", "--recordings", str(tmp_path / "r.toml"),
@@ -215,6 +219,21 @@ def test_an_earthquake_trial_runs_the_shipped_seismic_model_and_reports_hypocent
     assert "| quake/hypocentre_median |" in text and " km |" in text and "quake/hypocentre_median" in \
         report.summary_line() and report.summary_line().endswith(" km")
     assert (out / "site_map.png").stat().st_size > 20_000  # epicentres and the depth panel
+
+
+@pytest.mark.mosquitto
+def test_a_busy_lot_trial_runs_the_shipped_detector_and_scores_its_detections(tmp_path):
+    """--param max_vehicles=3 without --model: the multi-vehicle detector, scored per window."""
+    out = tmp_path / "busy"
+    assert trial_main(["run", "--param", "max_vehicles=3", "--duration", "12", "--speed", "3", "--out", str(out),
+                       "--view", "none"]) == 0
+    report = analyze_trial(out)
+    assert report.model.startswith("spar-parking-lot-multi@")
+    assert report.windows_stored >= 3 and len(report.detections) == report.windows_stored
+    assert {"detect/mAP@4", "detect/mAP@8"} <= set(report.metrics)
+    truth = sum(len(w.truth) for w in report.detections)
+    assert truth > 0 and sum(w.matched + w.missed for w in report.detections) == truth
+    assert "matched" in (out / "report.md").read_text()
 
 
 @pytest.mark.mosquitto
