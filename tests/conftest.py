@@ -18,6 +18,14 @@ TINY_PARKING = {"scenario": "parking_lot", "windows": 48, "seed": 0, "codec": "p
                 "params": {"max_vehicles": 1, "episode_windows": 4}}
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the ``mosquitto`` fixture carries the ``mosquitto`` marker, so
+    ``-m "not mosquitto"`` leaves out every test that starts a broker, marked by hand or not."""
+    for item in items:
+        if "mosquitto" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.mosquitto)
+
+
 @pytest.fixture
 def mosquitto(tmp_path) -> LocalBroker:
     """A private Mosquitto on 127.0.0.1:<free port>, stopped after the test."""

@@ -35,7 +35,7 @@ import scipy.fft as sfft
 
 from node_firmware_sim.errors import NodeError
 from node_firmware_sim.scenarios import propagation as prop
-from node_firmware_sim.scenarios.base import GroundTruth, SourceWindow, Target, episode_rng, site_window_s
+from node_firmware_sim.scenarios.base import GroundTruth, SourceWindow, Target, episode_rng, node_key, site_window_s
 from spar_wire.site_layout import SiteLayout
 
 P_REF_PA = 20e-6  # 0 dB SPL
@@ -501,16 +501,20 @@ class ParkingLotScenario:
             vehicles = self._draw_vehicles(episode_rng(self.seed, "parking_lot", episode))
         tables = {m: tuple(self._engine_table(v, m) for v in vehicles) for m in self._media}
         rng = episode_rng(self.seed, "parking_lot/background", episode)
-        n, nodes = self.noise, len(self.layout.nodes)
+        n = self.noise
         lo, hi = np.log(n.ground_noise_mps)
+        # Each node's offsets come from a stream keyed by its id, not its place in the layout: a node
+        # that joins or moves (placement events) leaves what every other node hears unchanged.
+        spread = np.array([episode_rng(self.seed, "parking_lot/background/node", episode, node_key(node.id))
+                           .uniform(-1.0, 1.0, 2) for node in self.layout.nodes]).reshape(-1, 2) * n.node_spread_db
         return _Episode(
             vehicles=vehicles, tables=tables,
             wind_db=float(rng.uniform(*n.wind_db_spl)), wind_slope=float(rng.uniform(*n.wind_slope)),
             gust=tuple((float(n.gust_db * rng.uniform(0.3, 0.7)), float(rng.uniform(4.0, 20.0)),
                         float(rng.uniform(0, 2 * math.pi))) for _ in range(2)),
-            node_wind_db=rng.uniform(-1.0, 1.0, nodes) * n.node_spread_db,
+            node_wind_db=spread[:, 0],
             ground_mps=float(np.exp(rng.uniform(lo, hi))),
-            node_ground_db=rng.uniform(-1.0, 1.0, nodes) * n.node_spread_db,
+            node_ground_db=spread[:, 1],
         )
 
     def _draw_vehicles(self, rng: np.random.Generator) -> tuple[Vehicle, ...]:
@@ -678,7 +682,7 @@ class ParkingLotScenario:
         amplitude = np.sqrt(a * a + w * w)  # independent Gaussian parts: powers add
         out = np.empty((len(members), medium.channels, f.size), dtype=np.complex128)
         for row, i in enumerate(members):
-            rng = episode_rng(self.seed, f"parking_lot/{medium.name}/noise", index, i)
+            rng = episode_rng(self.seed, f"parking_lot/{medium.name}/noise", index, node_key(self.layout.nodes[i].id))
             out[row] = _random_spectrum(rng, (medium.channels, f.size)) * amplitude[row]
         return out
 

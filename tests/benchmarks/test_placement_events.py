@@ -189,6 +189,9 @@ def test_compare_scores_the_same_windows_in_a_control_trial(events_trial, tmp_pa
             line.startswith("| move")}
     assert set(rows) == {"join n08, before", "join n08, after", "move n03, before", "move n03, after"}
     assert "(3/3)" in rows["join n08, before"]  # windows 0-2 stored in both trials
+    # before the first event the two trials are the same world: every metric pair is equal
+    cells = [c.strip() for c in rows["join n08, before"].strip("| ").split(" | ")[2:]]
+    assert len(cells) == 4 and cells[0::2] == cells[1::2], cells
     assert trial_main(["compare", str(report.folder), str(control)]) == 0
     assert (report.folder / "compare.md").exists()
     other = tmp_path / "other-seed"

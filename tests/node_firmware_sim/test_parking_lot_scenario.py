@@ -130,6 +130,19 @@ def test_node_subset_equals_the_full_call(lot):
         assert np.array_equal(x, full.signals[key]), key
 
 
+def test_a_node_added_to_the_layout_leaves_every_other_nodes_signals_unchanged():
+    """Placement events add receivers (a joined node, a moved node at its new place); the world
+    the other nodes hear must not change with them, or a control trial is not a control. The new
+    receiver sits inside the lot and early in the node list, so nothing can lean on node order."""
+    nodes = [("n01", (0.0, 0.0)), ("n02", (13.0, 1.5)), ("n03", (27.0, 0.5)), ("n04", (40.0, 2.0)),
+             ("n05", (39.0, 29.0)), ("n06", (1.0, 15.0))]
+    grown = ParkingLotScenario(layout(nodes[0], ("n01-moved", (20.0, 8.0)), *nodes[1:]), seed=5).window(2)
+    base = ParkingLotScenario(layout(*nodes), seed=5).window(2)
+    assert grown.truth.targets == base.truth.targets  # the extras' nearest-node distances may change
+    for key, x in base.signals.items():
+        assert np.array_equal(grown.signals[key], x), key
+
+
 # ----------------------------------------------------------------------------- propagation physics
 @pytest.mark.parametrize("rate, speed, exponent, width_s", [(16000.0, C_AIR, 1.0, 2e-4),
                                                             (200.0, V_RAYLEIGH, 0.5, 1e-2)])

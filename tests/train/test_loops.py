@@ -130,7 +130,7 @@ def pretrained(tiny_parking_dataset, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("task", ["classify", "localize", "detect"])
-def test_finetune_on_the_frozen_encoder_and_reload(tiny_parking_dataset, pretrained, tmp_path, task):
+def test_finetune_on_the_frozen_encoder_and_reload(tiny_parking_dataset, pretrained, tmp_path, task, capsys):
     encoder_before, _ = load_encoder(pretrained)
     cfg = FinetuneConfig(data=str(tiny_parking_dataset), out=str(tmp_path / task), task=task,
                          encoder=str(pretrained), label_ratio=0.5, epochs=3, batch_size=8, progress=False)
@@ -143,8 +143,12 @@ def test_finetune_on_the_frozen_encoder_and_reload(tiny_parking_dataset, pretrai
     for key, value in encoder_before.state_dict().items():
         assert torch.equal(model.encoder.state_dict()[key], value), key
     # `spar-train eval` on the reloaded checkpoint reproduces the metrics
+    capsys.readouterr()
     assert main(["eval", "--checkpoint", str(tmp_path / task), "--data", str(tiny_parking_dataset), "--json",
                  "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed.pop("windows") == result.val_windows
+    assert printed == pytest.approx(result.metrics, nan_ok=True)
 
 
 def test_eval_json_matches_the_finetune_metrics(tiny_parking_dataset, pretrained, tmp_path, capsys):
@@ -165,11 +169,21 @@ def test_eval_json_matches_the_finetune_metrics(tiny_parking_dataset, pretrained
 
 
 def test_supervised_from_scratch_trains_the_encoder(tiny_parking_dataset, tmp_path):
-    cfg = FinetuneConfig(data=str(tiny_parking_dataset), out=str(tmp_path / "sup"), task="localize", epochs=2,
-                         batch_size=8, progress=False, model=dict(TINY_MODEL))
-    result = run_finetune(cfg)
-    model, ckpt = load_task_model(result.checkpoint)
+    def encoder_after(name: str, lr: float):
+        cfg = FinetuneConfig(data=str(tiny_parking_dataset), out=str(tmp_path / name), task="localize", epochs=2,
+                             batch_size=8, lr=lr, progress=False, model=dict(TINY_MODEL))
+        result = run_finetune(cfg)
+        model, ckpt = load_task_model(result.checkpoint)
+        return model.encoder.state_dict(), ckpt, result
+
+    # lr 0 leaves the seeded initial weights (twice the same: the comparison below means something)
+    start, _, _ = encoder_after("still", 0.0)
+    again, _, _ = encoder_after("still-again", 0.0)
+    trained, ckpt, result = encoder_after("sup", 1e-3)
+    assert all(torch.equal(again[k], v) for k, v in start.items())
     assert ckpt["extra"]["objective"] == "supervised" and ckpt["extra"]["frozen_encoder"] is False
+    moved = [k for k, v in start.items() if v.is_floating_point() and not torch.equal(trained[k], v)]
+    assert len(moved) > len(start) // 2, f"only {len(moved)} of {len(start)} encoder tensors moved"
     assert np.isfinite(result.metrics["mse"])
 
 
