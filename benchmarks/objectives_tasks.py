@@ -128,7 +128,7 @@ class TaskObjectivesConfig:
         if name not in BUDGETS:
             raise BenchError(f"unknown budget {name!r}; known: {', '.join(BUDGETS)}")
         same = all(BUDGETS[name].get(k, getattr(cls, k, None)) == v for k, v in changes.items()
-                   if k not in ("workdir", "dataset"))
+                   if k not in ("workdir", "dataset", "detector"))  # what is measured, not its budget
         return replace(cls(**BUDGETS[name], preset=name if same else f"{name}, modified"), **changes)
 
     @property
@@ -353,7 +353,8 @@ class TaskObjectivesReport:
         settings = sorted({self.results[Job("floors", "floors", s, r, cfg.dataset).key][setting_key]
                            for s in cfg.seeds for r in cfg.label_ratios})
         lines += [spec.floor_text.format(setting=", ".join(f"{t:g}" for t in settings)), "",
-                  f"Reproduce: `spar-bench objectives --dataset {cfg.dataset} --budget {cfg.preset.split(',')[0]}`"
+                  f"Reproduce: `spar-bench objectives --dataset {cfg.dataset} --budget {cfg.preset.split(',')[0]}"
+                  + (f" --detector {cfg.detector}" if cfg.spec.task == "detect" else "") + "`"
                   + (" with the changed settings above" if "modified" in cfg.preset else "") + ".", ""]
         return "\n".join(lines)
 

@@ -119,7 +119,7 @@ def test_the_detection_report_ranks_by_map_and_marks_rows_below_the_best_floor()
     text = report.to_markdown()
     assert "| SPAR | 0.455 ± 0.007 |" in text and "+7.5 pts vs energy peaks |" in text
     assert "-2.5 pts vs energy peaks (below the floor)" in text  # the blind MAE, 0.355
-    assert "(k 3 chosen" in text and "--dataset parking_lot_multi --budget smoke`" in text
+    assert "(k 3 chosen" in text and "--dataset parking_lot_multi --budget smoke --detector anchors`" in text
     assert report.table()[METHODS.index("spar")]["mAP@8@labels1"] == pytest.approx(0.455)
 
 
