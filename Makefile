@@ -15,10 +15,10 @@ MODEL  ?= parking_lot
 # The stamp is rebuilt whenever pyproject.toml changes, so new dependencies are picked up.
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: help venv mosquitto test demo bench soak lint clean models
+.PHONY: help venv mosquitto chromium test demo bench soak lint clean models
 
 help:
-	@echo "make test   - create .venv, install deps (and mosquitto), run the test suite"
+	@echo "make test   - create .venv, install deps (and mosquitto, chromium), run the test suite"
 	@echo "make demo   - create .venv, install deps (and mosquitto), run a live parking-lot site for a minute"
 	@echo "make bench  - run every benchmark with its default budget, refresh benchmarks/results/"
 	@echo "make soak   - long reliability runs: 10 broker restarts, 100 000 fuzz messages, 30 s of 10x load"
@@ -40,7 +40,10 @@ $(STAMP): pyproject.toml
 mosquitto:
 	@bash scripts/ensure_mosquitto.sh
 
-test: venv mosquitto
+chromium:
+	@bash scripts/ensure_chromium.sh
+
+test: venv mosquitto chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 

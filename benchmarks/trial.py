@@ -196,6 +196,8 @@ def run_trial(config: TrialConfig, monitor: TrialMonitor | None = None,
         broker_label, mqtt = _open_broker(config, folder, stack)
         progress(f"broker: {broker_label}")
         aggregator = _start_aggregator(config, folder, mqtt, stack)
+        if aggregator.dashboard is not None:
+            progress(f"dashboard: {aggregator.metrics.url}/ (live while the trial runs)")
         monitor.aggregator = aggregator
         monitor.stage = "running"
         field_config = _field_config(config, layout, link, mqtt, folder)
@@ -313,7 +315,8 @@ def _start_aggregator(config: TrialConfig, folder: Path, mqtt: MqttSettings, sta
             site=Path(config.site), model=Path(config.model), database=folder / DATABASE, backend=config.backend,
             # The deadline is wall-clock time on the aggregator: compress it with the timeline.
             deadline_fraction=config.deadline_fraction / (config.speed if config.scale_deadline else 1.0),
-            early_close=config.early_close, metrics_port=None,
+            # port 0: a free loopback port for the dashboard (and /metrics) while the trial runs
+            early_close=config.early_close, metrics_port=0,
             client_id=client_id, mqtt=mqtt)
         aggregator = Aggregator(agg_config).start()
     except AggregatorError as exc:

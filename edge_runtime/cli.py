@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -90,6 +91,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"aggregator running: site {aggregator.site}, model {aggregator.manifest.name}@"
           f"{aggregator.manifest.version}, broker {config.mqtt.host}:{config.mqtt.port}, metrics port "
           f"{aggregator.metrics.port}", file=sys.stderr, flush=True)
+    if aggregator.dashboard is not None:
+        print(f"dashboard: {aggregator.metrics.url}/", file=sys.stderr, flush=True)
     stop.wait(args.duration)
     aggregator.stop()
     counts = aggregator.worker.snapshot_counts()
@@ -132,6 +135,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
         if "hypocentre" in outputs:  # an earthquake: where, in the site frame, in km
             x, y, depth = (float(v) / 1000 for v in outputs["hypocentre"][:3])
             label = f"({x:.1f}, {y:.1f}) km, {depth:.1f} km deep"
+        if "detection_logits" in outputs:  # several vehicles: how many, and where (metres)
+            label = _detections_label(outputs["detection_logits"], outputs.get("detection_positions", []))
         if "class_probabilities" in row:
             label = f"{label} ({max(row['class_probabilities'].values()):.2f})"
         e2e = (row.get("latency_ms") or {}).get("end_to_end")
@@ -140,6 +145,18 @@ def _cmd_query(args: argparse.Namespace) -> int:
               f"{'-' if e2e is None else f'{e2e:.1f}':>9}")
     print(f"{len(rows)} result(s)")
     return 0
+
+
+def _detections_label(logits: list[list[float]], positions: list[list[float]], threshold: float = 0.5) -> str:
+    """"2 detected: (12, 4) (30, 21)": queries whose best real class (not the last, "no object") has
+    a probability of at least ``threshold``."""
+    found = []
+    for row, place in zip(logits, positions, strict=False):
+        top = max(row)
+        weights = [math.exp(v - top) for v in row]
+        if max(weights[:-1]) / sum(weights) >= threshold:
+            found.append(f"({place[0]:.0f}, {place[1]:.0f})")
+    return f"{len(found)} detected" + (": " + " ".join(found[:3]) if found else "")
 
 
 def _time_ns(text: str | None) -> int | None:

@@ -74,6 +74,7 @@ class AggregatorConfig:
     retention_days: float | None = 90.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9108  # None: no HTTP endpoint
+    dashboard: bool = True  # the live page and its JSON API on the metrics server (edge_runtime/dashboard.py)
     client_id: str = "aggregator"  # MQTT client id is "{site}.{client_id}"
     log_interval_s: float = 10.0  # rate limit of repeated warnings per reason
     # A birth may place a node at most this far (metres) outside the bounding box of the site
@@ -90,6 +91,8 @@ class AggregatorConfig:
     results_mqtt: MqttSettings | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dashboard, bool):
+            raise AggregatorError(f"dashboard must be true or false, got {self.dashboard!r}")
         if not (isinstance(self.deadline_fraction, (int, float)) and math.isfinite(self.deadline_fraction)
                 and 0 < self.deadline_fraction <= 10):
             raise AggregatorError(f"deadline_fraction must be in (0, 10], got {self.deadline_fraction!r}")

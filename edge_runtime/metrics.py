@@ -2,6 +2,7 @@
 
 The aggregator counts everything it drops (bad messages, late windows, overload) and exposes the
 counts at ``GET /metrics`` in the Prometheus text exposition format 0.0.4, plus ``GET /healthz``.
+Other read-only routes (the dashboard, ``edge_runtime.dashboard``) join the same server.
 Stdlib only: this module runs on the edge box, where one dependency less is one failure less.
 
 Names follow the Prometheus rules: metric names ``[a-zA-Z_:][a-zA-Z0-9_:]*``, label names
@@ -21,12 +22,13 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from edge_runtime.errors import AggregatorError
 
@@ -331,17 +333,32 @@ class Registry:
         return 0.0
 
 
+@dataclass
+class Response:
+    """What a route answers: a status, a content type and a body; an iterable body is streamed
+    chunk by chunk (server-sent events) until it ends or the client goes away."""
+
+    status: HTTPStatus
+    content_type: str
+    body: bytes | Iterable[bytes]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Route = Callable[[Mapping[str, list[str]]], Response]  # parsed query string -> response
+
+
 class _MetricsHTTPServer(ThreadingHTTPServer):
     # Threads per request die with the process; a stuck scrape must never block shutdown.
     daemon_threads = True
     block_on_close = False
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
-                 registry: Registry, health: Callable[[], Mapping[str, Any]]):
+                 registry: Registry, health: Callable[[], Mapping[str, Any]], routes: Mapping[str, Route]):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.registry = registry
         self.health = health
+        self.routes = dict(routes)
         super().__init__(address, handler)
 
     def server_bind(self) -> None:
@@ -371,7 +388,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._respond(with_body=False)
 
     def _respond(self, *, with_body: bool) -> None:
-        path = urlsplit(self.path).path
+        url = urlsplit(self.path)
+        path = url.path
+        route = self.server.routes.get(path)
+        if route is not None and path not in ("/metrics", "/healthz"):
+            self._route(route, parse_qs(url.query), with_body=with_body)
+            return
         if path == "/metrics":
             try:
                 status, ctype, body = HTTPStatus.OK, CONTENT_TYPE, self.server.registry.render().encode()
@@ -404,26 +426,62 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass  # the client went away; nothing to tell it
 
+    def _route(self, route: Route, query: Mapping[str, list[str]], *, with_body: bool) -> None:
+        try:
+            response = route(query)
+        except Exception as exc:  # a route is someone else's code; the server stays up
+            log.warning("http: %s failed: %s", self.path[:200], exc)
+            response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", b"error\n")
+        streamed = not isinstance(response.body, bytes)
+        try:
+            self.send_response(response.status)
+            self.send_header("Content-Type", response.content_type)
+            for name, value in response.headers.items():
+                self.send_header(name, value)
+            if streamed:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(len(response.body)))
+            self.end_headers()
+            if not with_body:
+                return
+            if not streamed:
+                self.wfile.write(response.body)
+                return
+            self.connection.settimeout(None)  # a live stream is quiet between events, not a dead client
+            for chunk in response.body:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+        except OSError:
+            pass  # the client went away; nothing to tell it
+        finally:
+            close = getattr(response.body, "close", None)
+            if streamed and close is not None:
+                close()  # ends the generator: the stream unregisters at once
+
     def log_message(self, format: str, *args: Any) -> None:
         """Request logging off: the aggregator logs what matters itself."""
 
 
 class MetricsServer:
-    """``GET /metrics`` and ``GET /healthz`` on a daemon thread.
+    """``GET /metrics``, ``GET /healthz`` and any extra read-only ``routes`` on a daemon thread.
 
     Args:
         registry: what ``/metrics`` renders.
         host: bind address; loopback by default, since metrics reveal the site's layout and load.
         port: 0 picks a free port; read :attr:`port` after :meth:`start`.
         health: returns the JSON object of ``/healthz`` (default ``{"status": "ok"}``).
+        routes: path -> handler of the parsed query string (``Route``), e.g. the dashboard's.
     """
 
     def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0,
-                 health: Callable[[], Mapping[str, Any]] | None = None):
+                 health: Callable[[], Mapping[str, Any]] | None = None, routes: Mapping[str, Route] | None = None):
         self.registry = registry
         self.host = host
         self._requested_port = port
         self.health = health or (lambda: {"status": "ok"})
+        self.routes = dict(routes or {})
         self._server: _MetricsHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -433,7 +491,7 @@ class MetricsServer:
             return self
         try:
             server = _MetricsHTTPServer((self.host, self._requested_port), _Handler, self.registry,
-                                        self.health)
+                                        self.health, self.routes)
         except OSError as exc:
             raise AggregatorError(f"metrics: cannot listen on {self.host}:{self._requested_port}: "
                                   f"{exc}") from exc

@@ -28,6 +28,7 @@ from edge_runtime import service_health
 from edge_runtime.bounded_queue import BoundedQueue
 from edge_runtime.clock_guard import ClockGuard, ClockLimits
 from edge_runtime.config import AggregatorConfig
+from edge_runtime.dashboard import feed_for
 from edge_runtime.errors import AggregatorError
 from edge_runtime.inference_worker import InferenceWorker, result_payload
 from edge_runtime.ingest import MessageProcessor, MqttIngest
@@ -148,7 +149,7 @@ class Aggregator:
         self.message_queue = BoundedQueue(config.ingest_queue_size, self._drop_message, keep=self._keep_message,
                                           hard_limit=config.ingest_queue_size + config.broker_max_inflight)
         # A store with results of this site means we ran before: the broker should still hold our session.
-        self.ingest = MqttIngest(subscriber, self.site, self.message_queue.put,
+        self.ingest = MqttIngest(subscriber, self.site, self._receive,
                                  expect_session=self.store.count(self.site) > 0, on_link=self._link_changed)
         self.worker = InferenceWorker(self.backend, self.manifest, self.site, self.window_queue, self.store,
                                       self._publish_result, max_batch=config.max_batch,
@@ -166,12 +167,14 @@ class Aggregator:
         self._started_s: float | None = None  # monotonic, once start() returned
         self._stopping = False
         self.metrics.bind(self)
+        self.dashboard = feed_for(self) if config.dashboard and config.metrics_port is not None else None
         self._check_inflight_budget()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout_s: float = 15.0) -> Aggregator:
         """Connect both sessions, start the threads and the metrics endpoint."""
-        self.metrics.start_server(self.config.metrics_host, self.config.metrics_port)
+        self.metrics.start_server(self.config.metrics_host, self.config.metrics_port,
+                                  routes=self.dashboard.routes() if self.dashboard else None)
         self._threads = [threading.Thread(target=self._guarded, args=(name, target), name=name, daemon=True)
                          for name, target in (("ingest", self._ingest_loop), ("deadlines", self._deadline_loop),
                                               ("inference", lambda: self.worker.run(self._stop_worker)))]
@@ -224,6 +227,8 @@ class Aggregator:
             self._wait(info, deadline)
         self._publisher.disconnect()
         self._publisher.loop_stop()
+        if self.dashboard is not None:
+            self.dashboard.close()  # ends the browsers' event streams before the server goes
         self.metrics.stop_server()
         self.store.close()
         self.registry.close()
@@ -329,7 +334,15 @@ class Aggregator:
         self._release_window(window)
 
     # ------------------------------------------------------------------ publishing
+    def _receive(self, raw: Any) -> None:
+        """paho's thread: count the message for the dashboard's traffic view, then queue it."""
+        if self.dashboard is not None:
+            self.dashboard.message(raw.topic, len(raw.payload))
+        self.message_queue.put(raw)
+
     def _publish_result(self, result: dict[str, Any]) -> None:
+        if self.dashboard is not None:
+            self.dashboard.result(result)
         info = self._publisher.publish(aggregator_topic(self.site, "results"), result_payload(result), qos=1)
         with self._pending_lock:
             self._pending = [p for p in self._pending if publish_outcome(p) == "pending"]

@@ -148,17 +148,23 @@ class ServiceMetrics:
             self._seen[(family, key)] = value
 
     # ------------------------------------------------------------------ HTTP endpoint
-    def start_server(self, host: str, port: int | None) -> int | None:
+    def start_server(self, host: str, port: int | None, routes: Mapping[str, Any] | None = None) -> int | None:
+        """Serve /metrics, /healthz and ``routes`` (the dashboard) on host:port; None: no server."""
         if port is None:
             return None
         health = (lambda: self._aggregator.health()) if self._aggregator else None
-        self._server = MetricsServer(self.registry, host, port, health=health).start()
+        self._server = MetricsServer(self.registry, host, port, health=health, routes=routes).start()
         log.info("metrics on %s", self._server.url)
         return self._server.port
 
     @property
     def port(self) -> int | None:
         return self._server.port if self._server else None
+
+    @property
+    def url(self) -> str | None:
+        """http://host:port of the running server (metrics, health, dashboard), None without one."""
+        return self._server.url if self._server else None
 
     def stop_server(self) -> None:
         if self._server is not None:

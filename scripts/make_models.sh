@@ -163,7 +163,7 @@ cp "$WORK/teacher-choice.md" "$OUT/teacher-choice.md"
     echo "# How this model was trained"
     echo
     echo "Budget \`$BUDGET_NAME\`: $BUDGET_NOTE. Built by \`make models BUDGET=$BUDGET_NAME MODEL=$MODEL\` at commit"
-    echo "$(git rev-parse --short HEAD 2>/dev/null || echo unknown) on $(uname -m), $(nproc) cores, finished $(date -u +%FT%TZ)."
+    echo "$(git rev-parse --short HEAD 2>/dev/null || echo unknown) on $(uname -m), $(nproc --all) cores (THREADS=$THREADS), finished $(date -u +%FT%TZ)."
     if [ "$DISTILL" != 1 ]; then
         echo
         echo "DISTILL=0: no student was distilled; model.onnx is the chosen teacher itself (teacher-choice.md)."
