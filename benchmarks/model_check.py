@@ -227,6 +227,50 @@ def run_model_check(cfg: ModelCheckConfig, progress: Callable[[str], None] = pri
                             check_targets(complete))
 
 
+def artifact_rows(manifest: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """(row name, file) of a model folder's artifacts; a model shipped without distillation is the
+    teacher itself, and its rows say so."""
+    if manifest.get("training", {}).get("student", True):
+        return ARTIFACTS
+    return (("INT8 model (the teacher)", "model.int8.onnx"), ("FP32 model (the teacher)", "model.onnx"))
+
+
+def undistilled_note(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The report's line for a model shipped without a student (none otherwise)."""
+    if manifest.get("training", {}).get("student", True):
+        return ()
+    return ("No student was distilled for this model: `model.onnx` is the chosen teacher itself (`TRAINING.md`), "
+            "so there is no separate teacher row.",)
+
+
+def scored_rows(cfg: ModelCheckConfig, manifest: dict[str, Any], progress: Callable[[str], None],
+                floor_windows: int, score: Callable[[dict[str, np.ndarray], Any], dict[str, float]],
+                floors: Callable[[Any, Any], dict[str, dict[str, float]]], floor_rows: dict[str, str]):
+    """Loss rate -> row -> metrics for every artifact of the folder (``score(outputs, test windows)``)
+    and every floor (``floors(train, seen)``, fitted on the first ``floor_windows`` training windows),
+    on the same test windows and the same lost messages. Returns (rows, test, train)."""
+    from train.data import load_windows, temporal_split
+
+    progress(f"loading {cfg.test_data} and {cfg.train_data}")
+    test = load_windows(cfg.test_data, progress=False)
+    train = load_windows(cfg.train_data, limit=cfg.max_train_windows, progress=False)
+    train_idx, _ = temporal_split(len(train), cfg.val_fraction)
+    train = train.subset(train_idx[:floor_windows])
+    rows: dict[float, dict[str, dict[str, float]]] = {}
+    for rate in cfg.loss_rates:
+        seen = _with_present(test, drop_messages(test.present, rate, cfg.seed)) if rate > 0 else test
+        rows[rate] = {}
+        for name, rel in artifact_rows(manifest):
+            path = cfg.model_dir / rel
+            if path.exists():
+                progress(f"{name} ({rel}), {rate:.0%} lost")
+                rows[rate][name] = score(run_artifact(path, seen, cfg.threads), test)
+        progress(f"floors, {rate:.0%} lost")
+        for floor, metrics in floors(train, seen).items():
+            rows[rate][floor_rows[floor]] = metrics
+    return rows, test, train
+
+
 def _with_present(windows, present: dict[str, np.ndarray]):
     from dataclasses import replace
 

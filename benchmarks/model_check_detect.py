@@ -9,15 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks.machine import describe_machine
-from benchmarks.model_check import (
-    ModelCheckConfig,
-    ModelCheckReport,
-    _versions,
-    _with_present,
-    drop_messages,
-    run_artifact,
-)
-from benchmarks.model_check_quakes import artifact_rows
+from benchmarks.model_check import ModelCheckConfig, ModelCheckReport, _versions, scored_rows, undistilled_note
 from benchmarks.trial_detections import detection_predictions
 
 # The floors' kNN keeps every training window's band features; a few thousand windows are plenty.
@@ -28,40 +20,27 @@ HEADLINE = "mAP@8"
 
 def run_detect_check(cfg: ModelCheckConfig, manifest: dict[str, Any], progress: Callable[[str], None]
                      ) -> ModelCheckReport:
-    from train.data import load_windows, temporal_split
     from train.detect_floors import RADII, detect_floor_metrics
     from train.metrics import summarize
 
-    progress(f"loading {cfg.test_data} and {cfg.train_data}")
-    test = load_windows(cfg.test_data, progress=False)
-    train = load_windows(cfg.train_data, limit=cfg.max_train_windows, progress=False)
-    train_idx, _ = temporal_split(len(train), cfg.val_fraction)
-    train = train.subset(train_idx[:FLOOR_TRAIN_WINDOWS])
-    dims = test.target_dims
-    truth = {"target_class": test.target_class, "target_position": test.target_position[..., :dims]}
-    rows: dict[float, dict[str, dict[str, float]]] = {}
-    for rate in cfg.loss_rates:
-        seen = _with_present(test, drop_messages(test.present, rate, cfg.seed)) if rate > 0 else test
-        rows[rate] = {}
-        for name, rel in artifact_rows(manifest):
-            path = cfg.model_dir / rel
-            if path.exists():
-                progress(f"{name} ({rel}), {rate:.0%} lost")
-                out = run_artifact(path, seen, cfg.threads)
-                pred = detection_predictions(out["detection_logits"], out["detection_positions"][..., :dims])
-                rows[rate][name] = summarize("detect", pred, truth, RADII)
-        progress(f"floors, {rate:.0%} lost")
-        for floor, metrics in detect_floor_metrics(train, seen).items():
-            rows[rate][FLOOR_ROWS[floor]] = {k: v for k, v in metrics.items() if k.startswith("mAP@")}
+    def score(outputs, test):
+        dims = test.target_dims
+        pred = detection_predictions(outputs["detection_logits"], outputs["detection_positions"][..., :dims])
+        truth = {"target_class": test.target_class, "target_position": test.target_position[..., :dims]}
+        return summarize("detect", pred, truth, RADII)
+
+    def floors(train, seen):  # the floors' tuned settings are not a column
+        return {name: {k: v for k, v in metrics.items() if k.startswith("mAP@")}
+                for name, metrics in detect_floor_metrics(train, seen).items()}
+
+    rows, test, train = scored_rows(cfg, manifest, progress, FLOOR_TRAIN_WINDOWS, score, floors, FLOOR_ROWS)
     complete = rows.get(0.0, next(iter(rows.values())))
     notes: tuple[str, ...] = (
         "Floors (`train/detect_floors.py`) read the same per-node band energies: energy peaks among neighbouring "
         "nodes (placed at the local energy centroid, classed by a softmax on the node's bands) and the vehicles of "
         f"the nearest training windows (kNN); fitted on the first {len(train)} training windows. mAP@r: a "
         "detection counts only with the right vehicle class within r metres.",)
-    if not manifest.get("training", {}).get("student", True):
-        notes += ("No student was distilled for this model: `model.onnx` is the chosen teacher itself "
-                  "(`TRAINING.md`), so there is no separate teacher row.",)
+    notes += undistilled_note(manifest)
     columns = tuple((f"mAP@{r:g}", f"mAP@{r:g}", 1.0) for r in RADII)
     return ModelCheckReport(cfg, manifest, rows, describe_machine(_versions()), len(test), len(train),
                             detect_targets(complete), columns=columns, notes=notes)

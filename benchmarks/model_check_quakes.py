@@ -9,15 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks.machine import describe_machine
-from benchmarks.model_check import (
-    ARTIFACTS,
-    ModelCheckConfig,
-    ModelCheckReport,
-    _versions,
-    _with_present,
-    drop_messages,
-    run_artifact,
-)
+from benchmarks.model_check import ModelCheckConfig, ModelCheckReport, _versions, scored_rows, undistilled_note
 
 # Floors fit on at most this many labelled training windows: the grid search only tunes a threshold
 # and kNN gains little beyond a few thousand, while 9000 windows of 16 stations hold ~2 GB of images.
@@ -30,47 +22,22 @@ QUAKE_COLUMNS = tuple((f"{kind}_{stat}", f"{kind} {stat} km", 1000.0) for kind i
 
 def run_quake_check(cfg: ModelCheckConfig, manifest: dict[str, Any], progress: Callable[[str], None]
                     ) -> ModelCheckReport:
-    from train.data import load_windows, temporal_split
     from train.metrics import summarize
     from train.quake_floors import quake_floor_metrics
 
-    progress(f"loading {cfg.test_data} and {cfg.train_data}")
-    test = load_windows(cfg.test_data, progress=False)
-    train = load_windows(cfg.train_data, limit=cfg.max_train_windows, progress=False)
-    train_idx, _ = temporal_split(len(train), cfg.val_fraction)
-    train = train.subset(train_idx[:FLOOR_TRAIN_WINDOWS])
-    truth = {"target_position": test.target_position}
-    rows: dict[float, dict[str, dict[str, float]]] = {}
-    for rate in cfg.loss_rates:
-        seen = _with_present(test, drop_messages(test.present, rate, cfg.seed)) if rate > 0 else test
-        rows[rate] = {}
-        for name, rel in artifact_rows(manifest):
-            path = cfg.model_dir / rel
-            if path.exists():
-                progress(f"{name} ({rel}), {rate:.0%} lost")
-                out = run_artifact(path, seen, cfg.threads)
-                rows[rate][name] = summarize("quake", {"position": out["hypocentre"]}, truth)
-        progress(f"floors, {rate:.0%} lost")
-        for floor, metrics in quake_floor_metrics(train, seen).items():
-            rows[rate][FLOOR_ROWS[floor]] = metrics
+    def score(outputs, test):
+        return summarize("quake", {"position": outputs["hypocentre"]}, {"target_position": test.target_position})
+
+    rows, test, train = scored_rows(cfg, manifest, progress, FLOOR_TRAIN_WINDOWS, score, quake_floor_metrics,
+                                    FLOOR_ROWS)
     complete = rows.get(0.0, next(iter(rows.values())))
     notes: tuple[str, ...] = (
         "Floors (`train/quake_floors.py`) read the same tokens: STA/LTA P picks and a travel-time grid search at "
         "the regional P velocity, the first station to trigger, kNN on band energies, and the mean hypocentre; "
         f"fitted on the first {len(train)} training windows.",)
-    if not manifest.get("training", {}).get("student", True):
-        notes += ("No student was distilled for this model: `model.onnx` is the chosen teacher itself "
-                  "(`TRAINING.md`), so there is no separate teacher row.",)
+    notes += undistilled_note(manifest)
     return ModelCheckReport(cfg, manifest, rows, describe_machine(_versions()), len(test), len(train),
                             quake_targets(complete), columns=QUAKE_COLUMNS, notes=notes)
-
-
-def artifact_rows(manifest: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    """(row name, file) of a model folder's artifacts; a model shipped without distillation is the
-    teacher itself, and its rows say so."""
-    if manifest.get("training", {}).get("student", True):
-        return ARTIFACTS
-    return (("INT8 model (the teacher)", "model.int8.onnx"), ("FP32 model (the teacher)", "model.onnx"))
 
 
 def quake_targets(rows: dict[str, dict[str, float]]) -> list[tuple[str, str, bool]]:

@@ -124,3 +124,28 @@ def test_the_seismic_hut_config_runs_the_shipped_seismic_model(mosquitto, tmp_pa
     table = aggregator_cli("query", "--database", str(tmp_path / "q.sqlite3")).stdout
     assert table.count("km deep") == 2 and "2 result(s)" in table  # the hypocentre, not the output's name
 
+
+
+def test_the_busy_lot_config_runs_the_shipped_detector(mosquitto, tmp_path):
+    """configs/aggregator-busy-lot.toml as the README's busy-lot story runs it: up to three vehicles
+    at once -> one detection query per node stored, and `query` says how many it found and where."""
+    from spar_wire.site_layout import load_site_layout
+
+    config = load_config(REPO / "configs/aggregator-busy-lot.toml")
+    assert config.model.parent.name == "parking_lot_multi" and config.site.name == "parking_lot.toml"
+    config = config.replace(database=tmp_path / "b.sqlite3", metrics_port=0, mqtt=MqttSettings(port=mosquitto.port),
+                            flush_denormals=False)
+    with Aggregator(config) as agg:
+        run_field(FieldConfig(layout=load_site_layout(config.site), source=SourceSpec(
+            "parking_lot", 4, {"max_vehicles": 3, "empty_fraction": 0.0}), duration_s=8.0,
+            mqtt=MqttSettings(port=mosquitto.port)))
+        deadline = time.monotonic() + 20
+        while agg.worker.snapshot_counts().get("results", 0) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    rows = ResultStore(tmp_path / "b.sqlite3", readonly=True).query(limit=10)
+    assert len(rows) == 4
+    for row in rows:  # one query per node: 8 nodes, 5 classes + "no object"
+        assert len(row["outputs"]["detection_logits"]) == 8 and len(row["outputs"]["detection_logits"][0]) == 6
+        assert len(row["outputs"]["detection_positions"]) == 8
+    table = aggregator_cli("query", "--database", str(tmp_path / "b.sqlite3")).stdout
+    assert table.count(" detected") == 4 and "4 result(s)" in table
