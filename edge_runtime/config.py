@@ -75,6 +75,9 @@ class AggregatorConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9108  # None: no HTTP endpoint
     dashboard: bool = True  # the live page and its JSON API on the metrics server (edge_runtime/dashboard.py)
+    # A file holding the dashboard's password (HTTP Basic, any user name), e.g. a secure site's
+    # credentials/monitor.password; None: no password (the server listens on loopback by default).
+    dashboard_password_file: Path | None = None
     client_id: str = "aggregator"  # MQTT client id is "{site}.{client_id}"
     log_interval_s: float = 10.0  # rate limit of repeated warnings per reason
     # A birth may place a node at most this far (metres) outside the bounding box of the site
@@ -127,7 +130,7 @@ class AggregatorConfig:
         return dataclasses.replace(self, **changes)
 
 
-_PATH_KEYS = ("site", "model", "database")
+_PATH_KEYS = ("site", "model", "database", "dashboard_password_file")
 _MQTT_KEYS = {f.name for f in dataclasses.fields(MqttSettings)} | {"password_env", "credentials_dir"}
 
 

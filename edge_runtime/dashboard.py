@@ -287,3 +287,33 @@ def feed_for(aggregator: Any) -> DashboardFeed:
 
     return DashboardFeed(site, lambda: (agg.registry.nodes(), agg.registry.refused()),
                          {n.id: tuple(n.position) for n in layout.nodes}, counters, agg.window_ns / 1e9, stored)
+
+
+def basic_auth(password_file: Path | None) -> Callable[[str | None], bool] | None:
+    """An Authorization-header check for HTTP Basic with the password in ``password_file`` (any user
+    name), or None without a file. The password is read once, at start; an unreadable or empty file
+    is an error, not an open dashboard."""
+    import base64
+    import hmac
+
+    from edge_runtime.errors import AggregatorError
+
+    if password_file is None:
+        return None
+    try:
+        secret = Path(password_file).read_text().strip().encode()
+    except OSError as exc:
+        raise AggregatorError(f"dashboard_password_file {password_file}: {exc.strerror or exc}") from None
+    if not secret:
+        raise AggregatorError(f"dashboard_password_file {password_file} is empty")
+
+    def check(header: str | None) -> bool:
+        if not header or not header.startswith("Basic "):
+            return False
+        try:
+            _, _, given = base64.b64decode(header[6:], validate=True).partition(b":")
+        except ValueError:
+            return False
+        return hmac.compare_digest(given, secret)
+
+    return check

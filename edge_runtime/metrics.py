@@ -353,12 +353,14 @@ class _MetricsHTTPServer(ThreadingHTTPServer):
     block_on_close = False
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
-                 registry: Registry, health: Callable[[], Mapping[str, Any]], routes: Mapping[str, Route]):
+                 registry: Registry, health: Callable[[], Mapping[str, Any]], routes: Mapping[str, Route],
+                 route_auth: Callable[[str | None], bool] | None = None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.registry = registry
         self.health = health
         self.routes = dict(routes)
+        self.route_auth = route_auth
         super().__init__(address, handler)
 
     def server_bind(self) -> None:
@@ -427,8 +429,13 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the client went away; nothing to tell it
 
     def _route(self, route: Route, query: Mapping[str, list[str]], *, with_body: bool) -> None:
+        auth = self.server.route_auth
         try:
-            response = route(query)
+            if auth is not None and not auth(self.headers.get("Authorization")):
+                response = Response(HTTPStatus.UNAUTHORIZED, "text/plain; charset=utf-8", b"password required\n",
+                                    headers={"WWW-Authenticate": 'Basic realm="spar-edge", charset="UTF-8"'})
+            else:
+                response = route(query)
         except Exception as exc:  # a route is someone else's code; the server stays up
             log.warning("http: %s failed: %s", self.path[:200], exc)
             response = Response(HTTPStatus.INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", b"error\n")
@@ -473,15 +480,19 @@ class MetricsServer:
         port: 0 picks a free port; read :attr:`port` after :meth:`start`.
         health: returns the JSON object of ``/healthz`` (default ``{"status": "ok"}``).
         routes: path -> handler of the parsed query string (``Route``), e.g. the dashboard's.
+        route_auth: checks a request's Authorization header for ``routes`` (``/metrics`` and
+            ``/healthz`` stay open to the scraper and the watchdog); None: no check.
     """
 
     def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 0,
-                 health: Callable[[], Mapping[str, Any]] | None = None, routes: Mapping[str, Route] | None = None):
+                 health: Callable[[], Mapping[str, Any]] | None = None, routes: Mapping[str, Route] | None = None,
+                 route_auth: Callable[[str | None], bool] | None = None):
         self.registry = registry
         self.host = host
         self._requested_port = port
         self.health = health or (lambda: {"status": "ok"})
         self.routes = dict(routes or {})
+        self.route_auth = route_auth
         self._server: _MetricsHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -491,7 +502,7 @@ class MetricsServer:
             return self
         try:
             server = _MetricsHTTPServer((self.host, self._requested_port), _Handler, self.registry,
-                                        self.health, self.routes)
+                                        self.health, self.routes, self.route_auth)
         except OSError as exc:
             raise AggregatorError(f"metrics: cannot listen on {self.host}:{self._requested_port}: "
                                   f"{exc}") from exc

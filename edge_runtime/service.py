@@ -28,7 +28,7 @@ from edge_runtime import service_health
 from edge_runtime.bounded_queue import BoundedQueue
 from edge_runtime.clock_guard import ClockGuard, ClockLimits
 from edge_runtime.config import AggregatorConfig
-from edge_runtime.dashboard import feed_for
+from edge_runtime.dashboard import basic_auth, feed_for
 from edge_runtime.errors import AggregatorError
 from edge_runtime.inference_worker import InferenceWorker, result_payload
 from edge_runtime.ingest import MessageProcessor, MqttIngest
@@ -174,7 +174,8 @@ class Aggregator:
     def start(self, timeout_s: float = 15.0) -> Aggregator:
         """Connect both sessions, start the threads and the metrics endpoint."""
         self.metrics.start_server(self.config.metrics_host, self.config.metrics_port,
-                                  routes=self.dashboard.routes() if self.dashboard else None)
+                                  routes=self.dashboard.routes() if self.dashboard else None,
+                                  route_auth=basic_auth(self.config.dashboard_password_file))
         self._threads = [threading.Thread(target=self._guarded, args=(name, target), name=name, daemon=True)
                          for name, target in (("ingest", self._ingest_loop), ("deadlines", self._deadline_loop),
                                               ("inference", lambda: self.worker.run(self._stop_worker)))]

@@ -148,12 +148,15 @@ class ServiceMetrics:
             self._seen[(family, key)] = value
 
     # ------------------------------------------------------------------ HTTP endpoint
-    def start_server(self, host: str, port: int | None, routes: Mapping[str, Any] | None = None) -> int | None:
-        """Serve /metrics, /healthz and ``routes`` (the dashboard) on host:port; None: no server."""
+    def start_server(self, host: str, port: int | None, routes: Mapping[str, Any] | None = None,
+                     route_auth: Callable[[str | None], bool] | None = None) -> int | None:
+        """Serve /metrics, /healthz and ``routes`` (the dashboard, behind ``route_auth``) on host:port;
+        None: no server."""
         if port is None:
             return None
         health = (lambda: self._aggregator.health()) if self._aggregator else None
-        self._server = MetricsServer(self.registry, host, port, health=health, routes=routes).start()
+        self._server = MetricsServer(self.registry, host, port, health=health, routes=routes,
+                                     route_auth=route_auth).start()
         log.info("metrics on %s", self._server.url)
         return self._server.port
 

@@ -183,3 +183,35 @@ def test_a_live_aggregator_serves_the_page_the_api_and_live_events(mosquitto, pa
 def test_the_dashboard_can_be_switched_off(tmp_path):
     with pytest.raises(AggregatorError, match="dashboard"):
         AggregatorConfig(site=SITE, model=SITE, database=tmp_path / "r.sqlite3", dashboard="yes")
+
+
+def test_a_password_guards_the_dashboard_but_not_the_scraper(tmp_path):
+    import base64
+
+    from edge_runtime.dashboard import basic_auth
+    from edge_runtime.metrics import MetricsServer, Registry
+
+    secret = tmp_path / "monitor.password"
+    secret.write_text("s3cret\n")
+    registry = Registry()
+    registry.counter("spar_results_total", "Results")
+    feed = feed_with([Node("n01", (0.0, 0.0))])
+    with MetricsServer(registry, routes=feed.routes(), route_auth=basic_auth(secret)) as server:
+        def fetch(path, password=None):
+            request = urllib.request.Request(server.url + path)
+            if password is not None:
+                request.add_header("Authorization", "Basic " + base64.b64encode(f"me:{password}".encode()).decode())
+            return urllib.request.urlopen(request, timeout=5)
+
+        for password in (None, "wrong"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                fetch("/api/nodes", password)
+            assert refused.value.code == 401 and "Basic" in refused.value.headers["WWW-Authenticate"]
+        assert json.loads(fetch("/api/nodes", "s3cret").read())[0]["id"] == "n01"
+        assert b"spar_results_total" in fetch("/metrics").read()  # Prometheus scrapes without it
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    with pytest.raises(AggregatorError, match="empty"):
+        basic_auth(empty)
+    with pytest.raises(AggregatorError, match="dashboard_password_file"):
+        basic_auth(tmp_path / "missing")
