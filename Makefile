@@ -15,7 +15,7 @@ MODEL  ?= parking_lot
 # The stamp is rebuilt whenever pyproject.toml changes, so new dependencies are picked up.
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: help venv mosquitto chromium test demo bench soak lint clean models
+.PHONY: help venv mosquitto chromium test demo bench soak lint clean models bundle
 
 help:
 	@echo "make test   - create .venv, install deps (and mosquitto, chromium), run the test suite"
@@ -24,6 +24,7 @@ help:
 	@echo "make soak   - long reliability runs: 10 broker restarts, 100 000 fuzz messages, 30 s of 10x load"
 	@echo "make models - smoke-budget build of the parking-lot model pipeline into build/ (about 10 min)"
 	@echo "make models BUDGET=standard - retrain the shipped models/parking_lot (1-2 h on 2 cores)"
+	@echo "make bundle - offline install folder for an edge box: wheels (aarch64, Python 3.10), models, configs"
 	@echo "make lint   - ruff over the code"
 	@echo "make clean  - remove .venv and caches"
 
@@ -36,6 +37,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q '$(TORCH_SPEC)'
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
+
+bundle: venv
+	VENV=$(VENV) bash scripts/make_bundle.sh
 
 mosquitto:
 	@bash scripts/ensure_mosquitto.sh
