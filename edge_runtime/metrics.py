@@ -1,9 +1,12 @@
-"""Prometheus metrics without prometheus_client: a small registry, an HTTP endpoint, log throttling.
+"""Prometheus metrics on prometheus_client, one HTTP endpoint for everything, log throttling.
 
 The aggregator counts everything it drops (bad messages, late windows, overload) and exposes the
 counts at ``GET /metrics`` in the Prometheus text exposition format 0.0.4, plus ``GET /healthz``.
 Other read-only routes (the dashboard, ``edge_runtime.dashboard``) join the same server.
-Stdlib only: this module runs on the edge box, where one dependency less is one failure less.
+prometheus_client (pure Python, no dependencies) holds the values and writes the format; the thin
+classes here check names and labels up front, with errors that say what is wrong, and keep one
+registry per aggregator. ``*_created`` series are switched off: they are not part of what the
+aggregator documents, and a dashboard would show them as metrics of their own.
 
 Names follow the Prometheus rules: metric names ``[a-zA-Z_:][a-zA-Z0-9_:]*``, label names
 ``[a-zA-Z_][a-zA-Z0-9_]*`` and not starting with ``__`` (reserved). Counters are not renamed: call
@@ -12,8 +15,8 @@ them ``..._total`` yourself, as Prometheus recommends.
 
 from __future__ import annotations
 
-import bisect
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +25,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,9 +33,13 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import prometheus_client
+from prometheus_client.utils import floatToGoString
+
 from edge_runtime.errors import AggregatorError
 
 log = logging.getLogger(__name__)
+prometheus_client.disable_created_metrics()
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -73,31 +80,16 @@ def _check_label_names(metric: str, labelnames: Sequence[str], extra_reserved: f
     return names
 
 
-def _escape_label_value(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def format_value(value: float) -> str:
-    """A sample value as Prometheus writes it (Go float syntax: ``+Inf``, ``-Inf``, ``NaN``)."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
-def _format_labels(pairs: Sequence[tuple[str, str]]) -> str:
-    if not pairs:
-        return ""
-    return "{" + ",".join(f'{name}="{_escape_label_value(value)}"' for name, value in pairs) + "}"
+def _prometheus_error(metric: str, exc: ValueError) -> AggregatorError:
+    text = str(exc)
+    if "Duplicated" in text:
+        return AggregatorError(f"metrics: {metric}: name {metric!r} is already registered ({text})")
+    return AggregatorError(f"metrics: {metric}: {text}")
 
 
 class _Metric:
-    """Common parts: name, help, label names, one child value per label-value tuple, one lock."""
+    """Name, help and label names checked here (clear errors at startup); values, locking and the
+    exposition format are prometheus_client's (``self.collector``)."""
 
     type_name = ""
     _extra_reserved_labels: frozenset[str] = frozenset()
@@ -107,16 +99,17 @@ class _Metric:
         self.name = _check_metric_name(name)
         self.help = str(help)
         self.labelnames = _check_label_names(name, labelnames, self._extra_reserved_labels)
-        self._lock = threading.Lock()
-        self._children: dict[LabelKey, Any] = {}
-        if not self.labelnames:
+        try:
+            # Not registered yet (registry=None): our Registry checks name clashes first.
             # An unlabelled metric is exported from the start (as 0), so a dashboard sees "nothing
             # happened" rather than "no data".
-            self._children[()] = self._new_child()
+            self.collector = self._collector()
+        except ValueError as exc:
+            raise _prometheus_error(name, exc) from None
         if registry is not None:
             registry.register(self)
 
-    def _new_child(self) -> Any:
+    def _collector(self) -> Any:
         raise NotImplementedError
 
     def sample_names(self) -> tuple[str, ...]:
@@ -129,79 +122,53 @@ class _Metric:
                                   f"got {sorted(labels)}")
         return tuple(str(labels[name]) for name in self.labelnames)
 
+    def _child(self, labels: Mapping[str, Any]) -> Any:
+        key = self._key(labels)
+        return self.collector.labels(*key) if key else self.collector
+
     def remove(self, **labels: Any) -> None:
         """Forget one label combination (e.g. a node that left the site)."""
         key = self._key(labels)
-        with self._lock:
-            if key != ():
-                self._children.pop(key, None)
-
-    def _snapshot(self) -> list[tuple[LabelKey, Any]]:
-        raise NotImplementedError
-
-    def samples(self) -> Iterator[tuple[str, tuple[tuple[str, str], ...], float]]:
-        """(sample name, label pairs, value) for every sample, from a consistent snapshot."""
-        for key, value in self._snapshot():
-            yield self.name, tuple(zip(self.labelnames, key, strict=True)), float(value)
-
-    def render(self) -> str:
-        lines = [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.type_name}"]
-        lines += [f"{name}{_format_labels(pairs)} {format_value(value)}"
-                  for name, pairs, value in self.samples()]
-        return "\n".join(lines) + "\n"
+        if key:
+            with contextlib.suppress(KeyError):
+                self.collector.remove(*key)
 
 
-class _ScalarMetric(_Metric):
-    def _new_child(self) -> float:
-        return 0.0
-
-    def _snapshot(self) -> list[tuple[LabelKey, Any]]:
-        with self._lock:
-            return list(self._children.items())
-
-    def _add(self, amount: float, labels: Mapping[str, Any]) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._children[key] = self._children.get(key, 0.0) + amount
-
-
-class Counter(_ScalarMetric):
-    """A value that only goes up (events, dropped messages, bytes)."""
+class Counter(_Metric):
+    """A value that only goes up (events, dropped messages, bytes). Its name ends in ``_total``:
+    prometheus_client would otherwise add the suffix, and the metric would not be the one named."""
 
     type_name = "counter"
+
+    def _collector(self) -> Any:
+        if not self.name.endswith("_total"):
+            raise AggregatorError(f"metrics: counter {self.name!r} must be named ..._total")
+        return prometheus_client.Counter(self.name, self.help, self.labelnames, registry=None)
 
     def inc(self, amount: float = 1, **labels: Any) -> None:
         """Add ``amount`` (>= 0) to the counter of these label values."""
         amount = float(amount)
         if not amount >= 0:  # also refuses NaN
             raise AggregatorError(f"metrics: {self.name}: a counter only goes up, got inc({amount})")
-        self._add(amount, labels)
+        self._child(labels).inc(amount)
 
 
-class Gauge(_ScalarMetric):
+class Gauge(_Metric):
     """A value that goes up and down (queue depth, nodes online, last window latency)."""
 
     type_name = "gauge"
 
+    def _collector(self) -> Any:
+        return prometheus_client.Gauge(self.name, self.help, self.labelnames, registry=None)
+
     def set(self, value: float, **labels: Any) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._children[key] = float(value)
+        self._child(labels).set(float(value))
 
     def inc(self, amount: float = 1, **labels: Any) -> None:
-        self._add(float(amount), labels)
+        self._child(labels).inc(float(amount))
 
     def dec(self, amount: float = 1, **labels: Any) -> None:
         self.inc(-float(amount), **labels)
-
-
-class _HistogramChild:
-    __slots__ = ("counts", "sum", "count")
-
-    def __init__(self, n_buckets: int):
-        self.counts = [0] * n_buckets  # per bucket, not cumulative: observe() touches one slot
-        self.sum = 0.0
-        self.count = 0
 
 
 class Histogram(_Metric):
@@ -229,47 +196,27 @@ class Histogram(_Metric):
         self.buckets: tuple[float, ...] = (*bounds, math.inf)
         super().__init__(name, help, labelnames, registry=registry)
 
-    def _new_child(self) -> _HistogramChild:
-        return _HistogramChild(len(self.buckets))
+    def _collector(self) -> Any:
+        return prometheus_client.Histogram(self.name, self.help, self.labelnames, buckets=self.buckets,
+                                           registry=None)
 
     def sample_names(self) -> tuple[str, ...]:
         return (self.name, f"{self.name}_bucket", f"{self.name}_sum", f"{self.name}_count")
 
     def observe(self, value: float, **labels: Any) -> None:
         value = float(value)
-        key = self._key(labels)
-        if math.isnan(value):
-            return
-        # bisect_left: a value equal to a bound belongs in that bucket (le = "less or equal").
-        index = bisect.bisect_left(self.buckets, value)
-        with self._lock:
-            child = self._children.get(key)
-            if child is None:
-                child = self._children[key] = self._new_child()
-            child.counts[index] += 1
-            child.sum += value
-            child.count += 1
-
-    def _snapshot(self) -> list[tuple[LabelKey, Any]]:
-        with self._lock:
-            return [(key, (list(c.counts), c.sum, c.count)) for key, c in self._children.items()]
-
-    def samples(self) -> Iterator[tuple[str, tuple[tuple[str, str], ...], float]]:
-        for key, (counts, total, count) in self._snapshot():
-            pairs = tuple(zip(self.labelnames, key, strict=True))
-            cumulative = 0
-            for bound, n in zip(self.buckets, counts, strict=True):
-                cumulative += n
-                yield f"{self.name}_bucket", (*pairs, ("le", format_value(bound))), float(cumulative)
-            yield f"{self.name}_sum", pairs, total
-            yield f"{self.name}_count", pairs, float(count)
+        child = self._child(labels)
+        if not math.isnan(value):
+            child.observe(value)
 
 
 class Registry:
-    """The set of metrics one endpoint exports, in registration order."""
+    """The set of metrics one endpoint exports, in registration order (a prometheus_client
+    ``CollectorRegistry`` of its own, so two aggregators in one process never share counts)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._collectors = prometheus_client.CollectorRegistry(auto_describe=True)
         self._metrics: dict[str, _Metric] = {}
         self._sample_owner: dict[str, _Metric] = {}
 
@@ -279,6 +226,10 @@ class Registry:
             clashes = [name for name in metric.sample_names() if name in self._sample_owner]
             if clashes:
                 raise AggregatorError(f"metrics: {metric.name}: name {clashes[0]!r} is already registered")
+            try:
+                self._collectors.register(metric.collector)
+            except ValueError as exc:
+                raise _prometheus_error(metric.name, exc) from None
             self._metrics[metric.name] = metric
             for name in metric.sample_names():
                 self._sample_owner[name] = metric
@@ -302,10 +253,8 @@ class Registry:
                 raise AggregatorError(f"metrics: no metric named {name!r}") from None
 
     def render(self) -> str:
-        """All metrics in the text exposition format 0.0.4."""
-        with self._lock:
-            metrics = list(self._metrics.values())
-        return "".join(metric.render() for metric in metrics)
+        """All metrics in the text exposition format 0.0.4 (prometheus_client's)."""
+        return prometheus_client.generate_latest(self._collectors).decode()
 
     def value(self, name: str, /, **labels: Any) -> float:
         """One sample's value, for tests: ``value("x_total", site="a")``, ``value("h_bucket", le="0.5")``.
@@ -323,13 +272,12 @@ class Registry:
                                   f"got {sorted(wanted)}")
         if "le" in wanted:
             # Accept le=0.5 as well as le="0.5" / le="+Inf".
-            try:
-                wanted["le"] = format_value(float(labels["le"]))
-            except ValueError:
-                pass
-        for sample, pairs, sample_value in metric.samples():
-            if sample == name and dict(pairs) == wanted:
-                return sample_value
+            with contextlib.suppress(ValueError):
+                wanted["le"] = floatToGoString(float(labels["le"]))
+        for family in metric.collector.collect():
+            for sample in family.samples:
+                if sample.name == name and sample.labels == wanted:
+                    return float(sample.value)
         return 0.0
 
 

@@ -23,6 +23,7 @@ rm -rf "$OUT"
 mkdir -p "$OUT/wheels"
 # spar-edge itself (pure Python), built with this environment's setuptools: no download
 "$BIN/pip" wheel -q --no-deps --no-build-isolation --wheel-dir "$OUT/wheels" .
+rm -rf build/lib build/bdist.*  # setuptools' in-tree leftovers (build/ also holds model builds: only these)
 WHEEL=$(basename "$(ls "$OUT"/wheels/spar_edge-*.whl)")
 if [ "$DOWNLOAD" = 1 ]; then
     # Binary wheels only, for the box's platform and Python, never this machine's.
