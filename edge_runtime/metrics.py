@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 prometheus_client.disable_created_metrics()
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STREAM_WRITE_TIMEOUT_S = 30.0  # a streamed response whose client has not taken a chunk for this long ends
 
 #: Latency buckets in seconds, from 1 ms to 10 s: the span of a window's end-to-end latency.
 DEFAULT_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -404,7 +405,9 @@ class _Handler(BaseHTTPRequestHandler):
             if not streamed:
                 self.wfile.write(response.body)
                 return
-            self.connection.settimeout(None)  # a live stream is quiet between events, not a dead client
+            # The stream writes at least every few seconds; a browser that stops reading fills the
+            # socket buffer, the write times out and its slot is freed instead of held forever.
+            self.connection.settimeout(STREAM_WRITE_TIMEOUT_S)
             for chunk in response.body:
                 self.wfile.write(chunk)
                 self.wfile.flush()
