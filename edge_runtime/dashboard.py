@@ -144,11 +144,13 @@ class DashboardFeed:
         return "online"
 
     def summary(self) -> dict[str, Any]:
-        """The last hour: completeness, end-to-end latency percentiles, totals by reason."""
+        """The last hour: completeness, end-to-end latency percentiles, per-minute series, totals by
+        reason."""
         now = self._clock()
         with self._lock:
-            recent = [brief for t, brief in self._recent if now - t <= HOUR_S]
+            timed = [(t, brief) for t, brief in self._recent if now - t <= HOUR_S]
             traffic = [a for v in self._traffic.values() for a in v.arrivals]
+        recent = [brief for _, brief in timed]
         latencies = sorted(b["end_to_end_ms"] for b in recent if b["end_to_end_ms"] is not None)
         counters = self._counters()
         rates = _rates(traffic, now)
@@ -156,6 +158,7 @@ class DashboardFeed:
                 "complete_share": (sum(b["complete"] for b in recent) / len(recent)) if recent else None,
                 "latency_ms": {"p50": _pct(latencies, 50), "p95": _pct(latencies, 95),
                                "max": latencies[-1] if latencies else None},
+                "minutes": _per_minute(timed, now),
                 "messages_per_s": rates["messages_per_s"], "kb_per_s": rates["kb_per_s"],
                 "rejected": dict(counters.get("rejected", {})), "windows_by_outcome": dict(counters.get("windows", {}))}
 
@@ -240,6 +243,22 @@ def _rates(arrivals: list[tuple[float, int]], now: float) -> dict[str, float]:
     recent = [size for t, size in arrivals if now - t <= RATE_WINDOW_S]
     return {"messages_per_s": round(len(recent) / RATE_WINDOW_S, 3),
             "kb_per_s": round(sum(recent) / 1000.0 / RATE_WINDOW_S, 3)}
+
+
+def _per_minute(timed: list[tuple[float, dict[str, Any]]], now: float) -> list[dict[str, Any]]:
+    """Windows, complete share and median end-to-end latency per minute of the last hour, oldest
+    first; minutes without a result are left out."""
+    minutes: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
+    for t, brief in timed:
+        minutes[min(int((now - t) // 60), 59)].append(brief)
+    out = []
+    for ago in sorted(minutes, reverse=True):
+        briefs = minutes[ago]
+        latencies = sorted(b["end_to_end_ms"] for b in briefs if b["end_to_end_ms"] is not None)
+        out.append({"minutes_ago": ago, "windows": len(briefs),
+                    "complete_share": sum(b["complete"] for b in briefs) / len(briefs),
+                    "latency_p50_ms": _pct(latencies, 50)})
+    return out
 
 
 def _pct(values: list[float], q: float) -> float | None:

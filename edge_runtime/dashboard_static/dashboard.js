@@ -150,8 +150,26 @@ function drawSummary(summary) {
                 ["messages/s", summary.messages_per_s.toFixed(1)], ["kB/s", summary.kb_per_s.toFixed(1)]];
   dl.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { "data-key": k }, String(v))]));
   const reasons = Object.entries(summary.rejected || {}).filter(([, n]) => n > 0);
+  drawHour(summary.minutes || []);
   document.getElementById("rejected").replaceChildren(
     ...(reasons.length ? reasons.map(([why, n]) => el("li", { "data-reason": why }, `${why}: ${n}`)) : [el("li", {}, "none")]));
+}
+
+function drawHour(minutes) {
+  // x: minutes ago (60 on the left, now on the right); y: share complete, and median latency / the hour's max
+  const svg = document.getElementById("hour");
+  const top = Math.max(1, ...minutes.map((m) => m.latency_p50_ms || 0));
+  const series = { complete: (m) => m.complete_share,
+                   latency: (m) => (m.latency_p50_ms == null ? null : Math.max(0, m.latency_p50_ms) / top) };
+  const parts = [];
+  for (const [name, value] of Object.entries(series)) {
+    const xy = minutes.filter((m) => value(m) != null)
+      .map((m) => [(120 * (59 - m.minutes_ago) / 59).toFixed(1), (38 - 36 * value(m)).toFixed(1)]);
+    // a one-minute series is a short tick, so the first minute already shows
+    const points = xy.length === 1 ? [[xy[0][0] - 1, xy[0][1]], xy[0]] : xy;
+    parts.push(el("svg:polyline", { class: name, points: points.map((p) => p.join(",")).join(" ") }));
+  }
+  svg.replaceChildren(...parts);
 }
 
 function addResult(result) {

@@ -215,3 +215,16 @@ def test_a_password_guards_the_dashboard_but_not_the_scraper(tmp_path):
         basic_auth(empty)
     with pytest.raises(AggregatorError, match="dashboard_password_file"):
         basic_auth(tmp_path / "missing")
+
+
+def test_the_hour_is_also_given_per_minute():
+    clock = Clock()
+    feed = feed_with([], clock=clock)
+    for ago_s, complete, latency in ((3000.0, True, 100.0), (2990.0, False, 300.0), (30.0, True, 50.0)):
+        clock.now = 10_000.0 - ago_s
+        feed.result({"complete": complete, "latency_ms": {"end_to_end": latency}})
+    clock.now = 10_000.0
+    minutes = feed.summary()["minutes"]
+    assert minutes == [{"minutes_ago": 50, "windows": 1, "complete_share": 1.0, "latency_p50_ms": 100.0},
+                       {"minutes_ago": 49, "windows": 1, "complete_share": 0.0, "latency_p50_ms": 300.0},
+                       {"minutes_ago": 0, "windows": 1, "complete_share": 1.0, "latency_p50_ms": 50.0}]

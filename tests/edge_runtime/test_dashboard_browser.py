@@ -96,7 +96,7 @@ def test_the_page_shows_the_live_site_and_a_node_that_dies(mosquitto, tmp_path):
     config = AggregatorConfig(site=SITE, model=MODEL, database=tmp_path / "results.sqlite3", metrics_port=0,
                               mqtt=settings)
     layout = load_site_layout(SITE)
-    start_ns = (time.time_ns() // 2_000_000_000 + 1) * 2_000_000_000
+    start_ns = time.time_ns() // 1_000_000_000 * 1_000_000_000  # window 0 starts now (node clocks are right)
     seven = FieldConfig(layout=layout, source=SourceSpec("parking_lot", 3, PARAMS), duration_s=RUN_S, mqtt=settings,
                         start_epoch_ns=start_ns, node_ids=tuple(n.id for n in layout.nodes[:-1]), realtime=True)
     with Aggregator(config) as agg:
