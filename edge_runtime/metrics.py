@@ -25,7 +25,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -126,6 +126,12 @@ class _Metric:
     def _child(self, labels: Mapping[str, Any]) -> Any:
         key = self._key(labels)
         return self.collector.labels(*key) if key else self.collector
+
+    def samples(self) -> Iterator[tuple[str, tuple[tuple[str, str], ...], float]]:
+        """(sample name, label pairs, value) for every sample, as prometheus_client collects them."""
+        for family in self.collector.collect():
+            for sample in family.samples:
+                yield sample.name, tuple(sample.labels.items()), float(sample.value)
 
     def remove(self, **labels: Any) -> None:
         """Forget one label combination (e.g. a node that left the site)."""

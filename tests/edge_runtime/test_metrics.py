@@ -327,3 +327,16 @@ def test_rate_limited_logger_bad_format_does_not_raise(caplog):
     with caplog.at_level(logging.WARNING, logger="test.ratelimit.fmt"):
         assert limited.warning("k", "%d items", "not a number")
     assert caplog.records[0].getMessage().startswith("%d items")
+
+
+def test_samples_list_every_series_of_a_metric():
+    """The benchmarks read a counter's series straight from the aggregator (samples())."""
+    reg = Registry()
+    dropped = reg.counter("spar_overload_dropped_total", "d", ["item"])
+    dropped.inc(2, item="window")
+    dropped.inc(item="message")
+    assert sorted(dropped.samples()) == [("spar_overload_dropped_total", (("item", "message"),), 1.0),
+                                         ("spar_overload_dropped_total", (("item", "window"),), 2.0)]
+    hist = reg.histogram("lat_seconds", "l", [1.0])
+    hist.observe(0.5)
+    assert ("lat_seconds_bucket", (("le", "1.0"),), 1.0) in list(hist.samples())
