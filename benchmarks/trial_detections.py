@@ -54,13 +54,12 @@ def detections_of(outputs: dict[str, Any]) -> list[tuple[int, float, list[float]
 
     ``detection_logits`` [Q, C + 1] (the last class is "no object"), ``detection_positions`` [Q, d].
     """
-    logits = np.asarray(outputs["detection_logits"], dtype=np.float64)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    best = probs.argmax(-1)
-    positions = np.asarray(outputs["detection_positions"], dtype=np.float64)
-    keep = (best < probs.shape[-1] - 1) & (probs.max(-1) >= SCORE_THRESHOLD)
-    return [(int(best[q]), float(probs[q, best[q]]), positions[q].tolist()) for q in np.flatnonzero(keep)]
+    # A real class at >= 0.5 (SCORE_THRESHOLD) is necessarily the most likely one, "no object" included.
+    pred = detection_predictions(np.asarray(outputs["detection_logits"])[None],
+                                 np.asarray(outputs["detection_positions"], dtype=np.float64)[None])
+    scores, classes, positions = pred["scores"][0], pred["classes"][0], pred["positions"][0]
+    return [(int(classes[q]), float(scores[q]), positions[q].tolist())
+            for q in np.flatnonzero(scores >= SCORE_THRESHOLD)]
 
 
 def match_window(window: int, truth: list[tuple[int, list[float]]],
