@@ -33,13 +33,13 @@ import hashlib
 import importlib.metadata
 import os
 import shutil
-import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from spar_wire.atomic_file import atomic_writer
 from spar_wire.errors import WireError
 
 TEXT_DIMS = 256
@@ -172,18 +172,14 @@ class PlacementTextEncoder:
         path = self._disk_path(text)
         if path is None:
             return
-        tmp_name = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # write-then-rename: a reader never sees half a file
-            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-                tmp_name = tmp.name
-                np.save(tmp, vector, allow_pickle=False)
-            os.replace(tmp_name, path)
+            # write-then-rename: a reader never sees half a file. A failed write removes its temporary
+            # file (a full or failing disk must not also collect our temp files). Mode 0644: the cache
+            # may be shared by processes of other users. No fsync: a vector lost in a power cut is only
+            # embedded again, and a birth storm must not wait on the disk.
+            with atomic_writer(path, mode=0o644, durable=False) as handle:
+                np.save(handle, vector, allow_pickle=False)
         except OSError:
-            if tmp_name is not None:  # a full or failing disk must not also collect our temp files
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp_name)
             return  # the disk cache only saves time; the memory cache still holds the vector
         self._files_written += 1
         if self._files_known is None or self._files_known + self._files_written > self.max_files:
@@ -241,12 +237,11 @@ def _load_wordllama():
     home = default_cache_dir() / "wordllama"
     tokenizer = home / "tokenizers" / f"{_CONFIG}_tokenizer_config.json"
     if not tokenizer.exists():
-        tokenizer.parent.mkdir(parents=True, exist_ok=True)
-        # copy-then-rename: processes starting together (DDP ranks, benchmark jobs) never read half a file
+        # copy-then-rename: processes starting together (DDP ranks, benchmark jobs) never read half a file;
+        # 0644: another user's process may share this cache folder
         with (open(package / "tokenizers" / tokenizer.name, "rb") as source,
-              tempfile.NamedTemporaryFile(dir=tokenizer.parent, suffix=".tmp", delete=False) as tmp):
-            shutil.copyfileobj(source, tmp)
-        os.replace(tmp.name, tokenizer)
+              atomic_writer(tokenizer, mode=0o644) as handle):
+            shutil.copyfileobj(source, handle)
     try:
         return WordLlama.load(config=_CONFIG, dim=TEXT_DIMS, cache_dir=home, disable_download=True)
     except (FileNotFoundError, ValueError) as exc:

@@ -24,6 +24,7 @@ produce the same tokens for one model to read them all.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,24 @@ class SiteLayout:
     def positions(self) -> np.ndarray:
         """[N, d_S] float64 node positions in metres, in ``nodes`` order."""
         return np.array([n.position for n in self.nodes], dtype=np.float64)
+
+    def window_s(self, modalities: Iterable[str] | None = None) -> float:
+        """The window length, in seconds, that ``modalities`` (default: all of the site's) share.
+
+        The one definition every unit uses: a window of a site is one span of time, so the nodes,
+        the aggregator, the trials and the benchmarks all cut time the same way. WireError
+        ``window_length_mismatch`` when the modalities' feature configs disagree.
+        """
+        names = tuple(self.modalities) if modalities is None else tuple(modalities)
+        unknown = sorted(set(names) - set(self.modalities))
+        if unknown:
+            raise WireError("unknown_modality", f"{self.source}: site {self.site_id!r} has no modality {unknown}")
+        lengths = {self.modalities[name].features.window_s for name in names}
+        if len(lengths) != 1:
+            raise WireError("window_length_mismatch",
+                            f"{self.source}: modalities {sorted(names)} have different window lengths "
+                            f"{sorted(lengths)} s; a site needs one window length")
+        return lengths.pop()
 
     def feature_hashes(self) -> dict[str, str]:
         """Modality name -> feature-config hash."""

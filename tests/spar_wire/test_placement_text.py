@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +160,41 @@ def test_a_failing_eviction_never_raises(tmp_path, monkeypatch):
 def test_bounds_must_be_positive():
     with pytest.raises(ValueError, match="at least 1"):
         PlacementTextEncoder(max_entries=0)
+
+
+# --------------------------------------------------------------------------- writes (spar_wire.atomic_file)
+def test_cached_vectors_and_the_tokenizer_config_are_readable_by_other_users(tmp_path):
+    PlacementTextEncoder(tmp_path / "cache").embed([SHIN])
+    files = list((tmp_path / "cache" / "embeddings").iterdir())
+    tokenizers = list((tmp_path / "home" / "wordllama" / "tokenizers").iterdir())
+    assert len(files) == 1 and len(tokenizers) == 1
+    for path in files + tokenizers:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_a_failing_disk_write_is_swallowed_and_leaves_no_debris(tmp_path, monkeypatch):
+    """A full disk mid-write: the vector is still returned (from memory), no half file or temporary
+    file stays in the cache folder, and the next write after the disk recovers lands normally."""
+    real_save = np.save
+
+    def disk_full(file, arr, allow_pickle=True):
+        file.write(b"\x93NUMPY half a vec")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    encoder = PlacementTextEncoder(tmp_path / "cache")
+    with monkeypatch.context() as patch:
+        patch.setattr(np, "save", disk_full)
+        vectors = encoder.embed([SHIN, "chest"])
+    np.testing.assert_array_equal(vectors, PlacementTextEncoder().embed([SHIN, "chest"]))
+    assert os.listdir(tmp_path / "cache" / "embeddings") == []
+    assert np.save is real_save
+    encoder.embed(["bay 1"])
+    assert [p.suffix for p in (tmp_path / "cache" / "embeddings").iterdir()] == [".npy"]
+
+
+def test_a_cache_folder_that_cannot_be_made_only_costs_the_disk_cache(tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    encoder = PlacementTextEncoder(blocked)
+    np.testing.assert_array_equal(encoder.embed([SHIN]), PlacementTextEncoder().embed([SHIN]))
+    assert encoder.computed == 1 and blocked.read_text().startswith("a file")

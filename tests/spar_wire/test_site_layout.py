@@ -170,3 +170,21 @@ def test_any_mutation_gives_a_layout_or_wire_error(data):
         parse_site_layout(layout)
     except WireError:
         pass
+
+
+def test_window_length_is_one_per_site_and_mismatches_are_refused():
+    import dataclasses
+
+    from spar_wire.feature_config import PRESETS
+
+    layout = load_site_layout(Path(__file__).resolve().parents[2] / "configs" / "sites" / "ridgecrest_like.toml")
+    assert layout.window_s() == 30.72
+    name, spec = next(iter(layout.modalities.items()))
+    short = dataclasses.replace(spec, features=PRESETS["parking_lot_microphone"])  # a 2 s window
+    mixed = dataclasses.replace(layout, modalities={**layout.modalities, "extra": short})
+    assert mixed.window_s((name,)) == 30.72
+    assert mixed.window_s(("extra",)) == 2.0
+    with pytest.raises(WireError, match="different window lengths"):
+        mixed.window_s()
+    with pytest.raises(WireError, match="no modality"):
+        layout.window_s(("nope",))
