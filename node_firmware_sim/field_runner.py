@@ -34,17 +34,16 @@ from node_firmware_sim.errors import NodeError
 from node_firmware_sim.firmware import EncodedFrame, FirmwareConfig, NodeFirmware
 from node_firmware_sim.link_model import LinkConfig, LinkModel, LinkStats
 from node_firmware_sim.mqtt_publisher import NodePublisher
+from node_firmware_sim.placement_events import EventPlan, PlacementEvent
 from node_firmware_sim.scenarios import make_scenario
-from node_firmware_sim.scenarios.base import Source, SourceWindow, episode_rng, site_window_s
+from node_firmware_sim.scenarios.base import Source, SourceWindow, episode_rng
 from node_firmware_sim.uplink import NodeUplink
 from spar_wire.errors import WireError
 from spar_wire.mqtt_settings import MqttSettings, publish_outcome, with_credentials
-from spar_wire.numbers import is_finite_number, is_finite_vector
 from spar_wire.site_layout import NodeSpec, SiteLayout
-from spar_wire.topics import birth_topic, check_id
+from spar_wire.topics import birth_topic
 
 log = logging.getLogger(__name__)
-EVENT_KINDS = ("join", "move")
 
 
 @dataclass(frozen=True)
@@ -62,131 +61,6 @@ class SourceSpec:
 
             return load_recordings(self.recordings, layout)
         return make_scenario(self.scenario, layout, self.seed, **self.params)
-
-
-@dataclass(frozen=True)
-class PlacementEvent:
-    """A node joining the site, or moving, at trial time ``at_s`` (seconds after the trial started).
-
-    join: a node the site layout does not list powers on at ``at_s``: it connects, publishes its birth
-    (``position``, ``description`` and the site's feature hashes) and sends every window that starts
-    at or after ``at_s`` (its first full window). move: a running node publishes a new birth with
-    ``position`` at ``at_s``; its signals come from the new place from the window in progress at
-    ``at_s`` on, the window the aggregator (which applies a birth to every window it closes after it)
-    first assembles with the new position.
-    """
-
-    kind: str  # "join" | "move"
-    node: str
-    at_s: float
-    position: tuple[float, ...]  # metres in the site frame, the site's dimension (2 or 3)
-    description: str | None = None  # placement text of the birth; None: "" for a join, unchanged for a move
-    modalities: tuple[str, ...] = ()  # join only: what the node senses; () = every modality of the site
-
-    def __post_init__(self) -> None:
-        where = f"{self.kind} event of node {self.node!r}"
-        if self.kind not in EVENT_KINDS:
-            raise NodeError(f"event of node {self.node!r}: kind must be one of {EVENT_KINDS}, got {self.kind!r}")
-        try:
-            check_id(self.node, "node")
-        except WireError as exc:
-            raise NodeError(f"{self.kind} event: {exc.detail}") from None
-        if not is_finite_number(self.at_s) or self.at_s <= 0:
-            raise NodeError(f"{where}: at_s must be a finite number of seconds > 0, got {self.at_s!r}")
-        if not is_finite_vector(self.position, (2, 3)):
-            raise NodeError(f"{where}: position must be 2 or 3 finite numbers (metres), got {self.position!r}")
-        if self.description is not None and not isinstance(self.description, str):
-            raise NodeError(f"{where}: description must be a string, got {self.description!r}")
-        if not isinstance(self.modalities, (list, tuple)) or not all(isinstance(m, str) for m in self.modalities):
-            raise NodeError(f"{where}: modalities must be a list of modality names, got {self.modalities!r}")
-        if self.kind == "move" and self.modalities:
-            raise NodeError(f"{where}: a moved node keeps its modalities; give modalities only for a join")
-        # TOML and JSON give lists: keep the event hashable and its numbers plain floats.
-        object.__setattr__(self, "at_s", float(self.at_s))
-        object.__setattr__(self, "position", tuple(float(v) for v in self.position))
-        object.__setattr__(self, "modalities", tuple(self.modalities))
-
-
-@dataclass(frozen=True)
-class _Placement:
-    """Where a node's signals come from from window ``first_window`` on."""
-
-    first_window: int
-    receiver: str  # node id in the physics layout
-
-
-class EventPlan:
-    """The placement events of one trial, checked against the site; what they imply window by window.
-
-    ``nodes_layout``: the site plus every joined node (what the firmware and the births know).
-    ``physics_layout``: ``nodes_layout`` plus one receiver per move, at the new place (what the
-    source renders; receiver ids contain ``~``, which no node id may, so they never collide).
-    NodeError names the event and what is wrong with it.
-    """
-
-    def __init__(self, layout: SiteLayout, events: tuple[PlacementEvent, ...], duration_s: float):
-        self.window_s = site_window_s(layout)
-        self.windows = max(1, math.ceil(duration_s / self.window_s - 1e-9))
-        self.events = tuple(sorted(events, key=lambda e: e.at_s))  # stable: same-time events keep their order
-        self._placements = {n.id: [_Placement(0, n.id)] for n in layout.nodes}
-        joined: list[NodeSpec] = []
-        receivers: list[NodeSpec] = []
-        specs = {n.id: n for n in layout.nodes}
-        for number, event in enumerate(self.events, 1):
-            self._check(layout, event, duration_s, specs)
-            if event.kind == "join":
-                spec = NodeSpec(event.node, event.position, event.modalities or tuple(layout.modalities),
-                                event.description or "")
-                joined.append(spec)
-                specs[event.node] = spec
-                self._placements[event.node] = [_Placement(math.ceil(event.at_s / self.window_s - 1e-9), event.node)]
-            else:
-                receiver = NodeSpec(f"{event.node}~move{number}", event.position, specs[event.node].modalities)
-                receivers.append(receiver)
-                self._placements[event.node].append(_Placement(int(event.at_s // self.window_s), receiver.id))
-        self.nodes_layout = replace(layout, nodes=(*layout.nodes, *joined))
-        self.physics_layout = replace(layout, nodes=(*layout.nodes, *joined, *receivers))
-        self.joined = tuple(n.id for n in joined)
-
-    def _check(self, layout: SiteLayout, event: PlacementEvent, duration_s: float, known: dict[str, NodeSpec]) -> None:
-        where = f"{event.kind} of node {event.node} at {event.at_s:g} s"
-        if event.at_s >= duration_s:
-            raise NodeError(f"{where}: the trial lasts {duration_s:g} s; an event must happen during it")
-        if len(event.position) != layout.position_dim:
-            raise NodeError(f"{where}: a {len(event.position)}-D position in a site with "
-                            f"{layout.position_dim}-D positions")
-        if event.kind == "join":
-            if event.node in known:
-                listed = "the site layout lists it" if event.node in layout.node_ids else "it joined earlier"
-                raise NodeError(f"{where}: node {event.node} already exists ({listed}); a join needs a new id")
-            unknown = sorted(set(event.modalities) - set(layout.modalities))
-            if unknown:
-                raise NodeError(f"{where}: modalities {unknown} are not the site's {sorted(layout.modalities)}")
-            first = math.ceil(event.at_s / self.window_s - 1e-9)
-            if first >= self.windows:
-                raise NodeError(f"{where}: its first full window would start at {first * self.window_s:g} s, "
-                                f"after the trial's last window ({self.windows} windows of {self.window_s:g} s)")
-        elif event.node not in known:
-            raise NodeError(f"{where}: no node {event.node} in site {layout.site_id} and no earlier join of it")
-        same = [e for e in self.events if e.node == event.node and e.at_s == event.at_s]
-        if len(same) > 1:
-            raise NodeError(f"{where}: {len(same)} events for one node at the same time")
-
-    def receivers(self, window: int, nodes: tuple[str, ...]) -> dict[str, str]:
-        """Node id -> the physics receiver it reads in ``window``, for the ``nodes`` that sample it."""
-        out = {}
-        for node in nodes:
-            current = [p for p in self._placements[node] if p.first_window <= window]
-            if current:
-                out[node] = current[-1].receiver
-        return out
-
-    def nodes_window(self, window: SourceWindow, receivers: dict[str, str]) -> SourceWindow:
-        """The physics window with each node's signals under its own id."""
-        owner = {receiver: node for node, receiver in receivers.items()}
-        return replace(window, signals={(owner[receiver], modality): samples
-                                        for (receiver, modality), samples in window.signals.items()
-                                        if receiver in owner})
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def publish_sine_windows(publisher: NodePublisher, windows: int, codec: CodecSpe
     pending, seq = [], 0
     for k in range(windows):
         if realtime:
-            longest_s = max(layout.modalities[m].features.window_s for m in node.modalities)
+            longest_s = max(layout.window_s((m,)) for m in node.modalities)
             _sleep_until_ns(start_ns + int(round((k + 1) * longest_s * 1e9)))
         for name in node.modalities:
             cfg = layout.modalities[name].features

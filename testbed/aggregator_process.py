@@ -17,8 +17,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.errors import BenchError
-from benchmarks.local_broker import _die_with_parent
+from testbed.errors import TestbedError
+from testbed.local_broker import die_with_parent
 
 REPO = Path(__file__).resolve().parents[1]
 _READY = re.compile(r"aggregator running: .*metrics port (\d+)")
@@ -30,7 +30,7 @@ class AggregatorProcess:
                  entry: Sequence[str] = ("-m", "edge_runtime.cli")):
         """``entry``: what runs after the Python interpreter, before ``run --config ...``: the real
         ``spar-aggregator`` by default; the fault trial's held-commit wrapper
-        (``benchmarks/held_commit_aggregator.py``) takes the same arguments."""
+        (``testbed/held_commit_aggregator.py``) takes the same arguments."""
         self.config = Path(config)
         self.entry = tuple(entry)
         self.log_path = Path(log_path)
@@ -40,15 +40,15 @@ class AggregatorProcess:
         self.starts = 0
 
     def start(self) -> float:
-        """Start a process and wait until it serves; the seconds that took. BenchError (with this
+        """Start a process and wait until it serves; the seconds that took. TestbedError (with this
         start's log) when it exits or is not serving within ``ready_timeout_s``."""
         begun = time.monotonic()
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         command = [sys.executable, *self.entry, "run", "--config", str(self.config), "--metrics-port", "0"]
         with open(self.log_path, "ab") as log:
-            # _die_with_parent: a killed benchmark must not leave an aggregator behind.
+            # die_with_parent: a killed benchmark must not leave an aggregator behind.
             self.proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                         stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         self.starts += 1
         while time.monotonic() - begun < self.ready_timeout_s:
             match = _READY.search(self.log_text(offset))
@@ -56,11 +56,11 @@ class AggregatorProcess:
                 self.metrics_url = f"http://127.0.0.1:{match.group(1)}/metrics"
                 return time.monotonic() - begun
             if self.proc.poll() is not None:
-                raise BenchError(f"the aggregator exited with {self.proc.returncode}; log:\n"
+                raise TestbedError(f"the aggregator exited with {self.proc.returncode}; log:\n"
                                  f"{self.log_text(offset)[-3000:]}")
             time.sleep(0.05)
         self.kill()
-        raise BenchError(f"the aggregator did not start within {self.ready_timeout_s:.0f} s; log:\n"
+        raise TestbedError(f"the aggregator did not start within {self.ready_timeout_s:.0f} s; log:\n"
                          f"{self.log_text(offset)[-3000:]}")
 
     def stop(self, timeout_s: float = 60.0) -> int | None:

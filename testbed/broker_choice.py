@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.embedded_broker import INSTALL_HINT as AMQTT_HINT
-from benchmarks.embedded_broker import EmbeddedBroker, amqtt_available
-from benchmarks.errors import BenchError
-from benchmarks.local_broker import LocalBroker, find_mosquitto
+from testbed.embedded_broker import INSTALL_HINT as AMQTT_HINT
+from testbed.embedded_broker import EmbeddedBroker, amqtt_available
+from testbed.errors import TestbedError
+from testbed.local_broker import LocalBroker, find_mosquitto
 
 BROKER_KINDS = ("auto", "mosquitto", "amqtt")
 MOSQUITTO_HINT = ("install it with `sudo apt-get install mosquitto` (or `brew install mosquitto`, "
@@ -23,23 +23,23 @@ def start_broker(kind: str = "auto", workdir: str | Path | None = None) -> Local
     """Start a broker on a free loopback port and return it running (close it, or use ``with``).
 
     ``kind``: "mosquitto" requires Mosquitto, "amqtt" forces the embedded broker, "auto" takes
-    Mosquitto when :func:`find_mosquitto` finds it, else amqtt. BenchError says what to install.
+    Mosquitto when :func:`find_mosquitto` finds it, else amqtt. TestbedError says what to install.
     """
     if kind not in BROKER_KINDS:
-        raise BenchError(f"unknown broker kind {kind!r}: choose one of {', '.join(BROKER_KINDS)}")
+        raise TestbedError(f"unknown broker kind {kind!r}: choose one of {', '.join(BROKER_KINDS)}")
     if kind == "auto":
         if find_mosquitto() is not None:
             kind = "mosquitto"
         elif amqtt_available():
             kind = "amqtt"
         else:
-            raise BenchError("no MQTT broker available: either install Mosquitto "
+            raise TestbedError("no MQTT broker available: either install Mosquitto "
                              f"({MOSQUITTO_HINT}) or the embedded amqtt broker ({AMQTT_HINT})")
     if kind == "mosquitto" and find_mosquitto() is None:
-        raise BenchError(f"mosquitto not found: {MOSQUITTO_HINT}; or use the embedded broker "
+        raise TestbedError(f"mosquitto not found: {MOSQUITTO_HINT}; or use the embedded broker "
                          f"(kind 'amqtt', {AMQTT_HINT})")
     if kind == "amqtt" and not amqtt_available():
-        raise BenchError(f"amqtt not found: {AMQTT_HINT}")
+        raise TestbedError(f"amqtt not found: {AMQTT_HINT}")
     broker = LocalBroker(workdir=workdir) if kind == "mosquitto" else EmbeddedBroker(workdir=workdir)
     try:
         return broker.start()

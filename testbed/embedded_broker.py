@@ -1,7 +1,7 @@
 """A private amqtt (pure Python) MQTT broker on a loopback port, for machines without Mosquitto.
 
-Same use as :class:`benchmarks.local_broker.LocalBroker`: tests, the demo and trials start their own
-broker on 127.0.0.1. The broker runs in a child process (``python -m benchmarks.embedded_broker``)
+Same use as :class:`testbed.local_broker.LocalBroker`: tests, the demo and trials start their own
+broker on 127.0.0.1. The broker runs in a child process (``python -m testbed.embedded_broker``)
 so that it does not compete with the aggregator for this interpreter's GIL.
 
 amqtt speaks MQTT 3.1.1 only: clients must use ``MqttSettings(protocol=EmbeddedBroker.protocol)``.
@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.errors import BenchError
-from benchmarks.local_broker import BrokerProcess
+from testbed.errors import TestbedError
+from testbed.local_broker import BrokerProcess
 
 INSTALL_HINT = "install it with `pip install 'spar-edge[bench]'` (or `pip install amqtt`)"
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -63,13 +63,13 @@ class EmbeddedBroker(BrokerProcess):
 
     def _check_available(self) -> None:
         if not amqtt_available():
-            raise BenchError(f"amqtt not found: {INSTALL_HINT}")
+            raise TestbedError(f"amqtt not found: {INSTALL_HINT}")
 
     # ---------------------------------------------------------------- internals
     def _try_start(self, port: int) -> bool:
         ready = self.workdir / "ready"
         ready.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "benchmarks.embedded_broker", "--port", str(port),
+        command = [sys.executable, "-m", "testbed.embedded_broker", "--port", str(port),
                    "--log", str(self.log_path), "--ready-file", str(ready)]
         with open(self.workdir / "stderr.log", "ab") as err:
             # cwd: `-m benchmarks...` must find this package even where it is not installed.
@@ -212,7 +212,7 @@ async def _stop_when_orphaned(stop: asyncio.Event) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the amqtt broker on 127.0.0.1:--port until SIGTERM or SIGINT."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.embedded_broker", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m testbed.embedded_broker", description=main.__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log", type=Path, help="log file (default: stderr)")
     parser.add_argument("--ready-file", type=Path, help="written with our pid once the listener is up")

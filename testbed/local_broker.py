@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.errors import BenchError
+from testbed.errors import TestbedError
 
 _CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 _INSTALL_HINT = "install it with `sudo apt-get install mosquitto` (or run `make test`, which does)"
@@ -57,7 +57,7 @@ class BrokerSettings:
     extra_lines: tuple[str, ...] = ()  # appended verbatim (ACL, password_file, TLS listener...)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec (Linux): SIGTERM when the process that started us dies.
 
     A benchmark killed without its clean-up would otherwise leave Mosquitto running, still saving
@@ -95,7 +95,7 @@ class BrokerProcess:
 
     # ---------------------------------------------------------------- what a broker says
     def _check_available(self) -> None:
-        """BenchError (with an install hint) when this broker cannot run here."""
+        """TestbedError (with an install hint) when this broker cannot run here."""
 
     def _try_start(self, port: int) -> bool:
         """Start the child on ``port``; True once it serves clients, False if it failed."""
@@ -115,7 +115,7 @@ class BrokerProcess:
             if self._try_start(port):
                 self.port = port
                 return self
-        raise BenchError(f"{self.name} failed to start after {attempts} attempt(s); log:\n{self.log_tail()}")
+        raise TestbedError(f"{self.name} failed to start after {attempts} attempt(s); log:\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Graceful stop (SIGTERM): Mosquitto saves its persistence file on the way out."""
@@ -139,7 +139,7 @@ class BrokerProcess:
         """Start again on the same port (Mosquitto: with the same persistence directory)."""
         self.stop()
         if not self._try_start(self.port):
-            raise BenchError(f"{self.name} did not restart on port {self.port}; log:\n{self.log_tail()}")
+            raise TestbedError(f"{self.name} did not restart on port {self.port}; log:\n{self.log_tail()}")
 
     def close(self) -> None:
         """Stop the broker and remove its directory if this object created it."""
@@ -183,7 +183,7 @@ class LocalBroker(BrokerProcess):
         and :meth:`reload`, so edits reach the broker."""
         super().__init__(workdir, port, start_timeout_s, prefix="spar-mosquitto-")
         if config_file is not None and config_text is not None:
-            raise BenchError("give config_file or config_text, not both")
+            raise TestbedError("give config_file or config_text, not both")
         self.settings = settings or BrokerSettings()
         self.binary = find_mosquitto()
         self.config_file = Path(config_file) if config_file is not None else None
@@ -193,13 +193,13 @@ class LocalBroker(BrokerProcess):
         """SIGHUP: Mosquitto reloads its config, password file and ACL (and drops clients that no
         longer authenticate). Returns at once; the reload itself takes a moment."""
         if not self.running:
-            raise BenchError(f"{self.name} is not running")
+            raise TestbedError(f"{self.name} is not running")
         (self.workdir / "mosquitto.conf").write_text(self.config_text(self.port))
         self._proc.send_signal(signal.SIGHUP)
 
     def _check_available(self) -> None:
         if self.binary is None:
-            raise BenchError(f"mosquitto not found: {_INSTALL_HINT}")
+            raise TestbedError(f"mosquitto not found: {_INSTALL_HINT}")
 
     # ---------------------------------------------------------------- internals
     def config_text(self, port: int) -> str:
@@ -237,7 +237,7 @@ class LocalBroker(BrokerProcess):
         with open(self.workdir / "stderr.log", "ab") as err:  # config errors land here
             self._proc = subprocess.Popen(
                 [self.binary, "-c", str(conf)], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_die_with_parent,
+                stdout=subprocess.DEVNULL, stderr=err, preexec_fn=die_with_parent,
             )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
@@ -263,7 +263,7 @@ def substitute_listener(text: str, port: int) -> str:
     lines = text.splitlines()
     listeners = [i for i, line in enumerate(lines) if line.split()[:1] == ["listener"]]
     if len(listeners) != 1:
-        raise BenchError(f"a config to run needs exactly one listener line, found {len(listeners)}")
+        raise TestbedError(f"a config to run needs exactly one listener line, found {len(listeners)}")
     lines[listeners[0]] = f"listener {port} 127.0.0.1"
     if os.geteuid() == 0:
         lines = [line for line in lines if line.split()[:1] != ["user"]] + ["user root"]

@@ -14,7 +14,7 @@ Graph, for batch B, nodes N, per modality m with tokens [B, N, M_m, D_m]::
     embedding = h + 0.1 * tanh(ctx @ P + p)                       [B, hidden]   (output, kind raw)
     logits    = embedding @ H + c                                 [B, n_classes] (output, class_logits)
 
-Usage: ``python -m benchmarks.tiny_onnx_model configs/sites/parking_lot.toml models/tiny``.
+Usage: ``python -m testbed.tiny_onnx_model configs/sites/parking_lot.toml models/tiny``.
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ def _onnx_model(layout: SiteLayout, weights: TinyWeights, name: str) -> onnx.Mod
                helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", hidden])]
     graph = helper.make_graph(g.nodes, name, graph_inputs, outputs, initializer=g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="spar-edge benchmarks.tiny_onnx_model")
+                              producer_name="spar-edge testbed.tiny_onnx_model")
     model.ir_version = IR_VERSION
     return model
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.local_broker import LocalBroker, find_mosquitto
 from spar_wire.site_layout import SiteLayout, load_site_layout
+from testbed.local_broker import LocalBroker, find_mosquitto
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = REPO / "configs" / "sites"

@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.errors import BenchError
-from benchmarks.placement_events import load_events
-from benchmarks.trial import BUSY_LOT_MODEL, REPO, SHIPPED_MODELS, TrialConfig, load_layout
 from node_firmware_sim.cli import DEFAULT_SITES, REPO_CONFIGS
 from node_firmware_sim.errors import NodeError
+from node_firmware_sim.placement_events import load_events
 from node_firmware_sim.scenarios import SCENARIOS, parse_scenario_params
 from spar_wire.errors import WireError
+from trials.errors import TrialError
+from trials.report_files import write_report
+from trials.trial import BUSY_LOT_MODEL, REPO, SHIPPED_MODELS, TrialConfig, load_layout
 
 # The shipped parking-lot model was trained on windows with at most one vehicle and 10 % empty
 # episodes (scripts/make_models.sh); a trial of that model defaults to the same traffic.
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
-    except (BenchError, WireError, NodeError) as exc:
+    except (TrialError, WireError, NodeError) as exc:
         print(f"spar-trial {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside a trial (a trial itself ends cleanly and reports)
@@ -102,9 +103,9 @@ def _add_run(sub: Any) -> None:
                    "position and optional description; e.g. configs/trials/join_and_move.toml")
     p.add_argument("--recordings", type=Path, default=None, metavar="FILE",
                    help="replay field recordings instead of simulating: a TOML of [[recordings]] (node, modality, "
-                   "path to a WAV or miniSEED file; see the README). The site and default model are the "
-                   "--scenario's (earthquakes: ridgecrest_like and the shipped seismic model); the trial ends with "
-                   "the shortest recording; no ground truth, so the report lists the model's outputs")
+                   "path to a WAV or miniSEED file; see docs/commands/spar-node.md). The site and default model "
+                   "are the --scenario's (earthquakes: ridgecrest_like and the shipped seismic model); the trial ends "
+                   "with the shortest recording; no ground truth, so the report lists the model's outputs")
     p.add_argument("--clock-offset-std-ms", type=float, default=0.0,
                    help="node clock offsets ~ N(0, this) in ms, seeded per node (default: 0)")
     p.add_argument("--out", type=Path, default=None,
@@ -120,7 +121,7 @@ def trial_config(args: argparse.Namespace) -> TrialConfig:
     """The TrialConfig the `run` arguments describe (defaults filled in as the help says)."""
     site = args.site or REPO_CONFIGS / "sites" / DEFAULT_SITES[args.scenario]
     if args.model is None and args.scenario not in SHIPPED_MODELS:
-        raise BenchError(f"--model is required for scenario {args.scenario}: models are shipped for "
+        raise TrialError(f"--model is required for scenario {args.scenario}: models are shipped for "
                          f"{', '.join(SHIPPED_MODELS)} only")
     params = parse_scenario_params(args.param)
     model = args.model or default_model(args.scenario, params)
@@ -146,9 +147,9 @@ def default_model(scenario: str, params: dict[str, Any]) -> Path:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from benchmarks.live_view import LiveView
-    from benchmarks.trial import TrialMonitor, run_trial
-    from benchmarks.trial_report import analyze_trial
+    from trials.live_view import LiveView
+    from trials.report import analyze_trial
+    from trials.trial import TrialMonitor, run_trial
 
     config = trial_config(args)
     from rich.console import Console
@@ -166,24 +167,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with LiveView(monitor, title, console=console):
             outcome = run_trial(config, monitor, progress=lambda text: console.print(text, highlight=False))
     report = analyze_trial(outcome.folder)
-    paths = report.write()
+    paths = write_report(report)
     print(report.summary_line())
     print(f"report: {paths[0]}  (plots: {', '.join(str(p) for p in paths[2:])})")
     return 130 if outcome.interrupted else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from benchmarks.trial_report import analyze_trial
+    from trials.report import analyze_trial
 
     report = analyze_trial(args.folder)
-    paths = report.write()
+    paths = write_report(report)
     print(report.summary_line())
     print(f"report: {paths[0]}")
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from benchmarks.placement_events import compare_with_control
+    from trials.control import compare_with_control
 
     text = "\n".join(compare_with_control(args.events, args.control))
     (args.events / "compare.md").write_text(text)

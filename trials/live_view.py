@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.trial import TrialMonitor
-from benchmarks.trial_detections import detections_of
+from testbed.report_format import percent_of
+from trials.detections import detections_of
+from trials.trial import TrialMonitor
 
 RATE_WINDOW_S = 3.0  # messages/s and bytes/s are averaged over this many seconds
 SHOWN_RESULTS = 6
@@ -145,7 +146,7 @@ def render(snapshot: LiveSnapshot, title: str) -> Any:
                   f"[b]messages/s[/b] {s.messages_per_s:,.1f}", f"[b]kB/s[/b] {s.kbytes_per_s:,.1f}",
                   f"[b]windows[/b] {s.windows_done}/{s.windows_total} sent")
     stats.add_row(f"[b]results[/b] {s.stored}",
-                  f"[b]complete[/b] {s.complete}/{closed} ({_pct(s.complete, closed)})",
+                  f"[b]complete[/b] {s.complete}/{closed} ({percent_of(s.complete, closed)})",
                   f"[b]late msgs[/b] {s.late}  [b]rejected[/b] {s.rejected}",
                   "[b]added latency[/b] " + ("-" if s.added_latency_ms is None else f"{s.added_latency_ms:.1f} ms"))
     detections = Table(title="latest results (true -> estimated)", expand=True, title_justify="left")
@@ -223,10 +224,6 @@ class LiveView:
     def _print_lines(self) -> None:
         while not self._stop.wait(self.line_interval_s):
             self.console.print(status_line(self.state.snapshot()), highlight=False, soft_wrap=True)
-
-
-def _pct(part: int, whole: int) -> str:
-    return f"{100 * part / whole:.0f} %" if whole else "-"
 
 
 def _place(position: tuple[float, ...] | None, hypocentre: bool) -> str:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from benchmarks.trial_report import TrialReport
+    from trials.report import TrialReport
 
 DETECTION_MAP_WINDOWS = 4  # windows drawn on a detection site map (more would hide each other)
 MAX_MAP_WINDOWS = 200  # the site map shows the last this many estimates: more is a smear

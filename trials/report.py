@@ -1,6 +1,6 @@
 """A trial folder -> ``report.md``, ``report.json``, ``trial.png`` and ``site_map.png``.
 
-Reads only the files a trial leaves (see ``benchmarks.trial``), so a report can be rebuilt at any
+Reads only the files a trial leaves (see ``trials.trial``), so a report can be rebuilt at any
 time, also from a trial that was interrupted. Each count has one source:
 
 * what the nodes sent and what the link did with it: ``link.jsonl`` (and ``field.json`` for the
@@ -28,20 +28,22 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.errors import BenchError
-from benchmarks.machine import describe_machine
-from benchmarks.placement_events import EventOutcome, analyze_events, events_markdown, parse_event
-from benchmarks.trial import AGGREGATOR_FILE, CONFIG_FILE, DATABASE, FIELD_FILE, LINK_LOG, TRUTH_LOG
-from benchmarks.trial_detections import (
+from node_firmware_sim.placement_events import parse_event
+from spar_wire.errors import WireError
+from spar_wire.model_manifest import load_manifest
+from spar_wire.site_layout import SiteLayout, load_site_layout
+from testbed.machine import describe_machine
+from testbed.report_format import percent, short_number
+from train import metrics as task_metrics
+from trials.detections import (
     WindowDetections,
     detection_markdown,
     detection_predictions,
     window_detections,
 )
-from spar_wire.errors import WireError
-from spar_wire.model_manifest import load_manifest
-from spar_wire.site_layout import SiteLayout, load_site_layout
-from train import metrics as task_metrics
+from trials.errors import TrialError
+from trials.event_report import EventOutcome, analyze_events, events_markdown
+from trials.trial import AGGREGATOR_FILE, CONFIG_FILE, DATABASE, FIELD_FILE, LINK_LOG, TRUTH_LOG
 
 LOSS_OUTCOMES = ("lost", "burst_lost", "queue_full")
 
@@ -151,8 +153,9 @@ class TrialReport:
         }
 
     # ------------------------------------------------------------------ outputs
-    def write(self) -> list[Path]:
-        """report.md, report.json and the two plots in the trial folder; returns their paths."""
+    def write_text_files(self) -> list[Path]:
+        """report.md and report.json in the trial folder; returns their paths (the plots:
+        ``trials.report_files.write_report``)."""
         paths = [self.folder / "report.md", self.folder / "report.json"]
         paths[0].write_text(self.to_markdown())
         paths[1].write_text(json.dumps({"config": self.config, "machine": self.machine, "model": self.model,
@@ -165,18 +168,14 @@ class TrialReport:
                                                         "matched": w.matched, "missed": w.missed, "false": w.false}
                                                        for w in self.detections]},
                                        indent=2, default=_json_default) + "\n")
-        from benchmarks.trial_plots import plot_site_map, plot_trial
-
-        paths.append(plot_trial(self, self.folder / "trial.png"))
-        paths.append(plot_site_map(self, self.folder / "site_map.png"))
         return paths
 
     def summary_line(self) -> str:
         h = self.headline()
         metric = ", ".join(f"{k} {metric_text(k, v)}" for k, v in self.metrics.items() if k in HEADLINE_METRICS)
         return (f"{h['windows_stored']}/{h['windows_sampled']} windows stored ({100 * h['completeness']:.0f} % "
-                f"complete); injected loss {_pct(h['injected_loss'])}, observed {_pct(h['observed_loss'])}; "
-                f"latency p50 {_fmt(h['latency_p50_ms'])} ms, p99 {_fmt(h['latency_p99_ms'])} ms"
+                f"complete); injected loss {percent(h['injected_loss'])}, observed {percent(h['observed_loss'])}; "
+                f"latency p50 {short_number(h['latency_p50_ms'])} ms, p99 {short_number(h['latency_p99_ms'])} ms"
                 + (f"; {metric}" if metric else ""))
 
     def to_markdown(self) -> str:
@@ -213,7 +212,7 @@ class TrialReport:
         for r in self.traffic:
             lines.append(f"| {r.node} | {r.modality} | {r.sent} | {r.bytes / 1e3:.1f} | "
                          f"{r.bytes / 1e3 / seconds:.2f} | {r.lost} | {r.duplicates} | {r.observed} | "
-                         f"{_pct(1 - r.observed / max(r.sent, 1))} |")
+                         f"{percent(1 - r.observed / max(r.sent, 1))} |")
         produced = max(self.produced, 1)
         buffer = sum(c.get("buffer_dropped", 0) for c in self.node_counters.values())
         unsent = sum(c.get("unsent", 0) for c in self.node_counters.values())
@@ -222,10 +221,10 @@ class TrialReport:
         assembler = self.aggregator.get("assembler", {})
         lines += ["", f"- Frames produced: {self.produced} ({self.wire_bytes / 1e3:.1f} kB sent to the link, "
                   f"{self.wire_bytes / max(self.windows_sampled, 1) / 1e3:.2f} kB per window).",
-                  f"- Injected loss: {self.injected_lost} ({_pct(self.injected_lost / produced)}): link "
+                  f"- Injected loss: {self.injected_lost} ({percent(self.injected_lost / produced)}): link "
                   f"{sum(r.lost for r in self.traffic)}, outage buffer overflow {buffer}, unsent at the end {unsent}.",
                   f"- Observed at the aggregator: {self.observed} frames in stored windows "
-                  f"({_pct(self.observed / produced)}); late {self.late}, duplicates ignored "
+                  f"({percent(self.observed / produced)}); late {self.late}, duplicates ignored "
                   f"{assembler.get('duplicate', 0)}, rejected {sum(rejected.values())}"
                   + (f" ({', '.join(f'{k} {v}' for k, v in sorted(rejected.items()))})" if rejected else "") + ".",
                   f"- Balance: produced {self.produced} = observed {self.observed} + injected loss {self.injected_lost}"
@@ -313,12 +312,12 @@ def analyze_trial(folder: str | Path) -> TrialReport:
     folder = Path(folder)
     config = _read_json(folder / CONFIG_FILE)
     if config is None:
-        raise BenchError(f"{folder} is not a trial folder (no {CONFIG_FILE})")
+        raise TrialError(f"{folder} is not a trial folder (no {CONFIG_FILE})")
     try:
         layout = load_site_layout(config["site"])
         manifest = load_manifest(config["model"])
     except WireError as exc:
-        raise BenchError(f"cannot read the trial's site or model: {exc}") from None
+        raise TrialError(f"cannot read the trial's site or model: {exc}") from None
     field_data = _read_json(folder / FIELD_FILE)
     aggregator = _read_json(folder / AGGREGATOR_FILE) or {}
     truth = _read_jsonl(folder / TRUTH_LOG)
@@ -360,7 +359,7 @@ def _read_json(path: Path) -> Any:
     except FileNotFoundError:
         return None
     except (OSError, json.JSONDecodeError) as exc:
-        raise BenchError(f"cannot read {path}: {exc}") from None
+        raise TrialError(f"cannot read {path}: {exc}") from None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -375,7 +374,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             if number != len(lines):
-                raise BenchError(f"{path}:{number}: not JSON") from None
+                raise TrialError(f"{path}:{number}: not JSON") from None
     return records
 
 
@@ -389,7 +388,7 @@ def _read_results(path: Path) -> list[dict[str, Any]]:
 
 
 def _window_s(layout: SiteLayout) -> float:
-    return max(spec.features.window_s for spec in layout.modalities.values())
+    return max(layout.window_s((m,)) for m in layout.modalities)
 
 
 def _match(results: list[dict[str, Any]], truth: list[dict[str, Any]], window_s: float
@@ -505,21 +504,11 @@ def reproduce_command(config: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f} %"
-
-
 def metric_text(name: str, value: float) -> str:
     """A task metric for people: earthquake distances in km (the site frame is in metres)."""
     if name.startswith("quake/") and value is not None and math.isfinite(value):
         return f"{value / 1e6:.1f} km²" if name.endswith("/mse") else f"{value / 1000:.2f} km"
-    return _fmt(value)
-
-
-def _fmt(x: float) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return f"{x:.3f}" if abs(x) < 10 else f"{x:.1f}"
+    return short_number(value)
 
 
 def _json_default(obj: Any) -> Any:

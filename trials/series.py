@@ -14,9 +14,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.metric_loss import relative_loss
-from benchmarks.trial import CONFIG_FILE, FIELD_FILE, TrialConfig, model_digest, run_trial
-from benchmarks.trial_report import HEADLINE_METRICS, analyze_trial
+from testbed.metric_loss import relative_loss
+from trials.report import HEADLINE_METRICS, analyze_trial
+from trials.report_files import write_report
+from trials.trial import CONFIG_FILE, FIELD_FILE, TrialConfig, model_digest, run_trial
 
 # Task metrics a series compares, and whether larger is better.
 METRICS = {"classify/accuracy": True, "classify/macro_f1": True, "localize/mean_distance": False,
@@ -49,7 +50,7 @@ def run_series(base: TrialConfig, variants: list[tuple[str, dict[str, Any]]],
         else:
             progress(f"[{i}/{len(variants)}] {name}")
             report = analyze_trial(run_trial(config).folder)
-            report.write()
+            write_report(report)
             progress(f"[{i}/{len(variants)}] {name}: {report.summary_line()}")
         rows.append(SeriesRow(name, report.headline(), Path(config.out)))
     return rows

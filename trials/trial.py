@@ -13,7 +13,7 @@ leaves a consistent folder:
     field.json       the nodes' counters (messages, bytes, outage buffer, PUBACKs)
     aggregator.json  the aggregator's counters (accepted, rejected by reason, late, duplicates, ...)
 
-Placement events (``TrialConfig.events``; see ``benchmarks.placement_events``) let nodes join or move
+Placement events (``TrialConfig.events``; see ``node_firmware_sim.placement_events``) let nodes join or move
 while the trial runs; they are checked against the site and the model before anything starts.
 
 ``speed`` > 1 compresses the whole timeline (windows, link delays, outages and the aggregator's
@@ -34,20 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.errors import BenchError
-from benchmarks.placement_events import check_events, parse_event
 from edge_runtime.config import AggregatorConfig
 from edge_runtime.errors import AggregatorError
 from node_firmware_sim.errors import NodeError
-from node_firmware_sim.field_runner import FieldConfig, FieldSummary, PlacementEvent, SourceSpec, run_field
+from node_firmware_sim.field_runner import FieldConfig, FieldSummary, SourceSpec, run_field
 from node_firmware_sim.firmware import FirmwareConfig
 from node_firmware_sim.link_model import LinkConfig, load_link_config
+from node_firmware_sim.placement_events import PlacementEvent, check_events, parse_event
 from node_firmware_sim.scenarios import SCENARIOS
 from spar_wire.codecs import CodecSpec
 from spar_wire.errors import WireError
 from spar_wire.model_manifest import load_manifest
 from spar_wire.mqtt_settings import PROTOCOLS, MqttSettings
 from spar_wire.site_layout import SiteLayout, load_site_layout
+from trials.errors import TrialError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SITE = REPO / "configs" / "sites" / "parking_lot.toml"
@@ -98,26 +98,29 @@ class TrialConfig:
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
-            raise BenchError(f"unknown scenario {self.scenario!r}; known: {', '.join(sorted(SCENARIOS))}")
+            raise TrialError(f"unknown scenario {self.scenario!r}; known: {', '.join(sorted(SCENARIOS))}")
         for name in ("duration_s", "speed", "deadline_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise BenchError(f"{name} must be a finite number > 0, got {value!r}")
+                raise TrialError(f"{name} must be a finite number > 0, got {value!r}")
         if self.clock_offset_std_ms < 0:
-            raise BenchError(f"clock_offset_std_ms must be >= 0, got {self.clock_offset_std_ms!r}")
+            raise TrialError(f"clock_offset_std_ms must be >= 0, got {self.clock_offset_std_ms!r}")
         if self.link is not None and self.link_config is not None:
-            raise BenchError("give link (a TOML file) or link_config, not both")
+            raise TrialError("give link (a TOML file) or link_config, not both")
         if self.protocol is not None and self.protocol not in PROTOCOLS:
-            raise BenchError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+            raise TrialError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         try:
             CodecSpec.parse(self.codec)
         except WireError as exc:
-            raise BenchError(f"codec: {exc}") from None
-        events = tuple(parse_event(e, f"events[{i}]") for i, e in enumerate(self.events))
+            raise TrialError(f"codec: {exc}") from None
+        try:
+            events = tuple(parse_event(e, f"events[{i}]") for i, e in enumerate(self.events))
+        except NodeError as exc:
+            raise TrialError(str(exc)) from None
         object.__setattr__(self, "events", events)
         for event in events:  # the rest needs the site: check_events, before the trial starts
             if event.at_s >= self.duration_s:
-                raise BenchError(f"{event.kind} of node {event.node} at {event.at_s:g} s: the trial lasts "
+                raise TrialError(f"{event.kind} of node {event.node} at {event.at_s:g} s: the trial lasts "
                                  f"{self.duration_s:g} s; an event must happen during it")
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,7 +188,10 @@ def run_trial(config: TrialConfig, monitor: TrialMonitor | None = None,
     layout = monitor.layout if monitor is not None else load_layout(config.site)
     link = config.link_config or (_load_link(config.link) if config.link else LinkConfig())
     if config.events:
-        check_events(config.events, layout, config.duration_s, _max_nodes(config.model))
+        try:
+            check_events(config.events, layout, config.duration_s, _max_nodes(config.model))
+        except NodeError as exc:
+            raise TrialError(str(exc)) from None
     if config.recordings is not None:
         _check_recordings(config.recordings, layout)
     folder = _prepare_folder(config)
@@ -219,11 +225,11 @@ def run_trial(config: TrialConfig, monitor: TrialMonitor | None = None,
 
 # --------------------------------------------------------------------------- set-up
 def load_layout(path: Path) -> SiteLayout:
-    """The site layout, or a BenchError saying what is wrong with the file."""
+    """The site layout, or a TrialError saying what is wrong with the file."""
     try:
         return load_site_layout(path)
     except WireError as exc:
-        raise BenchError(str(exc)) from None
+        raise TrialError(str(exc)) from None
 
 
 def _check_recordings(path: Path, layout: SiteLayout) -> None:
@@ -237,7 +243,7 @@ def _check_recordings(path: Path, layout: SiteLayout) -> None:
     try:
         recording_replay.load_recordings(path, layout)
     except NodeError as exc:
-        raise BenchError(str(exc)) from None
+        raise TrialError(str(exc)) from None
     finally:
         replay_log.disabled = False
 
@@ -246,7 +252,7 @@ def _load_link(path: Path) -> LinkConfig:
     try:
         return load_link_config(path)
     except NodeError as exc:
-        raise BenchError(str(exc)) from None
+        raise TrialError(str(exc)) from None
 
 
 def _prepare_folder(config: TrialConfig) -> Path:
@@ -254,7 +260,7 @@ def _prepare_folder(config: TrialConfig) -> Path:
     folder = Path(config.out)
     if (folder / CONFIG_FILE).exists():
         if not config.overwrite:
-            raise BenchError(f"{folder} already holds a trial; choose another --out or pass --overwrite")
+            raise TrialError(f"{folder} already holds a trial; choose another --out or pass --overwrite")
         for name in (CONFIG_FILE, LINK_LOG, TRUTH_LOG, DATABASE, FIELD_FILE, AGGREGATOR_FILE,
                      DATABASE + "-wal", DATABASE + "-shm"):
             (folder / name).unlink(missing_ok=True)
@@ -292,10 +298,10 @@ def _open_broker(config: TrialConfig, folder: Path, stack: contextlib.ExitStack)
     if ":" in config.broker:
         host, _, port = config.broker.rpartition(":")
         if not port.isdigit():
-            raise BenchError(f"broker must be auto, mosquitto, amqtt or HOST:PORT, got {config.broker!r}")
+            raise TrialError(f"broker must be auto, mosquitto, amqtt or HOST:PORT, got {config.broker!r}")
         protocol = config.protocol or "5"
         return f"external {host}:{port} (MQTT {protocol})", MqttSettings(host=host, port=int(port), protocol=protocol)
-    from benchmarks.broker_choice import start_broker
+    from testbed.broker_choice import start_broker
 
     broker = start_broker(config.broker, workdir=folder / "broker")
     stack.callback(broker.close)
@@ -320,7 +326,7 @@ def _start_aggregator(config: TrialConfig, folder: Path, mqtt: MqttSettings, sta
             client_id=client_id, mqtt=mqtt)
         aggregator = Aggregator(agg_config).start()
     except AggregatorError as exc:
-        raise BenchError(f"aggregator: {exc}") from None
+        raise TrialError(f"aggregator: {exc}") from None
     stack.callback(_quiet_stop, aggregator)
     return aggregator
 
@@ -330,7 +336,7 @@ def _max_nodes(manifest_path: Path) -> int:
     try:
         return load_manifest(manifest_path).node_range[1]
     except WireError as exc:
-        raise BenchError(f"model: {exc}") from None
+        raise TrialError(f"model: {exc}") from None
 
 
 def _quiet_stop(aggregator: Any) -> None:
@@ -349,7 +355,7 @@ def _field_config(config: TrialConfig, layout: SiteLayout, link: LinkConfig, mqt
             clock_offset_std_s=config.clock_offset_std_ms / 1000.0, mqtt=mqtt, realtime=True, speed=config.speed,
             link_log=str(folder / LINK_LOG), truth_log=str(folder / TRUTH_LOG), events=config.events)
     except NodeError as exc:
-        raise BenchError(str(exc)) from None
+        raise TrialError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- ending

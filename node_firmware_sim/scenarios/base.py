@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from node_firmware_sim.errors import NodeError
+from spar_wire.errors import WireError
 from spar_wire.site_layout import SiteLayout
 
 
@@ -67,12 +68,12 @@ class Source(Protocol):
 
 
 def site_window_s(layout: SiteLayout) -> float:
-    """The window length every modality of the site shares; NodeError when they differ."""
-    lengths = {spec.features.window_s for spec in layout.modalities.values()}
-    if len(lengths) != 1:
-        raise NodeError(f"site {layout.site_id}: modalities have different window lengths {sorted(lengths)}; "
-                        "a source needs one window length per site")
-    return lengths.pop()
+    """The window length every modality of the site shares (``SiteLayout.window_s``); NodeError when
+    they differ, so a scenario's caller sees the node package's error type."""
+    try:
+        return layout.window_s()
+    except WireError as exc:
+        raise NodeError(f"a source needs one window length per site: {exc}") from None
 
 
 def episode_rng(seed: int, stream: str, *indices: int) -> np.random.Generator:

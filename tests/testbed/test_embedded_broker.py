@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.broker_choice import start_broker
-from benchmarks.embedded_broker import EmbeddedBroker
-from benchmarks.errors import BenchError
-from benchmarks.local_broker import LocalBroker, find_mosquitto, free_loopback_port
 from edge_runtime.config import AggregatorConfig
 from edge_runtime.result_store import ResultStore
 from edge_runtime.service import Aggregator
 from node_firmware_sim.field_runner import FieldConfig, SourceSpec, run_field
 from spar_wire.mqtt_settings import MqttSettings, connect_async, make_client
 from spar_wire.topics import aggregator_topic
+from testbed.broker_choice import start_broker
+from testbed.embedded_broker import EmbeddedBroker
+from testbed.errors import TestbedError
+from testbed.local_broker import LocalBroker, find_mosquitto, free_loopback_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,7 @@ def test_a_port_held_by_someone_else_is_an_error_not_a_false_start(tmp_path):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         broker = EmbeddedBroker(workdir=tmp_path, port=holder.getsockname()[1], start_timeout_s=5)
-        with pytest.raises(BenchError, match="failed to start"):
+        with pytest.raises(TestbedError, match="failed to start"):
             broker.start()
         assert not broker.running
         assert "could not start" in broker.log_tail() and "address already in use" in broker.log_tail()
@@ -125,7 +125,7 @@ def test_amqtt_kind_gives_the_embedded_broker(tmp_path):
 
 
 def test_an_unknown_kind_is_a_clear_error():
-    with pytest.raises(BenchError, match=r"unknown broker kind 'rabbitmq': choose one of auto, mosquitto, amqtt"):
+    with pytest.raises(TestbedError, match=r"unknown broker kind 'rabbitmq': choose one of auto, mosquitto, amqtt"):
         start_broker("rabbitmq")
 
 

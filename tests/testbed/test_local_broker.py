@@ -4,8 +4,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from benchmarks.errors import BenchError
-from benchmarks.local_broker import BrokerSettings, LocalBroker
+from testbed.errors import TestbedError
+from testbed.local_broker import BrokerSettings, LocalBroker
 
 
 def test_broker_listens_on_loopback_only(mosquitto):
@@ -45,7 +45,7 @@ def test_retained_message_survives_a_restart(mosquitto):
 def test_bad_config_reports_the_broker_log(tmp_path):
     broker = LocalBroker(BrokerSettings(extra_lines=("no_such_option 1",)), workdir=tmp_path,
                          start_timeout_s=3)
-    with pytest.raises(BenchError, match="no_such_option|failed to start"):
+    with pytest.raises(TestbedError, match="no_such_option|failed to start"):
         broker.start()
     broker.close()
 
@@ -53,7 +53,7 @@ def test_bad_config_reports_the_broker_log(tmp_path):
 def test_missing_binary_says_how_to_install(tmp_path, monkeypatch):
     broker = LocalBroker(workdir=tmp_path)
     broker.binary = None
-    with pytest.raises(BenchError, match="apt-get install mosquitto"):
+    with pytest.raises(TestbedError, match="apt-get install mosquitto"):
         broker.start()
 
 
@@ -65,7 +65,7 @@ def test_the_broker_does_not_outlive_a_killed_parent(tmp_path):
     import sys
     import time
 
-    script = ("import os\nfrom benchmarks.local_broker import LocalBroker\n"
+    script = ("import os\nfrom testbed.local_broker import LocalBroker\n"
               f"b = LocalBroker(workdir={str(tmp_path / 'b')!r}).start()\n"
               "print(b._proc.pid, flush=True)\nos._exit(0)\n")
     pid = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.trial_detections import detection_markdown, detections_of, match_window, window_detections
+from trials.detections import detection_markdown, detections_of, match_window, window_detections
 
 NAMES = ("none", "motorcycle", "car", "van", "truck")
 
@@ -49,7 +49,7 @@ def test_trial_pairs_become_a_table_with_totals():
 
 
 def test_the_live_line_speaks_of_hypocentres_in_km_and_of_vehicle_counts():
-    from benchmarks.live_view import Detection, LiveSnapshot, status_line
+    from trials.live_view import Detection, LiveSnapshot, status_line
 
     def line(detection):
         return status_line(LiveSnapshot("running", 30.0, 2, 4, 16, 16, 5.0, 2.0, 2, 0, 2, 0, 0, 12.0,

@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.errors import BenchError
-from benchmarks.placement_events import check_events, load_events
-from benchmarks.trial import TrialConfig, load_layout, run_trial
-from benchmarks.trial_cli import main as trial_main
-from benchmarks.trial_report import analyze_trial
 from edge_runtime.result_store import ResultStore
-from node_firmware_sim.field_runner import EventPlan, PlacementEvent
+from node_firmware_sim.errors import NodeError
+from node_firmware_sim.placement_events import EventPlan, PlacementEvent, check_events, load_events
 from node_firmware_sim.scenarios.base import GroundTruth, SourceWindow
+from trials.cli import main as trial_main
+from trials.errors import TrialError
+from trials.report import analyze_trial
+from trials.report_files import write_report
+from trials.trial import TrialConfig, load_layout, run_trial
 
 REPO = Path(__file__).resolve().parents[2]
 SEVEN_NODES = REPO / "configs" / "trials" / "parking_lot_without_n08.toml"
@@ -103,7 +104,7 @@ def test_the_report_has_before_and_after_per_event(events_trial):
     for outcome in (join, move):
         assert set(outcome.before) == set(outcome.after) == {"classify/accuracy", "localize/mean_distance"}
         assert 0.0 <= outcome.after["classify/accuracy"] <= 1.0
-    report.write()
+    write_report(report)
     text = (report.folder / "report.md").read_text()
     assert "## Placement events" in text and "| join n08 at (1, 15) | 7.8 s (window 3) | 4 | 1 | 1 | 3 |" in text
     saved = json.loads((report.folder / "report.json").read_text())["placement_events"]
@@ -134,28 +135,28 @@ def test_the_physics_follows_the_moved_node():
 ])
 def test_events_the_site_cannot_take_are_refused(event, message):
     layout = load_layout(SEVEN_NODES)
-    with pytest.raises(BenchError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(NodeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_events((event,), layout, 24.0, max_nodes=8)
 
 
 def test_bad_event_configs_are_refused_with_clear_messages(tmp_path):
     layout = load_layout(SEVEN_NODES)
     twice = (PlacementEvent("join", "n08", 3.0, (1.0, 2.0)), PlacementEvent("join", "n08", 5.0, (1.0, 2.0)))
-    with pytest.raises(BenchError, match="already exists \\(it joined earlier\\)"):
+    with pytest.raises(NodeError, match="already exists \\(it joined earlier\\)"):
         check_events(twice, layout, 24.0, max_nodes=16)
-    with pytest.raises(BenchError, match="makes 9 nodes, but the model takes at most 8"):
+    with pytest.raises(NodeError, match="makes 9 nodes, but the model takes at most 8"):
         check_events((PlacementEvent("join", "n09", 3.0, (1.0, 2.0)),),
                      load_layout(REPO / "configs" / "sites" / "parking_lot.toml"), 24.0, max_nodes=8)
-    with pytest.raises(BenchError, match="the trial lasts 24 s; an event must happen during it"):
+    with pytest.raises(TrialError, match="the trial lasts 24 s; an event must happen during it"):
         TrialConfig(out=tmp_path, duration_s=24.0, events=({"kind": "move", "node": "n03", "at_s": 30,
                                                              "position": [1, 2]},))
-    with pytest.raises(BenchError, match="at_s must be a finite number of seconds > 0"):
+    with pytest.raises(TrialError, match="at_s must be a finite number of seconds > 0"):
         TrialConfig(out=tmp_path, events=({"kind": "move", "node": "n03", "at_s": -1, "position": [1, 2]},))
-    with pytest.raises(BenchError, match="kind must be one of"):
+    with pytest.raises(TrialError, match="kind must be one of"):
         TrialConfig(out=tmp_path, events=({"kind": "teleport", "node": "n03", "at_s": 1, "position": [1, 2]},))
     bad = tmp_path / "bad.toml"
     bad.write_text('[[events]]\nat_s = 4.5\nkind = "join"\nnode = "n08"\npos = [1.0, 2.0]\n')
-    with pytest.raises(BenchError, match=r"events\[0\]: unknown key\(s\) \['pos'\]"):
+    with pytest.raises(NodeError, match=r"events\[0\]: unknown key\(s\) \['pos'\]"):
         load_events(bad)
 
 
@@ -178,7 +179,7 @@ def test_the_example_events_fit_the_example_site():
 def test_compare_scores_the_same_windows_in_a_control_trial(events_trial, tmp_path):
     """The control (same seed, no events) sees the same world: before the first event both trials score
     alike; after the join the table pairs the same windows of both trials."""
-    from benchmarks.placement_events import compare_with_control
+    from trials.control import compare_with_control
 
     report = events_trial[0]
     control = tmp_path / "control"
@@ -197,5 +198,5 @@ def test_compare_scores_the_same_windows_in_a_control_trial(events_trial, tmp_pa
     other = tmp_path / "other-seed"
     run_trial(TrialConfig(out=other, site=SEVEN_NODES, duration_s=4.0, speed=2.0, seed=6, broker="mosquitto",
                           scenario_params=PARAMS))
-    with pytest.raises(BenchError, match="seed"):
+    with pytest.raises(TrialError, match="seed"):
         compare_with_control(report.folder, other)

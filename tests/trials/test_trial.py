@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.errors import BenchError
-from benchmarks.live_view import LiveState, LiveView, render, status_line
-from benchmarks.trial import BUSY_LOT_MODEL, SHIPPED_MODELS, TrialConfig, TrialMonitor, run_trial
-from benchmarks.trial_cli import default_model
-from benchmarks.trial_cli import main as trial_main
-from benchmarks.trial_report import analyze_trial
 from node_firmware_sim.link_model import read_link_log
 from spar_wire.site_layout import load_site_layout
+from trials.cli import default_model
+from trials.cli import main as trial_main
+from trials.errors import TrialError
+from trials.live_view import LiveState, LiveView, render, status_line
+from trials.report import analyze_trial
+from trials.report_files import write_report
+from trials.trial import BUSY_LOT_MODEL, SHIPPED_MODELS, TrialConfig, TrialMonitor, run_trial
 
 REPO = Path(__file__).resolve().parents[2]
 LOSSY = REPO / "configs" / "links" / "lossy.toml"
@@ -66,7 +67,7 @@ def test_report_scores_the_model_and_measures_latency(ten_second_trial):
     # Lost messages keep windows open until the deadline (1 s); a result can never precede its window.
     assert 0 < report.percentile(50) < 5000
     assert set(report.stage_ms) == {"assembly", "queue", "inference"}
-    paths = report.write()
+    paths = write_report(report)
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
     text = paths[0].read_text()
     assert "## Traffic and loss" in text and "Reproduce: `spar-trial run" in text
@@ -106,7 +107,7 @@ def test_ctrl_c_stops_cleanly_and_the_report_covers_what_ran(parking_lot, tmp_pa
     report = analyze_trial(outcome.folder)
     assert report.interrupted and report.windows_sampled == 3
     assert report.windows_stored == len(stored_rows(outcome.folder)) <= 3
-    report.write()
+    write_report(report)
     assert "**Interrupted**" in (outcome.folder / "report.md").read_text()
 
 
@@ -124,11 +125,11 @@ def test_cli_runs_a_trial_and_refuses_to_overwrite_one(tmp_path, capsys):
 
 
 def test_bad_arguments_are_refused_with_a_clear_error(tmp_path, capsys):
-    with pytest.raises(BenchError, match="speed"):
+    with pytest.raises(TrialError, match="speed"):
         TrialConfig(out=tmp_path, speed=0)
-    with pytest.raises(BenchError, match="unknown scenario"):
+    with pytest.raises(TrialError, match="unknown scenario"):
         TrialConfig(out=tmp_path, scenario="volcano")
-    with pytest.raises(BenchError, match="codec"):
+    with pytest.raises(TrialError, match="codec"):
         TrialConfig(out=tmp_path, codec="gif")
     assert trial_main(["run", "--scenario", "body_har", "--out", str(tmp_path / "x")]) == 2
     assert "--model is required" in capsys.readouterr().err
@@ -176,7 +177,7 @@ def test_scores_follow_the_model_outputs_against_hand_checkable_truth():
     """Classification, localization, detection (mAP@r) and hypocentre scoring by output name."""
     from types import SimpleNamespace
 
-    from benchmarks.trial_report import _scores
+    from trials.report import _scores
 
     def spec(name):
         return SimpleNamespace(name=name)
