@@ -278,7 +278,8 @@ def _static(name: str) -> Response:
 
 
 def feed_for(aggregator: Any) -> DashboardFeed:
-    """The feed of a running ``edge_runtime.service.Aggregator``: its registry, counters and store."""
+    """The feed of a running ``edge_runtime.service.Aggregator``: its registry, counters (``stats()``)
+    and store."""
     from edge_runtime.result_store import ResultStore
 
     agg = aggregator
@@ -289,9 +290,9 @@ def feed_for(aggregator: Any) -> DashboardFeed:
             "layout": [{"id": n.id, "position": list(n.position)} for n in layout.nodes]}
 
     def counters() -> dict[str, dict[str, float]]:
-        counts = agg.processor.snapshot_counts()
-        rejected = {k.partition(".")[2]: v for k, v in counts.items() if k.startswith("rejected.")}
-        assembled = dict(agg.assembler.counts)
+        stats = agg.stats()  # edge_runtime.aggregator_stats.AggregatorStats
+        rejected = {k.partition(".")[2]: v for k, v in stats.messages.items() if k.startswith("rejected.")}
+        assembled = stats.windows
         for kind, label in (("late", "late: after its window closed"), ("duplicate", "duplicate")):
             if assembled.get(kind):
                 rejected[label] = assembled[kind]

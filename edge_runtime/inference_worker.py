@@ -4,15 +4,17 @@ A single worker thread takes the oldest closed window; if more are already waiti
 it takes up to ``max_batch`` windows with the same node count into one backend call, and no more
 than ``max_batch_nodes`` node-windows (large sites go one window at a time). Each result
 is committed to SQLite before it is published, so what subscribers see is always on disk, and only
-then are the window's messages released (acknowledged to the broker). A window already stored (the
-broker redelivered its messages after a restart) is neither stored nor published again.
+then is the window reported stored (``WindowAcks.window_stored``: ``acknowledgements`` acknowledges its
+messages to the broker). A window already stored (the broker redelivered its messages after a
+restart) is neither stored nor published again.
 
 A failed store (disk full, I/O error) is retried with backoff until it succeeds, holding the batch:
 its messages are neither acknowledged nor let go, so copies the broker redelivers meanwhile join the
 window (see ``WindowAssembler``) and are acknowledged with it once it is stored. Meanwhile the
 queue ahead sheds live windows as under any overload; backlog is kept. A result that can never be
-stored (an invalid value) is counted and released alone, not with its batch. Only at shutdown is an
-unstored batch let go unacknowledged, for the broker to hand to the next process.
+stored (an invalid value) is counted and given up alone (``window_failed``), not with its batch. Only
+at shutdown is an unstored batch let go unacknowledged (``window_unstored``), for the broker to hand to
+the next process.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.acknowledgements import NoAcknowledgements
 from edge_runtime.bounded_queue import BoundedQueue
 from edge_runtime.errors import AggregatorError
+from edge_runtime.pipeline_protocols import Backend, ResultSink, WindowAcks
 from edge_runtime.results import Timing, build_result
 from edge_runtime.window_assembler import AssembledWindow
 from spar_wire.model_manifest import ModelManifest
@@ -39,11 +43,13 @@ RETRY_MAX_S = 5.0
 
 
 class InferenceWorker:
-    def __init__(self, backend: Any, manifest: ModelManifest, site: str, windows: BoundedQueue,
-                 store: Any, publish: Callable[[dict[str, Any]], Any], *, max_batch: int, window_ns: int,
-                 max_batch_nodes: int | None = None,
+    def __init__(self, backend: Backend, manifest: ModelManifest, site: str, windows: BoundedQueue,
+                 store: ResultSink, publish: Callable[[dict[str, Any]], object], *, max_batch: int,
+                 window_ns: int, max_batch_nodes: int | None = None,
                  observe: Callable[[str, float], None] = lambda name, value: None,
-                 release: Callable[..., None] = lambda window, acknowledge=True: None):
+                 acks: WindowAcks | None = None):
+        """``acks`` hears of every window taken off ``windows``: stored, failed or (at shutdown)
+        unstored; None: nothing is acknowledged (no broker)."""
         self.backend = backend
         self.manifest = manifest
         self.site = site
@@ -54,23 +60,24 @@ class InferenceWorker:
         self.max_batch_nodes = max_batch_nodes
         self.window_ns = window_ns
         self.observe = observe
-        self.release = release
+        self.acks: WindowAcks = acks if acks is not None else NoAcknowledgements()
         self.counts: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
         self.last_result: dict[str, Any] | None = None
         self.last_stored_s: float | None = None  # monotonic time of the last committed store
         self.storage_failing_since: float | None = None  # monotonic; None while stores succeed
         self._carry: AssembledWindow | None = None  # a window of another node count, taken next
-        self._stop = threading.Event()
+        # Set when the inference thread is to stop: it then ends store retries too.
+        self.stop_inference = threading.Event()
 
-    def run(self, stop: threading.Event) -> None:
-        """Process windows until ``stop`` is set and none is left."""
-        self._stop = stop
+    def run(self, stop_inference: threading.Event) -> None:
+        """The inference thread: process windows until ``stop_inference`` is set and none is left."""
+        self.stop_inference = stop_inference
         while True:
             window = self._carry or self.windows.get(timeout=0.05)
             self._carry = None
             if window is None:
-                if stop.is_set():
+                if stop_inference.is_set():
                     return
                 continue
             batch = self._fill_batch(window)
@@ -80,10 +87,10 @@ class InferenceWorker:
                 log.exception("inference of %d window(s) failed", len(batch))
                 self._count("windows_failed", len(batch))
                 # Redelivery would fail the same way, and unacknowledged messages hold the broker's
-                # in-flight slots: a failed window is counted and let go (a window released
-                # already gives up no receipt twice).
+                # in-flight slots: a failed window is counted and let go (a window reported already
+                # gives up no receipt twice).
                 for window in batch:
-                    self.release(window)
+                    self.acks.window_failed(window)
 
     def process(self, batch: list[AssembledWindow]) -> list[dict[str, Any]]:
         """Run one batch (same node count) through the backend, store and publish its results."""
@@ -110,7 +117,7 @@ class InferenceWorker:
         for result, window, is_new in zip(results, batch, new, strict=True):
             if is_new:
                 self._publish(result)
-            self.release(window)
+            self.acks.window_stored(window)  # committed (by this run or an earlier one)
             # Added latency: what the aggregator itself adds once the window is complete.
             self.observe("added_latency_seconds", time.monotonic() - window.closed_s)
             self.observe("end_to_end_seconds", result["latency_ms"]["end_to_end"] / 1e3)
@@ -122,7 +129,7 @@ class InferenceWorker:
 
     def _valid(self, results: list[dict[str, Any]], batch: list[AssembledWindow]
                ) -> tuple[list[dict[str, Any]], list[AssembledWindow]]:
-        """The results that can be stored; the others are released alone (retrying cannot help them,
+        """The results that can be stored; the others are given up alone (retrying cannot help them,
         and they must not take their batch down)."""
         keep = []
         for result, window in zip(results, batch, strict=True):
@@ -132,7 +139,7 @@ class InferenceWorker:
             except AggregatorError as exc:
                 log.error("window %s cannot be stored: %s", result.get("window_index"), exc)
                 self._count("windows_invalid")
-                self.release(window)
+                self.acks.window_failed(window)
         return [r for r, _ in keep], [w for _, w in keep]
 
     def _store(self, results: list[dict[str, Any]], batch: list[AssembledWindow]) -> list[bool] | None:
@@ -150,12 +157,12 @@ class InferenceWorker:
                     log.error("storing %d result(s) failed; retrying until it works, their messages stay "
                               "unacknowledged meanwhile: %s", len(results), exc)
                 self._count("store_failures")
-                if self._stop.wait(wait_s):
+                if self.stop_inference.wait(wait_s):
                     log.error("stopping with %d result(s) unstored: their messages stay with the broker "
                               "for the next process", len(results))
                     self._count("windows_unstored", len(batch))
                     for window in batch:
-                        self.release(window, acknowledge=False)
+                        self.acks.window_unstored(window)
                     return None
                 wait_s = min(RETRY_MAX_S, 2 * wait_s)
                 continue

@@ -13,10 +13,10 @@ thread closes windows whose deadline passed; both take the processor's lock. Any
 message is counted under its reason and dropped, never raised. Subscriptions are made inside
 ``on_connect`` so they come back after every reconnect; the MQTT 5 session is persistent.
 
-Acknowledgement after storage: paho's automatic PUBACK is off. A message that ends in an open
-window is acknowledged only once that window's result is committed to SQLite (or the window is
-dropped by overload policy, which is counted); everything else (rejected, late, lifecycle) is
-acknowledged as soon as it is handled. If the aggregator dies in between, the broker still holds
+Acknowledgement after storage: paho's automatic PUBACK is off. ``MessageProcessor.handle`` says
+whether a window now holds the message; ``acknowledgements`` decides when it is acknowledged (a
+held message once its window's result is committed to SQLite, everything else once handled), and
+``MqttIngest.ack`` sends the PUBACKs. If the aggregator dies in between, the broker still holds
 the message in our persistent session and redelivers it to the next process. A receipt names the
 connection it arrived on: after a reconnect the broker redelivers with new packet ids, so a stale
 receipt is never acknowledged (it could name another message on the new connection).
@@ -28,12 +28,13 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from edge_runtime.clock_guard import ClockGuard
 from edge_runtime.node_registry import NodeRegistry
+from edge_runtime.receipts import Receipt
 from edge_runtime.window_assembler import AssembledWindow, WindowAssembler
 from spar_wire.errors import WireError
 from spar_wire.feature_config import FeatureConfig
@@ -42,16 +43,11 @@ from spar_wire.lifecycle import parse_birth, parse_state
 from spar_wire.message import WireLimits, decode_message
 from spar_wire.topics import parse_topic, site_filter
 
+if TYPE_CHECKING:
+    from paho.mqtt.client import Client
+
 log = logging.getLogger(__name__)
 _TRACEBACKS_LOGGED = 3
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """What acknowledging one QoS 1 message to the broker takes."""
-
-    connection: int  # MqttIngest.connection when it arrived
-    mid: int  # MQTT packet id on that connection
 
 
 @dataclass(frozen=True)
@@ -63,27 +59,22 @@ class RawMessage:
     receipt: Receipt | None = None  # None: nothing to acknowledge (QoS 0, or not from a broker)
 
 
-Release = Callable[[list[Receipt]], None]
-
-
 class MessageProcessor:
-    """Turns raw MQTT messages into registry updates and closed windows (one thread)."""
+    """Turns raw MQTT messages into registry updates and closed windows (one thread). The
+    ``pipeline_protocols.ReceiptHolder`` of the closed windows' receipts."""
 
     def __init__(self, site_id: str, registry: NodeRegistry, assembler: WindowAssembler,
                  features: dict[str, FeatureConfig], emit: Callable[[AssembledWindow], None], *,
                  limits: WireLimits = WireLimits(), warn: Callable[[str, str], None] | None = None,
-                 release: Release = lambda receipts: None, clock: ClockGuard | None = None,
-                 quiet_s: float = 60.0):
-        """``emit`` takes each closed window (its receipts with it); ``release`` acknowledges the
-        receipts of messages no window holds; ``clock`` refuses window starts no sane clock stamped
-        before they reach the assembler; a gap of ``quiet_s`` between accepted messages ends a stretch
-        of traffic (for /healthz's stall check)."""
+                 clock: ClockGuard | None = None, quiet_s: float = 60.0):
+        """``emit`` takes each closed window (its receipts with it); ``clock`` refuses window starts no
+        sane clock stamped before they reach the assembler; a gap of ``quiet_s`` between accepted
+        messages ends a stretch of traffic (for /healthz's stall check)."""
         self.site_id = site_id
         self.registry = registry
         self.assembler = assembler
         self.features = features
         self.emit = emit
-        self.release = release
         self.limits = limits
         self.clock = clock or ClockGuard()
         self.warn = warn or (lambda reason, message: log.warning("%s: %s", reason, message))
@@ -98,8 +89,10 @@ class MessageProcessor:
         # thread emits it gives up its receipts (take_receipts) under the same lock.
         self._processing = threading.RLock()
 
-    def handle(self, raw: RawMessage) -> None:
-        """Process one message (any thread); never raises."""
+    def handle(self, raw: RawMessage) -> bool:
+        """Process one message (any thread); never raises. True when a window now holds its receipt
+        (that window's acknowledgement covers it); else nothing will acknowledge it unless the caller
+        does (``Acknowledgements.message_handled``)."""
         with self.lock:
             self.received_messages += 1
             self.received_bytes += len(raw.payload)
@@ -115,11 +108,7 @@ class MessageProcessor:
                 if self.counts["rejected.internal_error"] < _TRACEBACKS_LOGGED:
                     log.exception("internal error handling %r", raw.topic[:200])
                 self._reject("internal_error", repr(exc)[:500])
-        if not held and raw.receipt is not None:
-            try:
-                self.release([raw.receipt])
-            except Exception:  # noqa: BLE001 - never raise to the caller (paho's or the ingest thread)
-                log.exception("acknowledging a message failed")
+        return held
 
     def shed(self, raw: RawMessage) -> None:
         """Count a message the overload policy dropped before it got here (outcome ``shed``): every
@@ -238,7 +227,7 @@ class MqttIngest:
     kept for us are gone).
     """
 
-    def __init__(self, client: Any, site_id: str, deliver: Callable[[RawMessage], None], *,
+    def __init__(self, client: Client, site_id: str, deliver: Callable[[RawMessage], None], *,
                  expect_session: bool = False, on_link: Callable[[bool], None] = lambda up: None):
         """``expect_session``: this site's aggregator ran before (its store has results), so even the
         first connection should find the persistent session. ``on_link(up)``: called (in paho's
@@ -318,8 +307,9 @@ class MqttIngest:
         arrives from now on is left unacknowledged, and the broker redelivers it to the next session."""
         self._paused.set()
 
-    def ack(self, receipts: list[Receipt]) -> None:
-        """Acknowledge these messages to the broker; receipts of an earlier connection are skipped."""
+    def ack(self, receipts: Sequence[Receipt]) -> None:
+        """Acknowledge these messages to the broker; receipts of an earlier connection are skipped.
+        Only ``acknowledgements`` decides when (``pipeline_protocols.BrokerAcks``)."""
         with self._ack_lock:
             for receipt in receipts:
                 if receipt.connection == self.connection:

@@ -3,8 +3,18 @@
 Two MQTT sessions: a persistent subscriber for the site's node traffic, and a publisher for results
 and the retained health state (with an ``offline`` will), on a secure site each with its own identity
 (``config.results_mqtt``). A token message is acknowledged to the broker only once the result of its
-window is committed to SQLite (see ``ingest``), so a crash at any point loses nothing the broker
-acknowledged to a node: the next process gets it again, and the store keeps one result per window.
+window is committed to SQLite (``acknowledgements`` owns that rule), so a crash at any point loses
+nothing the broker acknowledged to a node: the next process gets it again, and the store keeps one
+result per window.
+
+The pipeline, one thread per stage (``pipeline_protocols`` types what each stage needs of the next)::
+
+    paho thread -> [message queue] -> "ingest" thread: MessageProcessor -> WindowAssembler
+        -> [window queue] -> "inference" thread: InferenceWorker -> Backend -> ResultSink (SQLite)
+        -> Acknowledgements -> MqttIngest.ack (PUBACK); results published by the publisher session
+    "deadlines" thread: closes windows at their deadline
+
+Readers (metrics, /healthz, the dashboard) see it only through ``stats()``.
 
 On stop (SIGTERM), the subscriber stops taking messages (what still arrives stays with the broker
 for the next session); every message already taken is processed; every window closed by then is
@@ -22,21 +32,26 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime import service_health
+from edge_runtime.acknowledgements import Acknowledgements
+from edge_runtime.aggregator_stats import AggregatorStats, frozen_counts
 from edge_runtime.bounded_queue import BoundedQueue
 from edge_runtime.clock_guard import ClockGuard, ClockLimits
 from edge_runtime.config import AggregatorConfig
 from edge_runtime.dashboard import basic_auth, feed_for
 from edge_runtime.errors import AggregatorError
 from edge_runtime.inference_worker import InferenceWorker, result_payload
-from edge_runtime.ingest import MessageProcessor, MqttIngest
+from edge_runtime.ingest import MessageProcessor, MqttIngest, RawMessage
 from edge_runtime.node_registry import NodeRegistry
 from edge_runtime.node_store import NodeStore
+from edge_runtime.pipeline_protocols import Backend, ResultDatabase
 from edge_runtime.service_metrics import ServiceMetrics
 from edge_runtime.site_binding import check_site_binding
-from edge_runtime.window_assembler import EarlyClose, WindowAssembler
+from edge_runtime.window_assembler import AssembledWindow, EarlyClose, WindowAssembler
 from spar_wire.errors import WireError
 from spar_wire.message import window_start_of
 from spar_wire.model_manifest import ModelManifest, load_manifest
@@ -45,7 +60,12 @@ from spar_wire.placement_text import PlacementTextEncoder, default_cache_dir, te
 from spar_wire.site_layout import SiteLayout, load_site_layout
 from spar_wire.topics import aggregator_topic
 
+if TYPE_CHECKING:
+    from paho.mqtt.client import MQTTMessageInfo
+
 log = logging.getLogger(__name__)
+# The service's threads (their names show in logs and in /healthz's "thread_dead").
+INGEST_THREAD, DEADLINE_THREAD, INFERENCE_THREAD = "ingest", "deadlines", "inference"
 
 
 def check_compatibility(layout: SiteLayout, manifest: ModelManifest) -> None:
@@ -86,7 +106,8 @@ def placement_text_encoder(layout: SiteLayout, manifest: ModelManifest) -> Place
 
 
 class Aggregator:
-    def __init__(self, config: AggregatorConfig, *, backend: Any | None = None, store: Any | None = None):
+    def __init__(self, config: AggregatorConfig, *, backend: Backend | None = None,
+                 store: ResultDatabase | None = None):
         self.config = config
         self.started_ns = time.time_ns()
         try:
@@ -124,7 +145,7 @@ class Aggregator:
         clock = ClockGuard(ClockLimits(max_ahead_s=config.max_clock_ahead_s, max_behind_s=config.max_clock_behind_s,
                                        max_skew_s=config.max_clock_skew_s))
         self.processor = MessageProcessor(self.site, self.registry, self.assembler, features,
-                                          self.window_queue.put, warn=self.metrics.warn, release=self._release,
+                                          self.window_queue.put, warn=self.metrics.warn,
                                           clock=clock, quiet_s=config.stall_windows * window_s)
         # Its own identity where the config gives one (secure site: one connection per identity, so
         # sharing the subscriber's would make the two sessions close each other).
@@ -151,22 +172,23 @@ class Aggregator:
         # A store with results of this site means we ran before: the broker should still hold our session.
         self.ingest = MqttIngest(subscriber, self.site, self._receive,
                                  expect_session=self.store.count(self.site) > 0, on_link=self._link_changed)
+        # The one owner of "when is a message acknowledged" (the broker's PUBACKs go through ingest).
+        self.acks = Acknowledgements(self.ingest, self.processor)
         self.worker = InferenceWorker(self.backend, self.manifest, self.site, self.window_queue, self.store,
                                       self._publish_result, max_batch=config.max_batch,
                                       max_batch_nodes=config.max_batch_nodes,
-                                      window_ns=self.window_ns, observe=self.metrics.observe,
-                                      release=self._release_window)
-        self._pending: list[Any] = []
+                                      window_ns=self.window_ns, observe=self.metrics.observe, acks=self.acks)
+        self._pending_results: list[MQTTMessageInfo] = []  # result publishes the broker has not confirmed
         self._pending_lock = threading.Lock()
         self._flush_open = False
-        self._stop_intake = threading.Event()  # the ingest thread: finish the queued messages, then end
-        self._stop_ingest = threading.Event()  # the deadline thread: end (closing the open windows if flushing)
-        self._stop_worker = threading.Event()
+        self._stop_ingest_thread = threading.Event()  # finish the queued messages, then end
+        self._stop_deadline_thread = threading.Event()  # end (closing the open windows if flushing)
+        self._stop_inference_thread = threading.Event()  # finish the queued windows, then end
         self._threads: list[threading.Thread] = []
         self._thread_errors: dict[str, str] = {}  # thread name -> what killed it
         self._started_s: float | None = None  # monotonic, once start() returned
         self._stopping = False
-        self.metrics.bind(self)
+        self.metrics.bind(self.stats)
         self.dashboard = feed_for(self) if config.dashboard and config.metrics_port is not None else None
         self._check_inflight_budget()
 
@@ -177,8 +199,9 @@ class Aggregator:
                                   routes=self.dashboard.routes() if self.dashboard else None,
                                   route_auth=basic_auth(self.config.dashboard_password_file))
         self._threads = [threading.Thread(target=self._guarded, args=(name, target), name=name, daemon=True)
-                         for name, target in (("ingest", self._ingest_loop), ("deadlines", self._deadline_loop),
-                                              ("inference", lambda: self.worker.run(self._stop_worker)))]
+                         for name, target in ((INGEST_THREAD, self._ingest_loop),
+                                              (DEADLINE_THREAD, self._deadline_loop),
+                                              (INFERENCE_THREAD, self._inference_loop))]
         for thread in self._threads:
             thread.start()
         connect_async(self._publisher, self._results_mqtt, persistent=False)
@@ -212,16 +235,17 @@ class Aggregator:
         self._stopping = True
         self.ingest.pause()
         deadline = time.monotonic() + timeout_s
-        self._stop_intake.set()
-        self._join("ingest", deadline)
-        self._stop_ingest.set()
-        self._join("deadlines", deadline)
-        self._stop_worker.set()
-        self._join("inference", deadline)
+        # Each stage ends after the one that feeds it, so every message taken reaches its window.
+        self._stop_ingest_thread.set()
+        self._join(INGEST_THREAD, deadline)
+        self._stop_deadline_thread.set()
+        self._join(DEADLINE_THREAD, deadline)
+        self._stop_inference_thread.set()
+        self._join(INFERENCE_THREAD, deadline)
         # paho writes queued packets in order, so our acknowledgements leave before the DISCONNECT.
         self.ingest.client.disconnect()
         self.ingest.client.loop_stop()
-        self._wait_for_acks(deadline)
+        self._wait_for_result_publishes(deadline)
         if self._publisher_ready.is_set():
             info = self._publisher.publish(aggregator_topic(self.site, "state"), self._health("offline"),
                                            qos=1, retain=True)
@@ -233,7 +257,7 @@ class Aggregator:
         self.metrics.stop_server()
         self.store.close()
         self.registry.close()
-        close = getattr(self.backend, "close", None)
+        close = getattr(self.backend, "close", None)  # a caller's stand-in backend may have none
         if close:
             close()
 
@@ -244,7 +268,7 @@ class Aggregator:
         self.stop()
 
     # ------------------------------------------------------------------ threads
-    def _guarded(self, name: str, target: Any) -> None:
+    def _guarded(self, name: str, target: Callable[[], None]) -> None:
         """Run a thread's loop; if it dies, say so in the log and in /healthz (the others go on)."""
         try:
             target()
@@ -260,27 +284,33 @@ class Aggregator:
         return {t.name: self._thread_errors.get(t.name, "ended") for t in self._threads if not t.is_alive()}
 
     def _ingest_loop(self) -> None:
-        """Decode and assemble queued messages until told to stop and none is left."""
+        """The ingest thread: decode and assemble queued messages until told to stop and none is left."""
         while True:
             raw = self.message_queue.get(timeout=0.05)
             if raw is not None:
-                self.processor.handle(raw)  # never raises
-            elif self._stop_intake.is_set():
+                held = self.processor.handle(raw)  # never raises
+                self.acks.message_handled(raw.receipt, held=held)  # never raises
+            elif self._stop_ingest_thread.is_set():
                 return
 
     def _deadline_loop(self) -> None:
-        """Close windows at their deadline; after the subscriber stopped, close the rest and end."""
-        while not self._stop_ingest.is_set():
+        """The deadline thread: close windows at their deadline; once told to stop (the ingest thread has
+        ended), close the rest if flushing, and end."""
+        while not self._stop_deadline_thread.is_set():
             try:
                 next_deadline = self.processor.next_deadline_s()
                 wait = 0.05 if next_deadline is None else min(0.05, max(0.0, next_deadline - time.monotonic()))
-                self._stop_ingest.wait(wait)
+                self._stop_deadline_thread.wait(wait)
                 self.processor.tick(time.monotonic())
             except Exception:  # noqa: BLE001 - a dead deadline thread would hold every open window forever
                 log.exception("closing windows at their deadline failed")
                 time.sleep(0.05)
         if self._flush_open:
             self.processor.flush(time.monotonic())
+
+    def _inference_loop(self) -> None:
+        """The inference thread: until told to stop and no window is left (see ``InferenceWorker.run``)."""
+        self.worker.run(self._stop_inference_thread)
 
     def _join(self, name: str, deadline: float) -> None:
         for thread in self._threads:
@@ -289,20 +319,7 @@ class Aggregator:
                 if thread.is_alive():
                     log.error("%s thread did not finish in time", name)
 
-    # ------------------------------------------------------------------ acknowledgements
-    def _release(self, receipts: list[Any]) -> None:
-        """Acknowledge messages to the broker (handled, or their window stored, shed or failed)."""
-        if receipts:
-            self.ingest.ack(receipts)
-
-    def _release_window(self, window: Any, acknowledge: bool = True) -> None:
-        """Take a closed window's receipts (once) and acknowledge them, or with ``acknowledge=False``
-        leave its messages with the broker, which redelivers them to the next session."""
-        receipts = self.processor.take_receipts(window)
-        if acknowledge:
-            self._release(receipts)
-
-
+    # ------------------------------------------------------------------ broker link and overload policy
     def _link_changed(self, up: bool) -> None:
         """No early close across a broker outage (see window_assembler): one assignment, no lock."""
         if up:
@@ -310,32 +327,30 @@ class Aggregator:
         else:
             self.assembler.hold_early()
 
-    def _keep_window(self, window: Any) -> bool:
+    def _keep_window(self, window: AssembledWindow) -> bool:
         """Not to be shed: a window that ended long ago by this box's clock (backlog)."""
         return window.window_start_ns < time.time_ns() - self._backlog_ns
 
-    def _keep_message(self, raw: Any) -> bool:
+    def _keep_message(self, raw: RawMessage) -> bool:
         """Not to be shed: lifecycle messages, and token messages of windows long over (backlog)."""
         if raw.topic.endswith(("/birth", "/state")):
             return True
         start_ns = window_start_of(raw.payload)
         return start_ns is not None and start_ns < raw.arrival_ns - self._backlog_ns
 
-    def _drop_message(self, raw: Any) -> None:
+    def _drop_message(self, raw: RawMessage) -> None:
         # Shed before decoding, like a window shed before inference: counted and acknowledged.
         self.processor.shed(raw)
         self.metrics.dropped("message")
-        if raw.receipt is not None:
-            self._release([raw.receipt])
+        self.acks.message_shed(raw.receipt)
 
-    def _drop_window(self, window: Any) -> None:
-        # Overload policy drops the oldest window on purpose (counted): redelivering it would only
-        # bring the overload back, so its messages are acknowledged like a stored window's.
+    def _drop_window(self, window: AssembledWindow) -> None:
+        # Overload policy drops the oldest window on purpose (counted); see acknowledgements.
         self.metrics.dropped("window")
-        self._release_window(window)
+        self.acks.window_shed(window)
 
     # ------------------------------------------------------------------ publishing
-    def _receive(self, raw: Any) -> None:
+    def _receive(self, raw: RawMessage) -> None:
         """paho's thread: count the message for the dashboard's traffic view, then queue it."""
         if self.dashboard is not None:
             self.dashboard.message(raw.topic, len(raw.payload))
@@ -346,8 +361,8 @@ class Aggregator:
             self.dashboard.result(result)
         info = self._publisher.publish(aggregator_topic(self.site, "results"), result_payload(result), qos=1)
         with self._pending_lock:
-            self._pending = [p for p in self._pending if publish_outcome(p) == "pending"]
-            self._pending.append(info)
+            self._pending_results = [p for p in self._pending_results if publish_outcome(p) == "pending"]
+            self._pending_results.append(info)
         refused = self._refused_results.count
         if refused > self._refusals_logged:
             self._refusals_logged = refused
@@ -355,14 +370,15 @@ class Aggregator:
             self.metrics.warn("results_refused", f"the broker refused {refused} result publish(es) so far: may "
                               f"user {user} write spar/v1/{self.site}/aggregator/#? (results are still stored)")
 
-    def _wait_for_acks(self, deadline: float) -> None:
+    def _wait_for_result_publishes(self, deadline: float) -> None:
+        """Until the broker confirmed the results published (their PUBACKs to us), or ``deadline``."""
         with self._pending_lock:
-            pending, self._pending = self._pending, []
+            pending, self._pending_results = self._pending_results, []
         for info in pending:
             self._wait(info, deadline)
 
     @staticmethod
-    def _wait(info: Any, deadline: float) -> None:
+    def _wait(info: MQTTMessageInfo, deadline: float) -> None:
         try:
             info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
         except (RuntimeError, ValueError):  # not connected: paho keeps it queued; nothing to wait on
@@ -385,11 +401,38 @@ class Aggregator:
 
     def problems(self) -> dict[str, str]:
         """What is wrong now (see ``service_health``)."""
-        return service_health.problems(self)
+        return service_health.problems(self.stats())
 
     def health(self) -> dict[str, Any]:
         """What /healthz reports (see ``service_health``)."""
-        return service_health.health_report(self)
+        return service_health.health_report(self.stats())
+
+    def stats(self) -> AggregatorStats:
+        """A snapshot of every stage's counters and state (any thread): what metrics, /healthz and the
+        dashboard read."""
+        now_s, now_ns = time.monotonic(), time.time_ns()
+        off, site_offset = self.processor.clock_report(now_s, now_ns)
+        received_messages, received_bytes = self.processor.traffic()
+        ingest, worker = self.ingest, self.worker
+        nodes = self.registry.nodes()
+        return AggregatorStats(
+            site=self.site, model=f"{self.manifest.name}@{self.manifest.version}", taken_s=now_s,
+            window_ns=self.window_ns, stall_windows=self.config.stall_windows,
+            messages=frozen_counts(self.processor.snapshot_counts()),
+            windows=frozen_counts(self.assembler.counts), inference=frozen_counts(worker.snapshot_counts()),
+            registry=frozen_counts(self.registry.counts), acknowledgements=frozen_counts(self.acks.snapshot_counts()),
+            broker_acks=frozen_counts(ingest.acks), received_messages=received_messages,
+            received_bytes=received_bytes, sessions_lost=ingest.sessions_lost,
+            connected=ingest.connected.is_set(), refused_subscriptions=tuple(ingest.refused_subscriptions),
+            session_lost_s=ingest.session_lost_s, dead_threads=MappingProxyType(self.dead_threads()),
+            storage_failing_since_s=worker.storage_failing_since, last_stored_s=worker.last_stored_s,
+            last_accepted_s=self.processor.last_accepted_s, accepting_since_s=self.processor.accepting_since_s,
+            clock_off_nodes=MappingProxyType({node: MappingProxyType(v) for node, v in off.items()}),
+            site_clock_offset_s=site_offset, open_windows=self.assembler.open_windows,
+            queued_windows=self.window_queue.qsize(), queued_window_messages=self.window_queue.weight(),
+            queued_messages=self.message_queue.qsize(),
+            nodes=MappingProxyType({n.id: bool(n.online) for n in nodes}),
+            refused_nodes=MappingProxyType(dict(self.registry.refused())))
 
     # ------------------------------------------------------------------ construction helpers
     def _check_inflight_budget(self) -> None:
@@ -405,7 +448,7 @@ class Aggregator:
                         self.config.max_held_messages, self.config.ingest_queue_size, per_window,
                         self.config.broker_max_inflight)
 
-    def _load_backend(self) -> Any:
+    def _load_backend(self) -> Backend:
         from edge_runtime.inference import BackendOptions, load_backend
 
         backend = load_backend(self.manifest, self.config.backend, device=self.config.device,
@@ -413,7 +456,7 @@ class Aggregator:
         backend.warmup(n_nodes=len(self.layout.nodes), batch=1)
         return backend
 
-    def _open_store(self) -> Any:
+    def _open_store(self) -> ResultDatabase:
         from edge_runtime.result_store import ResultStore
 
         self.config.database.parent.mkdir(parents=True, exist_ok=True)

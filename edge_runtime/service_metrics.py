@@ -1,23 +1,21 @@
 """The aggregator's Prometheus metrics, fed from the components' own counters.
 
 Components count in plain ``collections.Counter``s (cheap on the hot path, easy to assert in tests);
-at every scrape the deltas since the previous scrape are added to the Prometheus counters, and the
-gauges are read fresh. Latency histograms are observed directly by the inference worker.
+at every scrape one ``AggregatorStats`` snapshot is taken (``Aggregator.stats()``, bound with
+``bind``), the deltas of its counters since the previous scrape are added to the Prometheus counters,
+and the gauges are set from it. Latency histograms are observed directly by the inference worker.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from edge_runtime import service_health
+from edge_runtime.aggregator_stats import AggregatorStats
 from edge_runtime.metrics import MetricsServer, RateLimitedLogger, Registry
-from edge_runtime.service_health import HEALTH_PROBLEMS
-
-if TYPE_CHECKING:
-    from edge_runtime.service import Aggregator
 
 log = logging.getLogger("edge_runtime")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -77,14 +75,15 @@ class ServiceMetrics:
                                               "Window end (node clock) -> result published", E2E_BUCKETS),
         }
         self.rate_log = RateLimitedLogger(log, log_interval_s)
-        self._aggregator: Aggregator | None = None
+        self._stats: Callable[[], AggregatorStats] | None = None
         self._seen: dict[tuple[str, str], float] = {}
         self._clock_off_nodes: set[str] = set()  # nodes ever reported (site nodes only: bounded)
         self._sync_lock = threading.Lock()
         self._server: MetricsServer | None = None
 
-    def bind(self, aggregator: Aggregator) -> None:
-        self._aggregator = aggregator
+    def bind(self, stats: Callable[[], AggregatorStats]) -> None:
+        """Read the service through ``stats`` (``Aggregator.stats``) at every scrape and /healthz."""
+        self._stats = stats
 
     # ------------------------------------------------------------------ hot-path hooks
     def dropped(self, item: str) -> None:
@@ -102,44 +101,45 @@ class ServiceMetrics:
     # ------------------------------------------------------------------ scrape
     def sync(self) -> None:
         """Add the component counters' growth since the last scrape; refresh the gauges."""
-        agg = self._aggregator
-        if agg is None:
+        read = self._stats
+        if read is None:
             return
         with self._sync_lock:
-            for key, value in agg.processor.snapshot_counts().items():
+            stats = read()
+            for key, value in stats.messages.items():
                 kind, _, reason = key.partition(".")
                 if kind == "rejected":
                     self._advance(self.rejected, "reject", key, value, reason=reason)
                 else:
                     self._advance(self.messages, "msg", key, value, outcome=key)
-            assembler = _copy(agg.assembler.counts)
+            windows = stats.windows
             for outcome in ("complete", "partial"):
-                self._advance(self.windows, "win", outcome, assembler.get(f"windows_{outcome}", 0), outcome=outcome)
+                self._advance(self.windows, "win", outcome, windows.get(f"windows_{outcome}", 0), outcome=outcome)
             for by in ("complete", "early", "deadline", "forced", "shutdown"):
-                self._advance(self.closed_by, "closed", by, assembler.get(f"closed_{by}", 0), by=by)
+                self._advance(self.closed_by, "closed", by, windows.get(f"closed_{by}", 0), by=by)
             for kind in ("late", "duplicate", "out_of_order"):
-                self._advance(self.window_messages, "wm", kind, assembler.get(kind, 0), kind=kind)
-            worker = agg.worker.snapshot_counts()
-            self._advance(self.windows, "win", "failed", worker.get("windows_failed", 0), outcome="failed")
-            self._advance(self.results, "res", "results", worker.get("results", 0))
-            self._advance(self.store_failures, "sf", "failed", worker.get("store_failures", 0))
-            self._advance(self.sessions_lost, "sl", "lost", agg.ingest.sessions_lost)
-            problems = agg.problems()
-            for problem in HEALTH_PROBLEMS:
-                self.problems.set(int(problem in problems), problem=problem)
-            off, _ = agg.processor.clock_report(time.monotonic(), time.time_ns())
+                self._advance(self.window_messages, "wm", kind, windows.get(kind, 0), kind=kind)
+            inference = stats.inference
+            self._advance(self.windows, "win", "failed", inference.get("windows_failed", 0), outcome="failed")
+            self._advance(self.results, "res", "results", inference.get("results", 0))
+            self._advance(self.store_failures, "sf", "failed", inference.get("store_failures", 0))
+            self._advance(self.sessions_lost, "sl", "lost", stats.sessions_lost)
+            found = service_health.problems(stats)
+            for problem in service_health.HEALTH_PROBLEMS:
+                self.problems.set(int(problem in found), problem=problem)
+            off = stats.clock_off_nodes
             for node in set(off) | self._clock_off_nodes:  # a node that recovered reads 0
                 self.clock_off.set(int(node in off), node=node)
             self._clock_off_nodes |= set(off)
-            self._advance(self.node_store_failures, "nsf", "failed", agg.registry.counts.get("node_store_failed", 0))
-            self.queue_depth.set(agg.window_queue.qsize(), queue="windows")
-            self.queue_depth.set(agg.window_queue.weight(), queue="window_messages")
-            self.queue_depth.set(agg.message_queue.qsize(), queue="messages")
-            self.open_windows.set(agg.assembler.open_windows)
-            nodes = agg.registry.nodes()
-            self.nodes.set(sum(n.online for n in nodes), state="online")
-            self.nodes.set(sum(not n.online for n in nodes), state="offline")
-            self.nodes.set(len(agg.registry.refused()), state="refused")
+            self._advance(self.node_store_failures, "nsf", "failed", stats.registry.get("node_store_failed", 0))
+            self.queue_depth.set(stats.queued_windows, queue="windows")
+            self.queue_depth.set(stats.queued_window_messages, queue="window_messages")
+            self.queue_depth.set(stats.queued_messages, queue="messages")
+            self.open_windows.set(stats.open_windows)
+            online = sum(stats.nodes.values())
+            self.nodes.set(online, state="online")
+            self.nodes.set(len(stats.nodes) - online, state="offline")
+            self.nodes.set(len(stats.refused_nodes), state="refused")
 
     def _advance(self, counter: Any, family: str, key: str, value: float, **labels: Any) -> None:
         previous = self._seen.get((family, key), 0)
@@ -154,7 +154,8 @@ class ServiceMetrics:
         None: no server."""
         if port is None:
             return None
-        health = (lambda: self._aggregator.health()) if self._aggregator else None
+        read = self._stats
+        health = (lambda: service_health.health_report(read())) if read is not None else None
         self._server = MetricsServer(self.registry, host, port, health=health, routes=routes,
                                      route_auth=route_auth).start()
         log.info("metrics on %s", self._server.url)
@@ -174,12 +175,3 @@ class ServiceMetrics:
             self._server.stop()
             self._server = None
 
-
-def _copy(counter: Mapping[str, int]) -> dict[str, int]:
-    """A copy of a Counter another thread may be growing (retry on a concurrent resize)."""
-    for _ in range(5):
-        try:
-            return dict(counter)
-        except RuntimeError:
-            continue
-    return {}

@@ -43,11 +43,11 @@ while the node's next one overtakes it, so a higher sequence number is no proof 
 
 Each message may carry a ``receipt`` (what the ingest needs to acknowledge it to the broker). A
 window keeps the receipts of every message it absorbed, duplicates included, and hands them on
-when it closes: the aggregator acknowledges them only once the window's result is stored. Until then
-the closed window stays "unreleased" here, and a late copy of one of its messages (the broker
-redelivers after a reconnect) joins its receipts: acknowledging that copy at once would lose the
-message if the process died before the window was stored. A late message for a window already
-released is not held; its caller acknowledges it at once.
+when it closes: ``acknowledgements`` acknowledges them only once the window's result is stored.
+Until then the closed window stays "unreleased" here, and a late copy of one of its messages (the
+broker redelivers after a reconnect) joins its receipts: acknowledging that copy at once would lose
+the message if the process died before the window was stored. A late message for a window already
+released is not held (``AddResult.held`` is False); it is acknowledged at once.
 
 Pure logic with an injected clock: the ingest thread calls ``add`` and ``expire``; tests call them
 with any clock they like.
@@ -58,11 +58,11 @@ from __future__ import annotations
 import collections
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from edge_runtime.node_registry import RegistrySnapshot
+from edge_runtime.receipts import Receipt
 from spar_wire.feature_config import FeatureConfig
 from spar_wire.model_manifest import NODE_INDEX_INPUT, NODE_TEXT_INPUT, POSITIONS_INPUT, present_input, tokens_input
 from spar_wire.placement_text import PlacementTextEncoder
@@ -86,7 +86,7 @@ class AssembledWindow:
     first_arrival_s: float  # monotonic
     closed_s: float  # monotonic
     message_count: int = 0
-    receipts: list[Any] = field(default_factory=list)  # of every message absorbed, to acknowledge once stored
+    receipts: list[Receipt] = field(default_factory=list)  # of every message absorbed, to acknowledge once stored
 
     @property
     def nodes_present(self) -> int:
@@ -122,7 +122,7 @@ class _OpenWindow:
     first_arrival_s: float
     tokens: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (node, modality) -> [m, D]
     starts: list[int] = field(default_factory=list)  # window starts as the nodes stamped them
-    receipts: list[Any] = field(default_factory=list)
+    receipts: list[Receipt] = field(default_factory=list)
 
 
 @dataclass
@@ -181,7 +181,7 @@ class WindowAssembler:
 
 
     def add(self, node_id: str, modality: str, window_start_ns: int, tokens: np.ndarray,
-            snapshot: RegistrySnapshot, now_s: float, receipt: Any = None) -> AddResult:
+            snapshot: RegistrySnapshot, now_s: float, receipt: Receipt | None = None) -> AddResult:
         """Add one message's tokens [m, D]; the windows this closed (complete or forced) come back."""
         index = self.window_index(window_start_ns)
         far_late = index <= self._newest_closed - 2 * self.max_open
@@ -262,7 +262,7 @@ class WindowAssembler:
     def open_windows(self) -> int:
         return len(self._open)
 
-    def take_receipts(self, window: AssembledWindow) -> list[Any]:
+    def take_receipts(self, window: AssembledWindow) -> list[Receipt]:
         """The receipts ``window`` holds now, taken once (later calls get none); from here on a late
         copy of its messages is acknowledged at once. The caller serialises this with ``add``."""
         if self._unreleased.get(window.window_index) is window:

@@ -1,4 +1,5 @@
-"""Fixtures of the aggregator tests: the tiny untrained parking-lot model, and a disk that fails."""
+"""Fixtures of the aggregator tests: the tiny untrained parking-lot model, a disk that fails, and a
+secured site with its Mosquitto (the site security tests, helpers in site_security_helpers.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.tiny_onnx_model import build_tiny_model
+from edge_runtime.site_security import BrokerOptions, init_site
+from spar_wire.mqtt_settings import MqttSettings
+from testbed.local_broker import LocalBroker, find_mosquitto
+from testbed.tiny_onnx_model import build_tiny_model
+from tests.edge_runtime.site_security_helpers import SITE_TOML, TLS_OPTIONS, Session
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +39,44 @@ def fail_writes() -> Callable[[Path], Callable[[], None]]:
             conn.close()
         return heal
     return fail
+
+
+# --------------------------------------------------------------------------- a secured site and its broker
+@pytest.fixture
+def site(tmp_path) -> Path:
+    """A freshly provisioned security folder for parking_lot (with the monitor user)."""
+    return init_site(SITE_TOML, tmp_path / "secure", BrokerOptions(monitor=True)).folder.root
+
+
+@pytest.fixture
+def broker(site, tmp_path) -> LocalBroker:
+    """Mosquitto running the generated mosquitto.conf, its listener moved to a free loopback port."""
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto is not installed: run `make test` or `sudo apt-get install mosquitto`")
+    with LocalBroker(workdir=tmp_path / "broker", config_file=site / "mosquitto.conf") as running:
+        yield running
+
+
+@pytest.fixture
+def plain_broker(site, tmp_path) -> LocalBroker:
+    """Mosquitto with the generated config, its listener without TLS: where passwords are checked (an
+    operator's loopback listener for local tools). Same password file, ACL and reload behaviour."""
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto is not installed: run `make test` or `sudo apt-get install mosquitto`")
+    lines = (site / "mosquitto.conf").read_text().splitlines()
+    text = "\n".join(line for line in lines if line.split()[:1] not in [[o] for o in TLS_OPTIONS]) + "\n"
+    with LocalBroker(workdir=tmp_path / "plain-broker", config_text=text) as running:
+        yield running
+
+
+@pytest.fixture
+def sessions():
+    opened: list[Session] = []
+
+    def open_session(mqtt: MqttSettings, **kwargs) -> Session:
+        opened.append(Session(mqtt, **kwargs))
+        return opened[-1]
+
+    yield open_session
+    for session in opened:
+        session.close()

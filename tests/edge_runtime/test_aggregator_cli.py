@@ -102,7 +102,7 @@ def test_run_command_reports_a_missing_model(tmp_path):
 
 
 def test_the_seismic_hut_config_runs_the_shipped_seismic_model(mosquitto, tmp_path):
-    """configs/aggregator-ridgecrest.toml as the README's seismic-hut story runs it: simulated
+    """configs/aggregator-ridgecrest.toml as docs/deployment.md's seismic-hut story runs it: simulated
     events from the 16 stations (a fifth of the traces missing) -> hypocentres stored in SQLite."""
     from spar_wire.site_layout import load_site_layout
 
@@ -127,7 +127,7 @@ def test_the_seismic_hut_config_runs_the_shipped_seismic_model(mosquitto, tmp_pa
 
 
 def test_the_busy_lot_config_runs_the_shipped_detector(mosquitto, tmp_path):
-    """configs/aggregator-busy-lot.toml as the README's busy-lot story runs it: up to three vehicles
+    """configs/aggregator-busy-lot.toml as docs/deployment.md's busy-lot story runs it: up to three vehicles
     at once -> one detection query per node stored, and `query` says how many it found and where."""
     from spar_wire.site_layout import load_site_layout
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.local_broker import BrokerSettings, LocalBroker
 from edge_runtime import inference_worker
 from edge_runtime.config import AggregatorConfig
 from edge_runtime.errors import AggregatorError
@@ -22,6 +21,7 @@ from edge_runtime.result_store import ResultStore
 from edge_runtime.service import Aggregator
 from node_firmware_sim.field_runner import FieldConfig, SourceSpec, run_field
 from spar_wire.mqtt_settings import MqttSettings
+from testbed.local_broker import BrokerSettings, LocalBroker
 
 REPO = Path(__file__).resolve().parents[2]
 SITE = REPO / "configs/sites/parking_lot.toml"

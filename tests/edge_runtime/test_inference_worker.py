@@ -57,15 +57,29 @@ class Backend:
         return {"y": inputs["x"].sum(axis=(1, 2))}
 
 
+class Acks:
+    """A ``WindowAcks`` that records (window index, acknowledged, decision) per report."""
+
+    def __init__(self, released):
+        self.released = released
+
+    def window_stored(self, window):
+        self.released.append((window.window_index, True, "stored"))
+
+    def window_failed(self, window):
+        self.released.append((window.window_index, True, "failed"))
+
+    def window_unstored(self, window):
+        self.released.append((window.window_index, False, "unstored"))
+
+
 def worker_on(store, released, published, stop):
     from types import SimpleNamespace
 
     manifest = SimpleNamespace(name="m", version="1", task="t", outputs=(), class_names=())
     worker = InferenceWorker(Backend(), manifest, "s", BoundedQueue(4, lambda item: None), store,
-                             published.append, max_batch=4, window_ns=10**9,
-                             release=lambda window, acknowledge=True: released.append((window.window_index,
-                                                                                        acknowledge)))
-    worker._stop = stop
+                             published.append, max_batch=4, window_ns=10**9, acks=Acks(released))
+    worker.stop_inference = stop
     return worker
 
 
@@ -92,7 +106,7 @@ def test_a_failed_store_is_retried_and_nothing_is_acknowledged_until_it_is_store
     heal()
     done.join(10)
     assert not done.is_alive()
-    assert released == [(1, True), (2, True)] and len(published) == 2 and store.count() == 2
+    assert released == [(1, True, "stored"), (2, True, "stored")] and len(published) == 2 and store.count() == 2
     assert worker.storage_failing_since is None and worker.snapshot_counts()["results"] == 2
     assert store.grid_phase("s", 10**9) == 0  # the grid is recorded with the first results
 
@@ -111,7 +125,7 @@ def test_at_shutdown_an_unstored_batch_stays_with_the_broker(tmp_path, fail_writ
     stop.set()
     worker = worker_on(store, released, published, stop)
     assert worker.process([assembled(1), assembled(2)]) == []
-    assert released == [(1, False), (2, False)] and published == []
+    assert released == [(1, False, "unstored"), (2, False, "unstored")] and published == []
     assert worker.snapshot_counts()["windows_unstored"] == 2
 
 
@@ -128,5 +142,5 @@ def test_a_result_that_cannot_be_stored_does_not_take_its_batch_down(tmp_path):
     bad = assembled(3)
     bad.window_start_ns = bad.grid_start_ns = 2**63 - 1
     worker.process([assembled(1), bad, assembled(2)])
-    assert sorted(released) == [(1, True), (2, True), (3, True)]
+    assert sorted(released) == [(1, True, "stored"), (2, True, "stored"), (3, True, "failed")]
     assert store.count() == 2 and worker.snapshot_counts()["windows_invalid"] == 1

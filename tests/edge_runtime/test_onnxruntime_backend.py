@@ -1,4 +1,4 @@
-"""ONNX Runtime backend and backend selection, on the tiny ONNX model of benchmarks/tiny_onnx_model.py."""
+"""ONNX Runtime backend and backend selection, on the tiny ONNX model of testbed/tiny_onnx_model.py."""
 
 from __future__ import annotations
 
@@ -13,13 +13,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from benchmarks.tiny_onnx_model import (
-    build_tiny_model,
-    class_names,
-    make_inputs,
-    reference_forward,
-    tiny_weights,
-)
 from edge_runtime.errors import AggregatorError
 from edge_runtime.inference import (
     BACKEND_NAMES,
@@ -39,6 +32,13 @@ from edge_runtime.inference.onnxruntime_backend import (
     choose_providers,
 )
 from spar_wire.model_manifest import ARTIFACT_FORMATS, TensorSpec, load_manifest
+from testbed.tiny_onnx_model import (
+    build_tiny_model,
+    class_names,
+    make_inputs,
+    reference_forward,
+    tiny_weights,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

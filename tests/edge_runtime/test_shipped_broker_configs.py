@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.local_broker import LocalBroker, find_mosquitto
-from edge_runtime import site_security as sec
 from edge_runtime.config import load_config
+from edge_runtime.site_broker_config import mosquitto_conf_text
+from edge_runtime.site_folder import SecurityManifest
+from edge_runtime.site_security import BrokerOptions, init_site
 from spar_wire.mqtt_settings import MqttSettings, connect_async, make_client
 from spar_wire.toml_file import read_toml
+from testbed.local_broker import LocalBroker, find_mosquitto
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -74,10 +76,10 @@ def parse_conf(text: str) -> BrokerConf:
 
 
 def generated_secure_conf(install_dir: str = "/etc/spar-edge/parking_lot", port: int = 8883) -> str:
-    manifest = sec.SecurityManifest(site="parking_lot", port=port, hostnames=["localhost", "127.0.0.1"],
-                                    install_dir=install_dir, data_dir=f"{install_dir}/data", monitor=False,
-                                    broker_user="mosquitto")
-    return sec.mosquitto_conf_text(manifest)
+    manifest = SecurityManifest(site="parking_lot", port=port, hostnames=["localhost", "127.0.0.1"],
+                                install_dir=install_dir, data_dir=f"{install_dir}/data", monitor=False,
+                                broker_user="mosquitto")
+    return mosquitto_conf_text(manifest)
 
 
 # --------------------------------------------------------------------------- the files agree
@@ -107,7 +109,7 @@ def test_shipped_secure_toml_matches_the_generated_tls_listener():
     install_dir = str(Path(listener.options["cafile"]).parent)
     assert mqtt["credentials_dir"] == install_dir
     # The server certificate init makes by default names localhost (what host must match).
-    assert mqtt["host"] in sec.BrokerOptions().hostnames
+    assert mqtt["host"] in BrokerOptions().hostnames
 
 
 def test_both_aggregator_configs_run_the_same_aggregator():
@@ -181,7 +183,7 @@ def test_secure_path_aggregator_toml_talks_to_the_generated_conf(tmp_path):
     checked against the server certificate); without the certificate it does not."""
     if find_mosquitto() is None:
         pytest.fail("mosquitto is not installed: run `make test` or `sudo apt-get install mosquitto`")
-    site = sec.init_site(CONFIGS / "sites" / "parking_lot.toml", tmp_path / "secure").folder.root
+    site = init_site(CONFIGS / "sites" / "parking_lot.toml", tmp_path / "secure").folder.root
     shipped = (CONFIGS / "aggregator-secure.toml").read_text()
     assert 'credentials_dir = "/etc/spar-edge/parking_lot"' in shipped
     copy = tmp_path / "configs" / "aggregator-secure.toml"

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.tiny_onnx_model import build_tiny_model
 from edge_runtime.config import AggregatorConfig, load_config
 from edge_runtime.errors import AggregatorError
 from edge_runtime.inference import load_backend
@@ -29,6 +28,7 @@ from spar_wire.message import decode_message
 from spar_wire.model_manifest import TrainedNode, TrainingSite, load_manifest, present_input, tokens_input
 from spar_wire.mqtt_settings import MqttSettings
 from spar_wire.site_layout import load_site_layout
+from testbed.tiny_onnx_model import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 SITES = REPO / "configs/sites"

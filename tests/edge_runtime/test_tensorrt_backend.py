@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.tiny_onnx_model import build_tiny_model, make_inputs, reference_forward, tiny_weights
 from edge_runtime.errors import AggregatorError
 from edge_runtime.inference import load_backend, select_backend
 from edge_runtime.inference import tensorrt_backend as trt_backend
 from edge_runtime.inference.tensorrt_backend import import_cudart
 from spar_wire.model_manifest import ModelManifest, load_manifest
+from testbed.tiny_onnx_model import build_tiny_model, make_inputs, reference_forward, tiny_weights
 
 MAX_BATCH, OPT_BATCH = 8, 4
 MAX_NODES, OPT_NODES = 16, 8
