@@ -12,19 +12,20 @@ from pathlib import Path
 
 from export.attention import ATTENTION_MODES, DEFAULT_ATTENTION
 from export.errors import ExportError
-from export.formats import FORMATS
+from export.formats import engine_name, export_format, formats_help, int8_name
 
-FORMAT_LINES = "\n".join(f"  {f.name:<16} {f.file:<22} {f.precision:<5} spar-export {f.command:<9} "
-                         f"runs on {', '.join(f.backends)}; attention {f.attention}" for f in FORMATS)
-EPILOG = "formats:\n" + FORMAT_LINES + """
+_ONNX, _PLAIN = export_format("onnx"), export_format("onnx-plain")
+_INT8, _INT8_PLAIN = export_format("onnx-int8"), export_format("onnx-int8-plain")
+EPILOG = ("formats (export.formats; `python -m export.formats --markdown` prints them as Markdown):\n"
+          + formats_help() + f"""
 
 examples:
   spar-export distill --teacher runs/spar-cls --teacher runs/spar-loc --data data/lot --out runs/student
   spar-export onnx --checkpoint runs/student --data data/lot --out models/parking_lot --name spar-parking-lot
-  spar-export quantize --onnx models/parking_lot/model.onnx --checkpoint runs/student --data data/lot
-  spar-export quantize --onnx models/parking_lot/model.plain.onnx --checkpoint runs/student --data data/lot
-  spar-export engine --onnx models/parking_lot/model.plain.int8.onnx --precision int8   # on the Jetson
-"""
+  spar-export quantize --onnx models/parking_lot/{_ONNX.file} --checkpoint runs/student --data data/lot
+  spar-export quantize --onnx models/parking_lot/{_PLAIN.file} --checkpoint runs/student --data data/lot
+  spar-export engine --onnx models/parking_lot/{_INT8_PLAIN.file} --precision int8   # on the Jetson
+""")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export fine-tuned checkpoints (sharing one encoder) or a distilled student as "
                                    "one ONNX graph (dynamic batch and node count, opset >= 17), check it against "
                                    "torch at several node counts, and with --data score both on the validation "
-                                   "windows (parity-onnx.md). Writes model.onnx and manifest.json.")
+                                   f"windows ({_ONNX.report}). Writes {_ONNX.file} and {_ONNX.manifest}, and "
+                                   f"{_PLAIN.file} with {_PLAIN.manifest} when the attention is one TensorRT "
+                                   "cannot parse.")
     p.add_argument("--checkpoint", action="append", required=True, help="checkpoint (repeat for several heads)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--data", help="dataset for the parity check and the manifest's metric")
@@ -80,30 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "ort-fusion = dynamo exporter + onnxscript's ORT fusion rewriter (needs onnxscript), plain = "
                         "split MatMul/Softmax (every TensorRT 10 parses it)")
     p.add_argument("--no-plain", action="store_true",
-                   help="do not write model.plain.onnx (the split-attention graph TensorRT is built from)")
+                   help=f"do not write {_PLAIN.file} (the split-attention graph TensorRT is built from)")
 
     p = sub.add_parser("quantize", help="INT8 Q/DQ ONNX calibrated on real windows",
                        description="Static INT8 quantization (Q/DQ, S8S8, per-channel weights; LayerNorm, Softmax, "
                                    "residual adds and regression outputs stay float) calibrated on real windows; "
                                    "--method auto measures MinMax, Percentile and Entropy and keeps the best. "
-                                   "Writes model.int8.onnx, its manifest and parity-int8.md.")
-    p.add_argument("--onnx", required=True, help="FP32 model.onnx (its manifest.json beside it)")
+                                   f"Writes {_INT8.file}, its manifest and {_INT8.report} (from {_PLAIN.file}: "
+                                   f"{_INT8_PLAIN.file} and {_INT8_PLAIN.report}), and the dynamic INT8 graph "
+                                   "beside it for comparison.")
+    p.add_argument("--onnx", required=True, help=f"FP32 {_ONNX.file} (its {_ONNX.manifest} beside it)")
     p.add_argument("--checkpoint", action="append", required=True,
-                   help="the checkpoint(s) model.onnx was exported from (the torch reference of the parity report)")
+                   help=f"the checkpoint(s) {_ONNX.file} was exported from (the torch reference of the parity "
+                        "report)")
     p.add_argument("--data", required=True, help="dataset: calibration windows from its training part, evaluation "
                                                  "on its validation part")
     p.add_argument("--val-fraction", type=float, default=0.25)
-    p.add_argument("--out", help="INT8 file (default: model.int8.onnx beside the input)")
+    p.add_argument("--out", help=f"INT8 file (default: {int8_name(_ONNX.file)} for {_ONNX.file}, "
+                                 "<stem>.int8.onnx for any other input, beside it)")
     p.add_argument("--method", default="auto", choices=["auto", "minmax", "percentile", "entropy"])
     p.add_argument("--calibration-windows", type=int, default=128)
 
     p = sub.add_parser("engine", help="build a TensorRT engine (needs tensorrt and a GPU)",
-                       description="Build a serialized TensorRT engine from model.onnx (fp16) or the Q/DQ "
-                                   "model.int8.onnx (int8), with an optimisation profile over the site's node "
+                       description=f"Build a serialized TensorRT engine from {_PLAIN.file} (fp16) or the Q/DQ "
+                                   f"{_INT8_PLAIN.file} (int8), with an optimisation profile over the site's node "
                                    "range. Engines are tied to the TensorRT version and GPU: build on the Jetson.")
     p.add_argument("--onnx", required=True, help="ONNX file with its manifest beside it")
     p.add_argument("--precision", choices=["fp16", "int8", "fp32"], default="fp16")
-    p.add_argument("--out", help="engine file (default: model.<precision>.trt.engine beside the ONNX)")
+    p.add_argument("--out", help=f"engine file (default beside the ONNX: {engine_name(_PLAIN.file, 'fp16')} from "
+                                 f"{_PLAIN.file}, {engine_name(_INT8_PLAIN.file, 'int8')} from "
+                                 f"{_INT8_PLAIN.file})")
     p.add_argument("--nodes", type=int, help="typical node count of the site (profile optimum)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch of the profile (default 8)")
     p.add_argument("--timing-cache", help="tactic timing cache file (loaded when present, saved after the build)")
@@ -154,7 +163,8 @@ def _cmd_onnx(args) -> int:
 def _cmd_quantize(args) -> int:
 
     from export.exporter import load_deployable
-    from export.quantize import calibration_indices, quantize
+    from export.quant_calibration import calibration_indices
+    from export.quantize import quantize
     from train.data import load_windows, temporal_split
 
     model, _ = load_deployable(args.checkpoint)
@@ -162,7 +172,7 @@ def _cmd_quantize(args) -> int:
     train_idx, val_idx = temporal_split(len(windows), args.val_fraction)
     calib = calibration_indices(train_idx, args.calibration_windows)
     onnx_path = Path(args.onnx)
-    out = Path(args.out) if args.out else onnx_path.with_name(f"{onnx_path.stem}.int8.onnx")
+    out = Path(args.out) if args.out else onnx_path.with_name(int8_name(onnx_path.name))
     report = quantize(onnx_path, out, windows, calib, val_idx, model, method=args.method)
     print(report.to_markdown())
     return 0

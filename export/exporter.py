@@ -13,10 +13,9 @@ from pathlib import Path
 from export.attention import DEFAULT_ATTENTION, needs_plain_graph
 from export.deploy_model import DeployModel, deploy_model_from_checkpoints
 from export.errors import ExportError
+from export.formats import export_format, report_name
 from export.manifests import manifest_for, manifest_path_for
 from export.onnx_export import DEFAULT_OPSET, ParityReport, export_onnx
-
-PLAIN_ONNX = "model.plain.onnx"  # the split-attention graph for TensorRT (export.formats)
 
 
 @dataclass
@@ -57,18 +56,19 @@ def export_checkpoints(paths: list[str], out_dir: str | Path, *, name: str, vers
     ``model.plain.onnx`` and its manifest (scored the same way)."""
     model, data_info = load_deployable(paths)
     out_dir = Path(out_dir)
-    graphs = [("model.onnx", attention, "parity-onnx.md")]
+    # (format, attention) per graph, the default graph first; file and report names are the table's
+    graphs = [(export_format("onnx"), attention)]
     if plain and needs_plain_graph(attention):
-        graphs.append((PLAIN_ONNX, "plain", "parity-onnx.plain.md"))
+        graphs.append((export_format("onnx-plain"), "plain"))
     written = []  # (onnx path, manifest path, parity) per graph, the default graph first
-    for file, mode, report_name in graphs:
-        onnx_path = export_onnx(model, out_dir / file, opset=opset, attention=mode)
+    for fmt, mode in graphs:
+        onnx_path = export_onnx(model, out_dir / fmt.file, opset=opset, attention=mode)
         parity = None
         metric: dict[str, float] = {}
         if data:
             parity = parity_on_dataset(model, onnx_path, data, data_info, val_fraction, max_windows)
             text = parity.to_markdown("torch FP32", f"ONNX Runtime FP32 ({mode} attention)")
-            (out_dir / report_name).write_text(text)
+            (out_dir / report_name(fmt.file)).write_text(text)
             metric = dict(parity.metrics_candidate)
         manifest = manifest_for(model, data_info, onnx_path, name=name, version=version, metric=metric)
         manifest_path = manifest_path_for(onnx_path)

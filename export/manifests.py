@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from export.deploy_model import DeployModel
+from export.formats import manifest_name
 from spar_wire.model_manifest import (
     NODE_TEXT_INPUT,
     ModalityRequirement,
@@ -19,7 +20,6 @@ from spar_wire.model_manifest import (
 )
 from spar_wire.placement_text import text_model_id
 
-MANIFEST = "manifest.json"
 # train task -> manifest task
 TASK_NAMES = {"classify": "classification", "localize": "localization", "detect": "detection",
               "quake": "event_localization"}
@@ -91,5 +91,5 @@ def derive_manifest(base: ModelManifest | str | Path, artifact: Path, *, artifac
 
 def manifest_path_for(artifact: Path) -> Path:
     """Where an artifact's manifest goes: ``manifest.json`` for ``model.onnx``, else
-    ``<stem>.manifest.json`` (several artifacts can share a folder)."""
-    return artifact.parent / (MANIFEST if artifact.name == "model.onnx" else f"{artifact.stem}.manifest.json")
+    ``<stem>.manifest.json`` (several artifacts can share a folder; ``export.formats.manifest_name``)."""
+    return artifact.parent / manifest_name(artifact.name)

@@ -25,9 +25,7 @@ import datetime as _dt
 import importlib
 import json
 import logging
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,7 +34,9 @@ from types import ModuleType
 from typing import Any
 
 from export.errors import ExportError
+from export.formats import build_record_name, engine_name, export_format
 from export.manifests import derive_manifest, manifest_path_for, sha256_of
+from spar_wire.atomic_file import write_atomic
 from spar_wire.model_manifest import ModelManifest, load_manifest
 
 log = logging.getLogger("export.tensorrt")
@@ -141,15 +141,13 @@ def default_engine_path(onnx_path: str | Path, precision: str) -> Path:
     onnx_path = Path(onnx_path)
     # model.plain[.int8].onnx (the TensorRT source beside a fused-attention model.onnx) gives the same
     # engine names as a plain model.onnx would: the formats table names one engine file per precision
-    stem = onnx_path.stem.replace(".plain", "")
-    base = stem if stem.endswith(f".{precision}") else f"{stem}.{precision}"
-    return onnx_path.with_name(f"{base}.trt.engine")
+    return onnx_path.with_name(engine_name(onnx_path.name, precision))
 
 
 def build_info_path(engine_path: str | Path) -> Path:
     """Where the build record of ``engine_path`` goes: ``<stem>.build.json`` beside it."""
     engine_path = Path(engine_path)
-    return engine_path.with_name(f"{engine_path.stem}.build.json")
+    return engine_path.with_name(build_record_name(engine_path.name))
 
 
 # --------------------------------------------------------------------------- Q/DQ graphs
@@ -259,10 +257,11 @@ def require_standard_ops(onnx_path: str | Path) -> None:
     except Exception as exc:  # OSError, protobuf DecodeError, ...: all mean "not a readable ONNX file"
         raise ExportError(f"{onnx_path}: cannot read the ONNX graph: {exc}") from None
     if foreign:
+        plain, plain_int8 = export_format("onnx-plain").file, export_format("onnx-int8-plain").file
         raise ExportError(f"{onnx_path} has ops TensorRT cannot parse ({', '.join(foreign)}): it is the fused-"
                           "attention graph for ONNX Runtime. Build the engine from the plain-attention graph "
-                          "beside it: model.plain.onnx for fp16/fp32 (`spar-export onnx` writes it), "
-                          "model.plain.int8.onnx for int8 (`spar-export quantize --onnx model.plain.onnx`)")
+                          f"beside it: {plain} for fp16/fp32 (`spar-export onnx` writes it), "
+                          f"{plain_int8} for int8 (`spar-export quantize --onnx {plain}`)")
 
 
 # --------------------------------------------------------------------------- TensorRT
@@ -374,13 +373,14 @@ def build_engine(onnx_path: str | Path, out_path: str | Path | None = None, spec
         detail = "; ".join(logger.errors[-5:]) or "see the TensorRT log"
         raise ExportError(f"TensorRT failed to build the {spec.precision} engine from {onnx_path}: {detail}")
 
-    _atomic_write(out_path, serialized)
+    # Engines, their caches and records keep the temporary file's mode (0600), as they always had.
+    write_atomic(out_path, serialized)
     if spec.timing_cache is not None:
-        _atomic_write(Path(spec.timing_cache), config.get_timing_cache().serialize())
+        write_atomic(Path(spec.timing_cache), config.get_timing_cache().serialize())
     derived = derive_manifest(source, out_path, artifact_format="tensorrt", precision=spec.precision,
                               node_range=(nodes[0], nodes[2]))
     manifest_path = manifest_path_for(out_path)
-    _atomic_write(manifest_path, (json.dumps(derived.to_dict(), indent=2) + "\n").encode())
+    write_atomic(manifest_path, json.dumps(derived.to_dict(), indent=2) + "\n")
     info = {
         "format": BUILD_INFO_FORMAT, "version": BUILD_INFO_VERSION,
         "engine": out_path.name, "engine_sha256": derived.sha256, "engine_bytes": out_path.stat().st_size,
@@ -400,7 +400,7 @@ def build_engine(onnx_path: str | Path, out_path: str | Path | None = None, spec
         "machine": platform.machine(),
         "note": "an engine loads only on the TensorRT version and GPU (compute capability) it was built with",
     }
-    _atomic_write(build_info_path(out_path), (json.dumps(info, indent=2) + "\n").encode())
+    write_atomic(build_info_path(out_path), json.dumps(info, indent=2) + "\n")
     log.info("wrote %s (%.1f s, %d bytes), %s and %s", out_path, seconds, info["engine_bytes"], manifest_path.name,
              build_info_path(out_path).name)
     return out_path
@@ -520,22 +520,6 @@ def gpu_info() -> dict[str, Any] | None:
                 "compute_capability": f"{props.major}.{props.minor}"}
     except (AttributeError, TypeError, ValueError, RuntimeError):  # the record never fails a build
         return None
-
-
-def _atomic_write(path: Path, data) -> None:
-    """Write ``data`` (bytes or any buffer, e.g. ``trt.IHostMemory``) to ``path`` via a temporary file and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- reading back

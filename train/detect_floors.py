@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from train.floors import BANDS, KnnFloor, SoftmaxFloor, _tune_split, window_features
+from train.floors import BANDS, KnnFloor, SoftmaxFloor, best_on_tuning, tune_split, window_features
 from train.metrics import map_at_thresholds
 
 RADII = (4.0, 6.0, 8.0, 10.0)
@@ -43,17 +43,14 @@ class KnnDetectionFloor:
 
     def fit(self, x, mask, true_class, true_position) -> KnnDetectionFloor:
         """x, mask [W, F]; true_class [W, K]; true_position [W, K, d]."""
-        fit_idx, tune_idx = _tune_split(len(x))
-        best = None
-        for k in KNN_K:
-            if k > len(fit_idx):
-                break
+        fit_idx, tune_idx = tune_split(len(x))
+
+        def tune_map(k: int) -> float:
             self.k = k
             self._fit(x[fit_idx], mask[fit_idx], true_class[fit_idx], true_position[fit_idx])
-            score = mean_map(self.predict(x[tune_idx], mask[tune_idx]), true_class[tune_idx], true_position[tune_idx])
-            if best is None or score > best[0]:
-                best = (score, k)
-        self.k = best[1] if best else 1
+            return mean_map(self.predict(x[tune_idx], mask[tune_idx]), true_class[tune_idx], true_position[tune_idx])
+
+        self.k = best_on_tuning((k for k in KNN_K if k <= len(fit_idx)), tune_map, higher_is_better=True) or 1
         return self._fit(x, mask, true_class, true_position)
 
     def _fit(self, x, mask, true_class, true_position) -> KnnDetectionFloor:
@@ -97,15 +94,14 @@ class EnergyPeakFloor:
         if rows.any():
             self.softmax.fit(nx[rows], nm[rows], cls[rows])
         self.fitted = bool(rows.any())
-        fit_idx, tune_idx = _tune_split(len(x))
-        best = None
-        for drop in DROP_DB:
+        _, tune_idx = tune_split(len(x))
+
+        def tune_map(drop: float) -> float:
             self.drop_db = drop
             pred = self.predict(x[tune_idx], mask[tune_idx], positions[tune_idx])
-            score = mean_map(pred, true_class[tune_idx], true_position[tune_idx])
-            if best is None or score > best[0]:
-                best = (score, drop)
-        self.drop_db = best[1]
+            return mean_map(pred, true_class[tune_idx], true_position[tune_idx])
+
+        self.drop_db = best_on_tuning(DROP_DB, tune_map, higher_is_better=True)
         return self
 
     def predict(self, x, mask, positions) -> Predictions:

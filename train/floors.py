@@ -16,7 +16,9 @@ baseline can reasonably be. numpy and scipy only: no torch, no randomness.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from scipy.optimize import minimize
@@ -27,6 +29,7 @@ from spar_wire.features import unpatchify
 BANDS = 8  # frequency bands per modality (plus the overall level)
 SOFTMAX_L2 = (1e-4, 1e-3, 1e-2, 1e-1)  # candidates for the softmax floor's L2 weight
 KNN_K = (1, 3, 5, 10, 20)
+T = TypeVar("T")
 CENTROID_POWER = (0.25, 0.5, 1.0, 2.0)  # weight = linear energy ** power
 TUNE_FRACTION = 0.2
 
@@ -77,9 +80,24 @@ class Standardizer:
         return np.where(mask, (x - self.mean) / self.std, 0.0)
 
 
-def _tune_split(n: int) -> tuple[np.ndarray, np.ndarray]:
+def tune_split(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (fit, tune) of ``n`` windows in recording order: the last ``TUNE_FRACTION`` tunes the
+    floors' hyper-parameters, so every floor (classification and detection) is tuned the same way."""
     cut = max(1, int(round(n * (1.0 - TUNE_FRACTION))))
     return np.arange(cut), np.arange(cut, n)
+
+
+def best_on_tuning(candidates: Iterable[T], score_of: Callable[[T], float], higher_is_better: bool) -> T | None:
+    """The candidate whose tuning score is best (the first of equals); None when there is none.
+
+    ``score_of(candidate)`` fits on the fit split and scores on the tune split (see ``tune_split``):
+    every floor picks its hyper-parameter this one way."""
+    best: tuple[float, T] | None = None
+    for candidate in candidates:
+        score = score_of(candidate)
+        if best is None or (score > best[0] if higher_is_better else score < best[0]):
+            best = (score, candidate)
+    return None if best is None else best[1]
 
 
 class SoftmaxFloor:
@@ -93,14 +111,13 @@ class SoftmaxFloor:
 
     def fit(self, x: np.ndarray, mask: np.ndarray, labels: np.ndarray) -> SoftmaxFloor:
         """x, mask [W, F]; labels [W] class ids in [0, n_classes)."""
-        fit_idx, tune_idx = _tune_split(len(x))
-        best = None
-        for l2 in SOFTMAX_L2:
+        fit_idx, tune_idx = tune_split(len(x))
+
+        def accuracy(l2: float) -> float:
             self._fit(x[fit_idx], mask[fit_idx], labels[fit_idx], l2)
-            score = float(np.mean(self.predict(x[tune_idx], mask[tune_idx]) == labels[tune_idx]))
-            if best is None or score > best[0]:
-                best = (score, l2)
-        return self._fit(x, mask, labels, best[1])
+            return float(np.mean(self.predict(x[tune_idx], mask[tune_idx]) == labels[tune_idx]))
+
+        return self._fit(x, mask, labels, best_on_tuning(SOFTMAX_L2, accuracy, higher_is_better=True))
 
     def _fit(self, x, mask, labels, l2: float) -> SoftmaxFloor:
         self.l2 = l2
@@ -148,17 +165,14 @@ class KnnFloor:
 
     def fit(self, x: np.ndarray, mask: np.ndarray, targets: np.ndarray) -> KnnFloor:
         """x, mask [W, F]; targets [W, d] (metres, finite)."""
-        fit_idx, tune_idx = _tune_split(len(x))
-        best = None
-        for k in KNN_K:
-            if k > len(fit_idx):
-                break
+        fit_idx, tune_idx = tune_split(len(x))
+
+        def error_m(k: int) -> float:
             self.k = k
             self._fit(x[fit_idx], mask[fit_idx], targets[fit_idx])
-            err = float(np.mean(np.linalg.norm(self.predict(x[tune_idx], mask[tune_idx]) - targets[tune_idx], axis=1)))
-            if best is None or err < best[0]:
-                best = (err, k)
-        self.k = best[1] if best else 1
+            return float(np.mean(np.linalg.norm(self.predict(x[tune_idx], mask[tune_idx]) - targets[tune_idx], axis=1)))
+
+        self.k = best_on_tuning((k for k in KNN_K if k <= len(fit_idx)), error_m, higher_is_better=False) or 1
         return self._fit(x, mask, targets)
 
     def _fit(self, x, mask, targets) -> KnnFloor:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import export.distill as distill
+import export.distill_loss as distill_loss
 from export.distill import (
     DistillConfig,
     discrepancy,
@@ -119,7 +120,7 @@ def test_labels_are_never_read(distill_dataset, teacher, distilled, tmp_path, mo
 @pytest.mark.slow
 def test_teacher_outputs_computed_on_the_fly_train_the_same(distill_dataset, teacher, tmp_path, monkeypatch):
     cached = run_distill(config(distill_dataset, teacher.values(), tmp_path / "cached", epochs=2))
-    monkeypatch.setattr(distill, "TEACHER_CACHE_BYTES", 0)
+    monkeypatch.setattr(distill_loss, "TEACHER_CACHE_BYTES", 0)
     fly = run_distill(config(distill_dataset, teacher.values(), tmp_path / "fly", epochs=2))
     assert cached.teacher_cached and not fly.teacher_cached
     assert fly.train_loss == pytest.approx(cached.train_loss, rel=1e-4)
@@ -138,9 +139,9 @@ def test_message_loss_trains_the_student_on_partial_windows(distill_dataset, tea
     _, val_idx = temporal_split(len(windows), 0.25)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        full = distill.forward_parts(teacher_model, distill.unlabelled_batch(windows, val_idx))
-        lossy_batch = drop_nodes(distill.unlabelled_batch(windows, val_idx), 0.5, generator, per_modality=True)
-        errors = {name: float(((distill.forward_parts(model, lossy_batch)["out/localize"]
+        full = distill_loss.forward_parts(teacher_model, distill_loss.unlabelled_batch(windows, val_idx))
+        lossy_batch = drop_nodes(distill_loss.unlabelled_batch(windows, val_idx), 0.5, generator, per_modality=True)
+        errors = {name: float(((distill_loss.forward_parts(model, lossy_batch)["out/localize"]
                                 - full["out/localize"]) ** 2).mean())
                   for name, model in (("plain", plain_model), ("robust", robust_model))}
     assert errors["robust"] < errors["plain"]
@@ -236,11 +237,11 @@ def test_merge_latents_averages_groups_within_one_node():
     latents = torch.arange(2 * 12 * 3, dtype=torch.float32).reshape(2, 12, 3)
     valid = torch.ones(2, 12, dtype=torch.bool)
     valid[1, 4:8] = False  # window 1: the second node (4 tokens each) is absent
-    merged, merged_valid = distill.merge_latents(latents, valid, 2)
+    merged, merged_valid = distill_loss.merge_latents(latents, valid, 2)
     assert merged.shape == (2, 6, 3)
     assert torch.equal(merged[0, 1], latents[0, 2:4].mean(0))
     assert merged_valid[1].tolist() == [True, True, False, False, True, True]
-    assert distill.merge_latents(latents, valid, 1)[0] is latents
+    assert distill_loss.merge_latents(latents, valid, 1)[0] is latents
 
 
 def test_a_token_merged_student_learns_and_exports(distill_dataset, teacher, tmp_path):
@@ -270,7 +271,8 @@ def test_a_node_anchored_detector_teaches_an_anchored_student(tiny_window_set):
     """The student of an anchored-detector teacher is anchored too, even with merged tokens (the
     anchors are the nodes, not the token grid), and its detections start on its nodes."""
     from export.deploy_model import DeployModel
-    from export.distill import forward_parts, student_from_teacher
+    from export.distill import student_from_teacher
+    from export.distill_loss import forward_parts
     from train.finetune import build_head, head_settings
     from train.heads.anchor_detector import NodeAnchorDetector
     from train.models.config import ModalitySpec, SparConfig

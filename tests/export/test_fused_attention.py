@@ -84,7 +84,8 @@ def test_unknown_attention_mode_is_refused(model, tmp_path):
 
 def test_fused_graph_quantizes_to_int8(trained_model, tiny_window_set, tiny_split, tmp_path):
     from export.parity import collect_outputs, onnx_runner
-    from export.quantize import quantize_static_int8, summarize_graph
+    from export.quant_graph import summarize_graph
+    from export.quant_int8 import quantize_static_int8
 
     fp32 = export_onnx(trained_model, tmp_path / "model.onnx", attention="mha", check_nodes=(4,))
     int8 = quantize_static_int8(fp32, tmp_path / "model.int8.onnx", tiny_window_set, tiny_split[0][:12])
@@ -131,7 +132,7 @@ def test_onnxscript_ort_fusion_rewriter_fuses_the_dynamo_graph(model, tmp_path):
 def test_int8_reports_of_both_graphs_live_side_by_side():
     from pathlib import Path
 
-    from export.quantize import report_name
+    from export.formats import report_name
 
-    assert report_name(Path("m/model.int8.onnx")) == "parity-int8.md"
-    assert report_name(Path("m/model.plain.int8.onnx")) == "parity-int8.plain.md"
+    assert report_name(Path("m/model.int8.onnx").name) == "parity-int8.md"
+    assert report_name(Path("m/model.plain.int8.onnx").name) == "parity-int8.plain.md"

@@ -11,6 +11,7 @@ position shift mean 0.14 m / max 0.39 m, logits max |error| 0.012, detection pos
   * logits: max |INT8 - FP32| <= 0.15.
 """
 
+import os
 import shutil
 
 import numpy as np
@@ -18,19 +19,14 @@ import onnx
 import pytest
 
 from export.errors import ExportError
+from export.formats import export_format
 from export.manifests import manifest_path_for
 from export.parity import collect_outputs, onnx_runner, torch_runner
-from export.quantize import (
-    METHODS,
-    WindowCalibrationReader,
-    activation_matmuls,
-    choose_calibration,
-    quantize,
-    quantize_dynamic_int8,
-    quantize_static_int8,
-    regression_tail_nodes,
-    summarize_graph,
-)
+from export.quant_calibration import METHODS, WindowCalibrationReader
+from export.quant_candidates import choose_calibration
+from export.quant_graph import activation_matmuls, regression_tail_nodes, summarize_graph
+from export.quant_int8 import quantize_dynamic_int8, quantize_static_int8
+from export.quantize import quantize
 from spar_wire.model_manifest import load_manifest
 
 LABEL_AGREEMENT = 0.9
@@ -139,14 +135,14 @@ def test_calibration_reader_yields_real_windows(tiny_window_set, trained_model):
 
 def test_chunked_calibration_sees_every_window(fp32_export, tiny_window_set, tiny_split, tmp_path, monkeypatch):
     """Ranges are collected in chunks of calibration batches (memory); MinMax must equal one pass."""
-    import export.quantize as quantize_module
+    import export.quant_calibration as calibration_module
 
     names = [i.name for i in onnx.load(fp32_export.onnx).graph.input]
     reader = WindowCalibrationReader(tiny_window_set, tiny_split[0], names)
     ranges = {}
     for chunk in (5, 1000):
-        monkeypatch.setattr(quantize_module, "CALIBRATION_CHUNK", chunk)
-        data = quantize_module.calibrate(fp32_export.onnx, reader, "minmax", ("MatMul", "Gemm"), tmp_path)
+        monkeypatch.setattr(calibration_module, "CALIBRATION_CHUNK", chunk)
+        data = calibration_module.calibrate(fp32_export.onnx, reader, "minmax", ("MatMul", "Gemm"), tmp_path)
         ranges[chunk] = {name: tuple(np.asarray(v.range_value, np.float64).tolist()) for name, v in data.items()}
     assert len(ranges[5]) > 20 and ranges[5] == ranges[1000]
 
@@ -174,6 +170,10 @@ def test_quantize_writes_model_manifest_and_report(trained_model, fp32_export, t
                       threads=1)
     assert report.settings["preprocess"] == "applied"
     assert report.method == "minmax" and out.is_file() and (tmp_path / "model.int8.dynamic.onnx").is_file()
+    # exactly the files of the table's onnx-int8 and onnx-int8-dynamic rows, beside the FP32 input
+    assert sorted(os.listdir(tmp_path)) == sorted([fp32.name, manifest_path_for(fp32).name,
+                                                   *export_format("onnx-int8").files,
+                                                   *export_format("onnx-int8-dynamic").files])
     manifest = load_manifest(report.manifest_path)
     assert report.manifest_path == tmp_path / "model.int8.manifest.json"
     manifest.verify_artifact()

@@ -18,6 +18,9 @@ import dataclasses
 import importlib.machinery
 import importlib.util
 import json
+import os
+import shutil
+import stat
 import sys
 import types
 from pathlib import Path
@@ -27,13 +30,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks.tiny_onnx_model import build_tiny_model, make_inputs
 from edge_runtime.errors import AggregatorError
 from edge_runtime.inference.tensorrt_backend import import_cudart
 from export import tensorrt_engine as te
 from export.errors import ExportError
+from export.formats import export_format
 from export.manifests import derive_manifest, manifest_path_for
 from spar_wire.model_manifest import ModelManifest, TensorSpec, load_manifest
+from testbed.tiny_onnx_model import build_tiny_model, make_inputs
 
 MAX_NODES = 16
 
@@ -362,6 +366,21 @@ def fake_trt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(_FakeParser, "errors", [])
     return trt
+
+
+def test_default_build_writes_the_files_of_the_formats_table(fake_trt, tiny, tmp_path):
+    """Without ``--out``, an fp16 build beside ``model.onnx`` writes exactly the ``engine-fp16`` row's
+    files (export.formats); the engine keeps its temporary file's mode (0600), as it always had."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for path in (tiny.artifact_path, manifest_path_for(tiny.artifact_path)):
+        shutil.copyfile(path, folder / path.name)
+    source = folder / tiny.artifact_path.name
+    out = te.build_engine(source, None, te.EngineSpec(precision="fp16"))
+    row = export_format("engine-fp16")
+    assert out.name == row.file
+    assert sorted(os.listdir(folder)) == sorted([source.name, manifest_path_for(source).name, *row.files])
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
 
 
 def test_fp16_build_writes_engine_manifest_and_record(fake_trt, tiny, tmp_path):

@@ -33,7 +33,7 @@ from torch import nn
 from train.batch import Batch
 from train.models.config import SparConfig
 from train.models.masking import MaskResult
-from train.models.spar import Decoder, Embedded, SparEncoder, _masked_mean_per_sample
+from train.models.spar import Decoder, Embedded, SparEncoder, masked_mean_per_sample
 
 
 @dataclass(frozen=True)
@@ -501,12 +501,12 @@ class AempPretrainer(nn.Module):
         for name, g in gaussians.items():
             b, n, m, d = clean[name].shape
             per_token = gaussian_nll(clean[name].reshape(b, n * m, d), g.mean, g.logvar).mean(-1)
-            nll = nll + _masked_mean_per_sample(per_token, masks[name].masked)
+            nll = nll + masked_mean_per_sample(per_token, masks[name].masked)
         for name, t in temporal.items():
             pred_err = ((t.pred - t.target) ** 2 * t.weight).mean(dim=(2, 3))  # [B', N']
             roll_err = ((t.rollout - t.rollout_target) ** 2).mean(dim=(2, 3))
-            pred = pred + _masked_mean_per_sample(pred_err, present[name])
-            roll = roll + _masked_mean_per_sample(roll_err, present[name])
+            pred = pred + masked_mean_per_sample(pred_err, present[name])
+            roll = roll + masked_mean_per_sample(roll_err, present[name])
         # a tensor, not a Python bool: no device sync; the same draw on every rank (see draw_noise)
         has_temporal = nll.new_tensor(float(len(temporal) > 0))
         drawn = (noise["rollout"][0] < self.params.rollout_prob).to(nll.dtype) * has_temporal

@@ -56,7 +56,7 @@ from train.models.multiscale_masking import (
     sensor_masks,
     stack_views,
 )
-from train.models.spar import Decoder, Embedded, SparEncoder, _masked_mean_per_sample
+from train.models.spar import Decoder, Embedded, SparEncoder, masked_mean_per_sample
 
 CONSISTENCY_SPACES = ("latent", "completed")
 
@@ -232,7 +232,7 @@ def l1_reconstruction(prediction: torch.Tensor, target: torch.Tensor, masked: to
     """Eq. 5 for one modality and scale: prediction, target [B, L, D], masked [B, L] bool -> mean
     over samples of each sample's mean |error| over its masked tokens and D values (a sample with
     nothing masked counts 0; a per-sample mean keeps DDP slices averaging to the whole batch)."""
-    return _masked_mean_per_sample((prediction - target).abs().mean(dim=-1), masked)
+    return masked_mean_per_sample((prediction - target).abs().mean(dim=-1), masked)
 
 
 def consistency_loss(features: torch.Tensor) -> torch.Tensor:

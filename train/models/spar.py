@@ -317,10 +317,10 @@ class SparPretrainer(nn.Module):
             b, n, m, d = batch.tokens[name].shape
             target = emb.normalize_tokens(batch.tokens[name], batch.present[name]).reshape(b, n * m, d)
             masked = masks[name].masked
-            signal_loss = signal_loss + _masked_mean_per_sample(((signal - target) ** 2).mean(-1), masked)
+            signal_loss = signal_loss + masked_mean_per_sample(((signal - target) ** 2).mean(-1), masked)
             if spatial is not None:
                 target_pos = positions[:, :, None, :].expand(b, n, m, positions.shape[-1]).reshape(b, n * m, -1)
-                spatial_loss = spatial_loss + _masked_mean_per_sample(((spatial - target_pos) ** 2).mean(-1), masked)
+                spatial_loss = spatial_loss + masked_mean_per_sample(((spatial - target_pos) ** 2).mean(-1), masked)
         loss = signal_loss + self.cfg.spatial_loss_weight * spatial_loss
         return PretrainOutput(loss, signal_loss.detach(), spatial_loss.detach(), masks)
 
@@ -336,7 +336,7 @@ class SparPretrainer(nn.Module):
         return self.forward_loss(batch, positions, predictions, masks)
 
 
-def _masked_mean_per_sample(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean_per_sample(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """values [B, L], mask [B, L] bool -> mean over samples of each sample's mean over its mask
     (samples with nothing masked count as 0)."""
     weight = mask.to(values.dtype)
