@@ -8,18 +8,21 @@ relative metric loss is within ``tolerance`` (target: <= 5 % of float32's bytes 
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from benchmarks.cli_support import add_series_args, progress, series_base, write_report
 from benchmarks.errors import BenchError
-from benchmarks.machine import describe_machine
-from benchmarks.trial import TrialConfig, model_label
-from benchmarks.trial_series import METRICS, SeriesRow, compared_metrics, run_series, worst_relative_loss
 from spar_wire.codecs import CodecSpec
 from spar_wire.errors import WireError
+from testbed.machine import describe_machine
+from testbed.report_format import percent
+from trials.series import METRICS, SeriesRow, compared_metrics, run_series, worst_relative_loss
+from trials.trial import TrialConfig, model_label
 
 # Paper Table 5's codecs and qualities, plus lower qualities: on this data the metric is still flat
 # at q50, and the knee is where it stops being flat.
@@ -63,10 +66,10 @@ class BandwidthReport:
                  "|---|---:|---:|" + "---:|" * len(self.metrics) + "---:|---:|"]
         for r in self.rows:
             marks = " **(knee)**" if r is knee else ""
-            lines.append(f"| {r.name}{marks} | {r.headline['bytes_per_window']:,.0f} | {100 * self.share(r):.1f} % | "
+            lines.append(f"| {r.name}{marks} | {r.headline['bytes_per_window']:,.0f} | {percent(self.share(r))} | "
                          + " | ".join(f"{r.metric(m):.3f}" for m in self.metrics)
-                         + f" | {_pct(worst_relative_loss(r, self.reference, self.metrics))} | "
-                         f"{100 * r.headline['token_completeness']:.1f} % |")
+                         + f" | {percent(worst_relative_loss(r, self.reference, self.metrics), signed=True)} | "
+                         f"{percent(r.headline['token_completeness'])} |")
         lines += ["", self.verdict(), "", "![bandwidth](bandwidth.png)", ""]
         return "\n".join(lines)
 
@@ -76,9 +79,10 @@ class BandwidthReport:
             return (f"No codec stays within {100 * self.tolerance:g} % relative metric loss of "
                     f"{self.reference.name}: target (<= {100 * TARGET_BYTES:g} % of float32 bytes at <= "
                     f"{100 * self.tolerance:g} % loss) **not met**.")
-        return (f"Knee: **{knee.name}** at {100 * self.share(knee):.1f} % of float32's bytes "
+        loss = worst_relative_loss(knee, self.reference, self.metrics)
+        return (f"Knee: **{knee.name}** at {percent(self.share(knee))} of float32's bytes "
                 f"({knee.headline['bytes_per_window']:,.0f} B/window), worst relative metric loss "
-                f"{_pct(worst_relative_loss(knee, self.reference, self.metrics))}. Target (<= {100 * TARGET_BYTES:g} % "
+                f"{percent(loss, signed=True)}. Target (<= {100 * TARGET_BYTES:g} % "
                 f"of float32 bytes at <= {100 * self.tolerance:g} % loss): "
                 f"**{'met' if self.target_met() else 'not met'}**.")
 
@@ -141,6 +145,28 @@ def run_bandwidth(base: TrialConfig, codecs: tuple[str, ...] = DEFAULT_CODECS, *
     return BandwidthReport(rows, metrics, describe_machine(), budget, tolerance)
 
 
-def _pct(x: float) -> str:
-    return "n/a" if not math.isfinite(x) else f"{100 * x:+.1f} %"
+
+# --------------------------------------------------------------------------- command line
+def register(subparsers: Any) -> None:
+    """Add ``spar-bench bandwidth`` to ``subparsers`` (``parser.add_subparsers()``)."""
+    bw = subparsers.add_parser(
+        "bandwidth", help="bytes on the wire vs task metric per codec (paper Table 5, live)",
+        description="One trial per codec through a private broker and the real aggregator running "
+        "the shipped model on a perfect link, same seed for all: bytes per window on the wire, "
+        "share of float32, task metric against the simulator's truth, and the knee (cheapest codec "
+        "within --tolerance of float32). Writes bandwidth.md/.json/.png. About 4 min with defaults.")
+    bw.add_argument("--codecs", default=",".join(DEFAULT_CODECS),
+                    help="comma-separated codecs, the first is the reference (default: %(default)s)")
+    bw.add_argument("--tolerance", type=float, default=0.01,
+                    help="relative metric loss the knee may have (default: %(default)s)")
+    add_series_args(bw, "bandwidth", speed=10.0, codec=None)
+    bw.set_defaults(func=_cmd_bandwidth)
+
+
+def _cmd_bandwidth(args: argparse.Namespace) -> int:
+    codecs = tuple(c.strip() for c in args.codecs.split(",") if c.strip())
+    report = run_bandwidth(series_base(args), codecs, tolerance=args.tolerance, reuse=not args.fresh,
+                           progress=progress)
+    write_report(report, args.out, "bandwidth")
+    return 0
 

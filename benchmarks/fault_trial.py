@@ -27,7 +27,7 @@ Two faults aim at paths the others reach only by chance (issue 19):
 
 - **A kill between a window's close and its commit** (``gap_kills``): its messages are out of the
   assembler and not acknowledged, its result not on disk. On the real service that gap lasts
-  milliseconds, so with gap kills the aggregator runs through ``benchmarks/held_commit_aggregator.py``:
+  milliseconds, so with gap kills the aggregator runs through ``testbed/held_commit_aggregator.py``:
   the real service whose result store waits ``commit_delay_s`` before every commit (for the whole
   trial, so every other fault meets those held windows too), with gauges on its own ``/metrics``
   naming the windows held. A gap kill polls them and SIGKILLs as soon as one is held; after the kill
@@ -51,44 +51,61 @@ Two faults aim at paths the others reach only by chance (issue 19):
   aggregator's open window, and an aggregator kill before that window is stored loses them although
   the nodes got their PUBACKs. Windows that complete within a second are stored long before the
   next fault; a window held open for 8 s across a broker kill and an aggregator kill is not.
+
+This module runs the trial: the schedule, the broker and aggregator processes and the faults, and
+the ``spar-bench faults`` command (``register``). What the trial proved is read back from SQLite and
+written up by ``fault_report``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
-import re
-import sqlite3
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from benchmarks.aggregator_process import AggregatorProcess
 from benchmarks.errors import BenchError
-from benchmarks.held_commit_aggregator import HELD_START, HELD_WINDOWS
-from benchmarks.local_broker import BrokerSettings, LocalBroker
-from benchmarks.machine import describe_machine
-from benchmarks.model_check import _versions
+from benchmarks.experiment_ledger import versions
+from benchmarks.fault_report import (
+    FaultEvent,
+    FaultReport,
+    StoredRow,
+    acked_keys,
+    delivered_keys,
+    drain,
+    integrity_check,
+    join_outcome,
+    join_stored,
+    join_windows,
+    stored_rows,
+    window_of,
+)
 from node_firmware_sim.errors import NodeError
-from node_firmware_sim.field_runner import EventPlan, FieldConfig, FieldSummary, PlacementEvent, SourceSpec, run_field
+from node_firmware_sim.field_runner import FieldConfig, FieldSummary, SourceSpec, run_field
 from node_firmware_sim.link_model import LinkConfig
+from node_firmware_sim.placement_events import EventPlan, PlacementEvent
 from spar_wire.errors import WireError
 from spar_wire.model_manifest import load_manifest
 from spar_wire.mqtt_settings import MqttSettings
 from spar_wire.site_layout import NodeSpec, SiteLayout, load_site_layout
+from testbed.aggregator_process import AggregatorProcess
+from testbed.held_commit_aggregator import HELD_START, HELD_WINDOWS
+from testbed.local_broker import BrokerSettings, LocalBroker
+from testbed.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[1]
 FULL_SITE = REPO / "configs" / "sites" / "parking_lot.toml"
 JOIN_SITE = REPO / "configs" / "trials" / "parking_lot_without_n08.toml"  # the lot before n08 is installed
 DEFAULT_MODEL = REPO / "models" / "parking_lot" / "manifest.json"
 JOIN_NODE = "n08"
-HELD_COMMIT_ENTRY = ("-m", "benchmarks.held_commit_aggregator")
-AGGREGATOR_KINDS = ("aggregator", "gap", "restart")  # faults that end an aggregator process
+HELD_COMMIT_ENTRY = ("-m", "testbed.held_commit_aggregator")
 UNKNOWN_NODE_METRIC = 'spar_messages_rejected_total{reason="unknown_node"}'
 
 
@@ -153,141 +170,6 @@ class FaultConfig:
                               self.join.modalities)
 
 
-@dataclass
-class FaultEvent:
-    t_s: float  # trial time the fault was injected
-    kind: str  # "broker" | "aggregator" | "gap" (SIGKILL each) | "restart" (aggregator SIGTERM, then start)
-    recovered_s: float = 0.0  # until the broker listened again / the new aggregator process served
-    down_ns: int = 0  # aggregator kinds: wall clock once the old process was gone
-    unknown_node: int | None = None  # aggregator kinds: the ended process's unknown_node refusals (its counters)
-    held_start_s: float | None = None  # gap: window_start_ns / 1e9 of the newest window held before its commit
-    held_window: int | None = None  # gap: that window's index in the trial
-    in_gap: bool = False  # gap: a window was held and was not in SQLite after the kill
-
-
-@dataclass
-class JoinReport:
-    """What became of the node that joined. ``passed`` when it was restored at every aggregator start
-    after the join, its messages are stored after a restart, and nothing of it was refused unknown."""
-
-    node: str
-    at_s: float  # trial time of the join (its birth)
-    first_window: int  # the first window it samples
-    acked: int  # its token messages acknowledged to it
-    delivered: int  # of those, in a stored result
-    starts_after: int  # aggregator processes started after the join
-    restored: int  # aggregator starts whose log says they restored it from SQLite
-    with_node: int  # processes started after the join that stored a result with it present
-    backlog: int  # its messages stored by a new process from windows that ended before that restart
-    unknown_node: int  # messages refused as unknown_node, summed over every process's counters
-    unknown_log_lines: int  # log lines naming it as unknown ("no birth and not in the site layout")
-    join_windows: int  # windows before its first that still list it (awaited from its birth on: partial)
-
-    @property
-    def passed(self) -> bool:
-        return (self.starts_after >= 1 and self.restored == self.starts_after and self.with_node >= 1
-                and self.unknown_node == 0 and self.unknown_log_lines == 0
-                and self.acked > 0 and self.delivered == self.acked)
-
-
-@dataclass
-class FaultReport:
-    """What a fault trial proved. ``lost`` and ``duplicate_results`` must be 0, ``integrity`` "ok"."""
-
-    config: dict[str, Any]
-    events: list[FaultEvent]
-    windows: int  # windows the nodes sampled
-    produced: int  # token messages the nodes encoded
-    acked: int  # of those, acknowledged by the broker to the node (PUBACK)
-    delivered: int  # acknowledged messages found in a stored result
-    lost: list[str]  # acknowledged but in no result ("node/modality/window")
-    unacked_delivered: int  # in a result although the node saw no PUBACK (lost PUBACK, resent)
-    result_rows: int
-    duplicate_results: int  # rows beyond one per window
-    windows_fully_acked: int  # windows whose every message was acknowledged
-    complete_once: int  # of those, stored exactly once and complete (a join window: once, see JoinReport)
-    integrity: str  # PRAGMA integrity_check
-    aggregator_exit: int | None  # exit code of the last aggregator process after SIGTERM
-    aggregator_counts: dict[str, Any] = field(default_factory=dict)  # the last process's counters
-    gap_landed: int = 0  # gap kills with a window held and not in SQLite at the kill
-    gap_stored_once: int = 0  # of the windows those held, stored exactly once and complete in the end
-    join: JoinReport | None = None
-    model: str = ""  # name@version of the aggregator's model
-    machine: str = ""  # describe_machine(): date, CPU, cores, memory, OS, versions
-    elapsed_s: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        # Not vacuous: most messages must have been acknowledged (a trial where nodes got no PUBACK
-        # would otherwise lose "nothing"), and asked-for gap kills must have hit a held window.
-        gap_kills = sum(e.kind == "gap" for e in self.events)
-        return (not self.lost and self.duplicate_results == 0 and self.integrity == "ok"
-                and self.complete_once == self.windows_fully_acked and self.aggregator_exit == 0
-                and self.acked >= 0.9 * self.produced and self.windows_fully_acked > 0
-                and (gap_kills == 0 or self.gap_landed >= 1) and self.gap_stored_once == self.gap_landed
-                and (self.join is None or self.join.passed))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "passed": self.passed,
-                "join_passed": None if self.join is None else self.join.passed}
-
-    def to_markdown(self) -> str:
-        kinds = ("broker", "aggregator", "gap", "restart")
-        kills = {kind: sum(e.kind == kind for e in self.events) for kind in kinds}
-        recover = {kind: max((e.recovered_s for e in self.events if e.kind == kind), default=0.0) for kind in kinds}
-        rows = [
-            ("broker SIGKILL + restart", f"{kills['broker']} (back within {recover['broker']:.1f} s)"),
-            ("aggregator SIGKILL + restart", f"{kills['aggregator']} (serving again within "
-                                             f"{recover['aggregator']:.1f} s)"),
-            ("aggregator SIGKILL between window close and commit", f"{kills['gap']} (serving again within "
-                                                                   f"{recover['gap']:.1f} s)"),
-            ("… landed in the gap (window held, not in SQLite at the kill)", f"{self.gap_landed} / {kills['gap']}"),
-            ("… held windows stored once, complete, after the restart", f"{self.gap_stored_once} / {self.gap_landed}"),
-            ("aggregator SIGTERM + restart", f"{kills['restart']} (serving again within "
-                                             f"{recover['restart']:.1f} s)"),
-            ("windows sampled", self.windows),
-            ("token messages produced", self.produced),
-            ("acknowledged to nodes (PUBACK)", self.acked),
-            ("acknowledged and in a stored result", self.delivered),
-            ("**acknowledged but lost**", len(self.lost)),
-            ("in a result without a PUBACK seen (resent)", self.unacked_delivered),
-            ("result rows / duplicate rows", f"{self.result_rows} / {self.duplicate_results}"),
-            ("fully acknowledged windows stored once, complete", f"{self.complete_once} / {self.windows_fully_acked}"),
-            ("SQLite integrity_check", self.integrity),
-            ("aggregator exit code after SIGTERM", self.aggregator_exit),
-        ]
-        verdict = "**passed**" if self.passed else "**FAILED**"
-        early = "on" if self.config["early_close"] else "off"
-        out = [f"Fault trial of {self.config['duration_s']:g} s: {verdict}", "",
-               f"machine: {self.machine}", "",
-               f"model: {self.model}; site `{self.config['site']}`; aggregator deadline "
-               f"{self.config['deadline_fraction']:g} windows, early close {early}; "
-               f"{self.elapsed_s:.0f} s in all", "",
-               "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
-        if kills["gap"]:
-            landed = [e for e in self.events if e.kind == "gap"]
-            out += ["", f"Kills between close and commit: the aggregator ran as `benchmarks/held_commit_aggregator.py` "
-                    f"(the real service, each commit held {self.config['commit_delay_s']:g} s, for every fault of "
-                    "the trial); each gap kill came as soon as its `/metrics` showed a held window. Held windows: "
-                    + ", ".join(f"{e.held_window} at {e.t_s:g} s ({'in the gap' if e.in_gap else 'missed'})"
-                                for e in landed) + "."]
-        if self.join is not None:
-            j = self.join
-            join_rows = [
-                ("joined at (trial time) / first window it samples", f"{j.at_s:g} s / {j.first_window}"),
-                ("aggregator starts after the join / restored it from SQLite", f"{j.starts_after} / {j.restored}"),
-                ("… of those processes, stored a result with it present", f"{j.with_node} / {j.starts_after}"),
-                ("its messages acknowledged / in a stored result", f"{j.acked} / {j.delivered}"),
-                ("its messages stored from a restart's backlog", j.backlog),
-                ("**refused as unknown_node** (counters of every process) / log lines naming it",
-                 f"{j.unknown_node} / {j.unknown_log_lines}"),
-                ("windows before its first listing it (partial: awaited from its birth on)", j.join_windows),
-            ]
-            out += ["", f"Joined node {j.node}: {'**passed**' if j.passed else '**FAILED**'}", "",
-                    "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in join_rows)]
-        return "\n".join(out) + "\n"
-
-
 def run_fault_trial(config: FaultConfig, workdir: Path,
                     progress: Callable[[str], None] = lambda line: None) -> FaultReport:
     """Run one fault trial in ``workdir`` (broker files, aggregator config, log and database)."""
@@ -305,7 +187,9 @@ def run_fault_trial(config: FaultConfig, workdir: Path,
     started = time.monotonic()
     broker = LocalBroker(BrokerSettings(autosave_on_changes=True, autosave_interval_s=1), workdir / "broker")
     log_path = workdir / "aggregator.log"
-    entry = (*HELD_COMMIT_ENTRY, "--commit-delay", str(config.commit_delay_s)) if config.gap_kills else None
+    entry = ((*HELD_COMMIT_ENTRY, "--commit-delay", str(config.commit_delay_s), "--hold-file",
+              str(hold_file_of(workdir))) if config.gap_kills else None)
+    hold_file_of(workdir).unlink(missing_ok=True)
     with broker:
         log_path.unlink(missing_ok=True)
         aggregator = AggregatorProcess(_write_aggregator_config(config, workdir, broker.port, database), log_path,
@@ -315,8 +199,8 @@ def run_fault_trial(config: FaultConfig, workdir: Path,
             aggregator.start()
             summary, events = _run_with_faults(config, layout, broker, aggregator, database, progress)
             window_ns = _window_ns(layout)
-            expected = _acked_keys(summary, window_ns)
-            _drain(database, expected, window_ns, summary.start_epoch_ns, config.drain_timeout_s)
+            expected = acked_keys(summary, window_ns)
+            drain(database, expected, window_ns, summary.start_epoch_ns, config.drain_timeout_s)
             counts = _counters(aggregator.metrics_text() or "")
             exit_code = aggregator.stop()
             # Its own "stopped:" line only after a clean exit (otherwise the last one is an earlier process's).
@@ -326,9 +210,9 @@ def run_fault_trial(config: FaultConfig, workdir: Path,
             aggregator.kill()
     report = _analyse(config, layout, summary, events, database, exit_code, counts)
     if report.join is not None:
-        report.join = _join_outcome(report.join, events, last_unknown, aggregator.log_text())
+        report.join = join_outcome(report.join, events, last_unknown, aggregator.log_text())
     report.model = f"{manifest.name}@{manifest.version} (`{_shown(config.model)}`, ONNX Runtime)"
-    report.machine = describe_machine(_versions())
+    report.machine = describe_machine(versions("onnxruntime"))
     report.elapsed_s = round(time.monotonic() - started, 1)
     return report
 
@@ -449,7 +333,7 @@ def _inject(kind: str, t_s: float, config: FaultConfig, broker: LocalBroker, agg
         event.down_ns = time.time_ns()
         aggregator.start()
     elif kind == "gap":
-        _kill_in_gap(event, config, aggregator, database, window_s)
+        _kill_in_gap(event, config, aggregator, database, window_s, hold_file_of(database.parent))
         aggregator.start()
     else:
         exit_code = aggregator.stop()
@@ -462,99 +346,53 @@ def _inject(kind: str, t_s: float, config: FaultConfig, broker: LocalBroker, agg
     return event
 
 
+def hold_file_of(workdir: Path) -> Path:
+    """The file whose presence holds the held-commit aggregator's commits (``--hold-file``)."""
+    return Path(workdir) / "hold-commits"
+
+
 def _kill_in_gap(event: FaultEvent, config: FaultConfig, aggregator: AggregatorProcess, database: Path,
-                 window_s: float) -> None:
+                 window_s: float, hold_file: Path) -> None:
     """SIGKILL the aggregator as soon as its /metrics shows a window held before its commit (or after
     ``gap_wait_s`` without one); then read SQLite: the kill landed in the gap if that window is not
-    stored (the commit had not happened, or did not survive)."""
+    stored (the commit had not happened, or did not survive).
+
+    The hold file keeps the commit waiting from the scrape to the kill, so a slow scrape on a busy
+    machine cannot let the commit slip in between (the check on SQLite still decides ``in_gap``)."""
     deadline = time.monotonic() + config.gap_wait_s
     counts: dict[str, float] = {}
-    while time.monotonic() < deadline:
-        counts = _counters(aggregator.metrics_text(timeout_s=1.0) or "")
-        if counts.get(HELD_WINDOWS) and counts.get(HELD_START):
-            event.held_start_s = counts[HELD_START]
-            break
-        time.sleep(0.01)
-    aggregator.kill()
+    hold_file.touch()
+    try:
+        while time.monotonic() < deadline:
+            counts = _counters(aggregator.metrics_text(timeout_s=1.0) or "")
+            if counts.get(HELD_WINDOWS) and counts.get(HELD_START):
+                event.held_start_s = counts[HELD_START]
+                break
+            time.sleep(0.01)
+        aggregator.kill()
+    finally:
+        hold_file.unlink(missing_ok=True)
     event.down_ns = time.time_ns()
     event.unknown_node = int(counts.get(UNKNOWN_NODE_METRIC, 0))
     if event.held_start_s is not None:
         held_ns = event.held_start_s * 1e9
-        starts = [row.start_ns for row in _stored(database, int(window_s * 1e9), 0)]
+        starts = [row.start_ns for row in stored_rows(database, int(window_s * 1e9), 0)]
         event.in_gap = not any(abs(start - held_ns) < window_s * 1e9 / 2 for start in starts)
 
 
 # --------------------------------------------------------------------------- accounting
-class StoredRow(NamedTuple):
-    """One stored result, as the accounting needs it."""
-
-    window: int  # index in the trial (window 0 starts at the trial's epoch)
-    complete: bool
-    present: frozenset[tuple[str, str]]  # (node, modality) pairs it holds
-    nodes: tuple[str, ...]  # the node set the aggregator assembled it with (awaited or not)
-    start_ns: int  # window_start_ns (the nodes' stamps, median)
-    created_ns: int  # when it was committed (the store's wall clock)
-
-
 def _window_ns(layout: SiteLayout) -> int:
-    return int(round(next(iter(layout.modalities.values())).features.window_s * 1e9))
-
-
-def _acked_keys(summary: FieldSummary, window_ns: int) -> set[tuple[str, str, int]]:
-    keys = set()
-    for node, s in summary.nodes.items():
-        for modality, start_ns in s.acked_frames or ():
-            keys.add((node, modality, _window_of(start_ns, summary.start_epoch_ns, window_ns)))
-    return keys
-
-
-def _window_of(start_ns: int, epoch_ns: int, window_ns: int) -> int:
-    return int(round((start_ns - epoch_ns) / window_ns))
-
-
-def _stored(database: Path, window_ns: int, epoch_ns: int) -> list[StoredRow]:
-    """Every stored row, oldest first, read like any other reader would."""
-    if not database.exists():
-        return []
-    try:
-        conn = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=5)
-    except sqlite3.Error:
-        return []
-    try:
-        rows = conn.execute("SELECT payload, created_ns FROM results ORDER BY id").fetchall()
-    except sqlite3.Error:
-        return []
-    finally:
-        conn.close()
-    stored = []
-    for payload, created_ns in rows:
-        result = json.loads(payload)
-        present = frozenset((node, modality) for modality, nodes in result["present"].items() for node in nodes)
-        stored.append(StoredRow(_window_of(result["window_start_ns"], epoch_ns, window_ns), bool(result["complete"]),
-                                present, tuple(result["nodes"]), int(result["window_start_ns"]), int(created_ns)))
-    return stored
-
-
-def _delivered(stored: list[StoredRow]) -> set[tuple[str, str, int]]:
-    return {(node, modality, row.window) for row in stored for node, modality in row.present}
-
-
-def _drain(database: Path, expected: set[tuple[str, str, int]], window_ns: int, epoch_ns: int,
-           timeout_s: float) -> None:
-    """Wait until every acknowledged message is in a stored result (or the timeout)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if expected <= _delivered(_stored(database, window_ns, epoch_ns)):
-            return
-        time.sleep(0.25)
+    """The site's window length in ns (``SiteLayout.window_s``: one length for every modality)."""
+    return int(round(layout.window_s() * 1e9))
 
 
 def _analyse(config: FaultConfig, layout: SiteLayout, summary: FieldSummary, events: list[FaultEvent],
              database: Path, exit_code: int | None, counts: dict[str, Any]) -> FaultReport:
+    """What the trial proved: the nodes' acknowledgements and the faults against what SQLite holds."""
     window_ns = _window_ns(layout)
-    acked = _acked_keys(summary, window_ns)
-    stored = _stored(database, window_ns, summary.start_epoch_ns)
-    delivered = _delivered(stored)
+    acked = acked_keys(summary, window_ns)
+    stored = stored_rows(database, window_ns, summary.start_epoch_ns)
+    delivered = delivered_keys(stored)
     join = config.join_event(window_ns / 1e9)
     plan = EventPlan(layout, (join,) if join else (), config.duration_s)
     node_ids = tuple(plan.nodes_layout.node_ids)
@@ -563,17 +401,17 @@ def _analyse(config: FaultConfig, layout: SiteLayout, summary: FieldSummary, eve
         per_window.setdefault(row.window, []).append(row)
     for event in events:
         if event.held_start_s is not None:
-            event.held_window = _window_of(int(event.held_start_s * 1e9), summary.start_epoch_ns, window_ns)
+            event.held_window = window_of(int(event.held_start_s * 1e9), summary.start_epoch_ns, window_ns)
     # A window is fully acknowledged when every message of the nodes sampling it was: the joined
     # node's only from its first window on.
     fully_acked = [w for w in range(summary.windows)
                    if all((n, m, w) in acked for n in plan.receivers(w, node_ids)
                           for m in plan.nodes_layout.node(n).modalities)]
-    join_windows = _join_windows(plan, per_window)
+    partial = join_windows(plan, per_window)
 
     def once(w: int) -> bool:
         rows = per_window.get(w, [])
-        return len(rows) == 1 and (rows[0].complete or w in join_windows)
+        return len(rows) == 1 and (rows[0].complete or w in partial)
 
     landed = [e for e in events if e.kind == "gap" and e.in_gap]
     total = summary.total()
@@ -584,78 +422,17 @@ def _analyse(config: FaultConfig, layout: SiteLayout, summary: FieldSummary, eve
         unacked_delivered=len(delivered - acked), result_rows=len(stored),
         duplicate_results=len(stored) - len(per_window), windows_fully_acked=len(fully_acked),
         complete_once=sum(once(w) for w in fully_acked),
-        integrity=_integrity(database), aggregator_exit=exit_code, aggregator_counts=counts,
+        integrity=integrity_check(database), aggregator_exit=exit_code, aggregator_counts=counts,
         gap_landed=len(landed), gap_stored_once=sum(once(e.held_window) for e in landed if e.held_window is not None))
     if join is not None:
-        report.join = _join_stored(join, plan, window_ns, summary, events, stored, acked, delivered, join_windows)
+        report.join = join_stored(join, plan, window_ns, summary, events, stored, acked, delivered, partial)
     return report
 
 
-def _first_window(plan: EventPlan, node: str) -> int:
-    """The first window a joined node samples (it is awaited from its birth, one window earlier)."""
-    return min(w for w in range(plan.windows) if node in plan.receivers(w, (node,)))
-
-
-def _join_windows(plan: EventPlan, per_window: dict[int, list[StoredRow]]) -> set[int]:
-    """Windows before a joined node's first that were assembled with it: from its birth on the
-    aggregator awaits it, while it samples only from the next whole window, so the window its
-    birth falls in (or, if the birth overtook the previous window's messages, that one) is partial."""
-    out = set()
-    for node in plan.joined:
-        first = _first_window(plan, node)
-        out |= {w for w, rows in per_window.items() if w < first and any(node in row.nodes for row in rows)}
-    return out
-
-
-def _join_stored(join: PlacementEvent, plan: EventPlan, window_ns: int, summary: FieldSummary,
-                 events: list[FaultEvent], stored: list[StoredRow], acked: set[tuple[str, str, int]],
-                 delivered: set[tuple[str, str, int]], join_windows: set[int]) -> JoinReport:
-    """The joined node's part that SQLite shows (the log and counters come in ``_join_outcome``)."""
-    node = join.node
-    first = _first_window(plan, node)
-    restarts = [e for e in events if e.kind in AGGREGATOR_KINDS and e.t_s > join.at_s]
-    # Process i (started after restart i) committed the rows created between its start and the next restart.
-    spans = [(e.down_ns, later.down_ns) for e, later in zip(restarts, restarts[1:], strict=False)]
-    spans += [(restarts[-1].down_ns, 2**63)] if restarts else []
-    with_node = sum(any(down <= row.created_ns < end and any(n == node for n, _ in row.present) for row in stored)
-                    for down, end in spans)
-    # Backlog: stored by a process started after a restart, from a window that had ended before it.
-    backlog = set()
-    for event in restarts:
-        for row in stored:
-            if row.created_ns > event.down_ns and row.start_ns + window_ns <= event.down_ns:
-                backlog |= {(n, m, row.window) for n, m in row.present if n == node}
-    mine = {key for key in acked if key[0] == node}
-    return JoinReport(node=node, at_s=join.at_s, first_window=first, acked=len(mine), delivered=len(mine & delivered),
-                      starts_after=len(restarts), restored=0, with_node=with_node, backlog=len(backlog),
-                      unknown_node=0, unknown_log_lines=0,
-                      join_windows=sum(w < first for w in join_windows))
-
-
-def _join_outcome(join: JoinReport, events: list[FaultEvent], last_unknown: int, log_text: str) -> JoinReport:
-    """Add what the aggregator log and every process's counters say about the joined node. The site's
-    layout nodes are never unknown, so any unknown_node refusal in this trial is about it."""
-    restored = len(re.findall(rf"restored node {re.escape(join.node)} \(joined in the field\)", log_text))
-    unknown_lines = len(re.findall(rf"not in the site layout: {re.escape(join.node)}\b", log_text))
-    unknown = last_unknown + sum(e.unknown_node or 0 for e in events if e.kind in AGGREGATOR_KINDS)
-    return dataclasses.replace(join, restored=restored, unknown_node=unknown, unknown_log_lines=unknown_lines)
-
-
-def _integrity(database: Path) -> str:
-    try:
-        conn = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=5)
-        try:
-            return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        return f"error: {exc}"
-
-
 # --------------------------------------------------------------------------- command line
-def add_faults_parser(sub: Any) -> None:
-    """``spar-bench faults``."""
-    p = sub.add_parser(
+def register(subparsers: Any) -> None:
+    """Add ``spar-bench faults`` to ``subparsers`` (``parser.add_subparsers()``)."""
+    p = subparsers.add_parser(
         "faults", help="kill the broker and the aggregator during a live trial; prove nothing acknowledged is lost",
         description="A live parking-lot site (real-time nodes, private Mosquitto saving after every change, the "
         "aggregator as its own process) while Mosquitto and the aggregator are SIGKILLed and restarted, once "
@@ -690,7 +467,7 @@ def add_faults_parser(sub: Any) -> None:
     p.set_defaults(func=_cmd_faults)
 
 
-def _cmd_faults(args: Any) -> int:
+def _cmd_faults(args: argparse.Namespace) -> int:
     join = {"join": None} if args.no_join else {}
     config = FaultConfig(model=args.model, duration_s=args.duration, broker_kills=args.broker_kills,
                          aggregator_kills=args.aggregator_kills, gap_kills=args.gap_kills,

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.errors import BenchError
+from benchmarks.quant_rows import BenchEntry, TimedRows, count_params
 from export.parity import PRIMARY_METRICS, onnx_runner
 
 if TYPE_CHECKING:
-    from benchmarks.quant_bench import BenchEntry, QuantBenchReport
     from export.deploy_model import DeployModel
     from train.data import WindowSet
 
@@ -53,9 +53,8 @@ def int8_setting_entries(student: DeployModel, fp32_path: str | Path, windows: W
                          workdir: str | Path, *, threads: int = 1,
                          settings: Sequence[Int8Setting] = INT8_SETTINGS) -> list[BenchEntry]:
     """One INT8 row per setting, all quantized from the same FP32 graph ``fp32_path``."""
-    from benchmarks.quant_bench import BenchEntry, count_params
     from export.errors import ExportError
-    from export.quantize import quantize_dynamic_int8, quantize_static_int8
+    from export.quant_int8 import quantize_dynamic_int8, quantize_static_int8
 
     params = count_params(student)
     entries = []
@@ -73,7 +72,7 @@ def int8_setting_entries(student: DeployModel, fp32_path: str | Path, windows: W
     return entries
 
 
-def int8_settings_markdown(report: QuantBenchReport, fp32_label: str,
+def int8_settings_markdown(report: TimedRows, fp32_label: str,
                            settings: Sequence[Int8Setting] = INT8_SETTINGS) -> list[str]:
     """The "INT8 settings" section: speed-up over the FP32 graph and metric of each setting."""
     labels = {e.label: e for e in report.entries}

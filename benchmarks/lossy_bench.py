@@ -16,6 +16,7 @@ learned arrival lag) and one deadline-only: end-to-end latency p50/p99 against t
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections.abc import Callable
@@ -23,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import describe_machine
-from benchmarks.trial import TrialConfig, model_label
-from benchmarks.trial_series import SeriesRow, compared_metrics, run_series, worst_relative_loss
+from benchmarks.cli_support import add_series_args, progress, series_base, write_report
 from node_firmware_sim.link_model import BurstLoss, LinkConfig, load_link_config
+from testbed.machine import describe_machine
+from testbed.report_format import percent
+from trials.series import SeriesRow, compared_metrics, run_series, worst_relative_loss
+from trials.trial import TrialConfig, model_label
 
 TARGET_LOSS = 0.20
 TARGET_RELATIVE = 0.05
@@ -93,7 +96,7 @@ class LossyReport:
             return "No 20 % loss condition in this run."
         loss = worst_relative_loss(row, self.rows[0], self.metrics)
         return (f"At {100 * TARGET_LOSS:g} % independent message loss the worst relative metric loss is "
-                f"{100 * loss:+.1f} % (target <= {100 * TARGET_RELATIVE:g} %: "
+                f"{percent(loss, signed=True)} (target <= {100 * TARGET_RELATIVE:g} %: "
                 f"**{'met' if loss <= TARGET_RELATIVE else 'not met'}**).")
 
     def to_markdown(self) -> str:
@@ -106,11 +109,11 @@ class LossyReport:
                  "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(self.metrics) + "---:|"]
         for c, r in zip(self.conditions, self.rows, strict=True):
             h = r.headline
-            lines.append(f"| {r.name} | {c.describe()} | {100 * h['injected_loss']:.1f} % | "
-                         f"{100 * h['observed_loss']:.1f} % | {h['late']} | {100 * h['completeness']:.0f} % | "
-                         f"{100 * h['token_completeness']:.1f} % | "
+            lines.append(f"| {r.name} | {c.describe()} | {percent(h['injected_loss'])} | "
+                         f"{percent(h['observed_loss'])} | {h['late']} | {percent(h['completeness'], digits=0)} | "
+                         f"{percent(h['token_completeness'])} | "
                          + " | ".join(f"{r.metric(m):.3f}" for m in self.metrics)
-                         + f" | {100 * worst_relative_loss(r, ref, self.metrics):+.1f} % |")
+                         + f" | {percent(worst_relative_loss(r, ref, self.metrics), signed=True)} |")
         lines += ["", self.verdict(), "", "![lossy](lossy.png)", ""]
         return "\n".join(lines + self._close_section())
 
@@ -124,7 +127,7 @@ class LossyReport:
                   f"**{'met' if early['latency_p50_ms'] <= TARGET_P50_MS else 'not met'}**)",
                   f"p99 {early['latency_p99_ms']:.0f} ms (target <= {TARGET_P99_MS:.0f}: "
                   f"**{'met' if early['latency_p99_ms'] <= TARGET_P99_MS else 'not met'}**)",
-                  f"messages kept {100 * kept:.1f} % of deadline-only's (target >= {100 * TARGET_MESSAGES_KEPT:.0f} %: "
+                  f"messages kept {percent(kept)} of deadline-only's (target >= {100 * TARGET_MESSAGES_KEPT:.0f} %: "
                   f"**{'met' if kept >= TARGET_MESSAGES_KEPT else 'not met'}**)"]
         return "Early close: " + "; ".join(checks) + "."
 
@@ -137,8 +140,8 @@ class LossyReport:
                  "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(self.metrics)]
         for row in self.close_rows:
             h = row.headline
-            lines.append(f"| {row.name} | {h['windows_stored']} | {100 * h['completeness']:.0f} % | "
-                         f"{h.get('closed_early', 0)} | {100 * h['token_completeness']:.1f} % | {h['late']} | "
+            lines.append(f"| {row.name} | {h['windows_stored']} | {percent(h['completeness'], digits=0)} | "
+                         f"{h.get('closed_early', 0)} | {percent(h['token_completeness'])} | {h['late']} | "
                          f"{h['latency_p50_ms']:.0f} ms | {h['latency_p99_ms']:.0f} ms | "
                          + " | ".join(f"{row.metric(m):.3f}" for m in self.metrics) + " |")
         return [*lines, "", self.close_verdict(), ""]
@@ -208,3 +211,29 @@ def run_lossy(base: TrialConfig, conditions: list[Condition] | None = None, *, t
                                f"codec {base.codec}, link {FIELD_LINK.name}, deadline "
                                f"{base.deadline_fraction:g} x window, model {model_label(base.model)}.")
     return report
+
+
+# --------------------------------------------------------------------------- command line
+def register(subparsers: Any) -> None:
+    """Add ``spar-bench lossy`` to ``subparsers`` (``parser.add_subparsers()``)."""
+    lo = subparsers.add_parser(
+        "lossy", help="completeness and task metric under lossy links (paper Table 6, live)",
+        description="One trial per link condition (independent loss 0/5/10/20/40 %%, burst loss, "
+        "node outages, jitter beyond the deadline) through a private broker and the real "
+        "aggregator, same seed for all: injected vs observed loss, late messages, window "
+        "completeness and task metric; then early close vs deadline-only window closing in real time. "
+        "Writes lossy.md/.json/.png. About 10 min with defaults.")
+    lo.add_argument("--timing-speed", type=float, default=4.0,
+                    help="timeline compression of the outage and jitter conditions (default: %(default)s)")
+    lo.add_argument("--close-duration", type=float, default=120.0,
+                    help="seconds of each of the two real-time trials comparing early close with deadline-only "
+                    "window closing on configs/links/lossy.toml; 0 skips them (default: %(default)s)")
+    add_series_args(lo, "lossy", speed=10.0, codec="webp:85")
+    lo.set_defaults(func=_cmd_lossy)
+
+
+def _cmd_lossy(args: argparse.Namespace) -> int:
+    report = run_lossy(series_base(args, codec=args.codec), timing_speed=args.timing_speed, reuse=not args.fresh,
+                       close_duration_s=args.close_duration, progress=progress)
+    write_report(report, args.out, "lossy")
+    return 0

@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.machine import describe_machine
-from benchmarks.model_check import ModelCheckConfig, ModelCheckReport, _versions, scored_rows, undistilled_note
-from benchmarks.trial_detections import detection_predictions
+from benchmarks.experiment_ledger import versions
+from benchmarks.model_check_core import ModelCheckConfig, ModelCheckReport, scored_rows, undistilled_note
+from testbed.machine import describe_machine
+from trials.detections import detection_predictions
 
 # The floors' kNN keeps every training window's band features; a few thousand windows are plenty.
 FLOOR_TRAIN_WINDOWS = 6000
@@ -42,7 +43,7 @@ def run_detect_check(cfg: ModelCheckConfig, manifest: dict[str, Any], progress: 
         "detection counts only with the right vehicle class within r metres.",)
     notes += undistilled_note(manifest)
     columns = tuple((f"mAP@{r:g}", f"mAP@{r:g}", 1.0) for r in RADII)
-    return ModelCheckReport(cfg, manifest, rows, describe_machine(_versions()), len(test), len(train),
+    return ModelCheckReport(cfg, manifest, rows, describe_machine(versions("onnxruntime")), len(test), len(train),
                             detect_targets(complete), columns=columns, notes=notes)
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.machine import describe_machine
-from benchmarks.model_check import ModelCheckConfig, ModelCheckReport, _versions, scored_rows, undistilled_note
+from benchmarks.experiment_ledger import versions
+from benchmarks.model_check_core import ModelCheckConfig, ModelCheckReport, scored_rows, undistilled_note
+from testbed.machine import describe_machine
 
 # Floors fit on at most this many labelled training windows: the grid search only tunes a threshold
 # and kNN gains little beyond a few thousand, while 9000 windows of 16 stations hold ~2 GB of images.
@@ -36,7 +37,7 @@ def run_quake_check(cfg: ModelCheckConfig, manifest: dict[str, Any], progress: C
         "the regional P velocity, the first station to trigger, kNN on band energies, and the mean hypocentre; "
         f"fitted on the first {len(train)} training windows.",)
     notes += undistilled_note(manifest)
-    return ModelCheckReport(cfg, manifest, rows, describe_machine(_versions()), len(test), len(train),
+    return ModelCheckReport(cfg, manifest, rows, describe_machine(versions("onnxruntime")), len(test), len(train),
                             quake_targets(complete), columns=QUAKE_COLUMNS, notes=notes)
 
 

@@ -22,7 +22,6 @@ so an interrupted run picks up where it stopped.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -31,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.errors import BenchError
-from benchmarks.machine import describe_machine
+from benchmarks.experiment_ledger import finished_jobs, fresh_run_dir, record_job, versions
+from testbed.machine import describe_machine
+from testbed.report_format import table_row, table_rule
 
 REPO = Path(__file__).resolve().parents[1]
 SITE = REPO / "configs" / "sites" / "parking_lot.toml"
@@ -195,7 +196,7 @@ def run_objectives(cfg: ObjectivesConfig, progress: Callable[[str], None] = prin
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     data = ensure_dataset(cfg, progress)
     ledger = cfg.workdir / "jobs.jsonl"
-    done = _finished_jobs(ledger)
+    done = finished_jobs(ledger)
     jobs = plan(cfg)
     started = time.monotonic()
     results = {}
@@ -206,9 +207,8 @@ def run_objectives(cfg: ObjectivesConfig, progress: Callable[[str], None] = prin
             continue
         progress(f"[{n}/{len(jobs)}] {job.key} ({(time.monotonic() - started) / 60:.1f} min so far)")
         results[job.key] = run_job(job, cfg, data)
-        with open(ledger, "a") as f:
-            f.write(json.dumps({"settings": settings, "key": job.key, "result": results[job.key]}) + "\n")
-    return ObjectivesReport(cfg, results, describe_machine(_versions()))
+        record_job(ledger, job.key, settings, results[job.key])
+    return ObjectivesReport(cfg, results, describe_machine(versions("torch", torch_build=False)))
 
 
 def job_settings(job: Job, cfg: ObjectivesConfig) -> str:
@@ -220,56 +220,6 @@ def job_settings(job: Job, cfg: ObjectivesConfig) -> str:
         keys.append("supervised_steps" if job.method == "supervised" else "head_steps")
     values = asdict(cfg)
     return json.dumps({k: values[k] for k in keys}, sort_keys=True, default=str)
-
-
-def _finished_jobs(ledger: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    """(job key, settings) -> result of every job already run (a result with other settings is kept
-    in the ledger but not reused)."""
-    done = {}
-    if ledger.exists():
-        for line in ledger.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash mid-write: that job simply runs again
-            done[record["key"], record["settings"]] = record["result"]
-    return done
-
-
-def fresh_run_dir(run_dir: Path, settings: str) -> Path:
-    """``run_dir`` for a job with ``settings``: kept when it holds an interrupted run with the same
-    settings (pretraining resumes from its checkpoint), emptied when it holds another settings' run
-    (whose checkpoint would otherwise be resumed as if it were this one)."""
-    stamp = run_dir / "bench-settings.json"
-    if run_dir.exists() and (not stamp.exists() or stamp.read_text() != settings):
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(settings)
-    return run_dir
-
-
-def run_ledger(jobs: list[tuple[str, Any]], settings: str, ledger: Path, run: Callable[[Any], dict[str, Any]],
-               progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """Run every (key, job) not already in ``ledger`` with the same ``settings``; append each result
-    as it finishes (an interrupted benchmark resumes after its last finished job)."""
-    done = _finished_jobs(ledger)
-    started = time.monotonic()
-    results: dict[str, dict[str, Any]] = {}
-    for n, (key, job) in enumerate(jobs, 1):
-        if (key, settings) in done:
-            results[key] = done[key, settings]
-            continue
-        progress(f"[{n}/{len(jobs)}] {key} ({(time.monotonic() - started) / 60:.1f} min so far)")
-        results[key] = run(job)
-        with open(ledger, "a") as f:
-            f.write(json.dumps({"settings": settings, "key": key, "result": results[key]}) + "\n")
-    return results
-
-
-def _versions() -> dict[str, str]:
-    import torch
-
-    return {"torch": torch.__version__.split("+")[0]}
 
 
 @dataclass
@@ -323,20 +273,20 @@ class ObjectivesReport:
                  "## Localization (the paper's Table 1)", ""]
         head = ["method"] + [f"MSE @{r:g}" for r in ratios] + [f"mean m @{r:g}" for r in ratios] + \
                [f"median m @{low:g}", f"vs best floor @{low:g}"]
-        lines += [_row(head), _row(["---"] * len(head))]
+        lines += [table_row(head), table_rule(len(head))]
         for method in METHODS:
             cells = [NAMES[method]]
             cells += [self._cell(method, "localize", r, "mse", "{:.1f}") for r in ratios]
             cells += [self._cell(method, "localize", r, "mean_distance", "{:.2f}") for r in ratios]
             cells += [self._cell(method, "localize", low, "median_distance", "{:.2f}"),
                       self.margin(method, "localize", low)]
-            lines.append(_row(cells))
+            lines.append(table_row(cells))
         for floor, label in (("knn", "Floor: kNN on band energies"), ("centroid", "Floor: energy-weighted centroid"),
                              ("mean_position", "Guess: mean position")):
             cells = [label] + [self._cell("floors", "", r, f"{floor}/mse", "{:.1f}") for r in ratios]
             cells += [self._cell("floors", "", r, f"{floor}/mean_distance", "{:.2f}") for r in ratios]
             cells += [self._cell("floors", "", low, f"{floor}/median_distance", "{:.2f}"), ""]
-            lines.append(_row(cells))
+            lines.append(table_row(cells))
         lines += ["", f"SPAR vs the fair MAE (node identity in the head), localization MSE at label ratio {low:g}: "
                   f"{self.gap('mae_node') * 100:+.1f} % lower for SPAR (target >= 30 %; the paper reports about 50 %). "
                   f"Against the blind MAE: {self.gap('mae') * 100:+.1f} %.", "",
@@ -345,23 +295,23 @@ class ObjectivesReport:
                   "one transformer block, then the linear readout.", ""]
         head = ["method"] + [f"probe acc. @{r:g}" for r in ratios] + [f"head acc. @{r:g}" for r in ratios] + \
                [f"head macro-F1 @{low:g}", f"head vs floor @{low:g}"]
-        lines += [_row(head), _row(["---"] * len(head))]
+        lines += [table_row(head), table_rule(len(head))]
         for method in METHODS:
             cells = [NAMES[method]] + [self._cell(method, "classify", r, "accuracy", "{:.3f}") for r in ratios]
             cells += [self._cell(method, "classify_head", r, "accuracy", "{:.3f}") for r in ratios]
             cells += [self._cell(method, "classify_head", low, "macro_f1", "{:.3f}"), self._margin_head(method, low)]
-            lines.append(_row(cells))
+            lines.append(table_row(cells))
         cells = ["Floor: softmax on band energies"] + \
             [self._cell("floors", "", r, "softmax/accuracy", "{:.3f}") for r in ratios] + [""] * len(ratios) + \
             [self._cell("floors", "", low, "softmax/macro_f1", "{:.3f}"), ""]
-        lines.append(_row(cells))
+        lines.append(table_row(cells))
         lines += ["", self.separation(), ""]
         if self.cfg.ablations:
             r = self.cfg.ablation_ratio
             lines += [f"## Ablations (the paper's Table 8), localization at label ratio {r:g}", "",
-                      _row(["variant", "MSE m²", "dist. err. m", "median m", "p90 m"]), _row(["---"] * 5)]
+                      table_row(["variant", "MSE m²", "dist. err. m", "median m", "p90 m"]), table_rule(5)]
             for method in ("spar", *self.cfg.ablations):
-                lines.append(_row([method.replace("_", " ")] + [
+                lines.append(table_row([method.replace("_", " ")] + [
                     self._cell(method, "localize", r, name, fmt) for name, fmt in
                     (("mse", "{:.1f}"), ("mean_distance", "{:.2f}"), ("median_distance", "{:.2f}"),
                      ("p90_distance", "{:.2f}"))]))
@@ -425,10 +375,6 @@ class ObjectivesReport:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
         plt.close(fig)
-
-
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
 
 
 def check_config(cfg: ObjectivesConfig) -> None:

@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.errors import BenchError
-from benchmarks.machine import describe_machine
-from benchmarks.objectives import _row, _versions, fresh_run_dir, run_ledger
+from benchmarks.experiment_ledger import fresh_run_dir, run_ledger, versions
+from testbed.machine import describe_machine
+from testbed.report_format import table_row, table_rule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -270,7 +271,7 @@ def run_dataset_objectives(cfg: DatasetObjectivesConfig, progress: Callable[[str
     data = ensure_dataset(cfg, progress)
     results = run_ledger([(job.key(cfg.dataset), job) for job in plan(cfg)], job_settings(cfg),
                          cfg.workdir / "jobs.jsonl", lambda job: run_job(job, cfg, data), progress)
-    return DatasetObjectivesReport(cfg, results, describe_machine(_versions()))
+    return DatasetObjectivesReport(cfg, results, describe_machine(versions("torch", torch_build=False)))
 
 
 def job_settings(cfg: DatasetObjectivesConfig) -> str:
@@ -359,16 +360,16 @@ class DatasetObjectivesReport:
             lines += [f"## {first.replace('_', ' ')}{unit}, label ratio {ratio:g}, by share of missing streams", ""]
             head = ["method"] + [f"{rate * 100:g} % missing" for rate in cfg.missing_rates] + \
                    [f"{spec.metrics[1].replace('_', ' ')} @0 %", "vs best floor @0 %"]
-            lines += [_row(head), _row(["---"] * len(head))]
+            lines += [table_row(head), table_rule(len(head))]
             for method in cfg.methods:
                 cells = [method] + [self._cell(method, ratio, rate, first, fmt) for rate in cfg.missing_rates]
                 cells += [self._cell(method, ratio, 0.0, spec.metrics[1], fmt), self.margin(method, ratio)]
-                lines.append(_row(cells))
+                lines.append(table_row(cells))
             for floor in SHOWN_FLOORS[spec.task]:
                 cells = [FLOOR_ROWS[floor]] + [self._cell("floors", ratio, rate, f"{floor}/{first}", fmt)
                                                for rate in cfg.missing_rates]
                 cells += [self._cell("floors", ratio, 0.0, f"{floor}/{spec.metrics[1]}", fmt), ""]
-                lines.append(_row(cells))
+                lines.append(table_row(cells))
             lines.append("")
         margin = ("accuracy points" if spec.task == "classify" else
                   "relative change of the median error, negative is better")

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.errors import BenchError
-from benchmarks.machine import describe_machine
-from benchmarks.objectives import _row, _versions, fresh_run_dir, run_ledger
+from benchmarks.experiment_ledger import fresh_run_dir, run_ledger, versions
+from testbed.machine import describe_machine
+from testbed.report_format import table_row, table_rule
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("supervised", "mae", "mae_node", "spar")
@@ -280,7 +281,7 @@ def run_task_objectives(cfg: TaskObjectivesConfig, progress: Callable[[str], Non
 
         results.update(run_ledger([(job.key, job)], job_settings(cfg, job), ledger,
                                   lambda j: run_job(j, cfg, data), announce))
-    return TaskObjectivesReport(cfg, results, describe_machine(_versions()))
+    return TaskObjectivesReport(cfg, results, describe_machine(versions("torch", torch_build=False)))
 
 
 @dataclass
@@ -343,11 +344,11 @@ class TaskObjectivesReport:
         for ratio in cfg.label_ratios:
             lines += [f"## Label ratio {ratio:g}", ""]
             head = ["method"] + [label for _, label in spec.columns] + ["vs best floor"]
-            lines += [_row(head), _row(["---"] * len(head))]
+            lines += [table_row(head), table_rule(len(head))]
             for key, name in self.rows():
                 cells = [name] + [self._cell(key, ratio, metric) for metric, _ in spec.columns]
                 cells.append(self.margin(key, ratio) if key in METHODS else "")
-                lines.append(_row(cells))
+                lines.append(table_row(cells))
             lines.append("")
         setting_key = "grid_search/sta_lta_threshold" if cfg.dataset == "quakes" else "knn/k"
         settings = sorted({self.results[Job("floors", "floors", s, r, cfg.dataset).key][setting_key]

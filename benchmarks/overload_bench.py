@@ -4,7 +4,7 @@ Three phases back to back, without a pause: the site's nominal window rate, ``fa
 then nominal again. The real aggregator runs in this process (a random-weight model of the shipped
 student's architecture, ``max_held_messages`` and ``queue_size`` as deployed) behind a private
 Mosquitto with the deployed in-flight limit; a separate publisher process plays every node of a
-synthetic site (the paced publisher of ``latency_bench``).
+synthetic site (``load_generator``'s paced publisher, the one ``spar-bench latency`` uses).
 
 What must hold, and what is measured:
 - the queue stays bounded: its depth in windows and in held (unacknowledged) messages is sampled
@@ -26,7 +26,6 @@ depends on the site size: the latency benchmark measures where each size saturat
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -40,24 +39,21 @@ from typing import Any
 import numpy as np
 
 from benchmarks.errors import BenchError
-from benchmarks.latency_bench import (
-    DEFAULT_SITE,
-    _Publisher,
-    _ResultCollector,
-    _StepPublish,
-    ensure_model,
-    synthetic_site,
-)
-from benchmarks.local_broker import BrokerSettings, LocalBroker
-from benchmarks.machine import describe_machine
+from benchmarks.latency_stats import percentile
+from benchmarks.load_generator import PacedPublisher, ResultCollector, StepPublish
+from benchmarks.load_sites import DEFAULT_SITE, ensure_model, synthetic_site
 from spar_wire.mqtt_settings import MqttSettings
 from spar_wire.site_layout import load_site_layout
+from testbed.local_broker import BrokerSettings, LocalBroker
+from testbed.machine import describe_machine
 
 PHASES = ("nominal", "overload", "recovery")
 
 
 @dataclass(frozen=True)
 class OverloadConfig:
+    """What to run: the site size, the nominal rate and factor, the phases' lengths, the settings under test."""
+
     nodes: int = 64  # synthetic site size
     nominal_rate: float | None = None  # windows/s; None: one per window length
     factor: float = 10.0  # the overload phase offers factor x nominal
@@ -65,7 +61,7 @@ class OverloadConfig:
     queue_size: int = 64  # aggregator settings under test (as in configs/aggregator.toml)
     max_held_messages: int = 400
     codec: str = "png"
-    model: str = "student"  # or "tiny" (benchmarks.tiny_onnx_model)
+    model: str = "student"  # or "tiny" (testbed.tiny_onnx_model)
     backend: str = "auto"
     seed: int = 0
 
@@ -82,6 +78,8 @@ class OverloadConfig:
 
 @dataclass
 class PhaseResult:
+    """One phase (nominal, overload or recovery): what was offered, what was served, and how fast."""
+
     name: str
     rate: float  # offered windows/s
     windows: int
@@ -98,6 +96,8 @@ class PhaseResult:
 
 @dataclass
 class OverloadReport:
+    """A whole overload run: the phases, the aggregator's own accounting of every message and window, the checks."""
+
     config: dict[str, Any]
     machine: str
     model: str
@@ -194,7 +194,7 @@ def run_overload(config: OverloadConfig, workdir: str | Path = Path("benchmarks/
                         seed=config.seed, progress=progress)
     site = synthetic_site(DEFAULT_SITE, config.nodes, workdir / "sites", seed=config.seed)
     layout = load_site_layout(site)
-    window_s = next(iter(layout.modalities.values())).features.window_s
+    window_s = layout.window_s()
     nominal = config.nominal_rate or 1.0 / window_s
     database = workdir / "results.sqlite3"
     for stale in database.parent.glob(database.name + "*"):
@@ -206,9 +206,9 @@ def run_overload(config: OverloadConfig, workdir: str | Path = Path("benchmarks/
             mqtt=MqttSettings(host=broker.host, port=broker.port)))
         sampler = _Sampler(aggregator)
         try:
-            with _Publisher(broker, site, config.codec, config.seed) as publisher:
+            with PacedPublisher(broker, site, config.codec, config.seed) as publisher:
                 aggregator.start()
-                with _ResultCollector(broker, layout.site_id) as collector, sampler:
+                with ResultCollector(broker, layout.site_id) as collector, sampler:
                     progress("warm-up")
                     publisher.step(0, 3, nominal)
                     time.sleep(1.0)
@@ -236,8 +236,8 @@ def run_overload(config: OverloadConfig, workdir: str | Path = Path("benchmarks/
 
 
 # --------------------------------------------------------------------------- running
-def _phases(publisher: _Publisher, config: OverloadConfig, nominal: float,
-            progress: Callable[[str], None]) -> list[_StepPublish]:
+def _phases(publisher: PacedPublisher, config: OverloadConfig, nominal: float,
+            progress: Callable[[str], None]) -> list[StepPublish]:
     steps = []
     index = 3 + 2  # after the warm-up windows, two empty grid slots
     for name, rate, seconds in zip(PHASES, (nominal, nominal * config.factor, nominal), config.phase_s, strict=True):
@@ -285,7 +285,7 @@ class _Sampler:
                 self.rss_samples.append(_rss_mib())
 
 
-def _wait_for_quiet(aggregator: Any, windows: int, collector: _ResultCollector, timeout_s: float = 60.0) -> None:
+def _wait_for_quiet(aggregator: Any, windows: int, collector: ResultCollector, timeout_s: float = 60.0) -> None:
     """Until every published window has a result or was dropped, and results stopped arriving."""
     deadline = time.monotonic() + timeout_s
     last, quiet_since = -1, time.monotonic()
@@ -334,7 +334,7 @@ def _rss_mib() -> float:
 
 
 # --------------------------------------------------------------------------- analysis
-def _analyse(steps: list[_StepPublish], received: list[tuple[int, bytes]], window_ns: int, config: OverloadConfig,
+def _analyse(steps: list[StepPublish], received: list[tuple[int, bytes]], window_ns: int, config: OverloadConfig,
              nominal: float) -> tuple[list[PhaseResult], float | None, int]:
     """Per phase latency of served windows; recovery time; windows without a result."""
     by_stamp = {stamp: (p, j) for p, step in enumerate(steps) for j, stamp in enumerate(step.stamps)}
@@ -354,27 +354,27 @@ def _analyse(steps: list[_StepPublish], received: list[tuple[int, bytes]], windo
     rates = (nominal, nominal * config.factor, nominal)
     phases = [_phase(name, rate, step, [latency.get((p, j)) for j in range(len(step.stamps))])
               for p, (name, rate, step) in enumerate(zip(PHASES, rates, steps, strict=True))]
-    recovery = _recovery_s(steps[2], [latency.get((2, j)) for j in range(len(steps[2].stamps))], phases[0])
+    recovery = recovery_time_s(steps[2], [latency.get((2, j)) for j in range(len(steps[2].stamps))], phases[0])
     unserved = sum(len(step.stamps) for step in steps) - len(latency)
     return phases, recovery, unserved
 
 
-def _phase(name: str, rate: float, step: _StepPublish,
+def _phase(name: str, rate: float, step: StepPublish,
            rows: list[tuple[float, bool, dict[str, float]] | None]) -> PhaseResult:
+    """One phase's figures from its windows' (e2e ms, partial, stage ms) rows, None where unserved."""
     served = [r for r in rows if r is not None]
     e2e = [r[0] for r in served]
     # Last third against the middle one: a bounded queue fills in the first third and then holds its
     # latency flat; an unbounded one keeps growing through the phase.
     third = len(e2e) // 3
     growth = float(np.median(e2e[-third:]) - np.median(e2e[third:-third])) if third >= 1 else float("nan")
-    pct = (lambda q: float(np.percentile(e2e, q))) if e2e else (lambda q: float("nan"))
     stages = {key: round(float(np.median([r[2][key] for r in served])), 1) for key in served[0][2]} if served else {}
-    return PhaseResult(name, rate, len(step.stamps), len(served), sum(r[1] for r in served), pct(50), pct(99),
-                       max(e2e, default=float("nan")), growth, stages)
+    return PhaseResult(name, rate, len(step.stamps), len(served), sum(r[1] for r in served), percentile(e2e, 50),
+                       percentile(e2e, 99), max(e2e, default=float("nan")), growth, stages)
 
 
-def _recovery_s(step: _StepPublish, rows: list[tuple[float, bool, dict[str, float]] | None],
-                baseline: PhaseResult) -> float | None:
+def recovery_time_s(step: StepPublish, rows: list[tuple[float, bool, dict[str, float]] | None],
+                    baseline: PhaseResult) -> float | None:
     """Seconds from the recovery phase's start to the first window from which on every window is served
     within twice the nominal p50 (+ 50 ms, for noise)."""
     bound = 2 * baseline.p50_ms + 50.0
@@ -391,46 +391,3 @@ def _recovery_s(step: _StepPublish, rows: list[tuple[float, bool, dict[str, floa
 
 def _nan_to_none(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else str(value)
-
-
-# --------------------------------------------------------------------------- command line
-def add_overload_parser(sub: Any) -> argparse.ArgumentParser:
-    """``spar-bench overload``."""
-    p = sub.add_parser(
-        "overload", help="the aggregator at 10x its nominal load and after it: bounded queue, drops, recovery",
-        description="Nominal load, then FACTOR x nominal, then nominal again, back to back, from a publisher "
-        "process playing every node of a synthetic site through a private Mosquitto to the real aggregator. "
-        "Reports per phase the served windows and their latency, the windows dropped (oldest first) and "
-        "counted, the queue's peak depth, memory and the recovery time. Writes overload.md/.json; exit code 1 "
-        "when a check fails.")
-    p.add_argument("--nodes", type=int, default=64, help="nodes of the synthetic site (default: %(default)s)")
-    p.add_argument("--nominal-rate", type=float, default=None,
-                   help="nominal windows/s (default: one per window length)")
-    p.add_argument("--factor", type=float, default=10.0, help="overload factor (default: %(default)s)")
-    p.add_argument("--phases", default="10,10,20",
-                   help="seconds of nominal, overload and recovery (default: %(default)s)")
-    p.add_argument("--model", choices=("student", "tiny"), default="student",
-                   help="random-weight student architecture or the tiny test model (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where overload.md/.json go")
-    p.add_argument("--workdir", type=Path, default=Path("benchmarks/.work/overload"),
-                   help="model cache, site, broker files (default: %(default)s)")
-    p.set_defaults(func=_cmd_overload)
-    return p
-
-
-def _cmd_overload(args: argparse.Namespace) -> int:
-    import sys
-
-    try:
-        phases = tuple(float(x) for x in args.phases.split(","))
-    except ValueError:
-        raise BenchError(f"--phases must be three numbers of seconds, got {args.phases!r}") from None
-    config = OverloadConfig(nodes=args.nodes, nominal_rate=args.nominal_rate, factor=args.factor,
-                            phase_s=phases, model=args.model)  # type: ignore[arg-type]
-    report = run_overload(config, args.workdir, progress=lambda text: print(f"... {text}", file=sys.stderr,
-                                                                            flush=True))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "overload.md").write_text(report.to_markdown())
-    (args.out / "overload.json").write_text(report.to_json())
-    print(report.to_markdown())
-    return 0 if all(report.checks.values()) else 1

@@ -15,22 +15,26 @@ fine-tuned on B's training windows and scored on B's validation windows ("unseen
 Methods: SPAR with the learnable structural table (B's nodes get the slot of the nearest A node, the
 mean learned vector, or a random learned slot: ``train.unseen_layout``), SPAR+LLM (structural vectors
 from each node's description), and MAE (no structural embedding). Finished jobs are remembered in
-``<workdir>/jobs.jsonl`` so an interrupted run resumes.
+``<workdir>/jobs.jsonl`` so an interrupted run resumes. ``register`` adds the subcommand.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cli_support import progress
 from benchmarks.errors import BenchError
-from benchmarks.machine import describe_machine
-from benchmarks.objectives import _row, _versions, fresh_run_dir, run_ledger
+from benchmarks.experiment_ledger import fresh_run_dir, run_ledger, versions
+from testbed.machine import describe_machine
+from testbed.report_format import table_row, table_rule
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = REPO / "configs" / "sites"
@@ -145,7 +149,7 @@ def run_placement(cfg: PlacementConfig, progress: Callable[[str], None] = print)
     data = ensure_datasets(cfg, progress)
     results = run_ledger([(job.key, job) for job in plan(cfg)], job_settings(cfg), cfg.workdir / "jobs.jsonl",
                          lambda job: run_job(job, cfg, data), progress)
-    return PlacementReport(cfg, results, describe_machine(_versions()))
+    return PlacementReport(cfg, results, describe_machine(versions("torch", torch_build=False)))
 
 
 def job_settings(cfg: PlacementConfig) -> str:
@@ -203,12 +207,12 @@ class PlacementReport:
                  "Localization of one vehicle, frozen encoder + 1-layer head, validation windows only. Layout A: "
                  "8 perimeter nodes (pretraining); layout B: 6 other places, some inside the lot. Distance errors "
                  "in m, MSE in m².", "",
-                 _row(["method", "unseen B: dist. m", "unseen B: MSE", "B-pretrained: dist. m", "seen A: dist. m",
+                 table_row(["method", "unseen B: dist. m", "unseen B: MSE", "B-pretrained: dist. m", "seen A: dist. m",
                        "unseen / B-pretrained", "unseen / seen A", f"≤ {TARGET_RATIO}×"]),
-                 _row(["---"] * 8)]
+                 table_rule(8)]
         for row in self.rows():
             method = row["method"]
-            lines.append(_row([method, self._cell(method, "unseen"), f"{row['unseen_mse']:.1f}",
+            lines.append(table_row([method, self._cell(method, "unseen"), f"{row['unseen_mse']:.1f}",
                                self._cell(method, "reference"), self._cell(method, "seen"),
                                f"{row['ratio_vs_reference']:.2f}×", f"{row['ratio_vs_seen']:.2f}×",
                                "yes" if row["meets_target"] else "no"]))
@@ -245,3 +249,51 @@ class PlacementReport:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+# --------------------------------------------------------------------------- command line
+def register(subparsers: Any) -> None:
+    """Add ``spar-bench placement`` to ``subparsers`` (``parser.add_subparsers()``)."""
+    pl = subparsers.add_parser(
+        "placement", help="frozen encoders on a sensor layout unseen in pretraining (paper Table 7)",
+        description="Generate two simulated lots with the same sensors in different places "
+        "(layout A: 8 perimeter nodes, layout B: 6 other places), pretrain SPAR, SPAR+LLM and MAE "
+        "on each, fine-tune localization heads on B with encoders pretrained on A (learnable slots: "
+        "nearest / mean / random; SPAR+LLM: from the nodes' descriptions), and compare with the "
+        "encoders pretrained on B and with layout A. Target: unseen error <= 1.2x. Writes "
+        "placement.md/.json/.png. About 40 min on 2 idle cores with the defaults; finished jobs "
+        "are remembered, so an interrupted run resumes.")
+    pl.add_argument("--full", action="store_true", help="longer budget: 3000 windows per layout, 40 epochs, 3 seeds")
+    pl.add_argument("--windows-a", type=int, help="layout A windows (default 1200; --full 3000)")
+    pl.add_argument("--windows-b", type=int, help="layout B windows (default 1200; --full 3000)")
+    pl.add_argument("--pretrain-epochs", type=int, help="default 10 (--full 40)")
+    pl.add_argument("--head-steps", type=int, help="localization head steps (default 700; --full 1500)")
+    pl.add_argument("--seeds", type=int, help="number of seeds (default 1; --full 3)")
+    pl.add_argument("--methods", help="comma-separated subset of: " + "; ".join(METHODS))
+    pl.add_argument("--workdir", type=Path, default=Path("benchmarks/.work/placement"),
+                    help="datasets, checkpoints and finished-job ledger (default: %(default)s)")
+    pl.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                    help="where placement.md/.json/.png go (default: %(default)s)")
+    pl.set_defaults(func=_cmd_placement)
+
+
+def _cmd_placement(args: argparse.Namespace) -> int:
+    changes = {name: value for name, value in (
+        ("workdir", args.workdir), ("windows_a", args.windows_a), ("windows_b", args.windows_b),
+        ("pretrain_epochs", args.pretrain_epochs), ("head_steps", args.head_steps),
+        ("seeds", tuple(range(args.seeds)) if args.seeds else None),
+        ("methods", tuple(m.strip() for m in args.methods.split(",")) if args.methods else None))
+        if value is not None}
+    cfg = PlacementConfig.full(**changes) if args.full else PlacementConfig(**changes)
+    check_config(cfg)
+    print(f"spar-bench placement: {cfg.budget()}", file=sys.stderr)
+    report = run_placement(cfg, progress=progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "placement.md").write_text(report.to_markdown())
+    (args.out / "placement.json").write_text(json.dumps(
+        {"machine": report.machine, "budget": cfg.budget(), "rows": report.rows(), "results": report.results},
+        indent=2) + "\n")
+    report.plot(args.out / "placement.png")
+    print(report.to_markdown())
+    print(f"report: {args.out / 'placement.md'}, plot: {args.out / 'placement.png'}")
+    return 0

@@ -16,6 +16,10 @@ FP32 and an INT8 row per mode, timed interleaved with every other row; ``attenti
 each graph against torch FP32 on the same windows; the report's "Attention options" table says which
 op each graph holds, whether ONNX Runtime fuses the plain graph at load, what TensorRT parses, and
 the speed-up of each fused mode over the plain graph.
+
+The rows themselves (``BenchEntry``, ``EntryResult``) are defined in ``quant_rows``, below this module
+and below the sections it calls (``int8_settings``, ``student_pareto``); the command line is
+``quant_cli``.
 """
 
 from __future__ import annotations
@@ -24,18 +28,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
 from benchmarks.errors import BenchError
+from benchmarks.experiment_ledger import versions
 from benchmarks.int8_settings import int8_settings_markdown
-from benchmarks.machine import describe_machine
-from benchmarks.metric_loss import relative_loss
+from benchmarks.quant_rows import BenchEntry, EntryResult, count_params
 from benchmarks.student_pareto import StudentShape, pareto_markdown
 from export.deploy_model import DeployModel
-from export.parity import PRIMARY_METRICS, Runner, evaluate_runner, flatten_metrics, onnx_runner, torch_runner
+from export.parity import PRIMARY_METRICS, evaluate_runner, flatten_metrics, onnx_runner, torch_runner
 from spar_wire.model_manifest import NODE_INDEX_INPUT, POSITIONS_INPUT
+from testbed.machine import describe_machine
+from testbed.metric_loss import relative_loss
 from train.data import WindowSet
 
 TEACHER_TORCH = "torch FP32 teacher"
@@ -49,6 +54,8 @@ STUDENT_INT8_DYNAMIC = "ORT INT8 dynamic student"
 def attention_label(precision: str, mode: str) -> str:
     """Row label of the student exported with attention ``mode`` (FP32 or INT8)."""
     return f"ORT {precision} student, {mode} attention"
+
+
 # (name, slower entry, faster entry): speed-up = p50 latency of the first / p50 of the second.
 STANDARD_RATIOS = (
     ("INT8 student vs FP32 teacher, both ORT", TEACHER_ORT, STUDENT_INT8),
@@ -59,30 +66,10 @@ STANDARD_RATIOS = (
 )
 
 
-class BenchEntry(NamedTuple):
-    """One thing to time: a runner (named numpy inputs -> outputs in ``model.output_names`` order)."""
-
-    label: str
-    runner: Runner
-    params: int  # parameters of the model it runs
-    file_bytes: int | None  # size of its artifact (None for torch eager)
-    model: DeployModel | None  # output specs for the task metric (None: latency only)
-
-
-@dataclass
-class EntryResult:
-    label: str
-    params: int
-    file_bytes: int | None
-    latency_ms: dict[int, list[float]]  # batch size -> one latency per repeat
-    metrics: dict[str, float] = field(default_factory=dict)  # "task/metric"
-
-    def p(self, batch: int, q: float) -> float:
-        return float(np.percentile(self.latency_ms[batch], q))
-
-
 @dataclass
 class QuantBenchReport:
+    """Every row's latencies and metrics and the comparisons asked for; ``to_markdown`` is quant.md."""
+
     entries: list[EntryResult]
     batches: tuple[int, ...]
     nodes: int
@@ -308,18 +295,7 @@ def run_quant_benchmark(entries: Sequence[BenchEntry | tuple], windows: WindowSe
     speedups = {name: {b: labels[slow].p(b, 50) / labels[fast].p(b, 50) for b in batches}
                 for name, slow, fast in ratios if slow in labels and fast in labels}
     return QuantBenchReport(results, tuple(batches), nodes, threads, repeats, int(eval_idx.size), metric_key,
-                            describe_machine(_versions()), speedups)
-
-
-def _versions() -> dict[str, str]:
-    import onnxruntime
-    import torch
-
-    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
-
-
-def count_params(model: DeployModel) -> int:
-    return sum(p.numel() for p in model.parameters())
+                            describe_machine(versions("torch", "onnxruntime")), speedups)
 
 
 def standard_entries(teacher: DeployModel, student: DeployModel, student_fp32: str | Path, student_int8: str | Path,
@@ -387,7 +363,8 @@ def attention_entries(student: DeployModel, windows: WindowSet, calib_indices, w
     from export.attention import ATTENTION_MODES, fused_attention_nodes, ort_fused_at_load, tensorrt_parses
     from export.errors import ExportError
     from export.onnx_export import export_onnx
-    from export.quantize import quantize_static_int8, summarize_graph
+    from export.quant_graph import summarize_graph
+    from export.quant_int8 import quantize_static_int8
 
     workdir = Path(workdir)
     params = count_params(student)

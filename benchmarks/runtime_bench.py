@@ -12,16 +12,13 @@ In one run, with one backend:
    inference), timed in-process on the same frames;
 6. the result store's commit cost with ``synchronous=FULL`` (the default: an acknowledged window
    survives a power cut) against ``NORMAL`` (one fsync less per commit), on a real SQLite file on the
-   disk the results would live on (:func:`run_store_benchmark`; alone with ``--store-only``).
+   disk the results would live on (:func:`run_store_benchmark`, in ``runtime_store``; alone with
+   ``--store-only``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
 import multiprocessing
-import sqlite3
 import tempfile
 import threading
 import time
@@ -32,29 +29,42 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.errors import BenchError
-from benchmarks.local_broker import BrokerSettings, LocalBroker
-from benchmarks.machine import describe_machine
-from benchmarks.tiny_onnx_model import build_tiny_model
+from benchmarks.experiment_ledger import versions
+from benchmarks.latency_stats import percentile
+from benchmarks.runtime_store import (
+    STORE_HEADING,
+    SYNC_MODES,
+    StoreCommitReport,
+    run_store_benchmark,
+    splice_store_section,
+)
 from edge_runtime.config import AggregatorConfig
 from edge_runtime.node_registry import NodeRegistry
 from edge_runtime.result_store import ResultStore
-from edge_runtime.results import Timing, build_result
 from edge_runtime.service import Aggregator
-from edge_runtime.window_assembler import AssembledWindow, WindowAssembler
+from edge_runtime.window_assembler import WindowAssembler
 from node_firmware_sim.firmware import EncodedFrame, FirmwareConfig, NodeFirmware
 from node_firmware_sim.scenarios import make_scenario
 from spar_wire.codecs import CodecSpec
 from spar_wire.features import patchify
 from spar_wire.message import decode_message
-from spar_wire.model_manifest import POSITIONS_INPUT, ModelManifest, load_manifest
 from spar_wire.mqtt_settings import MqttSettings, connect_async, make_client
 from spar_wire.site_layout import SiteLayout, load_site_layout
 from spar_wire.topics import data_topic
+from testbed.local_broker import BrokerSettings, LocalBroker
+from testbed.machine import describe_machine
+from testbed.tiny_onnx_model import build_tiny_model
+
+# The benchmark's API; the store section's names are defined in runtime_store (the CLI and the
+# tests import them from here).
+__all__ = ["STORE_HEADING", "SYNC_MODES", "RuntimeReport", "StoreCommitReport", "run_runtime_benchmark",
+           "run_store_benchmark", "splice_store_section", "summary_line"]
 
 
 @dataclass
 class RuntimeReport:
+    """Sections 1-5 of the module docstring, and the store section (6) when it ran."""
+
     backend: str
     windows: int
     messages: int
@@ -65,7 +75,7 @@ class RuntimeReport:
     costs_ms: dict[str, float] = field(default_factory=dict)
     paced_windows_per_s: float = 0.0  # the rate at which added_latency_ms was measured
     saturated_latency_ms: list[float] = field(default_factory=list)  # flat out: includes queueing
-    machine: str = ""  # date, CPU, OS, Python and library versions (benchmarks.machine)
+    machine: str = ""  # date, CPU, OS, Python and library versions (testbed.machine)
     store: StoreCommitReport | None = None  # synchronous FULL vs NORMAL; None when skipped
     wait_ms: list[float] = field(default_factory=list)  # paced, burst: last arrival -> inference starts
     store_ms: list[float] = field(default_factory=list)  # paced, burst: one commit
@@ -77,7 +87,7 @@ class RuntimeReport:
         return self.aggregator_windows_per_s / self.bare_windows_per_s
 
     def percentile(self, q: float) -> float:
-        return float(np.percentile(self.added_latency_ms, q)) if self.added_latency_ms else float("nan")
+        return percentile(self.added_latency_ms, q)
 
     def to_markdown(self) -> str:
         lines = [
@@ -92,15 +102,15 @@ class RuntimeReport:
             f"{self.percentile(50):.2f} ms | |",
             f"| added latency p99 at {self.paced_windows_per_s:g} windows/s, each window's messages at once | "
             f"{self.percentile(99):.2f} ms | <= 2 ms |",
-            f"| of which: last message arrived -> inference starts, p50 / p99 | {_pct(self.wait_ms, 50):.2f} / "
-            f"{_pct(self.wait_ms, 99):.2f} ms | |",
-            f"| of which: SQLite commit, p50 / p99 | {_pct(self.store_ms, 50):.2f} / {_pct(self.store_ms, 99):.2f} ms "
-            f"| |",
+            f"| of which: last message arrived -> inference starts, p50 / p99 | {percentile(self.wait_ms, 50):.2f} / "
+            f"{percentile(self.wait_ms, 99):.2f} ms | |",
+            f"| of which: SQLite commit, p50 / p99 | {percentile(self.store_ms, 50):.2f} / "
+            f"{percentile(self.store_ms, 99):.2f} ms | |",
             f"| added latency p50 / p99 at {self.paced_windows_per_s:g} windows/s, arrivals spread over "
-            f"{self.spread_ms:g} ms | {_pct(self.spread_latency_ms, 50):.2f} / {_pct(self.spread_latency_ms, 99):.2f}"
-            f" ms | <= 2 ms (p99) |",
+            f"{self.spread_ms:g} ms | {percentile(self.spread_latency_ms, 50):.2f} / "
+            f"{percentile(self.spread_latency_ms, 99):.2f} ms | <= 2 ms (p99) |",
             f"| added latency p50 flat out (queueing included) | "
-            f"{_pct(self.saturated_latency_ms, 50):.1f} ms | |",
+            f"{percentile(self.saturated_latency_ms, 50):.1f} ms | |",
             f"| ingest capacity | {self.ingest_messages_per_s:,.0f} messages/s | >= 5,000 |",
             "", "## Where the time goes (in-process, same frames)", "",
             "| step | ms |", "|---|---|",
@@ -109,262 +119,6 @@ class RuntimeReport:
         text = "\n".join(lines) + "\n"
         return text + "\n" + self.store.to_markdown() if self.store is not None else text
 
-
-# --------------------------------------------------------------------------- result store commit cost
-STORE_HEADING = "## Result store commit cost: synchronous FULL vs NORMAL"
-#: The model the result dicts are shaped after: the shipped one (class logits + position).
-SHIPPED_MANIFEST = Path(__file__).resolve().parents[1] / "models" / "parking_lot" / "manifest.json"
-SYNC_MODES = ("FULL", "NORMAL")
-
-
-@dataclass
-class StoreCommitStats:
-    """Commit latencies of one (synchronous mode, batch size) pair: one entry per ``insert_new`` call."""
-
-    synchronous: str
-    batch_size: int
-    latencies_ms: list[float] = field(default_factory=list)
-
-    @property
-    def median_ms(self) -> float:
-        return _pct(self.latencies_ms, 50)
-
-    @property
-    def p99_ms(self) -> float:
-        return _pct(self.latencies_ms, 99)
-
-    @property
-    def windows_per_s(self) -> float:
-        """Windows stored per second of commit time: the store alone, batches back to back."""
-        total_s = sum(self.latencies_ms) / 1e3
-        return self.batch_size * len(self.latencies_ms) / total_s if total_s > 0 else float("nan")
-
-
-@dataclass
-class StoreCommitReport:
-    """``ResultStore.insert_new`` with synchronous FULL and NORMAL, measured side by side in one run."""
-
-    machine: str
-    directory: str
-    filesystem: str  # device and file system type of the directory's mount
-    result_bytes: int  # compact JSON of one stored result
-    batches: int  # timed batches per (mode, batch size)
-    block: int  # consecutive batches of one (mode, batch size) before switching
-    window_s: float  # the site's window length: one site stores 1 / window_s windows/s
-    stats: list[StoreCommitStats]
-    seconds: float
-
-    def get(self, synchronous: str, batch_size: int) -> StoreCommitStats:
-        return next(s for s in self.stats if s.synchronous == synchronous and s.batch_size == batch_size)
-
-    @property
-    def batch_sizes(self) -> list[int]:
-        return sorted({s.batch_size for s in self.stats})
-
-    def ratio(self, batch_size: int, q: float = 50) -> float:
-        """FULL / NORMAL commit latency at percentile ``q`` for one batch size (> 1: FULL is slower)."""
-        normal = _pct(self.get("NORMAL", batch_size).latencies_ms, q)
-        return _pct(self.get("FULL", batch_size).latencies_ms, q) / normal if normal > 0 else float("nan")
-
-    def to_markdown(self) -> str:
-        lines = [
-            STORE_HEADING, "",
-            f"machine: {self.machine}", "",
-            f"A fresh SQLite file per mode (WAL, the aggregator's retention settings) in `{self.directory}` on "
-            f"{self.filesystem}; {self.batches} timed batches per mode and batch size through "
-            f"`ResultStore.insert_new(results, window_ns=...)` with `grid_start_ns` set, as the aggregator stores; "
-            f"each result {self.result_bytes:,} bytes of JSON (`build_result` for the shipped model's outputs); "
-            f"the modes interleaved in blocks of {self.block} batches, the order reversed every round, so machine "
-            f"noise hits both; {self.seconds:.1f} s in all. Latency = one `insert_new` call (one committed "
-            f"transaction); p99 includes WAL checkpoints, which fsync in both modes.", "",
-            "| batch | FULL median ms | FULL p99 ms | FULL windows/s | NORMAL median ms | NORMAL p99 ms | "
-            "NORMAL windows/s | FULL / NORMAL median | FULL / NORMAL p99 |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for size in self.batch_sizes:
-            full, normal = self.get("FULL", size), self.get("NORMAL", size)
-            lines.append(f"| {size} | {full.median_ms:.3f} | {full.p99_ms:.3f} | {full.windows_per_s:,.0f} | "
-                         f"{normal.median_ms:.3f} | {normal.p99_ms:.3f} | {normal.windows_per_s:,.0f} | "
-                         f"{self.ratio(size):.2f}x | {self.ratio(size, 99):.2f}x |")
-        lines += ["", self._tradeoff(), ""]
-        return "\n".join(lines)
-
-    def _tradeoff(self) -> str:
-        """The paragraph on what FULL buys and what it costs, with this run's figures."""
-        one = min(self.batch_sizes)
-        full, normal = self.get("FULL", one), self.get("NORMAL", one)
-        site_rate = 1 / self.window_s
-        headroom = full.windows_per_s / site_rate
-        others = "; ".join(f"batches of {size}: {self.get('FULL', size).median_ms:.2f} vs "
-                           f"{self.get('NORMAL', size).median_ms:.2f} ms, {self.ratio(size):.1f}x"
-                           for size in self.batch_sizes if size != one)
-        verdict = ("so on this disk FULL costs latency, not capacity" if headroom >= 10 else
-                   "so on this disk FULL's fsync takes a real share of the box's time per window")
-        return (
-            "**Trade-off.** With `synchronous = \"FULL\"` (the default; set in `[aggregator]`) every commit "
-            "fsyncs the WAL before the aggregator acknowledges the window's messages to the broker, so an "
-            "acknowledged window survives a power cut. With `\"NORMAL\"` the WAL is fsynced only at checkpoints: a "
-            "crash of the aggregator process still loses nothing committed (the pages are in the OS page cache), "
-            "but a power loss or OS crash can roll back the windows committed since the last checkpoint, windows "
-            "the broker has already forgotten; the database itself stays consistent. "
-            f"Measured here: FULL takes {full.median_ms:.2f} ms per batch of {one} (median; p99 "
-            f"{full.p99_ms:.2f} ms) against {normal.median_ms:.2f} ms (p99 {normal.p99_ms:.2f} ms) with NORMAL, "
-            f"{self.ratio(one):.1f}x" + (f" ({others})" if others else "") + ". "
-            f"Even FULL stores {full.windows_per_s:,.0f} windows/s back to back, {headroom:,.0f}x the "
-            f"{site_rate:g} windows/s of one site with {self.window_s:g} s windows, {verdict}. "
-            "SD cards and eMMC, a Jetson's usual storage, are much slower to fsync than this machine's disk: "
-            "re-measure on the box, with the store on the disk its results will live on: "
-            "`spar-bench runtime --store-only --store-dir <folder of the aggregator's database> "
-            "--out <report.md>`.")
-
-
-def run_store_benchmark(site: str | Path, directory: str | Path, *, batches: int = 1000,
-                        batch_sizes: tuple[int, ...] = (1, 8), block: int = 20, seed: int = 0,
-                        manifest: str | Path | None = None,
-                        progress: Callable[[str], None] = lambda text: None) -> StoreCommitReport:
-    """Time ``ResultStore.insert_new`` with synchronous FULL and NORMAL on real SQLite files.
-
-    The files go into a fresh temporary folder inside ``directory`` (created if missing, removed
-    afterwards), so the fsyncs hit the disk that ``directory`` lives on: point it at where the
-    aggregator's database lives. ``batches`` timed batches per mode and batch size, taken in blocks
-    of ``block`` that alternate between the modes.
-
-    Raises:
-        BenchError: bad arguments, or a store did not take a window as new (the figures would then
-            time a duplicate probe instead of an insert).
-    """
-    if batches < 1 or block < 1 or not batch_sizes or min(batch_sizes) < 1:
-        raise BenchError(f"store benchmark: batches, block and batch sizes must be >= 1 "
-                         f"(got {batches}, {block}, {batch_sizes})")
-    layout = load_site_layout(site)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    defaults = AggregatorConfig(site=Path(site), model=Path("unused"), database=Path("unused"))
-    with tempfile.TemporaryDirectory(prefix=".spar-store-bench-", dir=directory) as tmp:
-        tmp_path = Path(tmp)
-        template = _sample_result(layout, _store_manifest(manifest, layout, tmp_path, seed), seed)
-        window_s = _layout_window_s(layout)
-        window_ns = int(round(window_s * 1e9))
-        stats = {(mode, size): StoreCommitStats(mode, size) for mode in SYNC_MODES for size in batch_sizes}
-        next_window = dict.fromkeys(SYNC_MODES, 0)
-        base_ns = time.time_ns() // window_ns * window_ns
-
-        def batch(mode: str, size: int) -> list[dict[str, Any]]:
-            """``size`` new windows of this mode's store, consecutive on the site's grid."""
-            first = next_window[mode]
-            next_window[mode] += size
-            return [dict(template, window_index=k, grid_start_ns=base_ns + k * window_ns,
-                         window_start_ns=base_ns + k * window_ns + 1_000_000)  # a node clock 1 ms late
-                    for k in range(first, first + size)]
-
-        def timed(store: ResultStore, mode: str, size: int) -> float:
-            results = batch(mode, size)  # built outside the timing: only the store is under test
-            started = time.perf_counter()
-            new = store.insert_new(results, window_ns=window_ns)
-            elapsed = time.perf_counter() - started
-            if not all(new):
-                raise BenchError(f"store benchmark: synchronous={mode} took {new.count(False)} of {size} windows "
-                                 "as already stored")
-            return elapsed * 1e3
-
-        started = time.perf_counter()
-        with contextlib.ExitStack() as stack:
-            stores = {mode: stack.enter_context(ResultStore(
-                tmp_path / f"results-{mode.lower()}.sqlite3", retention_rows=defaults.retention_rows,
-                retention_days=defaults.retention_days, synchronous=mode)) for mode in SYNC_MODES}
-            for mode, store in stores.items():
-                if store.journal_mode != "wal":
-                    raise BenchError(f"store benchmark: {directory} gives journal_mode={store.journal_mode}, not "
-                                     "WAL; the store forces FULL there, so there is nothing to compare")
-                # Warm-up, untimed: creates the WAL and runs the first retention sweep.
-                for _ in range(block):
-                    timed(store, mode, 1)
-            order = [(mode, size) for size in batch_sizes for mode in SYNC_MODES]
-            progress(f"result store: {batches} commits per synchronous mode and batch size {batch_sizes} in "
-                     f"{directory}")
-            for round_index in range(math.ceil(batches / block)):
-                for mode, size in order if round_index % 2 == 0 else order[::-1]:
-                    entry = stats[(mode, size)]
-                    for _ in range(min(block, batches - len(entry.latencies_ms))):
-                        entry.latencies_ms.append(timed(stores[mode], mode, size))
-        seconds = time.perf_counter() - started
-        result_bytes = len(json.dumps(batch("FULL", 1)[0], separators=(",", ":")).encode())
-    return StoreCommitReport(describe_machine(_versions()), str(directory.resolve()), _filesystem(directory),
-                             result_bytes, batches, block, window_s, list(stats.values()), seconds)
-
-
-def splice_store_section(report: str, section: str) -> str:
-    """``report`` (a runtime report's markdown) with its store section replaced by ``section``, or
-    ``section`` appended; the other sections are kept as they are (``--store-only``)."""
-    start = report.find(STORE_HEADING)
-    if start < 0:
-        return report.rstrip("\n") + "\n\n" + section if report.strip() else section
-    following = report.find("\n## ", start + len(STORE_HEADING))
-    rest = report[following + 1:] if following >= 0 else ""
-    return report[:start] + section + ("\n" + rest if rest else "")
-
-
-def _store_manifest(path: str | Path | None, layout: SiteLayout, tmp: Path, seed: int) -> ModelManifest:
-    """The manifest the results are shaped after: ``path``, else the shipped model, else a tiny model
-    built for the site (an install without models/ can still measure its disk)."""
-    if path is not None:
-        return load_manifest(path)
-    if SHIPPED_MANIFEST.is_file():
-        return load_manifest(SHIPPED_MANIFEST)
-    return build_tiny_model(layout, tmp / "model", seed=seed)
-
-
-def _sample_result(layout: SiteLayout, manifest: ModelManifest, seed: int) -> dict[str, Any]:
-    """One complete window's result as the aggregator builds it (``build_result``), with random outputs."""
-    rng = np.random.default_rng(seed)
-    node_ids = tuple(node.id for node in layout.nodes)
-    present = {m: tuple(n.id for n in layout.nodes if m in n.modalities) for m in manifest.modalities}
-    pairs = sum(len(nodes) for nodes in present.values())
-    window = AssembledWindow(window_index=0, window_start_ns=0, grid_start_ns=0, node_ids=node_ids,
-                             inputs={POSITIONS_INPUT: layout.positions().astype(np.float32)}, present=present,
-                             expected=pairs, received=pairs, complete=True, reason="complete",
-                             first_arrival_s=0.0, closed_s=0.0, message_count=pairs)
-    outputs = {spec.name: rng.standard_normal([len(node_ids) if d == "nodes" else int(d) for d in spec.shape[1:]])
-               .astype(np.float32) for spec in manifest.outputs}
-    timing = Timing(assembly_s=0.0123, queue_s=0.0004, inference_s=0.0031, end_to_end_s=1.0456)
-    return build_result(layout.site_id, window, outputs, manifest, timing, batch_size=1)
-
-
-def _layout_window_s(layout: SiteLayout) -> float:
-    """The site's window length (the aggregator refuses sites whose modalities disagree)."""
-    lengths = {spec.features.window_s for spec in layout.modalities.values()}
-    if len(lengths) != 1:
-        raise BenchError(f"store benchmark: the site's modalities have different window lengths {sorted(lengths)}")
-    return lengths.pop()
-
-
-def _filesystem(path: Path) -> str:
-    """Device and file system of the mount holding ``path`` (longest mount point in /proc/mounts)."""
-    try:
-        mounts = [line.split()[:3] for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return "an unknown file system"  # not Linux: the report still names the folder
-    resolved = str(path.resolve())
-    candidates = [m for m in mounts if len(m) == 3
-                  and (resolved == m[1] or resolved.startswith(m[1].rstrip("/") + "/"))]
-    if not candidates:
-        return "an unknown file system"
-    device, mount_point, fs_type = max(candidates, key=lambda m: len(m[1]))
-    return f"{device} ({fs_type}, mounted at {mount_point})"
-
-
-def _versions() -> dict[str, str]:
-    """Library versions for the machine line: the runtime's backend and the SQLite under the store."""
-    versions = {"SQLite": sqlite3.sqlite_version, "numpy": np.__version__}
-    try:
-        import onnxruntime
-    except ImportError:  # the store section runs without a backend; the line then omits it
-        return versions
-    return {"onnxruntime": onnxruntime.__version__, **versions}
-
-
-def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def _split(frames: dict[str, list[EncodedFrame]], windows: int) -> tuple[dict[str, list[EncodedFrame]],
@@ -443,7 +197,8 @@ def run_runtime_benchmark(site: str | Path, *, windows: int = 200, codec: str = 
                          f"codec {codec}",
                          windows, sum(len(f) for f in flat_out.values()), bare, agg_rate,
                          burst["added_latency_seconds"], ingest_rate, costs, paced_rate, saturated,
-                         describe_machine(_versions()), store, burst["wait_seconds"], burst["store_seconds"],
+                         describe_machine(versions("onnxruntime", "SQLite", "numpy")), store,
+                         burst["wait_seconds"], burst["store_seconds"],
                          list(latencies), spread_ms)
 
 
@@ -619,8 +374,10 @@ def _wait_until(predicate: Callable[[], bool], timeout_s: float) -> float:
 
 
 def summary_line(report: RuntimeReport) -> str:
+    """One line for the terminal: throughput against the bare model, added latency, ingest capacity."""
     return (f"aggregator {report.aggregator_windows_per_s:,.0f} windows/s = {100 * report.ratio:.1f} % of the bare "
             f"model ({report.bare_windows_per_s:,.0f}/s); added latency at {report.paced_windows_per_s:g} windows/s "
             f"p50 {report.percentile(50):.2f} ms, "
             f"p99 {report.percentile(99):.2f} ms (arrivals spread over {report.spread_ms:g} ms: p99 "
-            f"{_pct(report.spread_latency_ms, 99):.2f} ms); ingest {report.ingest_messages_per_s:,.0f} messages/s")
+            f"{percentile(report.spread_latency_ms, 99):.2f} ms); ingest {report.ingest_messages_per_s:,.0f} "
+            "messages/s")

@@ -23,16 +23,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from benchmarks.errors import BenchError
-from benchmarks.metric_loss import relative_loss
+from benchmarks.quant_rows import BenchEntry, EntryResult, TimedRows, count_params
 from export.parity import PRIMARY_METRICS, onnx_runner
+from testbed.metric_loss import relative_loss
 
 if TYPE_CHECKING:
-    from benchmarks.quant_bench import BenchEntry, QuantBenchReport
     from train.data import WindowSet
 
 
@@ -55,6 +55,14 @@ class StudentShape:
         return f"ORT INT8 {self.name}"
 
 
+class ParetoRows(TimedRows, Protocol):
+    """What the "Student shapes" section reads of a quant run beyond its rows."""
+
+    pareto: list[StudentShape]  # the students compared
+    gemm_gflops: float  # measured float32 MatMul rate; 0: no floor paragraph
+    teacher_flops: int
+
+
 def describe_shape(cfg) -> str:
     """The size settings of an encoder config, in one short line."""
     return (f"d {cfg.dim}, heads {cfg.heads}, depth {cfg.modality_depth}+{cfg.joint_depth}, "
@@ -65,11 +73,10 @@ def pareto_entries(checkpoints: Sequence[str | Path], windows: WindowSet, calib_
                    threads: int = 1) -> tuple[list[BenchEntry], list[StudentShape]]:
     """FP32 and INT8 rows of every distilled student in ``checkpoints`` (exported and quantized as the
     shipped model is)."""
-    from benchmarks.quant_bench import BenchEntry, count_params
     from export.distill import load_student, model_size
     from export.errors import ExportError
     from export.onnx_export import export_onnx
-    from export.quantize import quantize_static_int8
+    from export.quant_int8 import quantize_static_int8
 
     workdir = Path(workdir)
     entries: list[BenchEntry] = []
@@ -148,7 +155,7 @@ def frontier(points: dict[str, tuple[float, list[float]]]) -> set[str]:
     return out
 
 
-def pareto_markdown(report: QuantBenchReport, teacher_label: str) -> list[str]:
+def pareto_markdown(report: ParetoRows, teacher_label: str) -> list[str]:
     """The "Student shapes" section: one row per student (and the shipped one), speed-ups against the
     FP32 teacher in ONNX Runtime, each task's primary metric against the teacher's, the frontier."""
     labels = {e.label: e for e in report.entries}
@@ -187,7 +194,7 @@ def pareto_markdown(report: QuantBenchReport, teacher_label: str) -> list[str]:
     return lines
 
 
-def floor_lines(report: QuantBenchReport, teacher, rows) -> list[str]:
+def floor_lines(report: ParetoRows, teacher: EntryResult, rows: list[tuple]) -> list[str]:
     """The physical-floor paragraph: FLOPs / measured GEMM rate against each measured latency."""
     rate = report.gemm_gflops
     b = report.batches[0]

@@ -12,8 +12,6 @@ import pytest
 
 from benchmarks.errors import BenchError
 from benchmarks.fault_trial import FULL_SITE, JOIN_SITE, FaultConfig, _interleave, _schedule, run_fault_trial
-from benchmarks.held_commit_aggregator import HELD_START, HELD_WINDOWS, HeldCommitStore
-from benchmarks.tiny_onnx_model import build_tiny_model
 from edge_runtime.config import AggregatorConfig
 from edge_runtime.metrics import Registry
 from edge_runtime.result_store import ResultStore
@@ -21,6 +19,8 @@ from edge_runtime.service import Aggregator
 from node_firmware_sim.field_runner import FieldConfig, SourceSpec, run_field
 from node_firmware_sim.link_model import LinkConfig, Outage
 from spar_wire.mqtt_settings import MqttSettings
+from testbed.held_commit_aggregator import HELD_START, HELD_WINDOWS, HeldCommitStore
+from testbed.tiny_onnx_model import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 SITE = REPO / "configs/sites/parking_lot.toml"
@@ -79,6 +79,27 @@ def test_the_held_commit_store_names_the_windows_waiting_for_their_commit():
     worker.join()
     assert seen["during"] == (2, 4.0) and registry.value(HELD_WINDOWS) == 0
     assert store.count() == 7  # the rest is the wrapped store's
+
+
+def test_a_hold_file_keeps_the_commit_waiting_until_it_is_removed(tmp_path):
+    """The gap kill's guarantee: while the trial's hold file exists no commit happens, however long
+    the scrape before the kill takes; removing it lets the commit through."""
+    committed = threading.Event()
+
+    class Store:
+        def insert_new(self, results, window_ns=None):
+            committed.set()
+            return [True] * len(results)
+
+    hold = tmp_path / "hold-commits"
+    hold.touch()
+    store = HeldCommitStore(Store(), delay_s=0.0, hold_file=hold)
+    worker = threading.Thread(target=store.insert_new, args=([{"window_start_ns": 0}],))
+    worker.start()
+    assert not committed.wait(0.5)  # well past the 0 s delay: held by the file
+    hold.unlink()
+    assert committed.wait(5.0)
+    worker.join(5.0)
 
 
 @pytest.mark.slow

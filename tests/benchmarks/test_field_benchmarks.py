@@ -10,10 +10,10 @@ from benchmarks.bandwidth_bench import BandwidthReport, run_bandwidth
 from benchmarks.cli import main as bench_main
 from benchmarks.errors import BenchError
 from benchmarks.lossy_bench import Condition, run_lossy
-from benchmarks.metric_loss import relative_loss
-from benchmarks.trial import TrialConfig
-from benchmarks.trial_series import SeriesRow, worst_relative_loss
 from node_firmware_sim.link_model import LinkConfig
+from testbed.metric_loss import relative_loss
+from trials.series import SeriesRow, worst_relative_loss
+from trials.trial import TrialConfig
 
 PARAMS = {"max_vehicles": 1, "empty_fraction": 0.1}
 

@@ -6,28 +6,17 @@ import sqlite3
 
 import pytest
 
-from benchmarks.fuzz_bench import (
-    ACCEPTED_CLASSES,
-    BASE_EPOCH_NS,
-    CHURN_DESCRIPTION_CHARS,
-    CLASSES,
-    EXPECTED,
-    PRIMARY,
-    VALID,
-    ClassTally,
-    FuzzConfig,
-    FuzzGenerator,
-    FuzzReport,
-    broker_refuses_topic,
-    check_results,
-    is_rejection,
-    parse_counts,
-    run_fuzz,
-)
-from benchmarks.local_broker import find_mosquitto
+from benchmarks.fuzz_aggregator import parse_counts
+from benchmarks.fuzz_bench import FuzzConfig, run_fuzz
+from benchmarks.fuzz_classes import ACCEPTED_CLASSES, BASE_EPOCH_NS, CLASSES, EXPECTED, PRIMARY, VALID, is_rejection
+from benchmarks.fuzz_generator import CHURN_DESCRIPTION_CHARS, FuzzGenerator
+from benchmarks.fuzz_publisher import broker_refuses_topic
+from benchmarks.fuzz_report import ClassTally, FuzzReport
+from benchmarks.fuzz_results import check_results
 from spar_wire.errors import WireError
 from spar_wire.lifecycle import MAX_DESCRIPTION_CHARS, parse_birth
 from spar_wire.message import decode_message
+from testbed.local_broker import find_mosquitto
 
 RSS_BOUND_MIB = 50.0  # growth of the aggregator's VmRSS after the warm-up round
 
@@ -173,6 +162,11 @@ def test_valid_windows_follow_the_clock_they_are_given(parking_lot):
     assert {decode_message(m.payload, decode_image=False).window_start_ns for m in hashed} == {
         generator.epoch_ns + 32 * window}
 
+
+def test_the_generator_cuts_time_in_the_site_s_own_windows(parking_lot):
+    # SiteLayout.window_s is the one definition of a window; the fuzzer's valid windows must agree
+    # with the aggregator's, or valid traffic would straddle its windows.
+    assert FuzzGenerator(parking_lot, 0).window_ns == round(parking_lot.window_s() * 1e9) > 0
 
 def test_result_check_reads_the_store(tmp_path):
     database = tmp_path / "results.sqlite3"

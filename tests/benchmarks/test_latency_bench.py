@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import latency_cli
 from benchmarks.errors import BenchError
 from benchmarks.latency_bench import (
     LatencyReport,
     StepResult,
-    add_latency_parser,
     check_arguments,
     classify_step,
     ensure_model,
@@ -169,7 +169,7 @@ def test_bad_arguments_are_refused_and_steps_are_bounded(tmp_path):
 
 def test_the_parser_registers_latency_with_its_flags():
     parser = argparse.ArgumentParser()
-    add_latency_parser(parser.add_subparsers(dest="command"))
+    latency_cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["latency", "--nodes", "8,16", "--rates", "1,2.5", "--windows-per-step", "20"])
     assert (args.nodes, args.rates, args.windows_per_step) == ("8,16", "1,2.5", 20)
     assert args.out == Path("benchmarks/results") and args.workdir == Path("benchmarks/.work/latency")

@@ -117,7 +117,7 @@ def test_a_new_head_budget_reuses_the_pretrained_encoders(tmp_path):
 
 
 def test_a_run_folder_from_other_settings_is_not_resumed(tmp_path):
-    from benchmarks.objectives import fresh_run_dir
+    from benchmarks.experiment_ledger import fresh_run_dir
 
     run = fresh_run_dir(tmp_path / "run", "settings A")
     (run / "checkpoint.pt").write_text("interrupted run with settings A")

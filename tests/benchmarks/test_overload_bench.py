@@ -3,17 +3,17 @@
 import pytest
 
 from benchmarks.errors import BenchError
-from benchmarks.latency_bench import _StepPublish
-from benchmarks.overload_bench import OverloadConfig, PhaseResult, _recovery_s, run_overload
+from benchmarks.load_generator import StepPublish
+from benchmarks.overload_bench import OverloadConfig, PhaseResult, recovery_time_s, run_overload
 
 
 def test_recovery_is_the_first_window_from_which_on_latency_stays_low():
-    step = _StepPublish(stamps=list(range(6)), scheduled_ns=[j * 10**9 for j in range(6)], started_ns=[],
-                        finished_ns=[], messages=0, acked=0)
+    step = StepPublish(stamps=list(range(6)), scheduled_ns=[j * 10**9 for j in range(6)], started_ns=[],
+                       finished_ns=[], messages=0, acked=0)
     baseline = PhaseResult("nominal", 1.0, 6, 6, 0, p50_ms=100.0, p99_ms=120.0, max_ms=130.0, growth_ms=0.0)
     rows = [(900.0, False, {}), (200.0, False, {}), None, (240.0, False, {}), (120.0, False, {}), (110.0, False, {})]
-    assert _recovery_s(step, rows, baseline) == 3.0  # bound 250 ms; window 2 had no result
-    assert _recovery_s(step, [(900.0, False, {})] * 6, baseline) is None
+    assert recovery_time_s(step, rows, baseline) == 3.0  # bound 250 ms; window 2 had no result
+    assert recovery_time_s(step, [(900.0, False, {})] * 6, baseline) is None
 
 
 def test_bad_settings_are_refused():

@@ -70,8 +70,8 @@ def test_unknown_methods_and_tiny_datasets_are_refused(tmp_path, capsys):
 
 
 def test_results_ledger_survives_a_torn_line(tmp_path):
-    from benchmarks.objectives import _finished_jobs
+    from benchmarks.experiment_ledger import finished_jobs
 
     ledger = tmp_path / "jobs.jsonl"
     ledger.write_text(json.dumps({"settings": "s", "key": "k", "result": {"x": 1}}) + "\n{\"settings\": \"s\", \"ke")
-    assert _finished_jobs(ledger) == {("k", "s"): {"x": 1}}
+    assert finished_jobs(ledger) == {("k", "s"): {"x": 1}}

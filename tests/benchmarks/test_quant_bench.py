@@ -20,7 +20,7 @@ from benchmarks.quant_bench import (
 from export.deploy_model import DeployModel
 from export.onnx_export import export_onnx
 from export.parity import onnx_runner
-from export.quantize import quantize_dynamic_int8, quantize_static_int8
+from export.quant_int8 import quantize_dynamic_int8, quantize_static_int8
 from train.data import WindowSet
 from train.heads import make_head
 from train.models.config import ModalitySpec, SparConfig

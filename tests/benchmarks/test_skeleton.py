@@ -104,8 +104,8 @@ def _frame_for(layout, node_id):
 
 
 def test_node_reports_an_unreachable_broker(parking_lot):
-    from benchmarks.local_broker import free_loopback_port
     from node_firmware_sim.errors import NodeError
+    from testbed.local_broker import free_loopback_port
 
     settings = MqttSettings(port=free_loopback_port())
     with pytest.raises(NodeError, match="cannot connect"):
