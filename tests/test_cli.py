@@ -53,7 +53,7 @@ def test_bad_arguments_give_clear_errors(args, fragment):
 
 
 def test_node_cli_reports_unreachable_broker():
-    from benchmarks.local_broker import free_loopback_port
+    from testbed.local_broker import free_loopback_port
 
     result = run("node_firmware_sim.cli", "skeleton", "--site", "configs/sites/parking_lot.toml",
                  "--port", str(free_loopback_port()), "--windows", "1", "--fast")
