@@ -15,7 +15,7 @@ MODEL  ?= parking_lot
 # The stamp is rebuilt whenever pyproject.toml changes, so new dependencies are picked up.
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: help venv mosquitto chromium test demo bench soak lint clean models bundle
+.PHONY: help venv mosquitto chromium test demo bench soak lint clean models bundle docs
 
 help:
 	@echo "make test   - create .venv, install deps (and mosquitto, chromium), run the test suite"
@@ -25,6 +25,7 @@ help:
 	@echo "make models - smoke-budget build of the parking-lot model pipeline into build/ (about 10 min)"
 	@echo "make models BUDGET=standard - retrain the shipped models/parking_lot (1-2 h on 2 cores)"
 	@echo "make bundle - offline install folder for an edge box: wheels (aarch64, Python 3.10), models, configs"
+	@echo "make docs   - build the documentation site into build/docs (mkdocs, --strict)"
 	@echo "make lint   - ruff over the code"
 	@echo "make clean  - remove .venv and caches"
 
@@ -64,6 +65,10 @@ soak: venv mosquitto
 
 models: venv
 	VENV=$(VENV) BUDGET=$(BUDGET) MODEL=$(MODEL) bash scripts/make_models.sh
+
+# The reference documentation (docs/, mkdocs.yml); --strict fails on any broken link.
+docs: venv
+	$(VENV)/bin/mkdocs build --strict --site-dir build/docs
 
 lint: venv
 	$(VENV)/bin/ruff check .
