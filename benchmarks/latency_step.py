@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.latency_results import StepResult
-from benchmarks.latency_stats import percentile
 from benchmarks.load_generator import PacedPublisher, ResultCollector, StepPublish
+from testbed.latency_stats import percentile
 
 STALL_S = 3.0  # a drain with no progress for this long is over
 MAX_DRAIN_S = 60.0

@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 
 from benchmarks.errors import BenchError
-from benchmarks.latency_stats import percentile
 from benchmarks.load_generator import PacedPublisher, ResultCollector, StepPublish
 from benchmarks.load_sites import DEFAULT_SITE, ensure_model, synthetic_site
 from spar_wire.mqtt_settings import MqttSettings
 from spar_wire.site_layout import load_site_layout
+from testbed.latency_stats import percentile
 from testbed.local_broker import BrokerSettings, LocalBroker
 from testbed.machine import describe_machine
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-import numpy as np
+from testbed.latency_stats import percentile
 
 if TYPE_CHECKING:
     from export.deploy_model import DeployModel
@@ -40,7 +40,7 @@ class EntryResult:
 
     def p(self, batch: int, q: float) -> float:
         """The ``q``-th percentile latency in ms at batch size ``batch``."""
-        return float(np.percentile(self.latency_ms[batch], q))
+        return percentile(self.latency_ms[batch], q)
 
 
 class TimedRows(Protocol):

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from benchmarks.experiment_ledger import versions
-from benchmarks.latency_stats import percentile
 from benchmarks.runtime_store import (
     STORE_HEADING,
     SYNC_MODES,
@@ -51,6 +50,7 @@ from spar_wire.message import decode_message
 from spar_wire.mqtt_settings import MqttSettings, connect_async, make_client
 from spar_wire.site_layout import SiteLayout, load_site_layout
 from spar_wire.topics import data_topic
+from testbed.latency_stats import percentile
 from testbed.local_broker import BrokerSettings, LocalBroker
 from testbed.machine import describe_machine
 from testbed.tiny_onnx_model import build_tiny_model

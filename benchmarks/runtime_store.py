@@ -23,7 +23,6 @@ import numpy as np
 
 from benchmarks.errors import BenchError
 from benchmarks.experiment_ledger import versions
-from benchmarks.latency_stats import percentile
 from edge_runtime.config import AggregatorConfig
 from edge_runtime.result_store import ResultStore
 from edge_runtime.results import Timing, build_result
@@ -31,6 +30,7 @@ from edge_runtime.window_assembler import AssembledWindow
 from spar_wire.errors import WireError
 from spar_wire.model_manifest import POSITIONS_INPUT, ModelManifest, load_manifest
 from spar_wire.site_layout import SiteLayout, load_site_layout
+from testbed.latency_stats import percentile
 from testbed.machine import describe_machine
 from testbed.tiny_onnx_model import build_tiny_model
 

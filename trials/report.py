@@ -32,6 +32,7 @@ from node_firmware_sim.placement_events import parse_event
 from spar_wire.errors import WireError
 from spar_wire.model_manifest import load_manifest
 from spar_wire.site_layout import SiteLayout, load_site_layout
+from testbed.latency_stats import percentile
 from testbed.machine import describe_machine
 from testbed.report_format import percent, short_number
 from train import metrics as task_metrics
@@ -134,7 +135,7 @@ class TrialReport:
         return sum(r.bytes for r in self.traffic)
 
     def percentile(self, q: float) -> float:
-        return float(np.percentile(self.latency_ms, q)) if self.latency_ms else math.nan
+        return percentile(self.latency_ms, q)
 
     def headline(self) -> dict[str, Any]:
         """The figures benchmarks and the closing line use."""

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.latency_stats import percentile
+from testbed.latency_stats import percentile
 
 
 def test_percentile_is_numpys_linear_interpolation():

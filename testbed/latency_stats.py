@@ -1,8 +1,10 @@
-"""The percentile every latency figure of the latency, overload and runtime benchmarks goes through.
+"""The percentile every latency figure goes through: field-trial reports and the latency, overload,
+runtime and quant benchmarks.
 
-One definition, so that a p50 or p99 in ``latency.md``, ``overload.md`` and ``runtime.md`` means
-the same thing (numpy's default linear interpolation) and an empty sample reads the same way
-everywhere: NaN, which the reports print as a dash or "nan" rather than failing on.
+One definition, so that a p50 or p99 in a trial's ``report.md``, ``latency.md``, ``overload.md``,
+``runtime.md`` and ``quant.md`` means the same thing (numpy's default linear interpolation) and an
+empty sample reads the same way everywhere: NaN, which the reports print as "n/a" or a dash rather
+than failing on.
 """
 
 from __future__ import annotations
