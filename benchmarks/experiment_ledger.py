@@ -12,9 +12,33 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True)
+class LedgerJob:
+    """One job of a per-dataset training benchmark: pretrain an encoder, fine-tune a head, or fit the
+    floors. Its ``key`` names both its run folder and its ledger entry, so keys must stay as they are:
+    an interrupted run resumes by key."""
+
+    kind: str  # pretrain | finetune | floors
+    method: str  # a method name of the benchmark, or "floors"
+    seed: int
+    ratio: float = 1.0  # the share of labelled windows
+    dataset: str = ""
+    encoder: str = ""  # what a pretrain job's key names (e.g. its objective, shared by methods); "": the method
+
+    @property
+    def key(self) -> str:
+        if self.kind == "pretrain":
+            return f"{self.dataset}/pretrain/{self.encoder or self.method}/seed{self.seed}"
+        if self.kind == "floors":
+            return f"{self.dataset}/floors/{self.ratio:g}/seed{self.seed}"
+        return f"{self.dataset}/finetune/{self.method}/{self.ratio:g}/seed{self.seed}"
+
 
 # The libraries a machine line may name. torch's local version ("+cpu", "+cu121") says which build
 # ran: a latency row needs it, a training metric does not.

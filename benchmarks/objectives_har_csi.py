@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.errors import BenchError
-from benchmarks.experiment_ledger import fresh_run_dir, run_ledger, versions
+from benchmarks.experiment_ledger import LedgerJob, fresh_run_dir, run_ledger, versions
 from testbed.machine import describe_machine
 from testbed.report_format import table_row, table_rule
 
@@ -126,28 +126,20 @@ class DatasetObjectivesConfig:
                 f"{self.batch_size}; label ratios {list(self.label_ratios)}; seeds {list(self.seeds)}")
 
 
-@dataclass(frozen=True)
-class Job:
-    kind: str  # pretrain | finetune | floors
-    method: str  # a METHODS name, or "floors"
-    seed: int
-    ratio: float = 1.0
-
-    def key(self, dataset: str) -> str:
-        if self.kind == "pretrain":
-            return f"{dataset}/pretrain/{METHODS[self.method].objective}/seed{self.seed}"
-        if self.kind == "floors":
-            return f"{dataset}/floors/{self.ratio:g}/seed{self.seed}"
-        return f"{dataset}/finetune/{self.method}/{self.ratio:g}/seed{self.seed}"
+def dataset_job(dataset: str, kind: str, method: str, seed: int, ratio: float = 1.0) -> LedgerJob:
+    """A job of this benchmark; a pretrain job's key names its objective, so methods that share an
+    objective (SPAR and its heads) share one pretrained encoder."""
+    return LedgerJob(kind, method, seed, ratio, dataset, METHODS[method].objective if kind == "pretrain" else "")
 
 
-def plan(cfg: DatasetObjectivesConfig) -> list[Job]:
-    jobs: list[Job] = []
+def plan(cfg: DatasetObjectivesConfig) -> list[LedgerJob]:
+    jobs: list[LedgerJob] = []
     for seed in cfg.seeds:
-        jobs += [Job("floors", "floors", seed, r) for r in cfg.label_ratios]  # seconds each: first
+        jobs += [dataset_job(cfg.dataset, "floors", "floors", seed, r) for r in cfg.label_ratios]  # seconds: first
         pretrained = dict.fromkeys(METHODS[m].objective for m in cfg.methods if m != "supervised")
-        jobs += [Job("pretrain", next(m for m in cfg.methods if METHODS[m].objective == o), seed) for o in pretrained]
-        jobs += [Job("finetune", m, seed, r) for m in cfg.methods for r in cfg.label_ratios]
+        jobs += [dataset_job(cfg.dataset, "pretrain", next(m for m in cfg.methods if METHODS[m].objective == o), seed)
+                 for o in pretrained]
+        jobs += [dataset_job(cfg.dataset, "finetune", m, seed, r) for m in cfg.methods for r in cfg.label_ratios]
     return jobs
 
 
@@ -164,7 +156,7 @@ def ensure_dataset(cfg: DatasetObjectivesConfig, progress: Callable[[str], None]
     return out
 
 
-def run_job(job: Job, cfg: DatasetObjectivesConfig, data: Path) -> dict[str, Any]:
+def run_job(job: LedgerJob, cfg: DatasetObjectivesConfig, data: Path) -> dict[str, Any]:
     from train.finetune import run_finetune
     from train.pretrain import run_pretrain
     from train.run_config import FinetuneConfig, PretrainConfig
@@ -173,7 +165,7 @@ def run_job(job: Job, cfg: DatasetObjectivesConfig, data: Path) -> dict[str, Any
         started = time.monotonic()
         return {**floor_job(job, cfg, data), "seconds": time.monotonic() - started}
     method = METHODS[job.method]
-    run_dir = fresh_run_dir(cfg.workdir / "runs" / job.key(cfg.dataset), job_settings(cfg))
+    run_dir = fresh_run_dir(cfg.workdir / "runs" / job.key, job_settings(cfg))
     started = time.monotonic()
     if job.kind == "pretrain":
         model = dict(cfg.model)
@@ -185,7 +177,8 @@ def run_job(job: Job, cfg: DatasetObjectivesConfig, data: Path) -> dict[str, Any
         return {"val_loss": result.val_loss, "seconds": time.monotonic() - started}
     scratch = method.objective == "supervised"
     end_to_end = scratch or method.layerwise
-    encoder = None if scratch else str(cfg.workdir / "runs" / Job("pretrain", job.method, job.seed).key(cfg.dataset))
+    pretrained = dataset_job(cfg.dataset, "pretrain", job.method, job.seed)
+    encoder = None if scratch else str(cfg.workdir / "runs" / pretrained.key)
     result = run_finetune(FinetuneConfig(
         data=str(data), out=str(run_dir), task=cfg.spec.task, encoder=encoder, label_ratio=job.ratio,
         steps=cfg.end_to_end_steps if end_to_end else cfg.head_steps, batch_size=cfg.batch_size,
@@ -242,7 +235,7 @@ def missing_streams(windows, indices: np.ndarray, rate: float, batch_size: int):
     return out
 
 
-def floor_job(job: Job, cfg: DatasetObjectivesConfig, data: Path) -> dict[str, Any]:
+def floor_job(job: LedgerJob, cfg: DatasetObjectivesConfig, data: Path) -> dict[str, Any]:
     """The task's floors fitted on the labelled training windows of (ratio, seed), the very subset
     ``run_finetune`` gives the heads, and scored on the validation windows at every missing rate:
     {"missing": {"0.1": {"softmax/accuracy": ..., ...}, ...}, "train_windows": ...}."""
@@ -269,7 +262,7 @@ def run_dataset_objectives(cfg: DatasetObjectivesConfig, progress: Callable[[str
     check_config(cfg)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     data = ensure_dataset(cfg, progress)
-    results = run_ledger([(job.key(cfg.dataset), job) for job in plan(cfg)], job_settings(cfg),
+    results = run_ledger([(job.key, job) for job in plan(cfg)], job_settings(cfg),
                          cfg.workdir / "jobs.jsonl", lambda job: run_job(job, cfg, data), progress)
     return DatasetObjectivesReport(cfg, results, describe_machine(versions("torch", torch_build=False)))
 
@@ -300,7 +293,7 @@ class DatasetObjectivesReport:
         """Mean and standard deviation over seeds (``method`` "floors": ``name`` is "softmax/accuracy",
         "knn/median_distance" etc.)."""
         kind = "floors" if method == "floors" else "finetune"
-        values = [float(self.results[Job(kind, method, s, ratio).key(self.cfg.dataset)]["missing"][f"{rate:g}"]
+        values = [float(self.results[dataset_job(self.cfg.dataset, kind, method, s, ratio).key]["missing"][f"{rate:g}"]
                         [name]) for s in self.cfg.seeds]
         return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.errors import BenchError
-from benchmarks.experiment_ledger import fresh_run_dir, run_ledger, versions
+from benchmarks.experiment_ledger import LedgerJob, fresh_run_dir, run_ledger, versions
 from testbed.machine import describe_machine
 from testbed.report_format import table_row, table_rule
 
@@ -147,20 +147,10 @@ class TaskObjectivesConfig:
 
 
 @dataclass(frozen=True)
-class Job:
-    kind: str  # pretrain | finetune | floors
-    method: str  # a METHODS name, or "floors"
-    seed: int
-    ratio: float = 1.0
-    dataset: str = "quakes"
+class Job(LedgerJob):
+    """A job of this benchmark (``LedgerJob``; the dataset defaults to the seismic network)."""
 
-    @property
-    def key(self) -> str:
-        if self.kind == "pretrain":
-            return f"{self.dataset}/pretrain/{self.method}/seed{self.seed}"
-        if self.kind == "floors":
-            return f"{self.dataset}/floors/{self.ratio:g}/seed{self.seed}"
-        return f"{self.dataset}/finetune/{self.method}/{self.ratio:g}/seed{self.seed}"
+    dataset: str = "quakes"
 
 
 def plan(cfg: TaskObjectivesConfig) -> list[Job]:

@@ -70,3 +70,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def real_trt():
+    """The ``tensorrt`` module where a real engine can be built here (TensorRT >= 10, cuda-python,
+    a usable GPU); the test is skipped otherwise, naming what is missing."""
+    from edge_runtime.errors import AggregatorError
+    from edge_runtime.inference.tensorrt_backend import import_cudart
+
+    trt = pytest.importorskip("tensorrt", reason="tensorrt is not installed (GPU / Jetson machines only)")
+    if int(trt.__version__.split(".")[0]) < 10:
+        pytest.skip(f"TensorRT {trt.__version__} < 10")
+    try:
+        import_cudart()  # the backend's own import: the skip follows exactly what it needs
+    except AggregatorError:
+        pytest.skip("cuda-python is not installed (the TensorRT backend needs it for device memory)")
+    try:
+        builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
+    except (RuntimeError, TypeError) as exc:
+        pytest.skip(f"TensorRT could not create a builder (no usable CUDA GPU?): {exc}")
+    if builder is None:
+        pytest.skip("TensorRT could not create a builder (no usable CUDA GPU?)")
+    return trt

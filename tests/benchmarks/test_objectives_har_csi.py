@@ -15,8 +15,8 @@ from benchmarks.errors import BenchError
 from benchmarks.objectives_har_csi import (
     DatasetObjectivesConfig,
     DatasetObjectivesReport,
-    Job,
     check_config,
+    dataset_job,
     missing_data_metrics,
     missing_streams,
     plan,
@@ -40,12 +40,12 @@ def toy_config(dataset: str, workdir: Path) -> DatasetObjectivesConfig:
 def test_every_objective_is_pretrained_once_and_every_method_fine_tuned_per_ratio():
     cfg = DatasetObjectivesConfig(dataset="csi", label_ratios=(1.0, 0.15))
     jobs = plan(cfg)
-    pretrained = [j.key("csi") for j in jobs if j.kind == "pretrain"]
+    pretrained = [j.key for j in jobs if j.kind == "pretrain"]
     assert sorted(pretrained) == sorted(f"csi/pretrain/{o}/seed0" for o in ("mae", "spar", "robusthar", "aemp"))
     finetuned = {(j.method, j.ratio) for j in jobs if j.kind == "finetune"}
     assert finetuned == {(m, r) for m in cfg.methods for r in (1.0, 0.15)}
-    assert [j.key("csi") for j in jobs if j.kind == "floors"] == ["csi/floors/1/seed0", "csi/floors/0.15/seed0"]
-    assert len({j.key("csi") for j in jobs}) == len(jobs)
+    assert [j.key for j in jobs if j.kind == "floors"] == ["csi/floors/1/seed0", "csi/floors/0.15/seed0"]
+    assert len({j.key for j in jobs}) == len(jobs)
     assert "aemp + map head, layer-wise" in cfg.methods
     assert "robusthar + fusion head" in DatasetObjectivesConfig(dataset="har").methods
     # pretraining comes before the fine-tuning that needs it
@@ -55,10 +55,10 @@ def test_every_objective_is_pretrained_once_and_every_method_fine_tuned_per_rati
 
 def test_report_tables_every_method_at_every_missing_rate():
     cfg = DatasetObjectivesConfig(dataset="har", label_ratios=(1.0,), missing_rates=(0.0, 0.1))
-    results = {Job("finetune", m, 0, 1.0).key("har"): {
+    results = {dataset_job("har", "finetune", m, 0, 1.0).key: {
         "missing": {"0": {"accuracy": 0.9 - i / 100, "macro_f1": 0.8}, "0.1": {"accuracy": 0.7, "macro_f1": 0.6}},
         "seconds": 1.0} for i, m in enumerate(cfg.methods)}
-    results[Job("floors", "floors", 0, 1.0).key("har")] = {"missing": {
+    results[dataset_job("har", "floors", "floors", 0, 1.0).key] = {"missing": {
         "0": {"softmax/accuracy": 0.885, "softmax/macro_f1": 0.85},
         "0.1": {"softmax/accuracy": 0.8, "softmax/macro_f1": 0.75}}}
     report = DatasetObjectivesReport(cfg, results, "test machine")
@@ -72,16 +72,16 @@ def test_report_tables_every_method_at_every_missing_rate():
     assert report.table()[-1] == {"method": "Floor: softmax on band energies", "accuracy@labels1/missing0": 0.885,
                                   "macro_f1@labels1/missing0": 0.85, "accuracy@labels1/missing0.1": 0.8,
                                   "macro_f1@labels1/missing0.1": 0.75}
-    results[Job("floors", "floors", 0, 1.0).key("har")]["missing"]["0"]["softmax/accuracy"] = 0.99
+    results[dataset_job("har", "floors", "floors", 0, 1.0).key]["missing"]["0"]["softmax/accuracy"] = 0.99
     assert "does not separate the methods" in DatasetObjectivesReport(cfg, results, "m").to_markdown()
 
 
 def test_localization_margin_is_relative_to_the_better_of_knn_and_centroid():
     cfg = DatasetObjectivesConfig(dataset="csi", label_ratios=(0.15,), missing_rates=(0.0,))
     floors = {"knn/median_distance": 2.0, "centroid/median_distance": 2.5, "mean_position/median_distance": 6.0}
-    results = {Job("floors", "floors", 0, 0.15).key("csi"): {"missing": {"0": floors}},
-               Job("finetune", "spar", 0, 0.15).key("csi"): {"missing": {"0": {"median_distance": 1.5}}},
-               Job("finetune", "mae", 0, 0.15).key("csi"): {"missing": {"0": {"median_distance": 2.4}}}}
+    results = {dataset_job("csi", "floors", "floors", 0, 0.15).key: {"missing": {"0": floors}},
+               dataset_job("csi", "finetune", "spar", 0, 0.15).key: {"missing": {"0": {"median_distance": 1.5}}},
+               dataset_job("csi", "finetune", "mae", 0, 0.15).key: {"missing": {"0": {"median_distance": 2.4}}}}
     report = DatasetObjectivesReport(cfg, results, "m")
     assert report.best_floor(0.15) == ("knn", 2.0)
     assert report.margin("spar", 0.15) == "-25 % vs knn"
@@ -158,9 +158,9 @@ def test_toy_run_has_floor_rows_and_computed_margins(dataset, tmp_path):
                 margin = f"{(mine / value - 1) * 100:+.0f} % vs {name}" + (" (below the floor)" if mine > value else "")
             assert f"| {margin} |" in text
     for ratio in cfg.label_ratios:  # every floor scored at every missing rate, on the heads' own subset
-        result = report.results[Job("floors", "floors", 0, ratio).key(dataset)]
+        result = report.results[dataset_job(dataset, "floors", "floors", 0, ratio).key]
         assert set(result["missing"]) == {"0", "0.15"}
-        finetuned = report.results[Job("finetune", "spar", 0, ratio).key(dataset)]
+        finetuned = report.results[dataset_job(dataset, "finetune", "spar", 0, ratio).key]
         assert result["train_windows"] == finetuned["train_windows"]
     if dataset == "csi":  # the centroid reads the received level of the APs: it beats knowing nothing
         low = min(cfg.label_ratios)

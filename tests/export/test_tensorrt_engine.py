@@ -31,7 +31,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime.errors import AggregatorError
-from edge_runtime.inference.tensorrt_backend import import_cudart
 from export import tensorrt_engine as te
 from export.errors import ExportError
 from export.formats import export_format
@@ -472,24 +471,6 @@ def test_graph_and_manifest_inputs_must_agree(fake_trt, tiny, tmp_path):
 
 
 # =========================================================================== real TensorRT on a GPU
-@pytest.fixture(scope="module")
-def real_trt():
-    trt = pytest.importorskip("tensorrt", reason="tensorrt is not installed (GPU / Jetson machines only)")
-    if int(trt.__version__.split(".")[0]) < 10:
-        pytest.skip(f"TensorRT {trt.__version__} < 10")
-    try:
-        import_cudart()  # the backend's own import: the skip follows exactly what it needs
-    except AggregatorError:
-        pytest.skip("cuda-python is not installed (the TensorRT backend needs it for device memory)")
-    try:
-        builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
-    except (RuntimeError, TypeError) as exc:
-        pytest.skip(f"TensorRT could not create a builder (no usable CUDA GPU?): {exc}")
-    if builder is None:
-        pytest.skip("TensorRT could not create a builder (no usable CUDA GPU?)")
-    return trt
-
-
 REAL_SHAPES = ((1, 1), (4, 8), (8, MAX_NODES), (2, 3))
 
 
@@ -526,7 +507,6 @@ def test_real_fp16_engine_matches_onnxruntime(real_trt, tiny, parking_lot, tmp_p
     # FP16 arithmetic on O(1) outputs: 1e-2 relative plus 1e-2 absolute
     _compare(engine, tiny, parking_lot, rtol=1e-2, atol=1e-2)
 
-    from edge_runtime.errors import AggregatorError
     from edge_runtime.inference import load_backend
 
     with load_backend(load_manifest(manifest_path_for(engine))) as backend:
