@@ -164,7 +164,6 @@ class EventPlan:
                                         if receiver in owner})
 
 
-
 # --------------------------------------------------------------------------- configuration
 def load_events(path: str | Path) -> tuple[PlacementEvent, ...]:
     """The ``[[events]]`` of a TOML file; NodeError naming the file, the event and the field."""
