@@ -28,6 +28,9 @@ from spar_wire.site_layout import SiteLayout, load_site_layout
 from spar_wire.toml_file import read_toml
 
 DEFAULT_SITE = Path("configs/sites/parking_lot.toml")
+# The shape of the shipped parking-lot student (models/parking_lot, 0.4.0): the `spar-export distill`
+# flags recorded in models/parking_lot/TRAINING.md (a test compares them), over SparConfig defaults.
+SHIPPED_STUDENT = {"dim": 64, "heads": 4, "modality_depth": 1, "joint_depth": 1, "mlp_ratio": 2.0, "token_merge": 4}
 MODEL_KINDS = ("student", "tiny")
 _MODEL_SOURCES = ("export.distill", "export.deploy_model", "export.onnx_export", "export.manifests",
                   "train.models.config", "train.models.spar", "train.models.transformer",
@@ -94,10 +97,10 @@ def ensure_model(base_site: str | Path, out_dir: str | Path, *, max_nodes: int =
                  seed: int = 0, progress: Callable[[str], None] = lambda text: None) -> ModelInfo:
     """The model every N runs: ``model.onnx`` + ``manifest.json`` under ``out_dir``, node range 1..max_nodes.
 
-    "student": random weights in the architecture of the shipped student (``export.distill``'s
-    DEFAULT_STUDENT over SparConfig defaults; classify + localize heads), exported with a dynamic node
-    axis in a separate process (torch stays out of the aggregator's process) and cached under a key of
-    its settings and the model code's source; falls back to "tiny" when it cannot be built.
+    "student": random weights in the architecture of the shipped student (``SHIPPED_STUDENT`` over
+    SparConfig defaults; classify + localize heads), exported with a dynamic node axis in a separate
+    process (torch stays out of the aggregator's process) and cached under a key of its settings and
+    the model code's source; falls back to "tiny" when it cannot be built.
     """
     from export.errors import ExportError  # export/errors.py alone: no torch here
 
@@ -137,7 +140,7 @@ def _export_student(base_site: str, out_dir: str, max_nodes: int, seed: int) -> 
     """Child process: build, export and check the random-weight student; returns its description."""
     import torch
 
-    from export.distill import DEFAULT_STUDENT, build_student
+    from export.distill import build_student
     from export.manifests import manifest_for, manifest_path_for
     from export.onnx_export import export_onnx
     from node_firmware_sim.scenarios import make_scenario
@@ -149,7 +152,7 @@ def _export_student(base_site: str, out_dir: str, max_nodes: int, seed: int) -> 
     torch.set_num_threads(1)
     specs = tuple(TokenSpec(name, spec.features.n_tokens, spec.features.token_dim)
                   for name, spec in layout.modalities.items())
-    cfg = SparConfig(modalities=specs, max_nodes=max_nodes, position_dims=layout.position_dim, **DEFAULT_STUDENT)
+    cfg = SparConfig(modalities=specs, max_nodes=max_nodes, position_dims=layout.position_dim, **SHIPPED_STUDENT)
     class_names = make_scenario("parking_lot", layout, seed).class_names
     model = build_student(cfg, ["classify", "localize"], len(class_names), layout.position_dim, {})
     # Token statistics of dB spectrogram tokens (their values change no compute, only the numbers).
@@ -160,15 +163,16 @@ def _export_student(base_site: str, out_dir: str, max_nodes: int, seed: int) -> 
                             node_range=(1, max_nodes))
     manifest.write(manifest_path_for(onnx_path))
     parameters = sum(p.numel() for p in model.parameters())
-    shape = ", ".join(f"{k} {v}" for k, v in DEFAULT_STUDENT.items())
+    shape = ", ".join(f"{k} {v}" for k, v in SHIPPED_STUDENT.items())
     return {"parameters": parameters,
             "description": f"random-weight student of the shipped architecture ({shape}; node table {max_nodes}; "
                            f"classify + localize heads; {parameters:,} parameters), ONNX with a dynamic node axis"}
 
 
 def _model_key(layout: SiteLayout, max_nodes: int, seed: int) -> str:
-    digest = hashlib.sha256(json.dumps({"max_nodes": max_nodes, "seed": seed, "hashes": layout.feature_hashes(),
-                                        "position_dim": layout.position_dim}, sort_keys=True).encode())
+    key = {"max_nodes": max_nodes, "seed": seed, "hashes": layout.feature_hashes(),
+           "position_dim": layout.position_dim, "shape": SHIPPED_STUDENT}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     for module in _MODEL_SOURCES:
         spec = importlib.util.find_spec(module)
         origin = Path(spec.origin) if spec and spec.origin else None

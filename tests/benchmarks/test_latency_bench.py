@@ -176,3 +176,18 @@ def test_the_parser_registers_latency_with_its_flags():
     assert args.backend == "auto" and callable(args.func)
     with pytest.raises(BenchError, match="--nodes"):
         args.func(parser.parse_args(["latency", "--nodes", "eight"]))
+
+
+def test_the_load_benchmarks_model_has_the_shipped_students_shape():
+    """The random-weight model of latency and overload must stay the shipped student's shape: the
+    distill command recorded in models/parking_lot/TRAINING.md names it."""
+    import re
+
+    from benchmarks.load_sites import SHIPPED_STUDENT
+
+    training = (Path(__file__).resolve().parents[2] / "models" / "parking_lot" / "TRAINING.md").read_text()
+    distill = [line for line in training.splitlines() if "spar-export distill" in line and "--dim" in line][-1]
+    flags = dict(re.findall(r"--(dim|heads|modality-depth|joint-depth|token-merge|mlp-ratio) (\S+)", distill))
+    assert flags, distill
+    for flag, value in flags.items():
+        assert SHIPPED_STUDENT[flag.replace("-", "_")] == type(SHIPPED_STUDENT[flag.replace("-", "_")])(value), flag
