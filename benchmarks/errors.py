@@ -2,4 +2,5 @@
 
 
 class BenchError(RuntimeError):
-    """A benchmark, trial or broker launch could not run; the message says why and what to do."""
+    """A benchmark could not run; the message says why and what to do. (Trials raise
+    ``trials.errors.TrialError``, the test bed ``testbed.errors.TestbedError``.)"""

@@ -302,8 +302,12 @@ def _open_broker(config: TrialConfig, folder: Path, stack: contextlib.ExitStack)
         protocol = config.protocol or "5"
         return f"external {host}:{port} (MQTT {protocol})", MqttSettings(host=host, port=int(port), protocol=protocol)
     from testbed.broker_choice import start_broker
+    from testbed.errors import TestbedError
 
-    broker = start_broker(config.broker, workdir=folder / "broker")
+    try:
+        broker = start_broker(config.broker, workdir=folder / "broker")
+    except TestbedError as exc:  # the trial's own error type: spar-trial reports it and exits 2
+        raise TrialError(str(exc)) from None
     stack.callback(broker.close)
     kind = "mosquitto" if broker.protocol == "5" else "amqtt (embedded)"
     return (f"{kind} {broker.host}:{broker.port}",

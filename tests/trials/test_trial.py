@@ -257,3 +257,9 @@ def test_real_recordings_replay_through_the_aggregator_into_stored_results(tmp_p
     assert "# Trial: replay of obspy.toml" in text and "Model outputs (replay: no ground truth)" in text
     assert "E, N not in test.mseed" in text and text.count("km deep") == 2
     assert f"--recordings {recordings}" in text  # the reproduce line replays the same files
+
+
+def test_a_broker_that_cannot_start_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    code = trial_main(["run", "--out", str(tmp_path / "t"), "--duration", "4", "--broker", "rabbitmq"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown broker kind 'rabbitmq'" in err and "Traceback" not in err
