@@ -366,8 +366,14 @@ def _kill_in_gap(event: FaultEvent, config: FaultConfig, aggregator: AggregatorP
         while time.monotonic() < deadline:
             counts = _counters(aggregator.metrics_text(timeout_s=1.0) or "")
             if counts.get(HELD_WINDOWS) and counts.get(HELD_START):
-                event.held_start_s = counts[HELD_START]
-                break
+                if not _stored(database, counts[HELD_START], window_s):
+                    event.held_start_s = counts[HELD_START]
+                    break
+                # A window an earlier process stored (its messages redelivered): killing now proves
+                # nothing about the gap. Let that commit through, then hold the next one.
+                hold_file.unlink(missing_ok=True)
+                time.sleep(0.2)
+                hold_file.touch()
             time.sleep(0.01)
         aggregator.kill()
     finally:
@@ -375,9 +381,13 @@ def _kill_in_gap(event: FaultEvent, config: FaultConfig, aggregator: AggregatorP
     event.down_ns = time.time_ns()
     event.unknown_node = int(counts.get(UNKNOWN_NODE_METRIC, 0))
     if event.held_start_s is not None:
-        held_ns = event.held_start_s * 1e9
-        starts = [row.start_ns for row in stored_rows(database, int(window_s * 1e9), 0)]
-        event.in_gap = not any(abs(start - held_ns) < window_s * 1e9 / 2 for start in starts)
+        event.in_gap = not _stored(database, event.held_start_s, window_s)
+
+
+def _stored(database: Path, window_start_s: float, window_s: float) -> bool:
+    """Whether SQLite holds the result of the window starting at ``window_start_s``."""
+    starts = [row.start_ns for row in stored_rows(database, int(window_s * 1e9), 0)]
+    return any(abs(start - window_start_s * 1e9) < window_s * 1e9 / 2 for start in starts)
 
 
 # --------------------------------------------------------------------------- accounting

@@ -127,7 +127,8 @@ def test_missing_node_gives_a_partial_result_at_the_deadline(mosquitto, parking_
         run_field(config)
         assert wait_for(lambda: agg.worker.snapshot_counts().get("results", 0) == 2)
     stored = ResultStore(tmp_path / "results.sqlite3", readonly=True).query(newest_first=False)
-    assert all(not r["complete"] and r["closed_by"] == "deadline" and r["nodes_present"] == 7 for r in stored)
+    seen = [(r["window_index"], r["complete"], r["closed_by"], r["nodes_present"]) for r in stored]
+    assert all(not r["complete"] and r["closed_by"] == "deadline" and r["nodes_present"] == 7 for r in stored), seen
     assert all("n03" not in r["present"]["microphone"] for r in stored)
     backend = load_backend(agg.manifest, "onnxruntime")
     expected = backend.run(direct_inputs(parking_lot, 0, absent=("n03",)))

@@ -41,7 +41,8 @@ def test_stats_move_as_windows_are_processed_and_a_snapshot_stays_as_taken(mosqu
         before = agg.stats()
         assert before.site == "parking_lot" and before.model == f"{agg.manifest.name}@{agg.manifest.version}"
         assert before.inference.get("results", 0) == 0 and before.messages.get("accepted", 0) == 0
-        assert before.received_messages == 0 and before.last_stored_s is None and before.connected
+        # Only lifecycle traffic so far (the aggregator's own retained state may already be back).
+        assert before.received_messages <= 2 and before.last_stored_s is None and before.connected
         with pytest.raises(dataclasses.FrozenInstanceError):
             before.open_windows = 1  # type: ignore[misc]
         with pytest.raises(TypeError):
@@ -57,7 +58,8 @@ def test_stats_move_as_windows_are_processed_and_a_snapshot_stays_as_taken(mosqu
     assert after.acknowledgements["acked.window_stored"] == 48
     assert after.acknowledgements.get("acked.message_handled", 0) >= 8
     assert after.broker_acks["sent"] == sum(v for k, v in after.acknowledgements.items() if k.startswith("acked."))
-    assert after.received_messages > 48 and after.received_bytes > before.received_bytes
+    assert after.received_messages >= before.received_messages + 48 + 8  # tokens, births and states
+    assert after.received_bytes > before.received_bytes
     assert after.last_stored_s is not None and after.last_accepted_s is not None
     assert after.taken_s > before.taken_s and set(after.nodes) == set(parking_lot.node_ids)
     assert after.open_windows == 0 and after.queued_windows == 0 and after.dead_threads == {}
