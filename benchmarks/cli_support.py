@@ -27,15 +27,20 @@ def progress(text: str) -> None:
     print(f"... {text}", file=sys.stderr, flush=True)
 
 
-def write_report(report: Any, out: Path, name: str) -> None:
-    """``out/NAME.md``, ``.json`` and ``.png`` of a report with ``to_markdown``, ``to_json`` and
-    ``plot``; the table and where it went on stdout."""
+def write_report(report: Any, out: Path, name: str, json_text: str | None = None) -> None:
+    """``out/NAME.md``, ``.json`` and ``.png`` of a report with ``to_markdown``, ``plot`` and (unless
+    ``json_text`` is given) ``to_json``; the table and where it went on stdout."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(report.to_markdown())
-    (out / f"{name}.json").write_text(report.to_json())
+    (out / f"{name}.json").write_text(report.to_json() if json_text is None else json_text)
     report.plot(out / f"{name}.png")
     print(report.to_markdown())
     print(f"report: {out / f'{name}.md'}, plot: {out / f'{name}.png'}")
+
+
+def given(**settings: Any) -> dict[str, Any]:
+    """The settings whose flag was given (not None): the changes to a config's defaults."""
+    return {name: value for name, value in settings.items() if value is not None}
 
 
 def add_series_args(p: argparse.ArgumentParser, name: str, *, speed: float, codec: str | None) -> None:

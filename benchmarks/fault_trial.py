@@ -71,6 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cli_support import progress
 from benchmarks.errors import BenchError
 from benchmarks.experiment_ledger import versions
 from benchmarks.fault_report import (
@@ -488,7 +489,7 @@ def _cmd_faults(args: argparse.Namespace) -> int:
     print(f"fault trial: {args.duration:g} s, {args.broker_kills} broker and {args.aggregator_kills} aggregator "
           f"kills, {args.gap_kills} between close and commit, {args.aggregator_restarts} graceful restarts, "
           f"{joining}; work files in {workdir}", file=sys.stderr)
-    report = run_fault_trial(config, workdir, progress=lambda line: print(f"... {line}", file=sys.stderr, flush=True))
+    report = run_fault_trial(config, workdir, progress=progress)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "faults.md").write_text(report.to_markdown())
     (args.out / "faults.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.cli_support import DEFAULT_SITE
 from benchmarks.errors import BenchError
 from benchmarks.experiment_ledger import versions
 from benchmarks.latency_classify import classify_step
@@ -47,7 +48,7 @@ from benchmarks.latency_report import LatencyReport, summary_line
 from benchmarks.latency_results import NodeSweep, StepResult
 from benchmarks.latency_step import Probe, run_step
 from benchmarks.load_generator import START_LEAD_S, PacedPublisher, ResultCollector
-from benchmarks.load_sites import DEFAULT_SITE, MODEL_KINDS, ensure_model, load_layout, synthetic_site
+from benchmarks.load_sites import MODEL_KINDS, ensure_model, load_layout, synthetic_site
 from spar_wire.errors import WireError
 from spar_wire.mqtt_settings import MqttSettings
 from spar_wire.site_layout import SiteLayout, load_site_layout

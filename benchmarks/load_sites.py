@@ -27,7 +27,6 @@ from spar_wire.errors import WireError
 from spar_wire.site_layout import SiteLayout, load_site_layout
 from spar_wire.toml_file import read_toml
 
-DEFAULT_SITE = Path("configs/sites/parking_lot.toml")
 # The shape of the shipped parking-lot student (models/parking_lot, 0.4.0): the `spar-export distill`
 # flags recorded in models/parking_lot/TRAINING.md (a test compares them), over SparConfig defaults.
 SHIPPED_STUDENT = {"dim": 64, "heads": 4, "modality_depth": 1, "joint_depth": 1, "mlp_ratio": 2.0, "token_merge": 4}

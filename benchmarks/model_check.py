@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks.cli_support import progress
 from benchmarks.errors import BenchError
 from benchmarks.experiment_ledger import versions
 from benchmarks.model_check_core import (
@@ -160,7 +160,7 @@ def _cmd_model(args: argparse.Namespace) -> int:
         raise BenchError("--loss rates must be in [0, 1)")
     cfg = ModelCheckConfig(model_dir=args.model, test_data=args.test, train_data=args.train, loss_rates=rates,
                            threads=args.threads)
-    report = run_model_check(cfg, progress=lambda text: print(f"... {text}", file=sys.stderr, flush=True))
+    report = run_model_check(cfg, progress=progress)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report.to_markdown())
     args.out.with_suffix(".json").write_text(json.dumps(

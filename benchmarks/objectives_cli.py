@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cli_support import progress
+from benchmarks.cli_support import given, progress, write_report
 from benchmarks.errors import BenchError
 
 
@@ -67,36 +67,25 @@ def _cmd_objectives(args: argparse.Namespace) -> int:
 
     from benchmarks.objectives import ObjectivesConfig, check_config, run_objectives
 
-    changes = {name: value for name, value in (
-        ("workdir", args.workdir), ("windows", args.windows), ("pretrain_epochs", args.pretrain_epochs),
-        ("head_steps", args.head_steps), ("supervised_steps", args.supervised_steps),
-        ("seeds", tuple(range(args.seeds)) if args.seeds else None),
-        ("ablations", () if args.ablations == "none" else
-         tuple(a.strip() for a in args.ablations.split(",")) if args.ablations else None)) if value is not None}
+    changes = given(workdir=args.workdir, windows=args.windows, pretrain_epochs=args.pretrain_epochs,
+                    head_steps=args.head_steps, supervised_steps=args.supervised_steps,
+                    seeds=tuple(range(args.seeds)) if args.seeds else None,
+                    ablations=() if args.ablations == "none" else
+                    tuple(a.strip() for a in args.ablations.split(",")) if args.ablations else None)
     cfg = ObjectivesConfig.for_budget(args.budget, **changes)
     check_config(cfg)
     print(f"spar-bench objectives: {cfg.budget()}", file=sys.stderr)
     report = run_objectives(cfg, progress=progress)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "objectives.md").write_text(report.to_markdown())
-    (args.out / "objectives.json").write_text(json.dumps(
+    write_report(report, args.out, "objectives", json_text=json.dumps(
         {"machine": report.machine, "budget": cfg.budget(), "results": report.results}, indent=2) + "\n")
-    report.plot(args.out / "objectives.png")
-    print(report.to_markdown())
-    print(f"report: {args.out / 'objectives.md'}, plot: {args.out / 'objectives.png'}")
     return 0
 
 
 def _write_objectives(report: Any, budget: str, stem: Path) -> int:
     """STEM.md, STEM.json and STEM.png of a dataset objectives report; the table on stdout."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(report.to_markdown())
-    stem.with_suffix(".json").write_text(json.dumps(
+    write_report(report, stem.parent, stem.name, json_text=json.dumps(
         {"machine": report.machine, "budget": budget, "rows": report.table(), "results": report.results},
         indent=2) + "\n")
-    report.plot(stem.with_suffix(".png"))
-    print(report.to_markdown())
-    print(f"report: {stem.with_suffix('.md')}, plot: {stem.with_suffix('.png')}")
     return 0
 
 
@@ -105,11 +94,9 @@ def _cmd_task_objectives(args: argparse.Namespace) -> int:
 
     if args.ablations:
         raise BenchError("--ablations belong to --dataset parking")
-    changes = {name: value for name, value in (
-        ("workdir", args.workdir), ("windows", args.windows), ("pretrain_epochs", args.pretrain_epochs),
-        ("head_steps", args.head_steps), ("supervised_steps", args.supervised_steps),
-        ("seeds", tuple(range(args.seeds)) if args.seeds else None), ("detector", args.detector))
-        if value is not None}
+    changes = given(workdir=args.workdir, windows=args.windows, pretrain_epochs=args.pretrain_epochs,
+                    head_steps=args.head_steps, supervised_steps=args.supervised_steps,
+                    seeds=tuple(range(args.seeds)) if args.seeds else None, detector=args.detector)
     cfg = TaskObjectivesConfig.for_budget(args.budget, dataset=args.dataset, **changes)
     check_config(cfg)
     print(f"spar-bench objectives --dataset {cfg.dataset}: {cfg.budget()}", file=sys.stderr)
@@ -122,10 +109,8 @@ def _cmd_dataset_objectives(args: argparse.Namespace) -> int:
 
     if args.ablations or args.supervised_steps:
         raise BenchError("--ablations and --supervised-steps belong to --dataset parking")
-    changes = {name: value for name, value in (
-        ("workdir", args.workdir), ("windows", args.windows), ("pretrain_epochs", args.pretrain_epochs),
-        ("head_steps", args.head_steps), ("seeds", tuple(range(args.seeds)) if args.seeds else None))
-        if value is not None}
+    changes = given(workdir=args.workdir, windows=args.windows, pretrain_epochs=args.pretrain_epochs,
+                    head_steps=args.head_steps, seeds=tuple(range(args.seeds)) if args.seeds else None)
     changes["dataset"] = args.dataset
     cfg = DatasetObjectivesConfig.full(**changes) if args.budget != "smoke" else DatasetObjectivesConfig(**changes)
     check_config(cfg)

@@ -38,9 +38,10 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.cli_support import DEFAULT_SITE
 from benchmarks.errors import BenchError
 from benchmarks.load_generator import PacedPublisher, ResultCollector, StepPublish
-from benchmarks.load_sites import DEFAULT_SITE, ensure_model, synthetic_site
+from benchmarks.load_sites import ensure_model, synthetic_site
 from spar_wire.mqtt_settings import MqttSettings
 from spar_wire.site_layout import load_site_layout
 from testbed.latency_stats import percentile

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cli_support import progress
+from benchmarks.cli_support import given, progress, write_report
 from benchmarks.errors import BenchError
 from benchmarks.experiment_ledger import fresh_run_dir, run_ledger, versions
 from testbed.machine import describe_machine
@@ -278,22 +278,15 @@ def register(subparsers: Any) -> None:
 
 
 def _cmd_placement(args: argparse.Namespace) -> int:
-    changes = {name: value for name, value in (
-        ("workdir", args.workdir), ("windows_a", args.windows_a), ("windows_b", args.windows_b),
-        ("pretrain_epochs", args.pretrain_epochs), ("head_steps", args.head_steps),
-        ("seeds", tuple(range(args.seeds)) if args.seeds else None),
-        ("methods", tuple(m.strip() for m in args.methods.split(",")) if args.methods else None))
-        if value is not None}
+    changes = given(workdir=args.workdir, windows_a=args.windows_a, windows_b=args.windows_b,
+                    pretrain_epochs=args.pretrain_epochs, head_steps=args.head_steps,
+                    seeds=tuple(range(args.seeds)) if args.seeds else None,
+                    methods=tuple(m.strip() for m in args.methods.split(",")) if args.methods else None)
     cfg = PlacementConfig.full(**changes) if args.full else PlacementConfig(**changes)
     check_config(cfg)
     print(f"spar-bench placement: {cfg.budget()}", file=sys.stderr)
     report = run_placement(cfg, progress=progress)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "placement.md").write_text(report.to_markdown())
-    (args.out / "placement.json").write_text(json.dumps(
+    write_report(report, args.out, "placement", json_text=json.dumps(
         {"machine": report.machine, "budget": cfg.budget(), "rows": report.rows(), "results": report.results},
         indent=2) + "\n")
-    report.plot(args.out / "placement.png")
-    print(report.to_markdown())
-    print(f"report: {args.out / 'placement.md'}, plot: {args.out / 'placement.png'}")
     return 0

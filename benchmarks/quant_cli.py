@@ -74,7 +74,7 @@ def _cmd_quant(args: argparse.Namespace) -> int:
     from export.distill import model_size
     from export.errors import ExportError
     from export.exporter import load_deployable
-    from export.quantize import calibration_indices
+    from export.quant_calibration import calibration_indices
     from train.data import load_windows, temporal_split
     from trials.trial import model_label
 

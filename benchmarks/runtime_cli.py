@@ -53,7 +53,7 @@ def register(subparsers: Any) -> None:
 
 
 def _cmd_runtime(args: argparse.Namespace) -> int:
-    from benchmarks.runtime_bench import run_runtime_benchmark, run_store_benchmark, splice_store_section, summary_line
+    from benchmarks.runtime_store import run_store_benchmark, splice_store_section
     from edge_runtime.errors import AggregatorError
 
     if args.spread_ms < 0 or not math.isfinite(args.spread_ms):
@@ -75,6 +75,8 @@ def _cmd_runtime(args: argparse.Namespace) -> int:
         print(store.to_markdown())
         print(f"report: {args.out}")
         return 0
+    from benchmarks.runtime_bench import run_runtime_benchmark, summary_line
+
     try:
         report = run_runtime_benchmark(args.site, windows=args.windows, codec=args.codec, backend=args.backend,
                                        hidden=args.hidden, paced_rate=args.paced_rate, store_dir=store_dir,

@@ -118,7 +118,10 @@ class Aggregator:
         check_compatibility(self.layout, self.manifest)
         self.site_binding = check_site_binding(self.layout, self.manifest, strict=config.strict_layout)
         self.site = self.layout.site_id
-        window_s = _site_window_s(self.layout, self.manifest)
+        try:
+            window_s = self.layout.window_s(self.manifest.modalities)
+        except WireError as exc:
+            raise AggregatorError(f"the model's modalities: {exc}") from None
         features = {m: self.layout.modalities[m].features for m in self.manifest.modalities}
         self.metrics = ServiceMetrics()
         # Joined and moved nodes come back from the database before the first message: the backlog
@@ -403,10 +406,6 @@ class Aggregator:
         """What is wrong now (see ``service_health``)."""
         return service_health.problems(self.stats())
 
-    def health(self) -> dict[str, Any]:
-        """What /healthz reports (see ``service_health``)."""
-        return service_health.health_report(self.stats())
-
     def stats(self) -> AggregatorStats:
         """A snapshot of every stage's counters and state (any thread): what metrics, /healthz and the
         dashboard read."""
@@ -464,9 +463,3 @@ class Aggregator:
                            retention_days=self.config.retention_days,
                            synchronous=self.config.synchronous)  # type: ignore[arg-type]
 
-
-def _site_window_s(layout: SiteLayout, manifest: ModelManifest) -> float:
-    lengths = {layout.modalities[m].features.window_s for m in manifest.modalities}
-    if len(lengths) != 1:
-        raise AggregatorError(f"the model's modalities have different window lengths {sorted(lengths)}")
-    return lengths.pop()

@@ -132,15 +132,8 @@ def profile_shapes(manifest: ModelManifest, spec: EngineSpec) -> ProfileShapes:
 
 
 def default_engine_path(onnx_path: str | Path, precision: str) -> Path:
-    """``model.onnx`` -> ``model.fp16.trt.engine``; ``model.int8.onnx`` -> ``model.int8.trt.engine``;
-    ``model.plain.onnx`` and ``model.plain.int8.onnx`` likewise.
-
-    The ``.trt`` part keeps the engine's manifest (``<stem>.manifest.json``) from landing on the
-    source ONNX's own manifest.
-    """
+    """The engine beside ``onnx_path``, named by the formats table's rule (``export.formats.engine_name``)."""
     onnx_path = Path(onnx_path)
-    # model.plain[.int8].onnx (the TensorRT source beside a fused-attention model.onnx) gives the same
-    # engine names as a plain model.onnx would: the formats table names one engine file per precision
     return onnx_path.with_name(engine_name(onnx_path.name, precision))
 
 

@@ -34,9 +34,9 @@ def publish_sine_windows(publisher: NodePublisher, windows: int, codec: CodecSpe
     layout, node = publisher.layout, publisher.node
     start_ns = time.time_ns() if start_ns is None else start_ns
     pending, seq = [], 0
+    longest_s = max(layout.window_s((m,)) for m in node.modalities)
     for k in range(windows):
         if realtime:
-            longest_s = max(layout.window_s((m,)) for m in node.modalities)
             _sleep_until_ns(start_ns + int(round((k + 1) * longest_s * 1e9)))
         for name in node.modalities:
             cfg = layout.modalities[name].features

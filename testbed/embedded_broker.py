@@ -72,7 +72,7 @@ class EmbeddedBroker(BrokerProcess):
         command = [sys.executable, "-m", "testbed.embedded_broker", "--port", str(port),
                    "--log", str(self.log_path), "--ready-file", str(ready)]
         with open(self.workdir / "stderr.log", "ab") as err:
-            # cwd: `-m benchmarks...` must find this package even where it is not installed.
+            # cwd: `-m testbed...` must find this package even where it is not installed.
             self._proc = subprocess.Popen(command, cwd=_PACKAGE_ROOT, stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + self.start_timeout_s

@@ -97,6 +97,3 @@ def events_markdown(outcomes: list[EventOutcome], metrics: tuple[str, ...], wind
                      f"(window {o.event_window}) | {first} | {until} | {o.partial_between} | {o.before_windows} | "
                      f"{cells} | {o.after_windows} |")
     return [*lines, ""]
-
-
-

@@ -174,7 +174,7 @@ class TrialReport:
     def summary_line(self) -> str:
         h = self.headline()
         metric = ", ".join(f"{k} {metric_text(k, v)}" for k, v in self.metrics.items() if k in HEADLINE_METRICS)
-        return (f"{h['windows_stored']}/{h['windows_sampled']} windows stored ({100 * h['completeness']:.0f} % "
+        return (f"{h['windows_stored']}/{h['windows_sampled']} windows stored ({percent(h['completeness'], digits=0)} "
                 f"complete); injected loss {percent(h['injected_loss'])}, observed {percent(h['observed_loss'])}; "
                 f"latency p50 {short_number(h['latency_p50_ms'])} ms, p99 {short_number(h['latency_p99_ms'])} ms"
                 + (f"; {metric}" if metric else ""))
